@@ -1,0 +1,59 @@
+// Checks of augment_batch's arguments, shared by the CPU and CUDA glue.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+
+namespace privfast {
+
+inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offsets, const at::Tensor& flips,
+                               const at::Tensor& mix_pairs, const at::Tensor& mix_lambda,
+                               const std::optional<at::Tensor>& extra, int64_t padding) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()), "x must be a float tensor [B, C, H, W], got ",
+                    x.sizes(), " ", x.scalar_type());
+  const int64_t batch = x.size(0);
+  TORCH_CHECK_VALUE(padding >= 0 && padding < x.size(2) && padding < x.size(3),
+                    "padding must be in [0, min(H, W)) for reflect padding, got ", padding, " for x ", x.sizes());
+  TORCH_CHECK_VALUE(flips.scalar_type() == at::kBool && flips.dim() == 2 && flips.size(0) == batch,
+                    "flips must be bool [B, k], got ", flips.scalar_type(), " ", flips.sizes());
+  const int64_t k = flips.size(1);
+  TORCH_CHECK_VALUE(crop_offsets.scalar_type() == at::kLong && crop_offsets.sizes() == at::IntArrayRef({batch, k, 2}),
+                    "crop_offsets must be int64 [B, k, 2] = [", batch, ", ", k, ", 2], got ", crop_offsets.scalar_type(),
+                    " ", crop_offsets.sizes());
+  TORCH_CHECK_VALUE(mix_pairs.scalar_type() == at::kLong && mix_pairs.dim() == 3 && mix_pairs.size(0) == batch &&
+                        mix_pairs.size(2) == 2,
+                    "mix_pairs must be int64 [B, mixups, 2], got ", mix_pairs.scalar_type(), " ", mix_pairs.sizes());
+  const auto lambda_dtype = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK_VALUE(mix_lambda.scalar_type() == lambda_dtype &&
+                        mix_lambda.sizes() == at::IntArrayRef({batch, mix_pairs.size(1)}),
+                    "mix_lambda must be ", lambda_dtype, " [B, mixups] = [", batch, ", ", mix_pairs.size(1), "], got ",
+                    mix_lambda.scalar_type(), " ", mix_lambda.sizes());
+  int64_t k_extra = 0;
+  if (extra.has_value()) {
+    const at::Tensor& e = *extra;
+    TORCH_CHECK_VALUE(e.dim() == 5 && e.size(0) == batch && e.sizes().slice(2) == x.sizes().slice(1),
+                      "extra must be [B, k_extra, C, H, W] matching x ", x.sizes(), ", got ", e.sizes());
+    TORCH_CHECK_VALUE(e.scalar_type() == x.scalar_type() && e.device() == x.device(), "extra is ", e.scalar_type(),
+                      " on ", e.device(), " but x is ", x.scalar_type(), " on ", x.device());
+    k_extra = e.size(1);
+  }
+  for (const at::Tensor* t : {&crop_offsets, &flips, &mix_pairs, &mix_lambda}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "augment parameters must be on x's device ", x.device(), ", got ",
+                      t->device());
+  }
+  // Index values are checked here where reading them is free; CUDA kernels assert them instead.
+  if (x.device().is_cpu() && batch > 0) {
+    if (k > 0) {
+      TORCH_CHECK_VALUE(crop_offsets.min().item<int64_t>() >= 0 && crop_offsets.max().item<int64_t>() <= 2 * padding,
+                        "crop_offsets must lie in [0, 2 * padding] = [0, ", 2 * padding, "]");
+    }
+    if (mix_pairs.size(1) > 0) {
+      TORCH_CHECK_VALUE(mix_pairs.min().item<int64_t>() >= 0 && mix_pairs.max().item<int64_t>() < k + k_extra,
+                        "mix_pairs must index the k + k_extra = ", k + k_extra, " base rows of an example");
+    }
+  }
+}
+
+}  // namespace privfast

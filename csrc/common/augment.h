@@ -1,0 +1,56 @@
+// Where each output pixel of augment_batch comes from, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <stdint.h>
+
+#include "philox.h"  // PF_HOST_DEVICE
+
+namespace privfast {
+namespace augment {
+
+// Index into an axis of `size` pixels after reflect padding (the edge pixel is not repeated);
+// valid for -size < i < 2 * size - 1, which padding < size guarantees.
+PF_HOST_DEVICE int64_t reflect(int64_t i, int64_t size) {
+  i = i < 0 ? -i : i;
+  return i >= size ? 2 * (size - 1) - i : i;
+}
+
+// The draws of one call, as raw pointers: crop offsets [B, k, 2], flips [B, k], mixup pairs
+// [B, mixups, 2], mixup weights [B, mixups]; extra [B, k_extra, C, H, W] or null.
+template <typename scalar_t, typename acc_t>
+struct Plan {
+  const scalar_t* x;
+  const scalar_t* extra;
+  const int64_t* crop_offsets;
+  const bool* flips;
+  const int64_t* mix_pairs;
+  const acc_t* mix_lambda;
+  int64_t channels, height, width, k, k_extra, mixups, padding;
+
+  PF_HOST_DEVICE int64_t rows_per_example() const { return k + k_extra + mixups; }
+
+  // Pixel (c, i, j) of base row `row` (a crop when row < k, else an extra) of example b.
+  PF_HOST_DEVICE acc_t base_pixel(int64_t b, int64_t row, int64_t c, int64_t i, int64_t j) const {
+    if (row >= k) {
+      return static_cast<acc_t>(extra[(((b * k_extra + row - k) * channels + c) * height + i) * width + j]);
+    }
+    const int64_t draw = b * k + row;
+    const int64_t column = flips[draw] ? width - 1 - j : j;
+    const int64_t src_i = reflect(i + crop_offsets[2 * draw] - padding, height);
+    const int64_t src_j = reflect(column + crop_offsets[2 * draw + 1] - padding, width);
+    return static_cast<acc_t>(x[((b * channels + c) * height + src_i) * width + src_j]);
+  }
+
+  // Pixel (c, i, j) of output row `row` of example b.
+  PF_HOST_DEVICE acc_t pixel(int64_t b, int64_t row, int64_t c, int64_t i, int64_t j) const {
+    if (row < k + k_extra) return base_pixel(b, row, c, i, j);
+    const int64_t draw = b * mixups + row - k - k_extra;
+    const acc_t lam = mix_lambda[draw];
+    const acc_t p = base_pixel(b, mix_pairs[2 * draw], c, i, j);
+    const acc_t q = base_pixel(b, mix_pairs[2 * draw + 1], c, i, j);
+    return lam * p + (acc_t(1) - lam) * q;
+  }
+};
+
+}  // namespace augment
+}  // namespace privfast
