@@ -1,0 +1,269 @@
+"""The per-example gradient engine: hooks that capture each layer's inputs and output gradients,
+and the clipped sum of per-example gradients computed from them, layer by layer.
+
+Autograd never computes the unclipped ``.grad`` of a captured layer: while the layer runs, its
+parameters stop requiring a gradient, so backward computes only input gradients; a hook on the
+layer's output keeps the output gradient ``D``. (A layer whose inputs are all integer ids, an
+Embedding, keeps its parameters tracked, or its output would carry no gradient to capture.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional
+
+import torch
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+# Importing the rule modules registers them.
+from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear  # noqa: F401
+from privfast.grad_sample.base import GHOST, MATERIALIZE, RULES, Call, LayerGrads, trainable
+from privfast.grad_sample.functorch import vmap_rule
+from privfast import _reference, ops
+
+MODES = ("auto", "materialize", "ghost", "bk")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class _Layer:
+    """A module with trainable parameters of its own, the rule for it, and its calls in this batch."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.params = [p for _, p in trainable(module)]
+        self.rule = RULES.get(type(module), vmap_rule)
+        self.calls: list[Call] = []
+        self.untracked = False  # whether the forward in flight has switched its parameters' tracking off
+
+
+def _store_grad(call: Call, index: int, grad: Tensor) -> None:
+    call.grads[index] = grad
+
+
+class GradSampleModule(nn.Module):
+    """Wraps a model so that its per-example gradients can be clipped and summed after a backward.
+
+    The model sees ``[B*fold, ...]`` rows per batch, each example's ``fold = augmult *
+    microbatch_size`` rows contiguous; the gradient of example (or microbatch) ``b`` is the mean
+    of the loss gradients over its rows, whatever the loss reduction.
+
+    Args:
+        module: the model; every parameter must belong to a module whose forward takes the
+            batch first. BatchNorm and other layers that mix examples are refused.
+        mode: how each layer's norms and clipped sum are computed: ``"materialize"`` (per-example
+            gradients ``[B, *shape]``, then the fused op), ``"ghost"`` (Gram-matrix norms and the
+            clipped sum as one contraction, nothing per-example stored), ``"bk"`` (book-keeping:
+            the cheaper of the two for the norms, the contraction for the sum) or ``"auto"`` (the
+            cheaper complete strategy per layer). Layers without a ghost form always materialize.
+        augmult: K, the augmentations per example.
+        microbatch_size: examples whose mean gradient is clipped together (1: per-example clipping).
+        loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the rows.
+
+    Raises:
+        ValueError: on a bad argument, a model with layers that mix examples, or a parameter
+            shared by two modules.
+    """
+
+    def __init__(self, module: nn.Module, *, mode: str = "auto", augmult: int = 1, microbatch_size: int = 1,
+                 loss_reduction: str = "mean"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        for name, value in (("augmult", augmult), ("microbatch_size", microbatch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            listed = "\n  - ".join(str(e).split(". ")[0] for e in errors)
+            raise ValueError(
+                f"the model has layers that DP-SGD cannot train:\n  - {listed}\nFix it with "
+                "`model = opacus.validators.ModuleValidator.fix(model)` (BatchNorm becomes GroupNorm) before "
+                "make_private, or replace those layers yourself."
+            )
+        self._module = module
+        self.mode = mode
+        self.augmult = augmult
+        self.microbatch_size = microbatch_size
+        self.loss_reduction = loss_reduction
+        self._layers = [_Layer(name, m) for name, m in module.named_modules() if trainable(m)]
+        owners: dict[int, str] = {}
+        for layer in self._layers:
+            for p in layer.params:
+                if id(p) in owners:
+                    raise ValueError(
+                        f"parameter of {layer.name!r} is shared with {owners[id(p)]!r}; per-example gradients of tied "
+                        "weights are not supported: untie them"
+                    )
+                owners[id(p)] = layer.name
+        self._suspended = False
+        self._handles = []
+        for layer in self._layers:
+            self._handles.append(layer.module.register_forward_pre_hook(
+                functools.partial(self._before_forward, layer), with_kwargs=True))
+            self._handles.append(layer.module.register_forward_hook(
+                functools.partial(self._after_forward, layer), with_kwargs=True, always_call=True))
+
+    # ------------------------------------------------------------------ wrapping
+    @property
+    def fold(self) -> int:
+        """Rows per clipped unit: ``augmult * microbatch_size``."""
+        return self.augmult * self.microbatch_size
+
+    def forward(self, *args, **kwargs):
+        for layer in self._layers:
+            if any(any(g is not None for g in c.grads) for c in layer.calls):
+                raise RuntimeError(
+                    "the per-example gradients of the previous batch were never used: call optimizer.step() "
+                    "(or optimizer.zero_grad() to drop them) before the next forward pass"
+                )
+            layer.calls.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("_module"), name)
+
+    def remove_hooks(self) -> None:
+        """Detach the engine from the model (it then trains like a plain module)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        """Drop everything captured since the last step."""
+        for layer in self._layers:
+            layer.calls.clear()
+
+    @contextlib.contextmanager
+    def _suspend(self):
+        self._suspended, previous = True, self._suspended
+        try:
+            yield
+        finally:
+            self._suspended = previous
+
+    def _capturing(self) -> bool:
+        return not self._suspended and torch.is_grad_enabled()
+
+    def _before_forward(self, layer: _Layer, module, args, kwargs):
+        if not self._capturing():
+            return None
+        floats = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
+        if not floats:
+            return None
+        if not any(args[i].requires_grad for i in floats):
+            # Without a tracked input the output would carry no gradient once the weights are untracked.
+            args = tuple(a.detach().requires_grad_() if i == floats[0] else a for i, a in enumerate(args))
+        for p in layer.params:
+            p.requires_grad_(False)
+        layer.untracked = True
+        return args, kwargs
+
+    def _after_forward(self, layer: _Layer, module, args, kwargs, output):
+        if layer.untracked:
+            for p in layer.params:
+                p.requires_grad_(True)
+            layer.untracked = False
+        if not self._capturing():
+            return None
+        outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        call = Call(args, kwargs, [None] * len(outputs))
+        for i, o in enumerate(outputs):
+            if o.requires_grad:
+                o.register_hook(functools.partial(_store_grad, call, i))
+        layer.calls.append(call)
+        return None
+
+    # ------------------------------------------------------------------ per-example gradients
+    def _layer_grads(self) -> list[LayerGrads]:
+        """The captured layers' per-example gradient information, loss reduction folded in."""
+        grads = []
+        with self._suspend():
+            for layer in self._layers:
+                calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
+                if not calls:
+                    continue
+                scaled = [Call(c.args, c.kwargs, [None if g is None else g * self._loss_scale(g.shape[0]) for g in c.grads])
+                          for c in calls]
+                grads.append(layer.rule(layer.module, scaled, self.fold))
+        if not grads:
+            raise RuntimeError(
+                "no per-example gradients were captured: run the forward pass through the wrapped module and "
+                "loss.backward() before asking for them (e.g. before optimizer.step())"
+            )
+        return grads
+
+    def _loss_scale(self, rows: int) -> float:
+        """Turns a captured output gradient into the sum over a unit's rows of the mean-row gradient."""
+        if rows % self.fold:
+            raise ValueError(
+                f"the batch has {rows} rows, not a multiple of augmult*microbatch_size = {self.fold}: every example "
+                "must appear as its K augmentations in contiguous rows, and the batch must split into whole microbatches"
+            )
+        # mean: D carries 1/rows, and each unit's gradient is the mean over its fold rows.
+        return rows / self.fold if self.loss_reduction == "mean" else 1.0 / self.fold
+
+    def _plan(self, grads: LayerGrads) -> tuple[str, str]:
+        """(how the norms, how the clipped sum) of one layer are computed."""
+        ghost = grads.ghost_cost()
+        if self.mode == "materialize" or math.isinf(ghost):
+            return MATERIALIZE, MATERIALIZE
+        if self.mode == "ghost":
+            return GHOST, GHOST
+        if self.mode == "bk":
+            return (GHOST if ghost < grads.materialize_cost() else MATERIALIZE), GHOST
+        return (MATERIALIZE, MATERIALIZE) if grads.materialize_cost() <= ghost + grads.contract_cost() else (GHOST, GHOST)
+
+    def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
+        """Materialized per-example gradients ``{param: [B, *param.shape]}`` of the last backward.
+
+        Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
+        """
+        return {p: g for grads in self._layer_grads() for p, g in zip(grads.params, grads.per_example())}
+
+    def clipped_sum(self, max_grad_norm: float, *, check_finite: bool = True) -> dict[nn.Parameter, Tensor]:
+        """Clip each unit's gradient to ``max_grad_norm`` and sum over the batch; clears the capture.
+
+        Args:
+            max_grad_norm: the clipping bound C > 0.
+            check_finite: raise on a non-finite per-example norm (one host sync).
+
+        Returns:
+            ``{param: sum_b min(1, C / (n_b + 1e-6)) G_b}`` for every parameter that took part.
+
+        Raises:
+            ValueError: on a non-finite gradient (e.g. a NaN loss), when ``check_finite``.
+        """
+        grads = self._layer_grads()
+        plans = [self._plan(g) for g in grads]
+        if all(plan == (MATERIALIZE, MATERIALIZE) for plan in plans):
+            # Every layer is per-example: norms, clipping and the sum in one fused pass.
+            sums = ops.clip_accumulate_noise([t for g in grads for t in g.per_example()], max_grad_norm,
+                                             check_finite=check_finite)
+        else:
+            norms = sum(g.norm_sq(how) for g, (how, _) in zip(grads, plans)).sqrt()
+            if check_finite and not bool(torch.isfinite(norms).all()):
+                bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
+                raise ValueError(
+                    f"per-example gradients are not finite (NaN or inf) for examples {bad}; clipping them would give "
+                    "a wrong update. Check the loss and the learning rate."
+                )
+            factors = _reference.clip_factors(norms, max_grad_norm)
+            sums = [t for g, (_, how) in zip(grads, plans) for t in g.clipped_sum(factors, how)]
+        params = [p for g in grads for p in g.params]
+        self.clear()
+        return dict(zip(params, sums))
+
+    def layer_plans(self) -> dict[str, tuple[str, str]]:
+        """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
+        named = [layer.name for layer in self._layers if any(any(g is not None for g in c.grads) for c in layer.calls)]
+        return dict(zip(named, (self._plan(g) for g in self._layer_grads())))
