@@ -1,0 +1,253 @@
+"""Plain (non-private) training of target and shadow models, and batched inference.
+
+The attacks need models trained by a known recipe: the target of an experiment, the shadow
+models of LiRA and of Salem et al.'s attack. :func:`train_classifier` trains one model with Adam
+(seed 000's optimizer); :func:`train_shadow_models` trains many with the same recipe at once,
+stacked with :func:`torch.func.stack_module_state` and run under :func:`torch.func.vmap`, so
+16 shadow models cost one batched pass per step instead of 16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+__all__ = ["ShadowModels", "example_losses", "predict_logits", "train_classifier", "train_shadow_models"]
+
+EVAL_BATCH = 2048
+"""Rows per forward pass when only predicting; inference memory is small."""
+
+
+def _check_data(x: Tensor, y: Tensor, name: str = "data") -> None:
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a float tensor [N, ...], got {getattr(x, 'shape', type(x))}")
+    if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
+        raise ValueError(f"{name}: y must be int64 labels [N={x.shape[0]}], got "
+                         f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model.eval()`` without gradients inside the block; the previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: nn.Module, x: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
+    """Logits ``[N, K]`` of ``model`` on ``x [N, ...]``, in eval mode and without gradients."""
+    with _eval_mode(model):
+        return torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else model(x)
+
+
+def example_losses(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
+    """Per-example cross-entropy losses ``[N]`` of ``model`` on ``(x [N, ...], y [N])``, in eval mode."""
+    _check_data(x, y)
+    return F.cross_entropy(predict_logits(model, x, batch_size=batch_size), y.to(x.device), reduction="none")
+
+
+def _epoch_order(index: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Each row of ``index [S, n]`` shuffled on its own: the example order of one epoch per model."""
+    keys = torch.rand(index.shape, generator=generator)
+    return index.gather(1, keys.argsort(1))
+
+
+def _train_loop(step: Callable[[Tensor], None], index: Tensor, *, epochs: int, batch_size: int,
+                generator: Optional[torch.Generator], progress: bool, desc: str,
+                end_of_epoch: Callable[[int], None] = lambda epoch: None) -> None:
+    """Run ``step(batch_index [S, b])`` over ``epochs`` shuffled passes of ``index [S, n]``."""
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
+    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        order = _epoch_order(index, generator)
+        for start in range(0, order.shape[1], batch_size):
+            step(order[:, start:start + batch_size])
+        end_of_epoch(epoch)
+
+
+def train_classifier(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    mechanism: Optional[Callable] = None,
+    callbacks: Iterable[Callable[[nn.Module, int], object]] = (),
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Train ``model`` in place with Adam on cross-entropy, optionally through an augmentation mechanism.
+
+    Args:
+        model: a classifier ``[B, ...] -> [B, K]``.
+        x: inputs ``[N, ...]``.
+        y: int64 labels ``[N]``.
+        epochs: passes over the data.
+        lr: Adam learning rate.
+        batch_size: examples per step (the last step of an epoch may be smaller).
+        weight_decay: L2 coefficient (seed 000 uses 1e-6).
+        mechanism: a :class:`privfast.augment.mechanisms.Mechanism` applied to every batch, or None.
+        callbacks: called as ``callback(model, epoch)`` after each epoch (e.g.
+            :class:`privfast.audit.MembershipAudit`); the model is left in train mode after.
+        generator: source of the shuffling and of the mechanism's draws.
+        progress: show a progress bar over epochs.
+
+    Returns:
+        ``model``, trained.
+    """
+    _check_data(x, y)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    callbacks = list(callbacks)
+    num_classes = predict_logits(model, x[:1].to(device)).shape[1] if mechanism is not None else None
+
+    def step(batch: Tensor) -> None:
+        xb, yb = x[batch[0]].to(device), y[batch[0]].to(device)
+        targets = yb
+        if mechanism is not None:
+            xb, targets = mechanism(xb, F.one_hot(yb, num_classes).to(xb.dtype), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), targets).backward()
+        optimizer.step()
+
+    def end_of_epoch(epoch: int) -> None:
+        for callback in callbacks:
+            callback(model, epoch)
+        model.train()
+
+    model.train()
+    _train_loop(step, torch.arange(len(y))[None], epochs=epochs, batch_size=batch_size, generator=generator,
+                progress=progress, desc="train", end_of_epoch=end_of_epoch)
+    return model
+
+
+@dataclass
+class ShadowModels:
+    """Shadow models trained together: stacked parameters and which examples each one saw.
+
+    Attributes:
+        base: a copy of the architecture on the ``meta`` device (holds no weights), for ``functional_call``.
+        params: name -> stacked parameter ``[S, *shape]``.
+        buffers: name -> stacked buffer ``[S, *shape]``.
+        in_mask: bool ``[S, N]``: shadow s was trained on example n of the pool.
+    """
+
+    base: nn.Module
+    params: dict
+    buffers: dict
+    in_mask: Tensor
+
+    @property
+    def num_models(self) -> int:
+        return self.in_mask.shape[0]
+
+    def _forward(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def logits(self, x: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
+        """Logits ``[S, N, K]`` of every shadow model on the same inputs ``x [N, ...]``."""
+        forward = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
+        with torch.no_grad():
+            self.base.eval()
+            return torch.cat([forward(self.params, self.buffers, chunk) for chunk in x.split(batch_size)], dim=1)
+
+
+def _half_splits(n_shadows: int, n: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``[S, n]`` membership: shadows 2j and 2j+1 train on a random half of the pool and on its complement.
+
+    So every shadow sees half the data and every example is IN for exactly half the shadows,
+    which the online attack needs (the same IN and OUT counts per example).
+    """
+    ranks = torch.rand(n_shadows // 2, n, generator=generator).argsort(1).argsort(1)
+    first_half = ranks < n // 2
+    return torch.stack([first_half, ~first_half], 1).reshape(n_shadows, n)
+
+
+def train_shadow_models(
+    make_model: Callable[[], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    *,
+    n_shadows: int = 16,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+) -> ShadowModels:
+    """Train ``n_shadows`` models, each on a random half of the pool ``(x, y)``, together in one vmapped pass.
+
+    The recipe is :func:`train_classifier`'s (Adam, cross-entropy, shuffled batches); Adam on
+    stacked parameters is exactly independent Adam per model, since it acts element by element.
+    The shadow of a half with one example fewer (odd N) sees one example twice per epoch, so that
+    all shadows step in lockstep.
+
+    Args:
+        make_model: builds a fresh, randomly initialized model (called ``n_shadows`` times).
+        x: pool inputs ``[N, ...]``.
+        y: pool labels ``[N]``.
+        n_shadows: number of models S, even and >= 2.
+        epochs, lr, batch_size, weight_decay: the training recipe, as in :func:`train_classifier`.
+        generator: source of the splits, initializations and shuffling.
+        progress: show a progress bar over epochs.
+
+    Returns:
+        The trained :class:`ShadowModels`.
+    """
+    _check_data(x, y)
+    if n_shadows < 2 or n_shadows % 2:
+        raise ValueError(f"n_shadows must be even and >= 2 (halves come in complementary pairs), got {n_shadows}")
+    if len(y) < 2:
+        raise ValueError(f"the pool needs at least 2 examples to be halved, got {len(y)}")
+    in_mask = _half_splits(n_shadows, len(y), generator)
+    # Each row lists its IN examples first; wrapping around fills the shorter halves to a common length.
+    counts = in_mask.sum(1, keepdim=True)
+    in_first = (~in_mask).to(torch.int8).argsort(dim=1, stable=True)
+    width = int(counts.max())
+    index = in_first.gather(1, torch.arange(width)[None] % counts)
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # seeded initializations without touching the caller's RNG
+        torch.manual_seed(seed)
+        models = [make_model() for _ in range(n_shadows)]
+    device = next(models[0].parameters()).device
+    for m in models:
+        m.train()
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    shadows = ShadowModels(base, params, buffers, in_mask)
+    optimizer = torch.optim.Adam(params.values(), lr=lr, weight_decay=weight_decay)
+
+    def loss(p: dict, b: dict, xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(shadows._forward(p, b, xb), yb)
+
+    batched_loss = vmap(loss, randomness="different")
+
+    def step(batch: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        # Summing keeps each model's gradient its own: model s's loss depends only on slice s.
+        batched_loss(params, buffers, x[batch].to(device), y[batch].to(device)).sum().backward()
+        optimizer.step()
+
+    base.train()
+    _train_loop(step, index, epochs=epochs, batch_size=batch_size, generator=generator, progress=progress,
+                desc=f"{n_shadows} shadow models")
+    for tensor in params.values():
+        tensor.requires_grad_(False)
+    return shadows
