@@ -43,8 +43,8 @@ inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offse
     TORCH_CHECK_VALUE(t->device() == x.device(), "augment parameters must be on x's device ", x.device(), ", got ",
                       t->device());
   }
-  // Index values are checked here where reading them is free; CUDA kernels assert them instead.
-  if (x.device().is_cpu() && batch > 0) {
+  // Out-of-range draws would read outside the image: check them (on CUDA this costs one small sync).
+  if (batch > 0) {
     if (k > 0) {
       TORCH_CHECK_VALUE(crop_offsets.min().item<int64_t>() >= 0 && crop_offsets.max().item<int64_t>() <= 2 * padding,
                         "crop_offsets must lie in [0, 2 * padding] = [0, ", 2 * padding, "]");

@@ -156,7 +156,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _flat_rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).to(accumulate_dtype(t.dtype))
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).to(accumulate_dtype(t.dtype))
 
 
 def per_sample_norms(grads: Sequence[Tensor]) -> Tensor:
@@ -182,7 +182,7 @@ def clip_accumulate_noise(
     factors = clip_factors(per_sample_norms([g.to(acc_dtype) for g in grads]), max_grad_norm)
     outputs, start = [], 0
     for g in grads:
-        n = g[0].numel() if g.shape[0] else math.prod(g.shape[1:])
+        n = math.prod(g.shape[1:])
         # Noise first, then the examples in order: the kernels sum in this order too.
         total = (noise_std * philox_normal(seed, offset, n, start)).to(acc_dtype)
         if noise_std == 0.0:

@@ -7,6 +7,7 @@ same numbers, noise included, only slower).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
@@ -34,8 +35,11 @@ try:
     from privfast import _C  # noqa: F401  (loading it registers torch.ops.privfast.*)
 
     _EXTENSION_ERROR: Optional[str] = None
-except ImportError as error:  # the extension was not built, or was built against another torch
-    _EXTENSION_ERROR = str(error)
+except ImportError as error:  # not built, or built against another torch
+    _EXTENSION_ERROR = (
+        "privfast._C is not built" if importlib.util.find_spec("privfast._C") is None
+        else f"privfast._C failed to load: {error}"
+    )
 
 _warned_fallback = False
 
@@ -59,7 +63,7 @@ def _warn_fallback_once(reason: str) -> None:
 
 def _use_kernel(op_name: str, device: torch.device) -> bool:
     if not has_extension():
-        _warn_fallback_once(f"privfast._C failed to load: {_EXTENSION_ERROR}")
+        _warn_fallback_once(_EXTENSION_ERROR)
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"privfast::{op_name}", key):
