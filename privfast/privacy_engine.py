@@ -1,0 +1,239 @@
+"""PrivacyEngine: Opacus's entry point, with augmentation multiplicity, DP-Mix and fast clipping.
+
+An Opacus user changes the import; ``make_private`` takes the same arguments plus ``augmult`` /
+``augmentation`` and ``grad_sample_mode``. Accountants, Poisson sampling and physical batching
+are Opacus's own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from privfast.augment import DPMix
+from privfast.grad_sample import GradSampleModule
+from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
+
+
+class _AugmentingCollate:
+    """``collate`` followed by the augmenter, so that physical batches are augmented after splitting."""
+
+    def __init__(self, collate, augmentation: DPMix):
+        self.collate, self.augmentation = collate, augmentation
+
+    def __call__(self, batch):
+        x, y = self.collate(batch)
+        return self.augmentation(x, y)
+
+
+def _with_collate(loader: DataLoader, collate) -> DataLoader:
+    return DataLoader(
+        loader.dataset, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers, collate_fn=collate,
+        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+    )
+
+
+def _check_privacy_args(noise_multiplier: float, max_grad_norm: float) -> None:
+    if not (0 <= noise_multiplier < math.inf):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+    if not (0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+
+
+class PrivacyEngine:
+    """Makes a model, optimizer and data loader private, and accounts for the privacy spent.
+
+    Args:
+        accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (Opacus's accountants).
+        secure_mode: key every noise draw from the operating system's entropy (not reproducible).
+    """
+
+    def __init__(self, *, accountant: str = "rdp", secure_mode: bool = False):
+        self.accountant = create_accountant(mechanism=accountant)
+        self.secure_mode = secure_mode
+        self.noise_generator: Optional[torch.Generator] = None
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        augmult: int = 1,
+        augmentation: Optional[DPMix] = None,
+        poisson_sampling: bool = True,
+        grad_sample_mode: str = "auto",
+        loss_reduction: str = "mean",
+        microbatch_size: int = 1,
+        noise_generator: Optional[torch.Generator] = None,
+        check_finite: bool = True,
+    ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+        """Wrap the training objects for DP-SGD with augmentation multiplicity.
+
+        Args:
+            module: the model (batch-first, no BatchNorm: see ``opacus.validators.ModuleValidator.fix``).
+            optimizer: any torch optimizer over ``module``'s parameters; a :class:`~privfast.optim.SAM`
+                becomes DP-SAM.
+            data_loader: yields ``(x [B, ...], y [B])``.
+            noise_multiplier: sigma >= 0; the noise std on the averaged gradient is
+                ``sigma * C / expected_batch_size``.
+            max_grad_norm: the clipping bound C > 0.
+            augmult: K, the rows each example occupies in a batch, when the training loop expands
+                the batch itself.
+            augmentation: a :class:`~privfast.augment.SelfAug` / :class:`~privfast.augment.DPMix`;
+                the returned loader yields its ``(x [B*K, ...], soft labels [B*K, classes])`` and K is
+                taken from it.
+            poisson_sampling: sample each example with probability ``1 / len(data_loader)`` (Opacus's
+                DPDataLoader), as the accounting assumes.
+            grad_sample_mode: ``"auto"``, ``"materialize"``, ``"ghost"`` or ``"bk"`` (see
+                :class:`~privfast.grad_sample.GradSampleModule`).
+            loss_reduction: ``"mean"`` or ``"sum"``.
+            microbatch_size: clip the mean gradient of this many consecutive examples (1: per-example
+                clipping). Above 1 the sensitivity is 2C and the accounting says so.
+            noise_generator: source of the noise keys; default: a new generator seeded from torch's
+                default generator (so ``torch.manual_seed`` reproduces a run).
+            check_finite: refuse to step on a non-finite per-example gradient (e.g. a NaN loss).
+
+        Returns:
+            ``(model, optimizer, data_loader)`` to train with as before.
+
+        Raises:
+            ValueError: on bad privacy parameters, an optimizer over other parameters, a model
+                DP-SGD cannot train, ``augmult`` disagreeing with ``augmentation``, or microbatches
+                with Poisson sampling (whose batches do not split into whole microbatches).
+        """
+        _check_privacy_args(noise_multiplier, max_grad_norm)
+        if augmentation is not None:
+            if augmult not in (1, augmentation.augmult):
+                raise ValueError(f"augmult={augmult} but the augmentation makes K={augmentation.augmult} rows per example")
+            augmult = augmentation.augmult
+        if microbatch_size > 1 and poisson_sampling:
+            raise ValueError(
+                "microbatches need batches that split into whole microbatches, which Poisson batches do not: pass "
+                "poisson_sampling=False and a loader with a batch size divisible by microbatch_size and drop_last=True"
+            )
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("secure_mode draws noise from the operating system: do not pass a noise_generator")
+        model = GradSampleModule(module, mode=grad_sample_mode, augmult=augmult, microbatch_size=microbatch_size,
+                                 loss_reduction=loss_reduction)
+        loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, augmentation=augmentation)
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if noise_generator is None:
+            device = next(module.parameters()).device
+            noise_generator = torch.Generator(device=device)
+            noise_generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.noise_generator = noise_generator
+        optimizer_class = DPSAMOptimizer if isinstance(optimizer, SAM) else DPOptimizer
+        private_optimizer = optimizer_class(
+            optimizer, module=model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=noise_generator,
+            secure_mode=self.secure_mode, check_finite=check_finite,
+        )
+
+        def account(opt: DPOptimizer) -> None:
+            self.accountant.step(noise_multiplier=opt.accounting_noise_multiplier, sample_rate=sample_rate)
+
+        private_optimizer.attach_step_hook(account)
+        return model, private_optimizer, loader
+
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int, max_grad_norm: float,
+                                  epsilon_tolerance: float = 0.01, **kwargs: Any):
+        """As :meth:`make_private`, with the noise multiplier that spends ``(target_epsilon,
+        target_delta)`` in ``epochs`` epochs (accounting for DP-SAM's two releases per step and
+        the doubled sensitivity of microbatches).
+
+        Raises:
+            ValueError: on a non-positive target or epoch count, or a budget too small to reach.
+        """
+        if not (target_epsilon > 0 and 0 < target_delta < 1 and epochs > 0):
+            raise ValueError(f"need target_epsilon > 0, 0 < target_delta < 1, epochs > 0; got "
+                             f"{target_epsilon}, {target_delta}, {epochs}")
+        sample_rate = 1 / len(data_loader)
+        releases = DPSAMOptimizer.releases_per_step if isinstance(optimizer, SAM) else DPOptimizer.releases_per_step
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+            steps=int(epochs / sample_rate) * releases, accountant=self.accountant.mechanism(),
+            epsilon_tolerance=epsilon_tolerance,
+        )
+        sensitivity = 2 if kwargs.get("microbatch_size", 1) > 1 else 1
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma * sensitivity, max_grad_norm=max_grad_norm, **kwargs)
+
+    def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool,
+                             augmentation: Optional[DPMix]) -> DataLoader:
+        if augmentation is not None:
+            data_loader = _with_collate(data_loader, _AugmentingCollate(data_loader.collate_fn, augmentation))
+        if poisson_sampling:
+            return DPDataLoader.from_data_loader(data_loader)
+        return data_loader
+
+    def get_epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at ``delta``."""
+        return self.accountant.get_epsilon(delta)
+
+    def membership_error_bound(self, delta: float) -> float:
+        """Lower bound on a membership attacker's error ``P_err >= (1 - delta) / (1 + e^eps)``."""
+        eps = self.get_epsilon(delta)
+        return (1 - delta) / (1 + math.exp(eps)) if eps < 700 else 0.0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The accountant's history and the noise generator's state (the noise counter)."""
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise_generator": None if self.noise_generator is None else self.noise_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; call after ``make_private`` so that the generator exists."""
+        self.accountant.load_state_dict(state["accountant"])
+        if state["noise_generator"] is not None:
+            if self.noise_generator is None:
+                raise ValueError("this engine has no noise generator yet: call make_private before load_state_dict")
+            self.noise_generator.set_state(state["noise_generator"])
+
+    def save_checkpoint(self, *, path: str | os.PathLike, module: nn.Module, optimizer: Optional[Optimizer] = None,
+                        checkpoint_dict: Optional[dict] = None) -> None:
+        """Write model, optimizer and engine state to ``path`` atomically (a crash leaves the old file)."""
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict()
+        checkpoint["privacy_engine_state_dict"] = self.state_dict()
+        if optimizer is not None:
+            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        path = os.fspath(path)
+        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self, *, path: str | os.PathLike, module: nn.Module,
+                        optimizer: Optional[Optimizer] = None) -> dict:
+        """Load what :meth:`save_checkpoint` wrote into ``module``, ``optimizer`` and this engine."""
+        checkpoint = torch.load(path, weights_only=False)
+        module.load_state_dict(checkpoint["module_state_dict"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        return checkpoint
