@@ -1,0 +1,32 @@
+# privfast's set-up and checks. `make demo` and `make test` each install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch 2.13.0; pip takes a local file for it here. An unpinned `torch` would pull
+# several GB of CUDA packages, so torch is installed first and the build reuses it.
+TORCH_SPEC ?= torch==2.13.0
+NVCC ?= nvcc
+
+.PHONY: install demo test bench cuda-check clean
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q setuptools wheel ninja pybind11
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PYTHON) -c "import privfast; assert privfast.has_extension(), 'privfast._C did not build'; print('privfast installed with compiled kernels')"
+
+demo: install
+	$(PYTHON) -m privfast.selfcheck
+
+test: install
+	$(PYTHON) -m pytest tests -q
+
+bench: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only -q
+
+# Compiles every CUDA device-code header with nvcc for sm_80 and sm_90 (no GPU or CUDA torch needed).
+cuda-check:
+	for arch in 80 90; do $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -c tools/cuda_device_code.cu -o /tmp/privfast_cuda_sm$$arch.o || exit 1; done
+	@echo "CUDA device code compiles for sm_80 and sm_90"
+
+clean:
+	rm -rf build *.egg-info privfast/_C*.so
