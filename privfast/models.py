@@ -127,3 +127,25 @@ class ResNet20(nn.Module):
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)))
+
+
+class LeNet(nn.Module):
+    """DLG's LeNet: three stride-2/2/1 5x5 convolutions with sigmoid activations and a linear
+    classifier. Its smooth activations make gradient inversion well posed, which is why the
+    reconstruction literature (and privfast's attack tests) use it.
+
+    Input ``[B, in_channels, image_size, image_size]``; output ``[B, num_classes]``.
+    """
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: int = 12, image_size: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
+        )
+        side = -(-(-(-image_size // 2)) // 2)  # two stride-2 convolutions with padding 2: ceil twice
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
