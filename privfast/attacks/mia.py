@@ -3,8 +3,9 @@
 Every attack scores *all* the given members and non-members (higher = more likely a member) and
 returns an :class:`AttackResult`. The attacks that need attacker knowledge (N known members, and
 non-members for the calibrated ones) draw it at random from the given sets, as seed 000 does
-(N = 100 out of 5,000 + 5,000); the few known examples stay in the evaluation, so scores line
-up with the input order across runs (what :func:`privfast.metrics.outliers` needs).
+(N = 100 out of 5,000 + 5,000). Known examples are scored too, so scores line up with the input
+order across runs (what :func:`privfast.metrics.outliers` needs), but the metrics of an attack's
+decision leave them out.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class AttackResult:
             threshold), else None.
         nonmember_pred: bool ``[N_n]``, likewise.
         decision: :func:`privfast.metrics.threshold_metrics` of that decision (Inf, Adv, FPR, FNR,
-            P_err), or None.
+            P_err) on the examples the attacker did not know, or None.
         info: attack-specific details (the threshold, the chosen reduction, ...).
     """
 
@@ -66,15 +67,22 @@ class AttackResult:
 
 
 def _result(member_scores: Tensor, nonmember_scores: Tensor, *, member_threshold=None, nonmember_threshold=None,
-            info: Optional[dict] = None) -> AttackResult:
-    """Score summary, plus the decision "score >= threshold" when a threshold is given (scalar or per example)."""
+            known: tuple[Tensor, Tensor] = (), info: Optional[dict] = None) -> AttackResult:
+    """Score summary, plus the decision "score >= threshold" when a threshold is given (scalar or per example).
+
+    ``known`` holds the indices of the members and non-members the attacker calibrated on; they
+    get a decision too but are left out of its metrics, which would otherwise flatter the attack.
+    """
     member_scores, nonmember_scores = member_scores.detach().cpu(), nonmember_scores.detach().cpu()
     result = AttackResult(member_scores, nonmember_scores, attack_summary(member_scores, nonmember_scores),
                           info=info or {})
     if member_threshold is not None:
         result.member_pred = member_scores >= member_threshold
         result.nonmember_pred = nonmember_scores >= nonmember_threshold
-        result.decision = threshold_metrics(result.member_pred, result.nonmember_pred)
+        unseen = [torch.ones(len(pred), dtype=torch.bool) for pred in (result.member_pred, result.nonmember_pred)]
+        for mask, index in zip(unseen, known):
+            mask[index] = False
+        result.decision = threshold_metrics(result.member_pred[unseen[0]], result.nonmember_pred[unseen[1]])
     return result
 
 
@@ -89,9 +97,10 @@ def _unpack(data: Data, name: str) -> tuple[Tensor, Tensor]:
 
 
 def _known(n: int, n_known: int, name: str, generator: Optional[torch.Generator]) -> Tensor:
-    """Indices of the ``n_known`` examples of a set of ``n`` that the attacker knows."""
-    if not 1 <= n_known <= n:
-        raise ValueError(f"n_known must be in [1, {n}] (the size of {name}), got {n_known}")
+    """Indices of the ``n_known`` examples of a set of ``n`` that the attacker knows (at least one stays unknown)."""
+    if not 1 <= n_known < n:
+        raise ValueError(f"n_known must be in [1, {n - 1}]: the attacker knows some of the {n} {name} and "
+                         f"the rest are attacked; got {n_known}")
     return torch.randperm(n, generator=generator)[:n_known]
 
 
@@ -121,9 +130,10 @@ def yeom(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 10
         :class:`AttackResult` with scores ``-loss``; ``info["threshold"]`` is the loss threshold.
     """
     member_losses, nonmember_losses = _losses(model, members, nonmembers, batch_size)
-    threshold = member_losses[_known(len(member_losses), n_known, "members", generator)].mean()
+    known = _known(len(member_losses), n_known, "members", generator)
+    threshold = member_losses[known].mean()
     return _result(-member_losses, -nonmember_losses, member_threshold=-threshold, nonmember_threshold=-threshold,
-                   info={"threshold": float(threshold)})
+                   known=(known,), info={"threshold": float(threshold)})
 
 
 def _known_pair(n_members: int, n_nonmembers: int, n_known: int, generator: Optional[torch.Generator]
@@ -139,7 +149,8 @@ def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor
     overall = _best_threshold(member_scores[known_m], nonmember_scores[known_n])
     info = {**(info or {}), "threshold": overall}
     if member_labels is None:
-        return _result(member_scores, nonmember_scores, member_threshold=overall, nonmember_threshold=overall, info=info)
+        return _result(member_scores, nonmember_scores, member_threshold=overall, nonmember_threshold=overall,
+                       known=(known_m, known_n), info=info)
     num_classes = int(max(member_labels.max(), nonmember_labels.max())) + 1
     per_class = torch.full((num_classes,), overall, dtype=torch.float64)
     for c in range(num_classes):  # a loop over classes, each a vectorized threshold search
@@ -148,7 +159,8 @@ def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor
             per_class[c] = _best_threshold(member_scores[in_m], nonmember_scores[in_n])
     info["class_thresholds"] = per_class
     return _result(member_scores, nonmember_scores, member_threshold=per_class[member_labels].to(member_scores.dtype),
-                   nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype), info=info)
+                   nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype), known=(known_m, known_n),
+                   info=info)
 
 
 def calibrated_threshold(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 100,
@@ -195,7 +207,8 @@ def salem_nn(model: nn.Module, members: Data, nonmembers: Data, *, shadow_model:
     The shadow model is trained by the attacker, with the target's recipe, on ``shadow_members``
     (data disjoint from the target's, from the same distribution); ``shadow_nonmembers`` are other
     examples of that distribution. The attack model (scikit-learn's ``MLPClassifier``, one hidden
-    layer) learns shadow membership from the shadow's posteriors, then reads the target's.
+    layer) learns shadow membership from the shadow's posteriors, on equally many shadow members
+    and non-members (the larger set is subsampled), then reads the target's.
 
     Args:
         model: the target classifier.
@@ -215,8 +228,11 @@ def salem_nn(model: nn.Module, members: Data, nonmembers: Data, *, shadow_model:
     features = [_top3_posteriors(net, _unpack(data, name)[0], batch_size) for net, data, name in (
         (shadow_model, shadow_members, "shadow_members"), (shadow_model, shadow_nonmembers, "shadow_nonmembers"),
         (model, members, "members"), (model, nonmembers, "nonmembers"))]
-    train = np.concatenate(features[:2])
-    labels = np.concatenate([np.ones(len(features[0])), np.zeros(len(features[1]))])
+    # Equal numbers of shadow members and non-members, so that the attack model learns no prior.
+    rng = np.random.default_rng(seed)
+    size = min(len(features[0]), len(features[1]))
+    train = np.concatenate([f[rng.permutation(len(f))[:size]] for f in features[:2]])
+    labels = np.concatenate([np.ones(size), np.zeros(size)])
     attack = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=1000, random_state=seed).fit(train, labels)
     member_scores, nonmember_scores = (torch.from_numpy(attack.predict_proba(f)[:, 1]) for f in features[2:])
     return _result(member_scores, nonmember_scores, member_threshold=0.5, nonmember_threshold=0.5,
