@@ -1,0 +1,166 @@
+"""ATS's random policy search (Gao et al., CVPR 2021, Algorithm 1) and its hybrid policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from privfast.augment.ats_library import Policy, random_policy
+from privfast.search.scores import Stats, accuracy_score, eval_mode, gradsim_curve_area, normalize
+
+__all__ = ["PolicyScore", "SearchResult", "search"]
+
+
+class PolicyScore(NamedTuple):
+    """One row of the search table. ``privacy`` is NaN for policies the accuracy filter dropped."""
+
+    policy: Policy
+    privacy: float
+    accuracy: float
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found.
+
+    Attributes:
+        table: every candidate with its S_pri (NaN when filtered out) and S_acc, in sampling order.
+        selected: the top policies by S_pri among those passing the accuracy filter, no two
+            sharing a library entry (best first).
+        hybrid: the hybrid of ``selected`` (one of them drawn per image).
+    """
+
+    table: list[PolicyScore]
+    selected: list[Policy]
+    hybrid: Policy
+
+    def format_table(self, limit: Optional[int] = 20) -> str:
+        """The kept candidates ranked by S_pri (then the filtered ones), as text."""
+        ranked = sorted(self.table, key=lambda r: (math.isnan(r.privacy), r.privacy))
+        lines = [f"{'policy':<14} {'S_pri':>8} {'S_acc':>10}"]
+        lines += [f"{str(r.policy):<14} {r.privacy:>8.4f} {r.accuracy:>10.3f}" for r in ranked[:limit]]
+        return "\n".join(lines + [f"hybrid: {self.hybrid}"])
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
+def _select_disjoint(rows: Sequence[PolicyScore], top_n: int) -> list[Policy]:
+    """Best rows by S_pri whose policies share no library entry (ATS's condition for a hybrid)."""
+    chosen: list[Policy] = []
+    used: set[int] = set()
+    for row in sorted((r for r in rows if not math.isnan(r.privacy)), key=lambda r: r.privacy):
+        if len(chosen) == top_n:
+            break
+        if not row.policy.transforms & used:
+            chosen.append(row.policy)
+            used |= row.policy.transforms
+    return chosen
+
+
+def search(
+    model_semi_trained: nn.Module,
+    model_init: nn.Module,
+    data: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+    *,
+    candidates: int = 1500,
+    max_len: int = 3,
+    acc_threshold: float,
+    top_n: int = 2,
+    images: int = 100,
+    bins: int = 20,
+    batches: int = 10,
+    policies_per_pass: int = 8,
+    mean: Stats = None,
+    std: Stats = None,
+    chunk_size: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> SearchResult:
+    """Random search for privacy-preserving transformation policies (ATS Algorithm 1).
+
+    Samples ``candidates`` distinct random policies of 1 to ``max_len`` library entries, scores each
+    with S_acc on ``model_init`` and drops those below ``acc_threshold``, scores the rest with
+    S_pri on ``model_semi_trained``, and keeps the ``top_n`` lowest-S_pri policies that share no
+    entry. Every policy is scored on the same ``images`` images and the same random starts, so
+    scores compare policies and not draws; ``policies_per_pass`` kept policies are scored in one
+    batched gradient pass.
+
+    Args:
+        model_semi_trained: network trained for a few epochs (S_pri).
+        model_init: the same architecture at random initialization (S_acc).
+        data: ``(x, y)``: images ``[N, C, H, W]`` in [0, 1] and int64 labels ``[N]`` (e.g. a
+            :class:`privfast.data.Split`).
+        candidates: number of policies sampled (C_max; 1,500 in ATS).
+        max_len: most entries per policy (3 in ATS).
+        acc_threshold: S_acc below which a policy is discarded (T_acc; its scale depends on the
+            number of classes and the model, see :func:`accuracy_score`).
+        top_n: policies kept for the hybrid (2 in ATS).
+        images: images S_pri is averaged over (100 in ATS).
+        bins: S_pri path intervals.
+        batches: S_acc batches.
+        policies_per_pass: policies whose S_pri share one batched pass.
+        mean, std: data normalization.
+        chunk_size: per-example gradients per vmapped call.
+        seed: seed of every random draw (policies, images, starts, signs).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`SearchResult`. ``selected`` holds fewer than ``top_n`` policies when not enough
+        disjoint ones passed the filter; ``hybrid`` is then the identity if none did.
+    """
+    x, y = data[0], data[1]
+    if candidates < 1 or top_n < 1 or policies_per_pass < 1:
+        raise ValueError(f"candidates, top_n and policies_per_pass must be >= 1, got {candidates}, {top_n}, {policies_per_pass}")
+    search_space = sum(50 ** k for k in range(1, max_len + 1))
+    if candidates > search_space:
+        raise ValueError(f"candidates={candidates} exceeds the {search_space} policies of at most {max_len} entries")
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(x.shape[0], generator=generator)[:images]
+    x_pri, y_pri = x[subset], y[subset]
+    start = normalize(torch.rand(x_pri.shape, generator=generator, dtype=x.dtype).to(x.device), mean, std)
+
+    policies: list[Policy] = []
+    seen: set[Policy] = set()
+    while len(policies) < candidates:
+        policy = random_policy(max_len, generator=generator)
+        if policy not in seen:
+            seen.add(policy)
+            policies.append(policy)
+
+    accuracy: list[float] = []
+    privacy = [math.nan] * candidates
+    pending: list[int] = []
+
+    def draws(i: int, stage: int) -> torch.Generator:
+        # Each candidate's random signs and batches come from its own stream, so its scores do
+        # not depend on which other candidates passed the filter.
+        return torch.Generator().manual_seed((seed * candidates + i) * 2 + stage)
+
+    def score_pending() -> None:
+        transformed = torch.cat([policies[i](x_pri, generator=draws(i, 1)) for i in pending])
+        repeats = len(pending)
+        with eval_mode(model_semi_trained):
+            area = gradsim_curve_area(model_semi_trained, normalize(transformed, mean, std), y_pri.repeat(repeats),
+                                      start.repeat(repeats, 1, 1, 1), bins=bins, chunk_size=chunk_size)
+        for i, value in zip(pending, area.view(repeats, -1).mean(1).tolist()):
+            privacy[i] = value
+        pending.clear()
+
+    for i, policy in enumerate(tqdm(policies, desc="ATS search", disable=not progress)):
+        accuracy.append(accuracy_score(model_init, x, y, policy=policy, batches=batches, mean=mean, std=std,
+                                       generator=draws(i, 0)))
+        if accuracy[-1] >= acc_threshold:
+            pending.append(i)
+        if len(pending) == policies_per_pass or (pending and i == candidates - 1):
+            score_pending()
+
+    table = [PolicyScore(p, s_pri, s_acc) for p, s_pri, s_acc in zip(policies, privacy, accuracy)]
+    selected = _select_disjoint(table, top_n)
+    hybrid = Policy([sub for p in selected for sub in p.sub_policies] or [[]])
+    return SearchResult(table, selected, hybrid)
