@@ -50,6 +50,10 @@ class LayerGrads:
     # -- costs (multiply-adds), used to pick a strategy per layer --------------------------
     def materialize_cost(self) -> float:
         """Cost of building ``[B, *shape]`` for every parameter."""
+        return self.reduce_cost()
+
+    def reduce_cost(self) -> float:
+        """Cost of one pass over the materialized ``[B, *shape]`` (a norm or a weighted sum)."""
         return float(self.batch * sum(p.numel() for p in self.params))
 
     def ghost_cost(self) -> float:

@@ -221,7 +221,8 @@ class GradSampleModule(nn.Module):
             return GHOST, GHOST
         if self.mode == "bk":
             return (GHOST if ghost < grads.materialize_cost() else MATERIALIZE), GHOST
-        return (MATERIALIZE, MATERIALIZE) if grads.materialize_cost() <= ghost + grads.contract_cost() else (GHOST, GHOST)
+        materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
+        return (MATERIALIZE, MATERIALIZE) if materialize <= ghost + grads.contract_cost() else (GHOST, GHOST)
 
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """Materialized per-example gradients ``{param: [B, *param.shape]}`` of the last backward.

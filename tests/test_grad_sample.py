@@ -1,0 +1,226 @@
+"""The per-example gradient engine against a naive loop over examples and against Opacus."""
+
+import copy
+
+import opacus
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privfast.grad_sample import MODES, GradSampleModule
+from privfast.models import ConvNet
+from privfast.optim import DPOptimizer
+
+
+class Reuse(nn.Module):
+    """One Linear applied twice in a forward (its per-example gradient sums both uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class TokenModel(nn.Module):
+    """Embedding (with a padding id), LayerNorm, mean pooling and a Linear head."""
+
+    def __init__(self, padding_idx=0):
+        super().__init__()
+        self.embed = nn.Embedding(11, 5, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)).mean(1))
+
+
+def _images(channels, size):
+    return lambda n, g: torch.randn(n, channels, size, size, generator=g, dtype=torch.float64)
+
+
+# name -> (model factory, input factory(rows, generator), number of classes)
+MODELS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
+               lambda n, g: torch.randn(n, 7, generator=g, dtype=torch.float64), 3),
+    "linear_seq": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)),
+                   lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64), 3),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
+                                     nn.Conv1d(6, 3, 2, padding=1, padding_mode="reflect"), nn.Flatten(),
+                                     nn.LazyLinear(3)),
+               lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64), 3),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2), nn.Tanh(),
+                                     nn.Conv2d(6, 4, 2, padding="same", padding_mode="circular", bias=False),
+                                     nn.Flatten(), nn.LazyLinear(3)),
+               _images(4, 6), 3),
+    "conv2d_zeros": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(),
+                                           nn.Conv2d(6, 4, 2, padding="same"), nn.Flatten(), nn.LazyLinear(3)),
+                     _images(4, 6), 3),
+    "conv1d_zeros": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
+                                           nn.Conv1d(6, 3, 2, padding=1, bias=False), nn.Flatten(), nn.LazyLinear(3)),
+                     lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64), 3),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(3)),
+                  _images(2, 5), 3),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
+                  lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64), 3),
+    "embedding": (TokenModel, lambda n, g: torch.randint(0, 11, (n, 6), generator=g), 3),
+    "embedding_nopad": (lambda: TokenModel(padding_idx=None), lambda n, g: torch.randint(0, 11, (n, 6), generator=g), 3),
+    "fallback": (lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
+                 lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64), 3),
+    "reuse": (Reuse, lambda n, g: torch.randn(n, 6, generator=g, dtype=torch.float64), 3),
+    "cnn": (lambda: ConvNet(in_channels=1, num_classes=4, width=8, image_size=8, groups=4), _images(1, 8), 4),
+}
+
+
+def _setup(name, rows, seed=0):
+    make_model, make_input, classes = MODELS[name]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = make_model().double()
+    x = make_input(rows, g)
+    model(x)  # materialize lazy layers
+    y = torch.randint(0, classes, (rows,), generator=g)
+    return model, x, y
+
+
+def _naive_clipped_sum(model, x, y, k, max_grad_norm):
+    """Average each example's K row gradients, clip, sum: one example at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = []
+    for b in range(x.shape[0] // k):
+        rows = slice(b * k, (b + 1) * k)
+        per_example.append(torch.autograd.grad(F.cross_entropy(model(x[rows]), y[rows]), params))
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return params, [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))], norms
+
+
+@pytest.mark.parametrize("k", [2, 4, 16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_clipped_sum_matches_naive_loop(name, mode, k):
+    model, x, y = _setup(name, 3 * k)
+    params, expected, norms = _naive_clipped_sum(model, x, y, k, 1.0)
+    max_grad_norm = float(norms.median())  # some examples clipped, some not
+    params, expected, _ = _naive_clipped_sum(model, x, y, k, max_grad_norm)
+    wrapped = GradSampleModule(model, mode=mode, augmult=k)
+    F.cross_entropy(wrapped(x), y).backward()
+    got = wrapped.clipped_sum(max_grad_norm)
+    assert set(got) == set(params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(got[p], e, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_sample_gradients_match_naive_loop(name):
+    k = 2
+    model, x, y = _setup(name, 3 * k)
+    params = [p for p in model.parameters()]
+    expected = [torch.autograd.grad(F.cross_entropy(model(x[b * k:(b + 1) * k]), y[b * k:(b + 1) * k]), params)
+                for b in range(3)]
+    wrapped = GradSampleModule(model, augmult=k, loss_reduction="sum")
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    got = wrapped.per_sample_gradients()
+    for b in range(3):
+        for p, e in zip(params, expected[b]):
+            torch.testing.assert_close(got[p][b], e, rtol=1e-7, atol=1e-10)
+
+
+# Opacus 1.6 ignores a convolution's padding_mode (reflect, circular) and an Embedding's padding_idx
+# in its per-sample gradients (both checked against the naive loop), so "conv1d", "conv2d" and
+# "embedding" are compared with the naive loop only.
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"reuse", "conv1d", "conv2d", "embedding"}))
+def test_update_matches_opacus(name, mode):
+    """K = 1, sigma = 0: the privatized gradient equals Opacus's GradSampleModule + DPOptimizer."""
+    model, x, y = _setup(name, 8)
+    reference = copy.deepcopy(model)
+    max_grad_norm = 0.5
+
+    ours = GradSampleModule(model, mode=mode)
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=ours, noise_multiplier=0.0,
+                            max_grad_norm=max_grad_norm, expected_batch_size=8)
+    F.cross_entropy(ours(x), y).backward()
+    optimizer.pre_step()
+
+    theirs = opacus.GradSampleModule(reference)
+    their_optimizer = opacus.optimizers.DPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), noise_multiplier=0.0,
+                                                    max_grad_norm=max_grad_norm, expected_batch_size=8)
+    F.cross_entropy(theirs(x), y).backward()
+    their_optimizer.pre_step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-10)
+
+
+def test_autograd_skips_the_unclipped_gradient():
+    model, x, y = _setup("cnn", 8)
+    wrapped = GradSampleModule(model, augmult=2)
+    F.cross_entropy(wrapped(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # tracking restored after the forward
+
+
+def test_auto_picks_the_cheaper_strategy_per_layer():
+    # A wide Linear on few rows: Gram matrices (R x R) are far cheaper than [B, 64, 64] gradients.
+    # A conv on many positions: the reverse.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 64), nn.Tanh(), nn.Linear(64, 64))
+    wrapped = GradSampleModule(model, mode="auto", augmult=2)
+    wrapped(torch.randn(8, 1, 16, 16)).sum().backward()
+    plans = wrapped.layer_plans()
+    assert plans["0"] == ("materialize", "materialize")
+    assert plans["2"] == ("ghost", "ghost") and plans["4"] == ("ghost", "ghost")
+    wrapped.mode = "bk"
+    assert all(how_sum == "ghost" for _, how_sum in wrapped.layer_plans().values())
+
+
+def test_refuses_batchnorm_with_a_fix():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="ModuleValidator.fix"):
+        GradSampleModule(model)
+
+
+def test_refuses_tied_weights():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="tied"):
+        GradSampleModule(nn.Sequential(a, b))
+
+
+@pytest.mark.parametrize("bad", [{"mode": "fast"}, {"augmult": 0}, {"microbatch_size": 1.5}, {"loss_reduction": "max"}])
+def test_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        GradSampleModule(nn.Linear(2, 2), **bad)
+
+
+def test_rows_not_a_multiple_of_k():
+    model, x, y = _setup("linear", 6)
+    wrapped = GradSampleModule(model, augmult=4)
+    F.cross_entropy(wrapped(x), y).backward()
+    with pytest.raises(ValueError, match="multiple of augmult"):
+        wrapped.clipped_sum(1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_loss_is_refused(mode):
+    model, x, y = _setup("cnn", 4)
+    x[1] = float("nan")
+    wrapped = GradSampleModule(model, mode=mode)
+    F.cross_entropy(wrapped(x), y).backward()
+    with pytest.raises(ValueError, match="finite"):
+        wrapped.clipped_sum(1.0)
+
+
+def test_unused_batch_is_not_silently_mixed_into_the_next():
+    model, x, y = _setup("linear", 4)
+    wrapped = GradSampleModule(model)
+    F.cross_entropy(wrapped(x), y).backward()
+    with pytest.raises(RuntimeError, match="optimizer.step"):
+        wrapped(x)
+    wrapped.clear()
+    with torch.no_grad():
+        wrapped(x)  # evaluation records nothing
+    F.cross_entropy(wrapped(x), y).backward()
+    assert len(wrapped.clipped_sum(1.0)) == 4
