@@ -117,7 +117,7 @@ class ContractionGrads(LayerGrads):
         self.a, self.d = a, d
 
     def _bias_per_example(self) -> Tensor:
-        return self.d.sum(2).reshape(self.batch, -1)
+        return self.d.sum(2).flatten(1)
 
     def materialize_cost(self) -> float:
         b, g, r, d = self.a.shape
@@ -154,7 +154,7 @@ class ContractionGrads(LayerGrads):
         if self.weight is not None:
             # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group.
             dw = (self.d * weights.to(self.d.dtype).view(b, 1, 1, 1)).permute(1, 3, 0, 2).reshape(g, p, b * r)
-            a = self.a.permute(1, 0, 2, 3).reshape(g, b * r, -1)
+            a = self.a.permute(1, 0, 2, 3).reshape(g, b * r, self.a.shape[-1])
             out.append(torch.bmm(dw, a).reshape(self.weight.shape))
         if self.bias is not None:
             out.append(torch.mv(self._bias_per_example().t(), weights.to(self.d.dtype)).reshape(self.bias.shape))

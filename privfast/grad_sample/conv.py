@@ -24,7 +24,7 @@ def _unfold(module: Union[nn.Conv1d, nn.Conv2d], x: Tensor) -> Tensor:
         x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
     cols = F.unfold(x, kernel, dilation=dilation, stride=stride)
     n, _, positions = cols.shape
-    return cols.reshape(n, module.groups, -1, positions).transpose(2, 3)
+    return cols.reshape(n, module.groups, cols.shape[1] // module.groups, positions).transpose(2, 3)
 
 
 def _grouped_rows(t: Tensor, groups: int, fold: int) -> Tensor:
@@ -42,6 +42,6 @@ def conv_rule(module: Union[nn.Conv1d, nn.Conv2d], calls: list[Call], fold: int)
     for call in calls:
         a_parts.append(_grouped_rows(_unfold(module, call.args[0]), groups, fold))
         grad = call.grads[0]
-        d = grad.reshape(grad.shape[0], groups, grad.shape[1] // groups, -1).transpose(2, 3)
+        d = grad.reshape(grad.shape[0], groups, grad.shape[1] // groups, grad.shape[2:].numel()).transpose(2, 3)
         d_parts.append(_grouped_rows(d, groups, fold))
     return ContractionGrads(module.weight, module.bias, torch.cat(a_parts, dim=2), torch.cat(d_parts, dim=2))

@@ -52,8 +52,8 @@ def embedding_rule(module: nn.Embedding, calls: list[Call], fold: int) -> Embedd
             f"{module} uses sparse=True, scale_grad_by_freq=True or max_norm, which change the gradient in "
             "ways the per-example rule does not model; construct the Embedding without them"
         )
-    ids = torch.cat([fold_rows(c.args[0], fold).reshape(c.args[0].shape[0] // fold, -1) for c in calls], dim=1)
-    d = torch.cat([fold_rows(c.grads[0], fold).reshape(ids.shape[0], -1, module.embedding_dim) for c in calls], dim=1)
+    ids = torch.cat([fold_rows(c.args[0], fold).flatten(1) for c in calls], dim=1)
+    d = torch.cat([fold_rows(c.grads[0], fold).flatten(1, -2) for c in calls], dim=1)
     if module.padding_idx is not None:
         d = d * (ids != module.padding_idx).unsqueeze(2).to(d.dtype)  # the padding row gets no gradient
     return EmbeddingGrads(module.weight, ids, d)

@@ -187,7 +187,7 @@ class GradSampleModule(nn.Module):
     def _layer_grads(self) -> list[LayerGrads]:
         """The captured layers' per-example gradient information, loss reduction folded in."""
         grads = []
-        with self._suspend():
+        with self._suspend(), torch.no_grad():
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
                 if not calls:
@@ -224,6 +224,7 @@ class GradSampleModule(nn.Module):
         materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
         return (MATERIALIZE, MATERIALIZE) if materialize <= ghost + grads.contract_cost() else (GHOST, GHOST)
 
+    @torch.no_grad()
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """Materialized per-example gradients ``{param: [B, *param.shape]}`` of the last backward.
 
@@ -231,6 +232,7 @@ class GradSampleModule(nn.Module):
         """
         return {p: g for grads in self._layer_grads() for p, g in zip(grads.params, grads.per_example())}
 
+    @torch.no_grad()
     def clipped_sum(self, max_grad_norm: float, *, check_finite: bool = True) -> dict[nn.Parameter, Tensor]:
         """Clip each unit's gradient to ``max_grad_norm`` and sum over the batch; clears the capture.
 

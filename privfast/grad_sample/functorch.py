@@ -29,9 +29,13 @@ def vmap_rule(module: nn.Module, calls: list[Call], fold: int) -> MaterializedGr
 
         def objective(theta, unit_args, unit_grads, kwargs=call.kwargs):
             outputs = [o for o in tree_leaves(functional_call(module, theta, unit_args, kwargs)) if isinstance(o, Tensor)]
-            return sum((o * g).sum() for o, g in zip(outputs, unit_grads))
+            return sum((o * g).sum() for o, g in zip(outputs, unit_grads) if g is not None)
 
-        grads = [fold_rows(g, fold) for g in call.grads]
-        per_example = vmap(grad(objective), in_dims=(None, in_dims, 0))(params, args, grads)
+        grads = [None if g is None else fold_rows(g, fold) for g in call.grads]
+        units = next(g.shape[0] for g in grads if g is not None)
+        if units == 0:  # vmap cannot map over an empty batch (an empty Poisson sample)
+            per_example = {name: p.new_zeros(0, *p.shape) for name, p in params.items()}
+        else:
+            per_example = vmap(grad(objective), in_dims=(None, in_dims, 0))(params, args, grads)
         totals = per_example if totals is None else {n: totals[n] + per_example[n] for n in totals}
     return MaterializedGrads([p for _, p in named], [totals[name] for name, _ in named])

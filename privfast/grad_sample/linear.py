@@ -14,7 +14,7 @@ def linear_rule(module: nn.Linear, calls: list[Call], fold: int) -> ContractionG
 
     def rows(t):
         folded = fold_rows(t, fold)
-        return folded.reshape(folded.shape[0], 1, -1, t.shape[-1])
+        return folded.reshape(folded.shape[0], 1, folded.shape[1:-1].numel(), t.shape[-1])
 
     a = torch.cat([rows(c.args[0]) for c in calls], dim=2)
     d = torch.cat([rows(c.grads[0]) for c in calls], dim=2)
