@@ -1,0 +1,125 @@
+"""LiRA and its vectorized shadow training, on digits."""
+
+import math
+
+import pytest
+import torch
+
+from privfast.attacks import (
+    calibrated_threshold,
+    lira,
+    logit_confidence,
+    predict_logits,
+    train_classifier,
+    train_shadow_models,
+)
+from privfast.data import load_digits
+from privfast.models import MLP
+
+POOL = 500
+N_SHADOWS = 8
+RECIPE = {"epochs": 60, "lr": 3e-3, "batch_size": 64}
+
+
+def _mlp():
+    return MLP(64, 10, hidden=(128,))
+
+
+@pytest.fixture(scope="module")
+def setting():
+    train, _ = load_digits()
+    pool_x, pool_y = train.x[:POOL], train.y[:POOL]
+    generator = torch.Generator().manual_seed(0)
+    is_member = torch.zeros(POOL, dtype=torch.bool)
+    is_member[torch.randperm(POOL, generator=generator)[:POOL // 2]] = True
+    torch.manual_seed(0)
+    target = train_classifier(_mlp(), pool_x[is_member], pool_y[is_member], generator=generator, **RECIPE)
+    torch.manual_seed(1)
+    outside = train.x[POOL:POOL + POOL // 2], train.y[POOL:POOL + POOL // 2]
+    other = train_classifier(_mlp(), *outside, generator=generator, **RECIPE)  # saw none of the pool
+    shadows = train_shadow_models(_mlp, pool_x, pool_y, n_shadows=N_SHADOWS, generator=generator, progress=False,
+                                  **RECIPE)
+    return {"x": pool_x, "y": pool_y, "is_member": is_member, "target": target, "other": other, "shadows": shadows}
+
+
+def test_logit_confidence_matches_probabilities():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(1))
+    p = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
+    torch.testing.assert_close(logit_confidence(logits, labels), (p / (1 - p)).log())
+    # Stays finite and exact where p_y rounds to 1.
+    extreme = torch.tensor([[200.0, 0.0, 0.0]], dtype=torch.float64)
+    assert logit_confidence(extreme, torch.tensor([0])).item() == pytest.approx(200 - math.log(2))
+
+
+def test_shadow_splits(setting):
+    in_mask = setting["shadows"].in_mask
+    assert in_mask.shape == (N_SHADOWS, POOL)
+    assert (in_mask.sum(0) == N_SHADOWS // 2).all()  # every example IN for exactly half the shadows
+    assert (in_mask.sum(1) == POOL // 2).all()  # every shadow trains on half the pool
+    assert len({tuple(row.tolist()) for row in in_mask}) == N_SHADOWS
+
+
+def test_each_shadow_learns_its_own_half(setting):
+    """Vectorized training keeps the models apart: each fits its IN half, not the OUT half."""
+    shadows = setting["shadows"]
+    correct = shadows.logits(setting["x"]).argmax(-1) == setting["y"]  # [S, N]
+    in_mask = shadows.in_mask
+    in_acc = (correct & in_mask).sum(1) / in_mask.sum(1)
+    out_acc = (correct & ~in_mask).sum(1) / (~in_mask).sum(1)
+    assert (in_acc > 0.99).all()
+    assert (out_acc < in_acc - 0.02).all()
+    assert (out_acc > 0.8).all()  # and they are real digit classifiers
+
+
+def test_shadow_training_is_reproducible():
+    train, _ = load_digits()
+    x, y = train.x[:60], train.y[:60]
+    runs = [train_shadow_models(_mlp, x, y, n_shadows=2, epochs=2, generator=torch.Generator().manual_seed(5),
+                                progress=False) for _ in range(2)]
+    assert torch.equal(runs[0].in_mask, runs[1].in_mask)
+    torch.testing.assert_close(runs[0].logits(x), runs[1].logits(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_lira_finds_membership_only_when_there_is_some(setting, online):
+    args = (setting["shadows"], setting["x"], setting["y"])
+    found = lira(setting["target"], *args, is_member=setting["is_member"], online=online)
+    assert found.summary["auc"] > (0.6 if online else 0.55)  # offline LiRA is the weaker variant
+    assert found.summary["tpr_at_fpr"][0.01] > 0.03  # well above the 1% of a blind guess
+    assert found.info["online"] is online
+    assert found.member_scores.shape == (POOL // 2,)
+    null = lira(setting["other"], *args, is_member=setting["is_member"], online=online)
+    assert abs(null.summary["auc"] - 0.5) < 0.07
+
+
+def test_online_lira_beats_the_loss_threshold(setting):
+    is_member = setting["is_member"]
+    online = lira(setting["target"], setting["shadows"], setting["x"], setting["y"], is_member=is_member)
+    members = setting["x"][is_member], setting["y"][is_member]
+    nonmembers = setting["x"][~is_member], setting["y"][~is_member]
+    threshold = calibrated_threshold(setting["target"], members, nonmembers)
+    assert online.summary["auc"] > threshold.summary["auc"]
+
+
+def test_variants_run(setting):
+    args = (setting["target"], setting["shadows"], setting["x"], setting["y"])
+    fixed = lira(*args, is_member=setting["is_member"], fix_variance=True, mirror=False)
+    assert torch.isfinite(fixed.member_scores).all() and fixed.summary["auc"] > 0.6
+
+
+def test_bad_arguments(setting):
+    with pytest.raises(ValueError, match="same pool"):
+        lira(setting["target"], setting["shadows"], setting["x"][:10], setting["y"][:10],
+             is_member=setting["is_member"][:10])
+    with pytest.raises(ValueError, match="both members and non-members"):
+        lira(setting["target"], setting["shadows"], setting["x"], setting["y"],
+             is_member=torch.ones(POOL, dtype=torch.bool))
+    with pytest.raises(ValueError, match="even"):
+        train_shadow_models(_mlp, setting["x"], setting["y"], n_shadows=3, epochs=1)
+
+
+def test_predict_logits_restores_train_mode(setting):
+    model = setting["target"].train()
+    predict_logits(model, setting["x"][:4])
+    assert model.training
