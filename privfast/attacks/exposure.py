@@ -74,7 +74,8 @@ def exposure_extrapolated(canary_losses: Tensor, reference_losses: Tensor) -> Te
         reference_losses: ``[R]`` losses of sampled candidates, R >= 3.
 
     Returns:
-        ``[M]`` exposures in bits (float64), >= 0; can exceed ``log2(R)``.
+        ``[M]`` exposures in bits (float64), >= 0; can exceed ``log2(R)``, and is ``inf`` where the
+        fitted CDF underflows (a canary far below every candidate).
     """
     canaries = _losses(canary_losses, "canary_losses")
     references = _losses(reference_losses, "reference_losses")
