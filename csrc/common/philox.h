@@ -40,6 +40,8 @@ PF_HOST_DEVICE uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 PF_HOST_DEVICE Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
@@ -81,27 +83,23 @@ PF_HOST_DEVICE double sub(double a, double b) {
 #endif
 }
 
-// Integer in [0, 2^53) from the top 27 bits of one word and the top 26 of another.
+// Integer in [0, 2^53) from the top 27 bits of one word and the top 26 of another, as a double.
+// Built from two int32 conversions (exact, and vectorizable where int64 -> double is not).
 PF_HOST_DEVICE double uniform53(uint32_t high_word, uint32_t low_word) {
-  const uint64_t bits = (static_cast<uint64_t>(high_word >> 5) << 26) | static_cast<uint64_t>(low_word >> 6);
-  return static_cast<double>(bits);
+  const double high = static_cast<double>(static_cast<int32_t>(high_word >> 5));
+  const double low = static_cast<double>(static_cast<int32_t>(low_word >> 6));
+  return add(mul(high, 67108864.0), low);  // high * 2^26 + low, exact below 2^53
 }
 
-// Exact split u = m * 2^e with m in [0.5, 1), for finite u > 0 (what frexp does, without libm).
+// Exact split u = m * 2^e with m in [0.5, 1), for a normal (not subnormal) double u > 0; what
+// frexp does, without libm. The uniforms here are >= 2^-53, never subnormal.
 PF_HOST_DEVICE double frexp_unit(double u, int* exponent) {
   union {
     double d;
     uint64_t i;
   } bits;
   bits.d = u;
-  int biased = static_cast<int>((bits.i >> 52) & 0x7FF);
-  double scale_back = 0.0;
-  if (biased == 0) {  // subnormal: unreachable for 53-bit uniforms, kept exact for completeness
-    bits.d = u * 18014398509481984.0;  // 2^54
-    biased = static_cast<int>((bits.i >> 52) & 0x7FF);
-    scale_back = 54.0;
-  }
-  *exponent = biased - 1022 - static_cast<int>(scale_back);
+  *exponent = static_cast<int>((bits.i >> 52) & 0x7FF) - 1022;
   bits.i = (bits.i & ~(static_cast<uint64_t>(0x7FF) << 52)) | (static_cast<uint64_t>(1022) << 52);
   return bits.d;
 }
@@ -112,6 +110,8 @@ PF_HOST_DEVICE double horner(double x2, const double (&c)[N]) {
   double acc = c[N - 1];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC unroll 16
 #endif
   for (int i = N - 2; i >= 0; --i) acc = add(mul(acc, x2), c[i]);
   return acc;
@@ -125,11 +125,10 @@ PF_HOST_DEVICE double log_unit(double u) {
                                   1.0 / 11.0, 1.0 / 13.0, 1.0 / 15.0, 1.0 / 17.0, 1.0 / 19.0,
                                   1.0 / 21.0, 1.0 / 23.0, 1.0 / 25.0, 1.0 / 27.0};
   int exponent;
-  double mantissa = frexp_unit(u, &exponent);
-  if (mantissa < kSqrtHalf) {
-    mantissa = mul(mantissa, 2.0);
-    exponent -= 1;
-  }
+  const double m = frexp_unit(u, &exponent);
+  const bool low = m < kSqrtHalf;  // selects, not branches, so that loops of draws vectorize
+  const double mantissa = low ? mul(m, 2.0) : m;
+  exponent -= low ? 1 : 0;
   const double s = sub(mantissa, 1.0) / add(mantissa, 1.0);
   const double series = horner(mul(s, s), kSeries);
   return add(mul(static_cast<double>(exponent), kLn2), mul(mul(2.0, s), series));
@@ -166,12 +165,12 @@ PF_HOST_DEVICE void sincos_two_pi(double v, double* sin_out, double* cos_out) {
   const double cos_x = horner(x2, kCos);
   const double s = mul(add(cos_x, sin_x), kSqrtHalf);  // sin(pi/4 + x)
   const double c = mul(sub(cos_x, sin_x), kSqrtHalf);  // cos(pi/4 + x)
-  switch (static_cast<int>(quadrant)) {
-    case 0: *sin_out = s; *cos_out = c; break;
-    case 1: *sin_out = c; *cos_out = -s; break;
-    case 2: *sin_out = -s; *cos_out = -c; break;
-    default: *sin_out = -c; *cos_out = s; break;
-  }
+  // Rotate by the quadrant: odd quadrants swap (s, c) -> (c, -s); quadrants 2 and 3 negate both.
+  const int q = static_cast<int>(quadrant);
+  const double sin_q = (q & 1) ? c : s;
+  const double cos_q = (q & 1) ? -s : c;
+  *sin_out = (q & 2) ? -sin_q : sin_q;
+  *cos_out = (q & 2) ? -cos_q : cos_q;
 }
 
 // The normal pair of counter `group` of the stream (seed, offset): elements 2*group and 2*group+1.

@@ -1,9 +1,6 @@
-// Row reductions over lists of per-example tensors for the CPU kernels.
-//
-// Rows are cut into fixed segments (tensor_list.h) reduced in parallel and then summed per row in
-// segment order, and each segment sums in independent lanes: the compiler can use SIMD without
-// -ffast-math (which would also break the noise's bit-exactness), and the result does not depend on
-// the number of threads.
+// Row reductions over lists of per-example tensors for the CPU kernels. Rows are cut into fixed
+// segments (tensor_list.h), reduced in parallel and summed per row in segment order, so the result
+// does not depend on the number of threads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,25 +12,10 @@
 #include <vector>
 
 #include "../tensor_list.h"
+#include "simd.h"
 
 namespace privfast {
 namespace cpu {
-
-constexpr int kLanes = 8;
-
-// sum_j a[j] * b[j], accumulated in double.
-template <typename scalar_t>
-inline double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  double lanes[kLanes] = {0};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(a[j + l]) * static_cast<double>(b[j + l]);
-  }
-  double total = 0;
-  for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
 
 // For every (tensor t, row b): the N sums that `body(segment)` returns for the segments of that row,
 // as a double tensor [N, tensors, rows].

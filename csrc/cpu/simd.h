@@ -1,0 +1,31 @@
+// The CPU kernels' inner loops. They are compiled once per instruction set (AVX-512, AVX2, baseline)
+// in simd.cpp and picked at load time, so one build runs at full width on any x86-64 machine.
+// Each loop sums in fixed independent lanes: the compiler may vectorize it without -ffast-math,
+// and every instruction set (and thread count) gives the same bits.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+namespace privfast {
+namespace cpu {
+
+// sum_j a[j] * b[j], summed in the accumulate type (float, or double for double), returned as double.
+template <typename scalar_t>
+double dot(const scalar_t* a, const scalar_t* b, int64_t n);
+
+// acc[j] += factor * x[j] for j < n.
+template <typename scalar_t>
+void axpy(at::opmath_type<scalar_t>* acc, at::opmath_type<scalar_t> factor, const scalar_t* x, int64_t n);
+
+// out[j] = scale * acc[j] for j < n, rounded to scalar_t.
+template <typename scalar_t>
+void scale_store(scalar_t* out, const at::opmath_type<scalar_t>* acc, at::opmath_type<scalar_t> scale, int64_t n);
+
+// acc[j] = noise_std * z[first + j] for j < n, z the normal stream (seed, offset) of common/philox.h.
+template <typename acc_t>
+void fill_noise(acc_t* acc, int64_t first, int64_t n, double noise_std, uint64_t seed, uint64_t offset);
+
+}  // namespace cpu
+}  // namespace privfast
