@@ -1,0 +1,180 @@
+"""PrivacyEngine: accounting against Opacus, Poisson sampling, physical batches, checkpoints, bad input,
+and a real DP-Mix training run on the bundled digits."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privfast.augment import DPMix, SelfAug
+from privfast.data import load_digits
+from privfast.models import ConvNet
+from privfast.optim import SAM
+from privfast.privacy_engine import PrivacyEngine
+
+
+def _dataset(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def _make(engine=None, *, batch_size=16, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = ConvNet(width=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = engine or PrivacyEngine()
+    args = dict(noise_multiplier=1.0, max_grad_norm=1.0) | kwargs
+    loader = DataLoader(_dataset(), batch_size=batch_size)
+    return (engine, *engine.make_private(module=model, optimizer=optimizer, data_loader=loader, **args))
+
+
+def _train(model, optimizer, batches):
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "gdp", "prv"])
+def test_epsilon_equals_opacus_accountant(accountant):
+    engine, model, optimizer, loader = _make(PrivacyEngine(accountant=accountant), noise_multiplier=1.3)
+    batches = [b for _, b in zip(range(3), loader)]
+    _train(model, optimizer, batches)
+    reference = create_accountant(accountant)
+    reference.history = [(1.3, 16 / 64, 3)]
+    assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    eps = engine.get_epsilon(1e-5)
+    assert engine.membership_error_bound(1e-5) == pytest.approx((1 - 1e-5) / (1 + math.exp(eps)))
+
+
+def test_poisson_sampling_and_expected_batch_size():
+    _, _, optimizer, loader = _make(batch_size=16)
+    assert isinstance(loader, DPDataLoader)
+    assert optimizer.expected_batch_size == 16
+    assert optimizer.noise_scale == pytest.approx(1 / 16)
+
+
+def test_make_private_with_epsilon_uses_opacus_noise_search():
+    loader = DataLoader(_dataset(), batch_size=16)
+    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.25, epochs=2, accountant="rdp")
+
+    def private(optimizer_class, **kwargs):
+        model = ConvNet(width=4)
+        optimizer = optimizer_class(model.parameters(), lr=0.1)
+        return PrivacyEngine().make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=3.0, target_delta=1e-5, epochs=2,
+            max_grad_norm=1.0, **kwargs)[1]
+
+    assert private(torch.optim.SGD).noise_multiplier == pytest.approx(expected)
+    micro = private(torch.optim.SGD, microbatch_size=2, poisson_sampling=False)
+    assert micro.noise_multiplier == pytest.approx(2 * expected)  # sensitivity 2C
+    assert micro.accounting_noise_multiplier == pytest.approx(expected)
+    dp_sam = private(lambda params, lr: SAM(params, torch.optim.SGD, lr=lr))
+    assert dp_sam.noise_multiplier > expected  # two releases per step need more noise
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(noise_multiplier=-0.5), "noise_multiplier"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(augmult=3, augmentation=SelfAug(2, num_classes=10)), "augmult"),
+    (dict(microbatch_size=2), "Poisson"),
+])
+def test_bad_arguments_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _make(**bad)
+
+
+def test_batchnorm_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
+    with pytest.raises(ValueError, match="ModuleValidator.fix"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(_dataset(), batch_size=16), noise_multiplier=1.0,
+                                     max_grad_norm=1.0)
+
+
+def test_empty_poisson_batch_steps_with_noise_only():
+    """As in Opacus: an empty sample still counts as a step, and the update is pure noise."""
+    engine, model, optimizer, _ = _make(noise_multiplier=2.0)
+    x, y = torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)
+    F.cross_entropy(model(x), y).backward()  # the mean over no rows is NaN, but no example has a gradient
+    optimizer.step()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(grads).all()
+    assert float(grads.std()) == pytest.approx(2.0 * 1.0 / 16, rel=0.15)
+    assert len(engine.accountant) == 1
+
+
+def test_same_seed_reproduces_a_run():
+    def run():
+        torch.manual_seed(7)
+        _, model, optimizer, loader = _make(seed=7)
+        _train(model, optimizer, loader)
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    fixed = DataLoader(_dataset(), batch_size=16)
+    batches = list(fixed)
+
+    engine, model, optimizer, _ = _make(poisson_sampling=False, seed=1)
+    _train(model, optimizer, batches)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    eps_uninterrupted = engine.get_epsilon(1e-5)
+
+    engine, model, optimizer, _ = _make(poisson_sampling=False, seed=1)
+    _train(model, optimizer, batches[:2])
+    path = tmp_path / "checkpoint.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=optimizer)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # written atomically: no temporary left behind
+    eps_at_save = engine.get_epsilon(1e-5)
+
+    resumed_engine, model, optimizer, _ = _make(poisson_sampling=False, seed=2)  # other weights, other noise seed
+    resumed_engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
+    assert resumed_engine.get_epsilon(1e-5) == eps_at_save
+    _train(model, optimizer, batches[2:])
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))
+    assert resumed_engine.get_epsilon(1e-5) == pytest.approx(eps_uninterrupted, rel=1e-12)
+
+
+def test_batch_memory_manager_splits_logical_batches():
+    engine, model, optimizer, loader = _make(batch_size=32, augmentation=SelfAug(2, crop_padding=1, num_classes=10))
+    logical_steps, seen = 0, []
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=optimizer) as physical:
+        for x, y in physical:
+            seen.append(x.shape[0])
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            logical_steps += optimizer.step() is not None or not optimizer._is_last_step_skipped
+    assert max(seen) <= 8 * 2 and all(n % 2 == 0 for n in seen)  # examples split before augmenting
+    assert len(engine.accountant.history) >= 1
+    assert sum(steps for *_, steps in engine.accountant.history) == logical_steps == len(loader)
+
+
+def test_dp_mix_trains_digits_with_a_reported_epsilon():
+    torch.manual_seed(0)
+    train, test = load_digits()
+    model = ConvNet(width=8)
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+        data_loader=DataLoader(TensorDataset(train.x, train.y), batch_size=128), noise_multiplier=1.0,
+        max_grad_norm=1.0, augmentation=DPMix(2, 2, crop_padding=1, num_classes=10),
+    )
+    for _ in range(3):
+        _train(model, optimizer, loader)
+    with torch.no_grad():
+        accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
+    eps = engine.get_epsilon(1e-5)
+    assert accuracy > 0.4  # chance is 0.1
+    assert 0 < eps < 10
