@@ -41,3 +41,4 @@ __all__ = [
     "train_shadow_models",
     "yeom",
 ]
+from privfast.attacks.reconstruction import PRESETS, AttackConfig, Reconstruction, gradient_distance, per_example_gradients, psnr, reconstruct, recover_labels, ssim, total_variation  # noqa: E402,F401
