@@ -78,13 +78,18 @@ class LayerGrads:
         """``[B]`` squared per-example norms over this layer's parameters."""
         if how == GHOST:
             return self._ghost_norm_sq()
-        return ops.per_sample_norms(self.per_example()).pow(2)
+        # Book-keeping takes norms this way and then contracts: the per-example gradients are not kept.
+        per_example = self._per_example if self._per_example is not None else self._compute_per_example()
+        return ops.per_sample_norms(per_example).pow(2)
 
     def clipped_sum(self, weights: Tensor, how: str) -> list[Tensor]:
         """``sum_b weights[b] * G[b]`` for each parameter; ``weights`` is ``[B]``."""
         if how == GHOST:
             return self._contract(weights)
         return [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in self.per_example()]
+
+    def release(self) -> None:
+        """Drop the captured operands once the per-example gradients are built (lowers the peak)."""
 
     def _ghost_norm_sq(self) -> Tensor:
         raise NotImplementedError
@@ -102,12 +107,15 @@ class MaterializedGrads(LayerGrads):
 
 
 class ContractionGrads(LayerGrads):
-    """A layer whose weight gradient is ``sum_r D_r^T A_r`` (Linear, Conv): K folds into ``r``.
+    """A layer whose weight gradient is ``sum_t D_t A_t^T`` (Linear, Conv): K folds into the sum.
+
+    The operands stay views of what the hooks captured (channels before positions, as a
+    convolution's unfolded input comes): nothing of size ``B*K x params`` is formed.
 
     Args:
         weight, bias: the layer's parameters (``bias`` may be None or frozen).
-        a: inputs ``[B, G, R, d]`` (unfolded for convolutions).
-        d: output gradients ``[B, G, R, p]``.
+        a: inputs ``[B, K, G, d, T]`` (unfolded for convolutions; T positions).
+        d: output gradients ``[B, K, G, p, T]``.
     """
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Tensor):
@@ -116,24 +124,44 @@ class ContractionGrads(LayerGrads):
         super().__init__([p for p in (self.weight, self.bias) if p is not None], a.shape[0])
         self.a, self.d = a, d
 
+    @staticmethod
+    def _rows(t: Tensor) -> Tensor:
+        """``[B, K, G, c, T] -> [B, G, K*T, c]`` (a copy unless K = 1): rows for Gram matrices."""
+        b, k, g, c, positions = t.shape
+        return t.permute(0, 2, 1, 4, 3).reshape(b, g, k * positions, c)
+
     def _bias_per_example(self) -> Tensor:
-        return self.d.sum(2).flatten(1)
+        return self.d.sum(dim=(1, 4)).flatten(1)
+
+    def _dims(self) -> tuple[int, int, int, int, int]:
+        b, k, g, d, positions = self.a.shape
+        return b, g, k * positions, d, self.d.shape[3]
 
     def materialize_cost(self) -> float:
-        b, g, r, d = self.a.shape
-        return float(b * g * r * d * self.d.shape[-1])
+        b, g, r, d, p = self._dims()
+        return float(b * g * r * d * p)
 
     def ghost_cost(self) -> float:
-        b, g, r, d = self.a.shape
-        return float(b * g * r * r * (d + self.d.shape[-1]))
+        b, g, r, d, p = self._dims()
+        return float(b * g * r * r * (d + p))
 
     def contract_cost(self) -> float:
         return self.materialize_cost()
 
+    def _weight_per_example(self) -> Tensor:
+        b, k, g, _, _ = self.a.shape
+        if g > 1:
+            return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
+        # One strided batched GEMM per augmentation, accumulated in place: no folded copy of A or D.
+        out = torch.bmm(self.d[:, 0, 0], self.a[:, 0, 0].transpose(1, 2))
+        for i in range(1, k):
+            out.baddbmm_(self.d[:, i, 0], self.a[:, i, 0].transpose(1, 2))
+        return out
+
     def _compute_per_example(self) -> list[Tensor]:
         out = []
         if self.weight is not None:
-            out.append(torch.matmul(self.d.transpose(-1, -2), self.a).reshape(self.batch, *self.weight.shape))
+            out.append(self._weight_per_example().reshape(self.batch, *self.weight.shape))
         if self.bias is not None:
             out.append(self._bias_per_example())
         return out
@@ -141,24 +169,29 @@ class ContractionGrads(LayerGrads):
     def _ghost_norm_sq(self) -> Tensor:
         total = self.a.new_zeros(self.batch)
         if self.weight is not None:
-            gram_a = torch.matmul(self.a, self.a.transpose(-1, -2))
-            gram_d = torch.matmul(self.d, self.d.transpose(-1, -2))
+            a, d = self._rows(self.a), self._rows(self.d)
+            gram_a = torch.matmul(a, a.transpose(-1, -2))
+            gram_d = torch.matmul(d, d.transpose(-1, -2))
             total = total + (gram_a * gram_d).sum(dim=(1, 2, 3))
         if self.bias is not None:
             total = total + self._bias_per_example().pow(2).sum(1)
         return total
 
     def _contract(self, weights: Tensor) -> list[Tensor]:
-        b, g, r, p = self.d.shape
+        b, g, r, d, p = self._dims()
         out = []
         if self.weight is not None:
             # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group.
-            dw = (self.d * weights.to(self.d.dtype).view(b, 1, 1, 1)).permute(1, 3, 0, 2).reshape(g, p, b * r)
-            a = self.a.permute(1, 0, 2, 3).reshape(g, b * r, self.a.shape[-1])
+            scaled = self.d * weights.to(self.d.dtype).view(b, 1, 1, 1, 1)
+            dw = scaled.permute(2, 3, 0, 1, 4).reshape(g, p, b * r)
+            a = self.a.permute(2, 0, 1, 4, 3).reshape(g, b * r, d)
             out.append(torch.bmm(dw, a).reshape(self.weight.shape))
         if self.bias is not None:
             out.append(torch.mv(self._bias_per_example().t(), weights.to(self.d.dtype)).reshape(self.bias.shape))
         return out
+
+    def release(self) -> None:
+        self.a = self.d = None
 
 
 Rule = Callable[[nn.Module, list[Call], int], LayerGrads]
@@ -181,6 +214,11 @@ def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
 def fold_rows(t: Tensor, fold: int) -> Tensor:
     """``[B*fold, *rest] -> [B, fold, *rest]``: the rows of one example are contiguous."""
     return t.reshape(t.shape[0] // fold, fold, *t.shape[1:])
+
+
+def cat_positions(parts: list[Tensor]) -> Tensor:
+    """Join a layer's calls along the positions dimension (the last); a single call is not copied."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

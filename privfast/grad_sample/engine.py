@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Optional
+from typing import Iterator
 
 import torch
 from opacus.validators import ModuleValidator
@@ -184,32 +184,34 @@ class GradSampleModule(nn.Module):
         return None
 
     # ------------------------------------------------------------------ per-example gradients
-    def _layer_grads(self) -> list[LayerGrads]:
-        """The captured layers' per-example gradient information, loss reduction folded in."""
-        grads = []
+    def _layer_grads(self) -> Iterator[tuple[LayerGrads, float]]:
+        """Each captured layer's per-example gradient information and its loss scale, one at a time.
+
+        The rules work on the output gradients as autograd gave them; the loss scale (see
+        :meth:`_loss_scale`) multiplies what they produce, which is far smaller than ``D``.
+        """
+        found = False
         with self._suspend(), torch.no_grad():
             for layer in self._layers:
                 calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
-                if not calls:
-                    continue
-                scaled = [Call(c.args, c.kwargs, [None if g is None else g * self._loss_scale(g.shape[0]) for g in c.grads])
-                          for c in calls]
-                grads.append(layer.rule(layer.module, scaled, self.fold))
-        if not grads:
+                if calls:
+                    found = True
+                    scale = self._loss_scale(next(g for g in calls[0].grads if g is not None).shape[0])
+                    yield layer.rule(layer.module, calls, self.fold), scale
+        if not found:
             raise RuntimeError(
                 "no per-example gradients were captured: run the forward pass through the wrapped module and "
                 "loss.backward() before asking for them (e.g. before optimizer.step())"
             )
-        return grads
 
     def _loss_scale(self, rows: int) -> float:
-        """Turns a captured output gradient into the sum over a unit's rows of the mean-row gradient."""
+        """Turns a sum of row gradients of the loss into the unit's mean-row gradient."""
         if rows % self.fold:
             raise ValueError(
                 f"the batch has {rows} rows, not a multiple of augmult*microbatch_size = {self.fold}: every example "
                 "must appear as its K augmentations in contiguous rows, and the batch must split into whole microbatches"
             )
-        # mean: D carries 1/rows, and each unit's gradient is the mean over its fold rows.
+        # mean: each row's gradient carries 1/rows, and a unit's gradient is the mean over its fold rows.
         return rows / self.fold if self.loss_reduction == "mean" else 1.0 / self.fold
 
     def _plan(self, grads: LayerGrads) -> tuple[str, str]:
@@ -230,11 +232,14 @@ class GradSampleModule(nn.Module):
 
         Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
         """
-        return {p: g for grads in self._layer_grads() for p, g in zip(grads.params, grads.per_example())}
+        return {p: g.mul_(scale) for grads, scale in self._layer_grads() for p, g in zip(grads.params, grads.per_example())}
 
     @torch.no_grad()
     def clipped_sum(self, max_grad_norm: float, *, check_finite: bool = True) -> dict[nn.Parameter, Tensor]:
         """Clip each unit's gradient to ``max_grad_norm`` and sum over the batch; clears the capture.
+
+        Layers are processed one at a time: a materialized layer keeps only its ``[B, *shape]``
+        gradients, a ghost layer its captured operands until the clip factors are known.
 
         Args:
             max_grad_norm: the clipping bound C > 0.
@@ -246,27 +251,39 @@ class GradSampleModule(nn.Module):
         Raises:
             ValueError: on a non-finite gradient (e.g. a NaN loss), when ``check_finite``.
         """
-        grads = self._layer_grads()
-        plans = [self._plan(g) for g in grads]
-        if all(plan == (MATERIALIZE, MATERIALIZE) for plan in plans):
-            # Every layer is per-example: norms, clipping and the sum in one fused pass.
-            sums = ops.clip_accumulate_noise([t for g in grads for t in g.per_example()], max_grad_norm,
-                                             check_finite=check_finite)
-        else:
-            norms = sum(g.norm_sq(how) for g, (how, _) in zip(grads, plans)).sqrt()
-            if check_finite and not bool(torch.isfinite(norms).all()):
-                bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
-                raise ValueError(
-                    f"per-example gradients are not finite (NaN or inf) for examples {bad}; clipping them would give "
-                    "a wrong update. Check the loss and the learning rate."
-                )
-            factors = _reference.clip_factors(norms, max_grad_norm)
-            sums = [t for g, (_, how) in zip(grads, plans) for t in g.clipped_sum(factors, how)]
-        params = [p for g in grads for p in g.params]
+        materialized: list[tuple[list[nn.Parameter], list[Tensor]]] = []
+        contracted: list[tuple[LayerGrads, float, str]] = []
+        for grads, scale in self._layer_grads():
+            norm_how, sum_how = self._plan(grads)
+            if sum_how == MATERIALIZE:
+                materialized.append((grads.params, [g.mul_(scale) for g in grads.per_example()]))
+                grads.release()
+            else:
+                contracted.append((grads, scale, norm_how))
         self.clear()
-        return dict(zip(params, sums))
+        if not contracted:
+            # Every layer is per-example: norms, clipping and the sum in one fused pass.
+            flat = [g for _, per_example in materialized for g in per_example]
+            sums = ops.clip_accumulate_noise(flat, max_grad_norm, check_finite=check_finite)
+            return dict(zip([p for params, _ in materialized for p in params], sums))
+        squares = [ops.per_sample_norms(per_example).pow(2) for _, per_example in materialized]
+        squares += [grads.norm_sq(how) * scale**2 for grads, scale, how in contracted]
+        norms = torch.stack(squares).sum(0).sqrt()
+        if check_finite and not bool(torch.isfinite(norms).all()):
+            bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
+            raise ValueError(
+                f"per-example gradients are not finite (NaN or inf) for examples {bad}; clipping them would give "
+                "a wrong update. Check the loss and the learning rate."
+            )
+        factors = _reference.clip_factors(norms, max_grad_norm)
+        out = {}
+        for params, per_example in materialized:
+            out.update(zip(params, (torch.tensordot(factors.to(g.dtype), g, dims=1) for g in per_example)))
+        for grads, scale, _ in contracted:
+            out.update(zip(grads.params, grads.clipped_sum(factors * scale, GHOST)))
+        return out
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
         named = [layer.name for layer in self._layers if any(any(g is not None for g in c.grads) for c in layer.calls)]
-        return dict(zip(named, (self._plan(g) for g in self._layer_grads())))
+        return dict(zip(named, (self._plan(grads) for grads, _ in self._layer_grads())))
