@@ -72,7 +72,7 @@ def test_privacy_score_batched(benchmark, digits, model_name):
     model, x, y = _model(model_name), digits.x[:IMAGES], digits.y[:IMAGES]
     start = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
     result = benchmark.pedantic(privacy_score, args=(model, x, y),
-                                kwargs=dict(start=start, bins=BINS, chunk_size=IMAGES * BINS),
+                                kwargs=dict(start=start, bins=BINS),
                                 rounds=5, warmup_rounds=1)
     assert result.shape == (IMAGES,)
 

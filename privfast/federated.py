@@ -32,8 +32,10 @@ from privfast.attacks.reconstruction import (
     reconstruct,
     ssim,
 )
+from privfast.attacks.training import train_classifier
 from privfast.augment.ats_library import Policy
-from privfast.search.scores import Stats, normalize
+from privfast.search.scores import Stats, accuracy_score, normalize
+from privfast.search.search import SearchResult, search
 
 __all__ = [
     "Defense",
@@ -41,6 +43,7 @@ __all__ = [
     "Federation",
     "ServerAttack",
     "add_noise",
+    "ats_experiment",
     "evaluate_defenses",
     "format_report",
     "prune",
@@ -387,3 +390,67 @@ def format_report(reports: Sequence[DefenseReport]) -> str:
     lines = [f"{'defense':<24} {'PSNR':>7} {'SSIM':>6} {'ACC':>7}"]
     lines += [f"{r.defense:<24} {r.psnr:>7.2f} {r.ssim:>6.3f} {100 * r.accuracy:>6.2f}%" for r in reports]
     return "\n".join(lines)
+
+
+def ats_experiment(
+    make_model: Callable[[], nn.Module],
+    train: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+    test: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+    *,
+    candidates: int = 200,
+    images: int = 20,
+    acc_threshold: Optional[float] = None,
+    top_n: int = 2,
+    semi_fraction: float = 0.1,
+    semi_epochs: int = 50,
+    baselines: Sequence[Defense] = (),
+    rounds: int = 100,
+    attack_images: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    federation_kwargs: Optional[dict] = None,
+    **attack_overrides,
+) -> tuple[SearchResult, list[DefenseReport]]:
+    """The whole ATS pipeline: semi-train, search, train collaboratively with the hybrid, attack.
+
+    1. ``M^s``: a model trained on ``semi_fraction`` of ``train`` for ``semi_epochs`` epochs (ATS:
+       10% for 50 epochs); ``M^r``: the same architecture at random initialization.
+    2. :func:`privfast.search.search` over ``candidates`` random policies.
+    3. :func:`evaluate_defenses` for no defense, the hybrid, each selected policy, and ``baselines``
+       (e.g. noise or pruning), every federation from the same initialization.
+
+    Args:
+        make_model: builds a freshly initialized model (GroupNorm or no normalization).
+        train, test: ``(x, y)`` pairs of images in [0, 1] and labels.
+        candidates, images, top_n: search settings (see :func:`privfast.search.search`).
+        acc_threshold: S_acc filter; default the S_acc of no transformation on ``M^r``, i.e. keep
+            the policies that score at least as well as the raw data (the absolute -85 of ATS's
+            CIFAR-100 runs depends on the number of classes and the model).
+        semi_fraction, semi_epochs: how ``M^s`` is trained (Adam, lr 1e-3, batch 64).
+        baselines: further defenses to report.
+        rounds, attack_images: collaborative training and attack sizes.
+        seed: seed of every draw.
+        progress: show progress bars.
+        federation_kwargs: further :class:`Federation` arguments.
+        **attack_overrides: :class:`AttackConfig` fields, e.g. ``iterations=300``.
+
+    Returns:
+        ``(search_result, reports)``; ``reports[0]`` is the undefended run, ``reports[1]`` the hybrid.
+    """
+    x, y = train[0], train[1]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    semi = make_model()
+    subset = torch.randperm(x.shape[0], generator=generator)[: max(1, int(semi_fraction * x.shape[0]))]
+    train_classifier(semi, x[subset], y[subset], epochs=semi_epochs, generator=generator, progress=progress)
+    init = make_model()
+    if acc_threshold is None:
+        acc_threshold = accuracy_score(init, x, y, generator=torch.Generator().manual_seed(seed))
+    found = search(semi, init, (x, y), candidates=candidates, acc_threshold=acc_threshold, top_n=top_n,
+                   images=images, seed=seed, progress=progress)
+    defenses = [Defense(), Defense(f"hybrid {found.hybrid}", policy=str(found.hybrid))]
+    defenses += [Defense(str(p), policy=str(p)) for p in found.selected] + list(baselines)
+    reports = evaluate_defenses(make_model, train, test, defenses, rounds=rounds, attack_images=attack_images,
+                                seed=seed, progress=progress, federation_kwargs=federation_kwargs,
+                                **attack_overrides)
+    return found, reports

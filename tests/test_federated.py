@@ -11,6 +11,7 @@ from privfast.federated import (
     Defense,
     Federation,
     add_noise,
+    ats_experiment,
     evaluate_defenses,
     format_report,
     prune,
@@ -181,3 +182,15 @@ def test_evaluate_defenses_reports_each_defense_from_the_same_start(digits):
     assert reports[2].accuracy != reports[0].accuracy
     table = format_report(reports)
     assert "PSNR" in table and "noisy" in table and f"{reports[0].psnr:.2f}" in table
+
+
+def test_ats_experiment_runs_the_whole_pipeline(digits):
+    train, test = digits
+    baseline = Defense("prune 70%", prune_ratio=0.7)
+    found, reports = ats_experiment(lambda: ConvNet(width=4), train, test, candidates=4, images=2, semi_epochs=1,
+                                    baselines=[baseline], rounds=3, attack_images=2, iterations=3, progress=False,
+                                    federation_kwargs=dict(participants=5, batch_size=8))
+    assert len(found.table) == 4
+    names = [r.defense for r in reports]
+    assert names == ["none", f"hybrid {found.hybrid}", *[str(p) for p in found.selected], "prune 70%"]
+    assert all(0 <= r.accuracy <= 1 for r in reports)
