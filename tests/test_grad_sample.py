@@ -62,6 +62,14 @@ MODELS = {
     "conv1d_zeros": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
                                            nn.Conv1d(6, 3, 2, padding=1, bias=False), nn.Flatten(), nn.LazyLinear(3)),
                      lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64), 3),
+    # >= 16 input channels per group: materialized through the grouped weight-gradient kernel
+    "conv_wide": (lambda: nn.Sequential(nn.Conv2d(16, 32, 3, stride=(2, 1), padding=1, dilation=(1, 2)), nn.Tanh(),
+                                        nn.Conv2d(32, 4, 2, padding="same", padding_mode="reflect", groups=2), nn.Tanh(),
+                                        nn.Flatten(2), nn.Conv1d(4, 3, 3), nn.Flatten(), nn.LazyLinear(3)),
+                  _images(16, 5), 3),
+    "conv1d_wide": (lambda: nn.Sequential(nn.Conv1d(32, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
+                                          nn.Flatten(), nn.LazyLinear(3)),
+                    lambda n, g: torch.randn(n, 32, 9, generator=g, dtype=torch.float64), 3),
     "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(3)),
                   _images(2, 5), 3),
     "layernorm": (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
@@ -130,10 +138,10 @@ def test_per_sample_gradients_match_naive_loop(name):
 
 
 # Opacus 1.6 ignores a convolution's padding_mode (reflect, circular) and an Embedding's padding_idx
-# in its per-sample gradients (both checked against the naive loop), so "conv1d", "conv2d" and
-# "embedding" are compared with the naive loop only.
+# in its per-sample gradients (both checked against the naive loop), so "conv1d", "conv2d",
+# "conv_wide" and "embedding" are compared with the naive loop only.
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"reuse", "conv1d", "conv2d", "embedding"}))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"reuse", "conv1d", "conv2d", "conv_wide", "embedding"}))
 def test_update_matches_opacus(name, mode):
     """K = 1, sigma = 0: the privatized gradient equals Opacus's GradSampleModule + DPOptimizer."""
     model, x, y = _setup(name, 8)

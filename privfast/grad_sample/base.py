@@ -121,8 +121,13 @@ class ContractionGrads(LayerGrads):
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Tensor):
         self.weight = weight if weight.requires_grad else None
         self.bias = bias if bias is not None and bias.requires_grad else None
-        super().__init__([p for p in (self.weight, self.bias) if p is not None], a.shape[0])
-        self.a, self.d = a, d
+        super().__init__([p for p in (self.weight, self.bias) if p is not None], d.shape[0])
+        self._a, self.d = a, d
+
+    @property
+    def a(self) -> Tensor:
+        """The inputs ``[B, K, G, d, T]``."""
+        return self._a
 
     @staticmethod
     def _rows(t: Tensor) -> Tensor:
@@ -134,8 +139,13 @@ class ContractionGrads(LayerGrads):
         return self.d.sum(dim=(1, 4)).flatten(1)
 
     def _dims(self) -> tuple[int, int, int, int, int]:
-        b, k, g, d, positions = self.a.shape
-        return b, g, k * positions, d, self.d.shape[3]
+        """(B, G, R = K*T, d, p)."""
+        b, k, g, p, positions = self.d.shape
+        return b, g, k * positions, self.weight_columns(), p
+
+    def weight_columns(self) -> int:
+        """d: the weight's input columns per group."""
+        return self._a.shape[3]
 
     def materialize_cost(self) -> float:
         b, g, r, d, p = self._dims()
@@ -149,7 +159,7 @@ class ContractionGrads(LayerGrads):
         return self.materialize_cost()
 
     def _weight_per_example(self) -> Tensor:
-        b, k, g, _, _ = self.a.shape
+        b, k, g, _, _ = self.d.shape
         if g > 1:
             return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
         # One strided batched GEMM per augmentation, accumulated in place: no folded copy of A or D.
@@ -191,7 +201,7 @@ class ContractionGrads(LayerGrads):
         return out
 
     def release(self) -> None:
-        self.a = self.d = None
+        self._a = self.d = None
 
 
 Rule = Callable[[nn.Module, list[Call], int], LayerGrads]

@@ -1,35 +1,96 @@
 """Conv1d and Conv2d (any groups, stride, padding, padding mode, dilation) as contractions over
 the unfolded input: ``grad W_b[g] = sum_t D[b, g, t] A[b, g, t]^T`` with ``t`` over the K
-augmentations and the output positions. Conv1d is unfolded as a convolution of height 1."""
+augmentations and the output positions. Conv1d is unfolded as a convolution of height 1.
+
+Materialized per-example gradients of a layer with many input channels come instead from the
+convolution's own weight-gradient kernel, run once with the B examples as groups and the K
+augmentations as its batch (the kernel sums over its batch, which is the fold); unfolding such a
+layer copies its input ``prod(kernel)`` times, which is slower on CPU.
+"""
 
 from __future__ import annotations
 
 from typing import Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fold_rows, register_rule
 
+Conv = Union[nn.Conv1d, nn.Conv2d]
 
-def _unfold(module: Union[nn.Conv1d, nn.Conv2d], x: Tensor) -> Tensor:
-    """``[n, C_in, *spatial] -> [n, G, C_in/G * prod(kernel), T]``."""
+# Measured on CPU (benchmarks/bench_training.py's ConvNet): from about this many input channels per
+# group the grouped weight-gradient kernel beats unfold + batched GEMM.
+GROUPED_KERNEL_MIN_CHANNELS = 16
+
+
+def _padded(module: Conv, x: Tensor) -> Tensor:
     pad = module._reversed_padding_repeated_twice
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
+    return x
+
+
+def _as_2d(module: Conv, x: Tensor) -> tuple[Tensor, tuple, tuple, tuple]:
+    """A Conv1d input as height-1 images, with the kernel, dilation and stride to match."""
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if x.dim() == 3:
-        x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
+        return x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
+    return x, kernel, dilation, stride
+
+
+def _unfold(module: Conv, x: Tensor) -> Tensor:
+    """``[n, C_in, *spatial] -> [n, G, C_in/G * prod(kernel), T]``."""
+    x, kernel, dilation, stride = _as_2d(module, _padded(module, x))
     cols = F.unfold(x, kernel, dilation=dilation, stride=stride)
     return cols.reshape(cols.shape[0], module.groups, cols.shape[1] // module.groups, cols.shape[2])
 
 
+class ConvGrads(ContractionGrads):
+    """A convolution's captured calls; the unfolded input is built only when a path needs it."""
+
+    def __init__(self, module: Conv, calls: list[Call], fold: int):
+        groups = module.groups
+        d = [fold_rows(g.reshape(g.shape[0], groups, g.shape[1] // groups, g.shape[2:].numel()), fold)
+             for g in (c.grads[0] for c in calls)]
+        super().__init__(module.weight, module.bias, None, cat_positions(d))
+        self.module, self.calls, self.fold = module, calls, fold
+
+    @property
+    def a(self) -> Tensor:
+        if self._a is None:
+            self._a = cat_positions([fold_rows(_unfold(self.module, c.args[0]), self.fold) for c in self.calls])
+        return self._a
+
+    def weight_columns(self) -> int:
+        return self.module.weight[0].numel()
+
+    def _weight_per_example(self) -> Tensor:
+        module = self.module
+        if len(self.calls) > 1 or module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS:
+            return super()._weight_per_example()
+        x, kernel, dilation, stride = _as_2d(module, _padded(module, self.calls[0].args[0]))
+        grad = self.calls[0].grads[0]
+        grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
+        b, k = self.batch, self.fold
+        # [B*K, C, ...] -> [K, B*C, ...]: the examples become groups, the augmentations the batch.
+        x = x.reshape(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * x.shape[1], *x.shape[2:])
+        grad = grad.reshape(b, k, *grad.shape[1:]).transpose(0, 1).reshape(k, b * grad.shape[1], *grad.shape[2:])
+        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(b * module.out_channels, module.weight.shape[1], *kernel)
+        _, weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, shape_only, None, list(stride), [0, 0], list(dilation), False, [0, 0], b * module.groups,
+            [False, True, False],
+        )
+        return weight
+
+    def release(self) -> None:
+        super().release()
+        self.calls = None
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
-def conv_rule(module: Union[nn.Conv1d, nn.Conv2d], calls: list[Call], fold: int) -> ContractionGrads:
+def conv_rule(module: Conv, calls: list[Call], fold: int) -> ConvGrads:
     """Inputs ``[B*fold, C_in, *spatial]`` and output gradients ``[B*fold, C_out, *spatial_out]``."""
-    groups = module.groups
-    a = [fold_rows(_unfold(module, c.args[0]), fold) for c in calls]
-    d = [fold_rows(g.reshape(g.shape[0], groups, g.shape[1] // groups, g.shape[2:].numel()), fold)
-         for g in (c.grads[0] for c in calls)]
-    return ContractionGrads(module.weight, module.bias, cat_positions(a), cat_positions(d))
+    return ConvGrads(module, calls, fold)
