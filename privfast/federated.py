@@ -204,6 +204,9 @@ class Federation:
     ):
         if algorithm not in ("fedsgd", "fedavg"):
             raise ValueError(f"algorithm must be 'fedsgd' or 'fedavg', got {algorithm!r}")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("Federation vmaps the participants, which BatchNorm's running statistics do not "
+                             "allow: build the model with GroupNorm (e.g. norm='group')")
         if batch_size < 1 or local_steps < 1:
             raise ValueError(f"batch_size and local_steps must be >= 1, got {batch_size}, {local_steps}")
         self.model, self.defense, self.algorithm = model, defense, algorithm

@@ -154,6 +154,20 @@ def test_every_preset_lowers_the_matching_cost(digits, preset):
     assert float(rec.cost.sum()) < float(initial.sum())
 
 
+def test_batchnorm_models_work_in_eval_mode_and_are_refused_in_train_mode(digits):
+    from privfast.models import ResNet20
+
+    torch.manual_seed(0)
+    model = ResNet20(in_channels=1, norm="batch").eval()
+    x, y = digits.x[:2], digits.y[:2]
+    grads = R.per_example_gradients(model, x, y)
+    expected = torch.autograd.grad(F.cross_entropy(model(x[1:]), y[1:]), list(model.parameters()))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g[1], e, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="need eval mode"):
+        R.per_example_gradients(model.train(), x, y)
+
+
 def test_reconstruct_checks_its_input(digits):
     model = _lenet()
     grads = R.per_example_gradients(model, digits.x[:2], digits.y[:2])

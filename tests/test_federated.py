@@ -97,6 +97,11 @@ def test_defense_prunes_then_adds_noise_and_validates():
         Defense(policy="1-x")
 
 
+def test_federation_refuses_batchnorm(digits):
+    with pytest.raises(ValueError, match="GroupNorm"):
+        Federation(ConvNet(width=8, norm="batch"), digits[0])
+
+
 def test_fedsgd_round_is_a_centralized_sgd_step_on_all_shares(digits):
     train, _ = digits
     torch.manual_seed(0)

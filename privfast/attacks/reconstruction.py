@@ -73,6 +73,11 @@ def per_example_gradients(
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            "per-example gradients of a BatchNorm model need eval mode (each vmapped example is a batch "
+            "of one): call model.eval(), or build the model with GroupNorm"
+        )
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
