@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from privfast import ops
 from privfast.attacks.reconstruction import per_example_gradients
@@ -70,6 +71,7 @@ def gradsim_curve_area(
     bins: int = 20,
     per_layer: bool = True,
     chunk_size: int = 256,
+    progress: bool = False,
 ) -> Tensor:
     """Trapezoid area under GradSim along ``x_i = (i/bins) target + (1 - i/bins) start``, i = 0..bins.
 
@@ -84,6 +86,7 @@ def gradsim_curve_area(
         bins: intervals of the path (``bins + 1`` points, the last being the target itself).
         per_layer: mean of per-tensor cosines (ATS) rather than one whole-model cosine.
         chunk_size: gradients computed and compared per vmapped call.
+        progress: show a progress bar over the chunks.
 
     Returns:
         ``[N]`` scores.
@@ -97,7 +100,7 @@ def gradsim_curve_area(
     labels = y.repeat_interleave(bins)
     index = torch.arange(n, device=targets.device).repeat_interleave(bins)
     cosines = torch.empty(n * bins, dtype=targets.dtype, device=targets.device)
-    for lo in range(0, n * bins, chunk_size):
+    for lo in tqdm(range(0, n * bins, chunk_size), desc="S_pri", disable=not progress, leave=False):
         hi = min(lo + chunk_size, n * bins)
         grads = per_example_gradients(model, points[lo:hi], labels[lo:hi])
         cosines[lo:hi] = ops.gradsim(grads, refs, index=index[lo:hi], per_layer=per_layer)
@@ -118,6 +121,7 @@ def privacy_score(
     std: Stats = None,
     chunk_size: int = 256,
     generator: Optional[torch.Generator] = None,
+    progress: bool = False,
 ) -> Tensor:
     """S_pri of each image: the area under its GradSim curve (ATS Eq. 7, trapezoid rule).
 
@@ -143,6 +147,7 @@ def privacy_score(
         chunk_size: interpolation points per batched gradient pass (bounds memory at
             ``chunk_size`` per-example gradients).
         generator: source of the policy's draws and of the random start.
+        progress: show a progress bar over the gradient chunks (for large models or many images).
 
     Returns:
         ``[N]`` scores, each in [-1, 1].
@@ -158,7 +163,7 @@ def privacy_score(
         raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
     with eval_mode(model):
         return gradsim_curve_area(model, normalize(transformed, mean, std), y, normalize(start, mean, std),
-                                  bins=bins, per_layer=per_layer, chunk_size=chunk_size)
+                                  bins=bins, per_layer=per_layer, chunk_size=chunk_size, progress=progress)
 
 
 def one_per_class(y: Tensor, batches: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
