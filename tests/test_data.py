@@ -1,0 +1,116 @@
+"""Data loaders: CIFAR pickle batches and Fashion-MNIST IDX files written in their standard formats,
+synthetic CIFAR-shaped data, and the errors that name the missing files."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from privfast.data import (
+    DatasetNotFoundError,
+    load_cifar,
+    load_dataset,
+    load_fashion_mnist,
+    read_idx,
+    synthetic_cifar,
+)
+
+
+def _write_cifar(folder, files, label_key, n_per_file, num_classes, rng):
+    folder.mkdir(parents=True)
+    written = []
+    for name in files:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, n_per_file).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, label_key: labels, b"batch_label": name.encode()}, f)
+        written.append((data, labels))
+    return written
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_batches_load_channel_major_in_unit_range(tmp_path, num_classes):
+    rng = np.random.default_rng(0)
+    if num_classes == 10:
+        folder, files, key = tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        folder, files, key = tmp_path / "cifar-100-python", ["train", "test"], b"fine_labels"
+    written = _write_cifar(folder, files, key, 3, num_classes, rng)
+    train, test = load_cifar(tmp_path, num_classes=num_classes)
+    assert train.x.shape == (3 * (len(files) - 1), 3, 32, 32) and test.x.shape == (3, 3, 32, 32)
+    assert train.y.dtype == torch.int64 and train.y.tolist() == sum((labels for _, labels in written[:-1]), [])
+    data, labels = written[-1]
+    # Row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major.
+    assert test.x[1, 2, 0, 5].item() == pytest.approx(data[1, 2048 + 5] / 255)
+    assert test.x[2, 0, 31, 31].item() == pytest.approx(data[2, 1023] / 255)
+    assert test.y.tolist() == labels
+    again, _ = load_cifar(folder, num_classes=num_classes)  # the folder itself works too
+    assert torch.equal(again.x, train.x)
+
+
+def test_missing_cifar_names_every_expected_file(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="data_batch_5") as info:
+        load_dataset("cifar10", root=tmp_path)
+    assert "test_batch" in str(info.value) and "cifar-10-python.tar.gz" in str(info.value)
+    with pytest.raises(DatasetNotFoundError, match="cifar-100-python"):
+        load_dataset("cifar100", root=tmp_path)
+    with pytest.raises(ValueError, match="root"):
+        load_dataset("cifar10")
+
+
+def _write_idx(path, array, compress):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_fashion_mnist_idx_files(tmp_path, compress):
+    rng = np.random.default_rng(1)
+    suffix = ".gz" if compress else ""
+    arrays = {}
+    for part, n in (("train", 5), ("t10k", 4)):
+        arrays[part] = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        _write_idx(tmp_path / f"{part}-images-idx3-ubyte{suffix}", arrays[part][0], compress)
+        _write_idx(tmp_path / f"{part}-labels-idx1-ubyte{suffix}", arrays[part][1], compress)
+    train, test = load_fashion_mnist(tmp_path)
+    assert train.x.shape == (5, 1, 28, 28) and test.x.shape == (4, 1, 28, 28)
+    assert torch.allclose(test.x[:, 0], torch.as_tensor(arrays["t10k"][0] / 255, dtype=torch.float32))
+    assert train.y.tolist() == arrays["train"][1].tolist()
+
+
+def test_fashion_mnist_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"t10k-labels-idx1-ubyte\[\.gz\]"):
+        load_dataset("fashion-mnist", root=tmp_path)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x08\x03\x00\x00" + bytes(8))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(bad)
+    short = tmp_path / "short"
+    short.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(3))
+    with pytest.raises(ValueError, match="10"):
+        read_idx(short)
+
+
+def test_synthetic_cifar_is_seeded_shaped_and_learnable():
+    train, test = synthetic_cifar(n_train=200, n_test=100, num_classes=4, seed=3)
+    again, _ = synthetic_cifar(n_train=200, n_test=100, num_classes=4, seed=3)
+    assert torch.equal(train.x, again.x) and torch.equal(train.y, again.y)
+    assert train.x.shape == (200, 3, 32, 32) and 0 <= train.x.min() and train.x.max() <= 1
+    # Nearest class mean (from training data) classifies held-out data far above chance (1/4).
+    means = torch.stack([train.x[train.y == c].mean(0) for c in range(4)]).flatten(1)
+    predicted = torch.cdist(test.x.flatten(1), means).argmin(1)
+    assert (predicted == test.y).float().mean() > 0.6
+    with pytest.raises(ValueError, match="num_classes"):
+        synthetic_cifar(num_classes=1)
+
+
+def test_load_dataset_dispatches_and_refuses_unknown_names():
+    train, test = load_dataset("digits")
+    assert train.x.shape[1:] == (1, 8, 8) and len(train.y) + len(test.y) == 1797
+    assert load_dataset("synthetic", n_train=3, n_test=2)[0].x.shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
