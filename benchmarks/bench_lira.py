@@ -1,7 +1,8 @@
 """LiRA's cost: training 16 shadow models together (vmap over stacked weights) vs one after another.
 
 Each shadow trains on half of the digits training split (629 of 1,258 images) for 10 epochs,
-batch 64, Adam: the same recipe in every row. Three timings per model and device:
+batch 64, Adam: the same recipe in every row. Models: MLPs with 32 and 256 hidden units and the
+GroupNorm ConvNet (width 16). Three timings per model and device:
 
 - ``one``: a single model (:func:`train_classifier`), the unit of cost;
 - ``sequential16``: 16 models one after another, the way LiRA is usually run;
@@ -27,6 +28,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 N_SHADOWS = 16
 RECIPE = {"epochs": 10, "lr": 1e-3, "batch_size": 64}
 MODELS = {
+    "mlp32": lambda: MLP(64, 10, hidden=(32,)),  # small enough that one model's step is overhead-bound
     "mlp": lambda: MLP(64, 10, hidden=(256,)),
     "convnet": lambda: ConvNet(in_channels=1, num_classes=10, width=16, image_size=8),
 }

@@ -173,7 +173,7 @@ class TokenCanary:
 
 def token_canary(prefix: Union[Sequence[int], Tensor], *, slots: int, alphabet: Union[Sequence[int], Tensor],
                  generator: Optional[torch.Generator] = None) -> TokenCanary:
-    """A canary of the Secret Sharer's format: ``prefix`` followed by ``slots`` tokens drawn uniformly from ``alphabet``.
+    """A Secret Sharer canary: ``prefix`` followed by ``slots`` tokens drawn uniformly from ``alphabet``.
 
     Example: ``token_canary(encode("my number is"), slots=6, alphabet=encode("0123456789"))``.
     """

@@ -54,7 +54,7 @@ def _query_confidences(logits_fn: Callable[[Tensor], Tensor], queries: list[Tens
 
 
 def _fit(phi: Tensor, mask: Tensor, fix_variance: bool) -> tuple[Tensor, Tensor]:
-    """Per-example, per-query Gaussian fits ``(mu, sigma) [N, Q]`` of the shadows' ``phi [S, N, Q]`` where ``mask [S, N]``."""
+    """Gaussian fits ``(mu, sigma) [N, Q]``, per example and query, of ``phi [S, N, Q]`` where ``mask [S, N]``."""
     weights = mask[..., None].to(phi.dtype)
     counts = weights.sum(0)
     if (counts < 2).any():
