@@ -53,7 +53,12 @@ def _labelled(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
     members = _as_array(member_scores, "member_scores")
     nonmembers = _as_array(nonmember_scores, "nonmember_scores")
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
-    return labels, np.concatenate([members, nonmembers])
+    scores = np.concatenate([members, nonmembers])
+    # scikit-learn refuses infinities; every metric here depends only on the ranking, so put them
+    # just beyond the finite range (e.g. -loss for a loss that overflowed).
+    finite = scores[np.isfinite(scores)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    return labels, np.clip(scores, low - 1, high + 1)
 
 
 def attack_summary(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> dict:

@@ -30,6 +30,13 @@ def test_attack_summary_separable_and_identical():
     assert (same["auc"], same["advantage"], same["p_err"]) == (0.5, 0.0, 0.5)
 
 
+def test_attack_summary_ranks_infinite_scores_at_the_ends():
+    # inf ties inf (1/2), beats 0 (1); 1 loses to inf (0), beats 0 (1): AUC 2.5 / 4.
+    summary = metrics.attack_summary([math.inf, 1.0], [math.inf, 0.0])
+    assert summary["auc"] == pytest.approx(0.625)
+    assert metrics.attack_summary([math.inf], [-math.inf])["advantage"] == 1.0
+
+
 def test_attack_summary_two_gaussians():
     """Members ~ N(d, 1), non-members ~ N(0, 1): AUC = Phi(d / sqrt 2), max TPR - FPR = 2 Phi(d / 2) - 1."""
     d, n = 1.5, 40_000
