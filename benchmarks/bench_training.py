@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 import warnings
 
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 BATCH = 16
+# One intra-op thread by default: on a shared 2-core machine, OpenMP threads that wait for a
+# descheduled peer turn a 30 ms step into 500 ms at random, which no ratio survives.
+THREADS = int(os.environ.get("PRIVFAST_BENCH_THREADS", "1"))
 KS = (1, 4, 16)
 VARIANTS = ("non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus")
 # Ghost norms need [B, G, (K*T)^2] Gram matrices: at 32x32 positions that is 1 GB at K = 4 and
@@ -99,10 +103,11 @@ def test_training_step(benchmark, variant, k):
     if variant == "privfast-ghost" and k not in GHOST_KS:
         pytest.skip("ghost norms of a 32x32 conv need (K*1024)^2 Gram matrices per example (see GHOST_KS)")
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(THREADS)
     step = _step_fn(variant, k)
     step()  # warm-up: lazy init, allocator, the extension's first call
     benchmark.extra_info["peak_bytes"] = _peak_bytes(step)
-    benchmark.extra_info.update(variant=variant, k=k, batch=BATCH)
+    benchmark.extra_info.update(variant=variant, k=k, batch=BATCH, threads=THREADS)
     benchmark.pedantic(step, rounds=5 if k == 16 else 8, iterations=1, warmup_rounds=1)
 
 

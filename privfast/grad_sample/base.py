@@ -26,7 +26,7 @@ MATERIALIZE = "materialize"
 GHOST = "ghost"
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """One forward call of a layer: its positional and keyword inputs, then its output gradients."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from opacus.validators import ModuleValidator
@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 # Importing the rule modules registers them.
 from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear  # noqa: F401
-from privfast.grad_sample.base import GHOST, MATERIALIZE, RULES, Call, LayerGrads, trainable
+from privfast.grad_sample.base import GHOST, MATERIALIZE, RULES, Call, LayerGrads, MaterializedGrads, trainable
 from privfast.grad_sample.functorch import vmap_rule
 from privfast import _reference, ops
 
@@ -38,11 +38,12 @@ class _Layer:
         self.params = [p for _, p in trainable(module)]
         self.rule = RULES.get(type(module), vmap_rule)
         self.calls: list[Call] = []
+        self.materialized: Optional[list[Tensor]] = None  # per-example gradients built during backward
         self.untracked = False  # whether the forward in flight has switched its parameters' tracking off
 
-
-def _store_grad(call: Call, index: int, grad: Tensor) -> None:
-    call.grads[index] = grad
+    def pending(self) -> list[Call]:
+        """Calls whose output gradients have arrived and are not consumed yet."""
+        return [c for c in self.calls if any(g is not None for g in c.grads)]
 
 
 class GradSampleModule(nn.Module):
@@ -118,7 +119,7 @@ class GradSampleModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         for layer in self._layers:
-            if any(any(g is not None for g in c.grads) for c in layer.calls):
+            if layer.pending() or layer.materialized is not None:
                 raise RuntimeError(
                     "the per-example gradients of the previous batch were never used: call optimizer.step() "
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
@@ -142,6 +143,7 @@ class GradSampleModule(nn.Module):
         """Drop everything captured since the last step."""
         for layer in self._layers:
             layer.calls.clear()
+            layer.materialized = None
 
     @contextlib.contextmanager
     def _suspend(self):
@@ -179,9 +181,26 @@ class GradSampleModule(nn.Module):
         call = Call(args, kwargs, [None] * len(outputs))
         for i, o in enumerate(outputs):
             if o.requires_grad:
-                o.register_hook(functools.partial(_store_grad, call, i))
+                o.register_hook(functools.partial(self._on_grad, layer, call, i))
         layer.calls.append(call)
         return None
+
+    def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
+        """Keep an output gradient; a single-output layer that will materialize does so right away,
+        so that its inputs and output gradient can be freed during the backward pass."""
+        call.grads[index] = grad
+        if len(call.grads) > 1:
+            return
+        with self._suspend(), torch.no_grad():
+            scale = self._loss_scale(grad.shape[0])
+            grads = layer.rule(layer.module, [call], self.fold)
+            if self._plan(grads) != (MATERIALIZE, MATERIALIZE):
+                return
+            per_example = [g.mul_(scale) for g in grads.per_example()]
+        if layer.materialized is not None:
+            per_example = [a.add_(b) for a, b in zip(layer.materialized, per_example)]
+        layer.materialized = per_example
+        layer.calls.remove(call)
 
     # ------------------------------------------------------------------ per-example gradients
     def _layer_grads(self) -> Iterator[tuple[LayerGrads, float]]:
@@ -193,11 +212,19 @@ class GradSampleModule(nn.Module):
         found = False
         with self._suspend(), torch.no_grad():
             for layer in self._layers:
-                calls = [c for c in layer.calls if any(g is not None for g in c.grads)]
-                if calls:
-                    found = True
-                    scale = self._loss_scale(next(g for g in calls[0].grads if g is not None).shape[0])
-                    yield layer.rule(layer.module, calls, self.fold), scale
+                calls = layer.pending()
+                if not calls and layer.materialized is None:
+                    continue
+                found = True
+                if not calls:
+                    yield MaterializedGrads(layer.params, layer.materialized), 1.0
+                    continue
+                scale = self._loss_scale(next(g for g in calls[0].grads if g is not None).shape[0])
+                grads = layer.rule(layer.module, calls, self.fold)
+                if layer.materialized is not None:  # calls that planned otherwise join the built part
+                    per_example = [a + b.mul_(scale) for a, b in zip(layer.materialized, grads.per_example())]
+                    grads, scale = MaterializedGrads(layer.params, per_example), 1.0
+                yield grads, scale
         if not found:
             raise RuntimeError(
                 "no per-example gradients were captured: run the forward pass through the wrapped module and "
@@ -285,5 +312,5 @@ class GradSampleModule(nn.Module):
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
-        named = [layer.name for layer in self._layers if any(any(g is not None for g in c.grads) for c in layer.calls)]
+        named = [layer.name for layer in self._layers if layer.pending() or layer.materialized is not None]
         return dict(zip(named, (self._plan(grads) for grads, _ in self._layer_grads())))
