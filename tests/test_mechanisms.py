@@ -129,13 +129,13 @@ def test_gaussian_augmentation_variance():
     assert noise.var().item() == pytest.approx(0.2, rel=0.03)  # variance, not std: the paper's sigma^2
 
 
-@pytest.mark.parametrize("gamma", [0.2, 4.0])
+@pytest.mark.parametrize("gamma", [0.2, 4.0, 256.0])
 def test_mixup_pairs_and_lambda(gamma):
     # Ten examples with distinct one-hot labels: each mixed target row holds the mixture weights,
     # so the mixed image must equal targets @ images.
     x, targets = _batch(b=10, c=2, h=4, w=4, k=10)
     lams = []
-    for seed in range(300):
+    for seed in range(150):
         mixed, mixed_targets = Mixup(gamma)(x, targets, generator=_gen(seed))
         torch.testing.assert_close(mixed.flatten(1), mixed_targets @ x.flatten(1))
         torch.testing.assert_close(mixed_targets.sum(1), torch.ones(10, dtype=torch.float64))
