@@ -390,6 +390,6 @@ def reconstruct(
     with torch.no_grad():
         final = distance().detach().view(config.restarts, n_targets)
     best = final.nan_to_num(float("inf")).argmin(0)
-    chosen = x.detach().view(config.restarts, n_targets, *shape)[best, torch.arange(n_targets, device=best.device)]
-    images = (chosen * std_t + mean_t).clamp(0, 1)
-    return Reconstruction(images, labels, final[best, torch.arange(n_targets, device=best.device)])
+    columns = torch.arange(n_targets, device=best.device)
+    chosen = x.detach().view(config.restarts, n_targets, *shape)[best, columns]
+    return Reconstruction((chosen * std_t + mean_t).clamp(0, 1), labels, final[best, columns])
