@@ -144,7 +144,7 @@ class LeNet(nn.Module):
             nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
             nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
         )
-        side = -(-(-(-image_size // 2)) // 2)  # two stride-2 convolutions with padding 2: ceil twice
+        side = (image_size + 3) // 4  # each stride-2 convolution (kernel 5, padding 2) gives ceil(side / 2)
         self.classifier = nn.Linear(width * side * side, num_classes)
 
     def forward(self, x):
