@@ -59,6 +59,8 @@ class MembershipAudit:
             nonmembers, *, generator)``, e.g. a :func:`~privfast.attacks.salem_nn` with its shadow bound.
         max_examples: cap on each of the two attacked sets (seed 000/001: 5,000 + 5,000); the
             subsets are drawn once, so every epoch is attacked on the same examples.
+        n_known: the attacker's known members (and non-members) for the attacks named from
+            :data:`ATTACKS` (seed 000: 100); both attacked sets must be larger.
         epsilon: returns the privacy spent so far (e.g. ``lambda: engine.get_epsilon(delta)``), or None.
         delta: the delta of ``epsilon``, for the bound ``P_err >= (1 - delta) / (1 + e^epsilon)``.
         seed: seeds the subsets and each epoch's attacker knowledge (the same every epoch, so
@@ -79,6 +81,7 @@ class MembershipAudit:
         *,
         attacks: Union[Sequence[str], Mapping[str, Attack]] = ("yeom", "calibrated"),
         max_examples: int = 5000,
+        n_known: int = 100,
         epsilon: Optional[Callable[[], float]] = None,
         delta: float = 1e-5,
         seed: int = 0,
@@ -86,15 +89,20 @@ class MembershipAudit:
     ):
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        generator = torch.Generator().manual_seed(seed)
+        self.members = _subset(members, max_examples, generator)
+        self.nonmembers = _subset(nonmembers, max_examples, generator)
         if not isinstance(attacks, Mapping):
             unknown = [name for name in attacks if name not in ATTACKS]
             if unknown:
                 raise ValueError(f"unknown attacks {unknown}; expected names from {sorted(ATTACKS)} or a mapping "
                                  "name -> attack callable")
-            attacks = {name: ATTACKS[name] for name in attacks}
-        generator = torch.Generator().manual_seed(seed)
-        self.members = _subset(members, max_examples, generator)
-        self.nonmembers = _subset(nonmembers, max_examples, generator)
+            smallest = min(len(self.members[1]), len(self.nonmembers[1]))
+            if attacks and smallest <= n_known:
+                raise ValueError(f"the attacked sets hold {len(self.members[1])} members and "
+                                 f"{len(self.nonmembers[1])} non-members, but the attacker knows n_known={n_known} "
+                                 f"of each and attacks the rest; lower n_known below {smallest} or give more examples")
+            attacks = {name: partial(ATTACKS[name], n_known=n_known) for name in attacks}
         self.test = test if test is not None else nonmembers
         self.attacks = dict(attacks)
         self.epsilon = epsilon

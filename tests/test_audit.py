@@ -61,7 +61,7 @@ def test_attacked_sets_are_capped_and_fixed():
 
 def _with_accuracies(accuracies):
     train, test = load_digits()
-    audit = MembershipAudit((train.x[:10], train.y[:10]), (test.x[:10], test.y[:10]))
+    audit = MembershipAudit((train.x[:10], train.y[:10]), (test.x[:10], test.y[:10]), attacks=())
     audit.history = [{"epoch": e, "test_accuracy": a} for e, a in enumerate(accuracies)]
     return audit
 
@@ -100,3 +100,7 @@ def test_custom_attack_mapping_and_unknown_names():
     assert calls == [50] and record["fake"]["auc"] == 0.5 and not math.isnan(record["test_accuracy"])
     with pytest.raises(ValueError, match="unknown attacks"):
         MembershipAudit(members, nonmembers, attacks=("nope",))
+    with pytest.raises(ValueError, match="lower n_known"):
+        MembershipAudit(members, nonmembers)  # 50 examples each, 100 known by default
+    small = MembershipAudit(members, nonmembers, n_known=20)
+    assert small(MLP(64, 10), epoch=0)["yeom"]["auc"] >= 0
