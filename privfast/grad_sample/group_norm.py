@@ -1,17 +1,37 @@
-"""GroupNorm: ``grad weight_b = sum over rows and positions of x_hat * D``, ``grad bias_b = sum of D``."""
+"""GroupNorm: ``grad weight_b[c] = sum over rows and positions of x_hat * D``, ``grad bias_b[c] = sum of D``.
+
+With ``x_hat = (x - mu_g) * rstd_g`` the weight gradient is ``(sum x*D - mu_g * sum D) * rstd_g``
+per channel: the sums are batched dot products, so no tensor the size of the activation is formed.
+"""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import nn
 
 from privfast.grad_sample.base import Call, MaterializedGrads, register_rule
-from privfast.grad_sample.layer_norm import affine_grads
 
 
 @register_rule(nn.GroupNorm)
 def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> MaterializedGrads:
-    """Inputs and output gradients ``[B*fold, C, *spatial]``; per-example grads ``[B, C]``."""
-    return affine_grads(
-        module, calls, fold, normalize=lambda x: F.group_norm(x, module.num_groups, eps=module.eps), channel_dim=1
-    )
+    """Inputs and output gradients ``[B*fold, C, *spatial]``; per-example gradients ``[B, C]``."""
+    weight = module.weight if module.weight is not None and module.weight.requires_grad else None
+    bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+    channels, groups = module.num_channels, module.num_groups
+    totals = None
+    for call in calls:
+        x, d = call.args[0], call.grads[0]
+        rows = x.shape[0]
+        x, d = x.reshape(rows, channels, -1), d.reshape(rows, channels, -1)
+        sum_d = d.sum(2)
+        parts = []
+        if weight is not None:
+            var, mean = torch.var_mean(x.reshape(rows, groups, -1), dim=2, unbiased=False)
+            rstd = (var + module.eps).rsqrt().repeat_interleave(channels // groups, dim=1)
+            sum_xd = torch.bmm(x.reshape(rows * channels, 1, -1), d.reshape(rows * channels, -1, 1)).view(rows, channels)
+            parts.append((sum_xd - mean.repeat_interleave(channels // groups, dim=1) * sum_d) * rstd)
+        if bias is not None:
+            parts.append(sum_d)
+        parts = [p.reshape(rows // fold, fold, channels).sum(1) for p in parts]
+        totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
+    return MaterializedGrads([p for p in (weight, bias) if p is not None], totals)
