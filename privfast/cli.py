@@ -1,0 +1,230 @@
+"""The ``privfast`` command: train privately, attack, compare, report.
+
+    privfast demo                                    # non-private vs DP-SGD vs DP-Mix on digits, a few minutes
+    privfast train --method dpmix --augmult 2 --k-self 2 --target-epsilon 8 --out runs/dpmix
+    privfast train ... --out runs/dpmix --resume     # go on from runs/dpmix/checkpoint.pt
+    privfast train ... --nproc 2                     # DP training across 2 processes
+    privfast audit runs/dpmix/checkpoint.pt --attacks yeom calibrated augmentation_aware
+    privfast report runs/*/checkpoint.pt --out report/
+    privfast search | invert | bench                 # ATS policy search, gradient inversion, step throughput
+
+Every command that trains or attacks writes its numbers as JSON and Markdown, and its plots as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from privfast.audit import ATTACKS, MembershipAudit
+from privfast.data import DATASETS
+from privfast.grad_sample.engine import MODES
+from privfast.reports import format_table, summarize, write_report
+from privfast.trainer import METHODS, MODELS, TrainConfig, Trainer, load_data, load_trained
+
+__all__ = ["DEMO_RUNS", "build_parser", "main"]
+
+DEMO_RUNS = {
+    # The three training algorithms of the demo, on the same data and model (digits, ConvNet).
+    # Non-private: small batches and many steps, so that it fits its training set as a real model
+    # does; the private runs spend epsilon = 8 at delta = 1e-5.
+    "non-private": dict(method="nonprivate", epochs=30, batch_size=32, lr=0.05),
+    "DP-SGD": dict(method="dpsgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
+    "DP-Mix": dict(method="dpmix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, augmult=2, k_self=2,
+                   flip=False),
+}
+DEMO_ATTACK = "calibrated"
+_CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "grad_sample_mode": MODES,
+            "attacks": tuple(ATTACKS)}
+
+
+def _field_help() -> dict[str, str]:
+    """Each TrainConfig attribute's line from its docstring, so flags and fields never disagree."""
+    helps, current = {}, None
+    for line in (TrainConfig.__doc__ or "").splitlines():
+        match = re.match(r"\s{8}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and line.startswith(" " * 12):
+            helps[current] += " " + line.strip()
+    # Sphinx markup reads badly in a terminal: ``x`` -> x, :class:`~a.b.C` -> C.
+    return {k: re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", v.replace("``", "")) for k, v in helps.items()}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field; flags not given keep the field's default."""
+    helps = _field_help()
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training configuration (privfast.trainer.TrainConfig)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kwargs = dict(dest=field.name, default=argparse.SUPPRESS,
+                      help=f"{helps.get(field.name, '')} (default: {field.default})")
+        hint = hints[field.name]
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(hint) is tuple:
+            kwargs.update(nargs="+")
+            hint = typing.get_args(hint)[0]
+        else:
+            hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # Optional[T] -> T
+        group.add_argument(flag, type=hint, choices=_CHOICES.get(field.name), **kwargs)
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``privfast`` argument parser (one sub-command per task)."""
+    parser = argparse.ArgumentParser(prog="privfast", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="non-private vs DP-SGD vs DP-Mix on digits: accuracy, epsilon, attacks")
+    demo.add_argument("--out", type=Path, default=Path("privfast-demo"), help="report directory")
+    demo.add_argument("--epochs-scale", type=float, default=1.0,
+                      help="multiply every run's epochs by this (e.g. 0.2 for a smoke test)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_demo)
+
+    train = commands.add_parser("train", help="train one model, auditing membership leakage after every epoch")
+    train.add_argument("--out", type=Path, required=True, help="run directory: checkpoint.pt and the report")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    train.add_argument("--nproc", type=int, default=1, help="processes of a distributed private run (gloo, CPU)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(train)
+    train.set_defaults(handler=_train)
+
+    audit = commands.add_parser("audit", help="attack a trained model (membership inference) and print the metrics")
+    audit.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `privfast train`")
+    audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS),
+                       default=["yeom", "calibrated", "calibrated_per_class", "augmentation_aware"])
+    audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
+    audit.add_argument("--seed", type=int, default=0, help="seeds the attacked subsets and the attacker's knowledge")
+    audit.add_argument("--out", type=Path, default=None, help="write audit.json there")
+    audit.set_defaults(handler=_audit)
+
+    report = commands.add_parser("report", help="one report comparing several trained runs")
+    report.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint.pt files written by `privfast train`")
+    report.add_argument("--out", type=Path, required=True, help="report directory")
+    report.add_argument("--attack", default=None, help="the audited attack of the table (default: the runs' last)")
+    report.add_argument("--names", nargs="+", default=None, help="run names (default: the run directories' names)")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
+    print(format_table(rows))
+    if elapsed is not None:
+        print(f"wall time: {elapsed:.1f} s")
+
+
+# -- commands ---------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    runs, models, data = {}, {}, None
+    for name, overrides in DEMO_RUNS.items():
+        epochs = max(1, round(overrides["epochs"] * args.epochs_scale))
+        config = TrainConfig(**{**overrides, "epochs": epochs, "attacks": ("yeom", DEMO_ATTACK)})
+        data = data or load_data(config)
+        trainer = Trainer(config, data=data, progress=not args.no_progress)
+        runs[name] = {"config": config.to_dict(), "history": trainer.fit(),
+                      "noise_multiplier": trainer.noise_multiplier}
+        models[name] = trainer.model.eval()
+    elapsed = time.perf_counter() - start
+    rows = {name: summarize(run["history"], attack=DEMO_ATTACK) for name, run in runs.items()}
+    print(f"\nprivfast demo: digits, ConvNet, membership attack `{DEMO_ATTACK}` (members: training set; "
+          "non-members: test set)")
+    _print_table(rows, elapsed)
+    path = write_report(args.out, runs, attack=DEMO_ATTACK, models=models, members=data[0], nonmembers=data[1],
+                        title="privfast demo: non-private vs DP-SGD vs DP-Mix",
+                        notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s)."])
+    print(f"report: {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.nproc > 1:
+        from privfast.distributed import launch_training
+
+        history = launch_training(config, nproc=args.nproc, checkpoint=args.out / "checkpoint.pt",
+                                  resume=args.resume, progress=not args.no_progress)
+    else:
+        trainer = Trainer(config, checkpoint=args.out / "checkpoint.pt", progress=not args.no_progress)
+        history = trainer.fit(resume=args.resume)
+    attack = config.attacks[-1] if config.attacks else None
+    if attack is None:
+        print(f"test accuracy {history[-1]['test_accuracy']:.3f} (no attack audited)")
+        return 0
+    _print_table({config.method: summarize(history, attack=attack)})
+    write_report(args.out, {config.method: {"config": config.to_dict(), "history": history}}, attack=attack,
+                 title=f"privfast train: {config.method}")
+    print(f"checkpoint: {args.out / 'checkpoint.pt'}\nreport: {args.out / 'report.md'}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    model, config, history = load_trained(args.checkpoint)
+    train, test = load_data(config)
+    epsilon = history[-1].get("epsilon") if history else None
+    audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, seed=args.seed,
+                            epsilon=None if epsilon is None else (lambda: epsilon), delta=config.delta)
+    record = audit(model, history[-1]["epoch"] if history else 0)
+    print(f"{args.checkpoint}: {config.method}, test accuracy {record['test_accuracy']:.3f}, train accuracy "
+          f"{record['train_accuracy']:.3f}")
+    _print_table({name: summarize([record], attack=name) for name in args.attacks})
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "audit.json").write_text(json.dumps({"config": config.to_dict(), "record": record}, indent=1,
+                                                        default=str))
+        print(f"written: {args.out / 'audit.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    names = args.names or [path.parent.name for path in args.checkpoints]
+    if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
+        raise SystemExit(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
+                         "checkpoints (pass --names)")
+    runs, models, data = {}, {}, None
+    for name, path in zip(names, args.checkpoints):
+        model, config, history = load_trained(path)
+        runs[name] = {"config": config.to_dict(), "history": history}
+        models[name] = model
+        data = data or load_data(config)
+    attack = args.attack or next(a for a in reversed(ATTACKS) if all(a in r["history"][-1] for r in runs.values()))
+    _print_table({name: summarize(run["history"], attack=attack) for name, run in runs.items()})
+    path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1])
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``privfast`` command with ``argv`` (default: the process's arguments); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: say what, without a traceback
+        print(f"privfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Reports of training runs: the privacy-utility table, per-epoch curves and loss histograms.
+
+A *run* is what :class:`privfast.trainer.Trainer` leaves: its configuration and its per-epoch
+history. :func:`write_report` puts several runs side by side, the way the seed papers compare
+training algorithms:
+
+- a table of the last epoch: test accuracy, epsilon, attack AUC, advantage, TPR at 1% FPR, the
+  attack's error P_err and the DP lower bound on it ``(1 - delta) / (1 + e^epsilon)``
+  (seed generalization-vs-dp-against-mia.txt);
+- per-epoch curves: accuracy, attack advantage and epsilon over training, and test accuracy
+  against advantage, one point per epoch (that seed's privacy-utility curves, where early
+  stopping shows up as a point of the curve);
+- member and non-member loss histograms with their Jensen-Shannon distance
+  (seed augmentation-vs-membership-inference.txt, Fig. 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from torch import nn
+
+from privfast.attacks.training import example_losses
+from privfast.data import Split
+from privfast.metrics import js_distance
+
+__all__ = ["COLUMNS", "format_table", "plot_curves", "plot_loss_histograms", "summarize", "write_report"]
+
+COLUMNS = (
+    # (key of summarize's dict, header, format)
+    ("test_accuracy", "test acc", "{:.3f}"),
+    ("epsilon", "epsilon", "{:.2f}"),
+    ("auc", "AUC", "{:.3f}"),
+    ("advantage", "advantage", "{:+.3f}"),
+    ("tpr_at_1pct_fpr", "TPR@1%FPR", "{:.3f}"),
+    ("p_err", "P_err", "{:.3f}"),
+    ("dp_perr_bound", "DP bound P_err", "{:.4f}"),
+)
+"""The columns of the comparison table."""
+
+
+def summarize(history: Sequence[dict], *, attack: str) -> dict:
+    """The numbers of the table for one run: its last epoch, seen by ``attack``.
+
+    Args:
+        history: :attr:`privfast.trainer.Trainer.history` (or a :class:`~privfast.audit.MembershipAudit`'s).
+        attack: an attack the run was audited with.
+
+    Returns:
+        ``epochs``, ``test_accuracy``, ``train_accuracy``, ``epsilon`` (None for a non-private
+        run), ``auc``, ``advantage`` (of the attack's own decision), ``tpr_at_1pct_fpr``,
+        ``p_err`` and ``dp_perr_bound`` (0, the trivial bound, without DP).
+    """
+    if not history:
+        raise ValueError("the run has no epoch recorded; train at least one epoch first")
+    last = history[-1]
+    if not isinstance(last.get(attack), dict):
+        audited = [k for k, v in last.items() if isinstance(v, dict)]
+        raise ValueError(f"attack {attack!r} was not audited in this run; audited: {audited}")
+    result = last[attack]
+    return {
+        "epochs": last["epoch"],
+        "test_accuracy": last["test_accuracy"],
+        "train_accuracy": last["train_accuracy"],
+        "epsilon": last.get("epsilon"),
+        "auc": result["auc"],
+        "advantage": result["advantage"],
+        "tpr_at_1pct_fpr": result["tpr_at_fpr"][0.01],
+        "p_err": result["p_err"],
+        "dp_perr_bound": last.get("dp_perr_bound", 0.0),
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    return "inf" if value is None or (isinstance(value, float) and math.isinf(value)) else fmt.format(value)
+
+
+def format_table(rows: Mapping[str, dict], *, markdown: bool = False) -> str:
+    """The comparison table, one row per run.
+
+    Args:
+        rows: run name -> :func:`summarize` dict.
+        markdown: a Markdown table instead of aligned plain text.
+    """
+    header = ["run", *(title for _, title, _ in COLUMNS)]
+    body = [[name, *(_cell(row[key], fmt) for key, _, fmt in COLUMNS)] for name, row in rows.items()]
+    if markdown:
+        lines = [header, ["---"] * len(header), *body]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                     for line in [header, *body])
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    # matplotlib.figure.Figure needs no pyplot state and no display: safe in CI and in threads.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike, *, attack: str) -> Path:
+    """Per-epoch curves of several runs in one figure (PNG).
+
+    Panels: test accuracy by epoch; the attack's advantage by epoch; test accuracy against
+    advantage (one point per epoch, the last one starred); epsilon by epoch with the DP bound on
+    P_err beside the attack's measured P_err.
+
+    Args:
+        runs: run name -> per-epoch history.
+        path: the PNG file to write.
+        attack: the audited attack to plot.
+
+    Returns:
+        ``path``.
+    """
+    fig, axes = _figure(2, 2, (11, 8))
+    (acc_ax, adv_ax), (pu_ax, eps_ax) = axes
+    perr_ax = None
+    for i, (name, history) in enumerate(runs.items()):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in history]
+        accuracy = [r["test_accuracy"] for r in history]
+        advantage = [r[attack]["advantage"] for r in history]
+        acc_ax.plot(epochs, accuracy, "o-", color=color, label=name)
+        adv_ax.plot(epochs, advantage, "o-", color=color, label=name)
+        pu_ax.plot(advantage, accuracy, ".-", color=color, alpha=0.7, label=name)
+        pu_ax.plot(advantage[-1:], accuracy[-1:], "*", color=color, markersize=14)
+        if "epsilon" in history[0]:
+            eps_ax.plot(epochs, [r["epsilon"] for r in history], "o-", color=color, label=f"{name} epsilon")
+            perr_ax = perr_ax or eps_ax.twinx()
+            perr_ax.plot(epochs, [r["dp_perr_bound"] for r in history], "--", color=color,
+                         label=f"{name} DP bound on P_err")
+            perr_ax.plot(epochs, [r[attack]["p_err"] for r in history], ":", color=color,
+                         label=f"{name} measured P_err")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="utility")
+    adv_ax.set(xlabel="epoch", ylabel=f"{attack} advantage (TPR - FPR)", title="membership leakage")
+    pu_ax.set(xlabel=f"{attack} advantage", ylabel="test accuracy", title="privacy-utility (one point per epoch)")
+    eps_ax.set(xlabel="epoch", ylabel="epsilon", title="privacy spent")
+    for ax in (acc_ax, adv_ax, pu_ax):
+        ax.legend(fontsize="small")
+    if perr_ax is not None:
+        perr_ax.set(ylabel="P_err", ylim=(0, 0.55))
+        handles = eps_ax.get_legend_handles_labels()
+        more = perr_ax.get_legend_handles_labels()
+        eps_ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="x-small")
+    else:
+        eps_ax.text(0.5, 0.5, "no private run", ha="center", va="center", transform=eps_ax.transAxes)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_loss_histograms(models: Mapping[str, nn.Module], members: Split, nonmembers: Split,
+                         path: str | os.PathLike, *, bins: int = 40) -> dict[str, float]:
+    """Histograms of the per-example losses of members and non-members, one panel per model (PNG).
+
+    Args:
+        models: run name -> trained model.
+        members: training examples ``(x [N_m, ...], y [N_m])``.
+        nonmembers: held-out examples ``(x [N_n, ...], y [N_n])``.
+        path: the PNG file to write.
+        bins: histogram bins (shared by the two sets of one model).
+
+    Returns:
+        Run name -> Jensen-Shannon distance between the two histograms (0: indistinguishable).
+    """
+    fig, axes = _figure(1, len(models), (4 * len(models), 3.3))
+    distances = {}
+    for ax, (name, model) in zip(axes[0], models.items()):
+        member_losses = example_losses(model, *members).cpu().numpy()
+        nonmember_losses = example_losses(model, *nonmembers).cpu().numpy()
+        distances[name] = js_distance(member_losses, nonmember_losses, bins=bins)
+        top = max(member_losses.max(), nonmember_losses.max())
+        ax.hist(member_losses, bins=bins, range=(0, top), alpha=0.6, density=True, label="members")
+        ax.hist(nonmember_losses, bins=bins, range=(0, top), alpha=0.6, density=True, label="non-members")
+        ax.set(title=f"{name}: JS distance {distances[name]:.3f}", xlabel="cross-entropy loss", yscale="log")
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return distances
+
+
+def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack: str,
+                 models: Optional[Mapping[str, nn.Module]] = None, members: Optional[Split] = None,
+                 nonmembers: Optional[Split] = None, title: str = "privfast report",
+                 notes: Sequence[str] = ()) -> Path:
+    """Write ``report.md``, ``results.json``, ``curves.png`` (and ``losses.png``) into ``out_dir``.
+
+    Args:
+        out_dir: created if needed.
+        runs: run name -> ``{"config": dict, "history": [per-epoch records]}``.
+        attack: the audited attack whose numbers fill the table.
+        models: run name -> trained model, to draw the loss histograms (with ``members`` and
+            ``nonmembers``); None skips them.
+        members: the members the histograms use.
+        nonmembers: the non-members the histograms use.
+        title: the report's heading.
+        notes: extra lines under the heading (e.g. wall time).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    if not runs:
+        raise ValueError("no run to report")
+    if models is not None and (members is None or nonmembers is None):
+        raise ValueError("loss histograms need members and nonmembers along with models")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {name: summarize(run["history"], attack=attack) for name, run in runs.items()}
+    plot_curves({name: run["history"] for name, run in runs.items()}, out / "curves.png", attack=attack)
+    distances = None
+    if models is not None:
+        distances = plot_loss_histograms(models, members, nonmembers, out / "losses.png")
+    results = {name: {**run, "summary": rows[name], **({"js_distance": distances[name]} if distances else {})}
+               for name, run in runs.items()}
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    lines = [f"# {title}", "", *notes, "" if notes else None,
+             f"Last epoch of each run, attacked by `{attack}` (members: training examples; non-members: "
+             "the test set). P_err = (FPR + FNR) / 2 of the attack's own decision; the DP bound is "
+             "(1 - delta) / (1 + e^epsilon), which no attack can go below.", "",
+             format_table(rows, markdown=True), "",
+             "![per-epoch curves](curves.png)", ""]
+    if distances:
+        lines += ["Loss histograms of members and non-members (Jensen-Shannon distance in each title):", "",
+                  "![loss histograms](losses.png)", ""]
+    lines += ["## Configurations", ""]
+    for name, run in runs.items():
+        config = ", ".join(f"{k}={v}" for k, v in run["config"].items())
+        lines += [f"- **{name}**: {config}"]
+    (out / "report.md").write_text("\n".join(line for line in lines if line is not None) + "\n")
+    return out / "report.md"

@@ -1,0 +1,400 @@
+"""Training loop behind ``privfast train``: non-private, DP-SGD (with Self-Aug) or DP-Mix, with a
+membership audit after every epoch, atomic checkpoints and exact resume.
+
+A run is described by a :class:`TrainConfig` (plain values, so it is stored in every checkpoint
+and in the reports) and executed by :class:`Trainer`::
+
+    trainer = Trainer(TrainConfig(method="dpmix", epochs=10, target_epsilon=8), checkpoint="run/checkpoint.pt")
+    history = trainer.fit()            # a crash or Ctrl-C later, the same call with resume=True goes on
+    history[-1]["test_accuracy"], history[-1]["epsilon"], history[-1]["calibrated"]["auc"]
+
+Exact resume: every source of randomness of an epoch (Poisson sampling, shuffling, augmentation
+draws) is torch's global CPU generator, and the checkpoint written after each epoch holds its
+state together with the model, the optimizer, the accountant and the DP noise generator. A run
+stopped after epoch e and resumed therefore makes the very same updates as one never stopped.
+Checkpoints are taken at epoch boundaries only: a run killed mid-epoch redoes that epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from privfast.audit import MembershipAudit
+from privfast.augment import DPMix, SelfAug
+from privfast.data import Split, load_dataset
+from privfast.models import MLP, ConvNet, ResNet20, WideResNet
+from privfast.privacy_engine import PrivacyEngine
+
+__all__ = ["CHECKPOINT_FORMAT", "METHODS", "MODELS", "TrainConfig", "Trainer", "atomic_save", "build_model",
+           "load_data", "load_trained"]
+
+METHODS = ("nonprivate", "dpsgd", "dpmix")
+MODELS = ("convnet", "mlp", "wrn16-4", "resnet20")
+CHECKPOINT_FORMAT = 1
+# Fields that may change when a run is resumed: they do not alter the epochs already trained.
+_RESUMABLE_CHANGES = {"epochs"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in checkpoints and reports).
+
+    Attributes:
+        dataset: a name from :data:`privfast.data.DATASETS`.
+        data_root: directory of the files of a file-based data set.
+        train_examples: train on the first this many training examples (fewer overfit more, which
+            is how membership leakage is studied); None: all.
+        model: one of :data:`MODELS`.
+        width: channels of the ConvNet's first layer / hidden units of the MLP.
+        method: ``"nonprivate"``, ``"dpsgd"`` (Self-Aug when ``augmult > 1``) or ``"dpmix"``.
+        epochs: passes over the training set.
+        batch_size: expected (Poisson) batch size of the private methods, batch size otherwise.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD L2 coefficient.
+        max_grad_norm: clipping bound C of the private methods.
+        noise_multiplier: sigma; with ``target_epsilon`` left None it is used as given.
+        target_epsilon: spend exactly this epsilon in ``epochs`` epochs (the noise is searched).
+        delta: the delta of the accounting and of the DP bound on the attack error.
+        augmult: self-augmentations per example (K_base); 1 with ``dpsgd`` is plain DP-SGD.
+        k_self: DP-Mix mixups per example (K_self), >= 1 with ``dpmix``.
+        crop_padding: padding of the random crops (0 turns crops off).
+        flip: mirror the self-augmentations at random (off for digits and text-like images).
+        grad_sample_mode: per-example gradient strategy (see :class:`~privfast.grad_sample.GradSampleModule`).
+        attacks: membership attacks of the per-epoch audit (names from :data:`privfast.audit.ATTACKS`).
+        audit_examples: members and non-members attacked each (the test set holds the non-members).
+        seed: seeds the model, the data order, the augmentations and the noise.
+    """
+
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    train_examples: Optional[int] = None
+    model: str = "convnet"
+    width: int = 16
+    method: str = "dpsgd"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    augmult: int = 1
+    k_self: int = 0
+    crop_padding: int = 1
+    flip: bool = True
+    grad_sample_mode: str = "auto"
+    attacks: tuple[str, ...] = ("yeom", "calibrated")
+    audit_examples: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        self.attacks = tuple(self.attacks)
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.model not in MODELS:
+            problems.append(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.width < 1 or self.audit_examples < 1:
+            problems.append(f"epochs, batch_size, width and audit_examples must be >= 1, got {self.epochs}, "
+                            f"{self.batch_size}, {self.width}, {self.audit_examples}")
+        if self.train_examples is not None and self.train_examples < 2:
+            problems.append(f"train_examples must be >= 2 or None, got {self.train_examples}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.augmult < 1 or self.k_self < 0 or self.crop_padding < 0:
+            problems.append(f"need augmult >= 1, k_self >= 0, crop_padding >= 0; got {self.augmult}, {self.k_self}, "
+                            f"{self.crop_padding}")
+        if self.method == "dpmix" and self.k_self < 1:
+            problems.append("dpmix mixes self-augmentations: set k_self >= 1 (e.g. augmult=2, k_self=2)")
+        if self.method != "dpmix" and self.k_self:
+            problems.append(f"k_self={self.k_self} only applies to method='dpmix'")
+        if self.method == "nonprivate" and (self.augmult > 1 or self.target_epsilon is not None):
+            problems.append("nonprivate runs take no augmult or target_epsilon")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            problems.append(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 < self.delta < 1:
+            problems.append(f"delta must be in (0, 1), got {self.delta}")
+        if problems:
+            raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def private(self) -> bool:
+        return self.method != "nonprivate"
+
+    def augmenter(self, num_classes: int) -> Optional[DPMix]:
+        """The batch transform of the method: DP-Mix, Self-Aug (K > 1), or None (plain rows)."""
+        if self.method == "dpmix":
+            return DPMix(self.augmult, self.k_self, crop_padding=self.crop_padding, flip=self.flip,
+                         num_classes=num_classes)
+        if self.augmult > 1:
+            return SelfAug(self.augmult, crop_padding=self.crop_padding, flip=self.flip, num_classes=num_classes)
+        return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown configuration fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+
+def build_model(config: TrainConfig, *, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """The model ``config.model`` for images ``[B, in_channels, image_size, image_size]``."""
+    if config.model == "convnet":
+        return ConvNet(in_channels=in_channels, num_classes=num_classes, width=config.width, image_size=image_size,
+                       groups=min(8, config.width))
+    if config.model == "mlp":
+        return MLP(in_channels * image_size**2, num_classes, hidden=(config.width,))
+    if config.model == "wrn16-4":
+        return WideResNet(depth=16, widen=4, num_classes=num_classes, in_channels=in_channels)
+    return ResNet20(num_classes=num_classes, in_channels=in_channels)
+
+
+def load_data(config: TrainConfig) -> tuple[Split, Split]:
+    """The ``(train, test)`` splits of ``config``: its data set, cut to ``train_examples``."""
+    train, test = load_dataset(config.dataset, root=config.data_root)
+    if config.train_examples is not None:
+        if config.train_examples > len(train.y):
+            raise ValueError(f"train_examples={config.train_examples} but {config.dataset} has {len(train.y)} "
+                             "training examples")
+        train = Split(train.x[:config.train_examples], train.y[:config.train_examples])
+    return train, test
+
+
+def _data_shape(train: Split, test: Split) -> dict:
+    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    return {"in_channels": train.x.shape[1], "image_size": train.x.shape[-1], "num_classes": num_classes}
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file and a rename, so a crash leaves the old file whole."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_trained(path: str | os.PathLike, *, data: Optional[tuple[Split, Split]] = None
+                 ) -> tuple[nn.Module, TrainConfig, list[dict]]:
+    """The model, configuration and per-epoch history stored in a :class:`Trainer` checkpoint.
+
+    Args:
+        path: a checkpoint written by :meth:`Trainer.fit`.
+        data: the ``(train, test)`` splits, to skip reloading the configured data set.
+
+    Returns:
+        ``(model in eval mode, config, history)``.
+    """
+    checkpoint = _read_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    train, test = data if data is not None else load_data(config)
+    model = build_model(config, **_data_shape(train, test))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config, checkpoint["history"]
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; expected a file written by `privfast train`")
+    checkpoint = torch.load(path, weights_only=False)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a privfast training checkpoint (format {CHECKPOINT_FORMAT}); "
+                         "it was not written by `privfast train`")
+    return checkpoint
+
+
+def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    # An empty Poisson batch still steps (the update is pure noise); its mean loss would be NaN.
+    return F.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0.0
+
+
+class Trainer:
+    """Trains one model by :class:`TrainConfig`, auditing membership leakage after every epoch.
+
+    Args:
+        config: the run.
+        data: ``(train, test)`` splits; default: ``config.dataset`` loaded by name.
+        checkpoint: file rewritten (atomically) after every epoch, and read by ``fit(resume=True)``.
+        callbacks: called as ``callback(trainer, record)`` after each epoch's record is complete.
+        progress: show progress bars over epochs and batches.
+        distributed: a :class:`privfast.distributed.DistributedContext` to train across processes
+            (private methods only); None trains in this process.
+
+    Attributes:
+        model: the plain model (not the per-example gradient wrapper).
+        engine: the :class:`~privfast.privacy_engine.PrivacyEngine` of a private run, else None.
+        history: one record per epoch: ``epoch``, ``train_loss``, ``test_accuracy``,
+            ``train_accuracy``, one dict per attack (``auc``, ``advantage``, ``p_err``,
+            ``best_advantage``, ``tpr_at_fpr``), and for private runs ``epsilon`` and
+            ``dp_perr_bound`` (the lower bound ``(1 - delta) / (1 + e^epsilon)`` on P_err).
+    """
+
+    def __init__(self, config: TrainConfig, *, data: Optional[tuple[Split, Split]] = None,
+                 checkpoint: Optional[str | os.PathLike] = None,
+                 callbacks: Iterable[Callable[["Trainer", dict], object]] = (), progress: bool = True,
+                 distributed=None):
+        if distributed is not None and not config.private:
+            raise ValueError("distributed training is implemented for the private methods (dpsgd, dpmix) only")
+        self.config = config
+        self.train_split, self.test_split = data if data is not None else load_data(config)
+        self.checkpoint = checkpoint
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.distributed = distributed
+        self.shape = _data_shape(self.train_split, self.test_split)
+        self.augmenter = config.augmenter(self.shape["num_classes"])
+        self.history: list[dict] = []
+        self.engine: Optional[PrivacyEngine] = None
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, **self.shape)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        dataset = TensorDataset(self.train_split.x, self.train_split.y)
+        if config.private:
+            self.engine = PrivacyEngine()
+            self.trained, self.optimizer, self.loader = self._make_private(optimizer, dataset)
+        else:
+            self.trained, self.optimizer = self.model, optimizer
+            self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
+        self.audit = MembershipAudit(
+            self.train_split, self.test_split, attacks=config.attacks, max_examples=config.audit_examples,
+            epsilon=(lambda: self.engine.get_epsilon(config.delta)) if self.engine else None, delta=config.delta,
+            seed=config.seed,
+        )
+
+    def _make_private(self, optimizer: torch.optim.Optimizer, dataset: TensorDataset):
+        config = self.config
+        # The loop augments each batch (not the loader's collate), so that one loop serves the
+        # single-process and the distributed loaders alike.
+        k = self.augmenter.augmult if self.augmenter is not None else 1
+        args = dict(module=self.model, optimizer=optimizer, max_grad_norm=config.max_grad_norm, augmult=k,
+                    grad_sample_mode=config.grad_sample_mode,
+                    data_loader=DataLoader(dataset, batch_size=config.batch_size))
+        if self.distributed is not None:
+            return self.distributed.make_private(self.engine, noise_multiplier=self._noise_multiplier(args), **args)
+        if config.target_epsilon is not None:
+            return self.engine.make_private_with_epsilon(target_epsilon=config.target_epsilon,
+                                                         target_delta=config.delta, epochs=config.epochs, **args)
+        return self.engine.make_private(noise_multiplier=config.noise_multiplier, **args)
+
+    def _noise_multiplier(self, args: dict) -> float:
+        if self.config.target_epsilon is None:
+            return self.config.noise_multiplier
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sample_rate = 1 / len(args["data_loader"])
+        return get_noise_multiplier(target_epsilon=self.config.target_epsilon, target_delta=self.config.delta,
+                                    sample_rate=sample_rate, steps=int(self.config.epochs / sample_rate),
+                                    accountant=self.engine.accountant.mechanism())
+
+    @property
+    def noise_multiplier(self) -> Optional[float]:
+        """sigma of a private run (searched when ``target_epsilon`` is set), else None."""
+        return self.optimizer.noise_multiplier if self.engine is not None else None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes checkpoints and reports (rank 0, or the only process)."""
+        return self.distributed is None or self.distributed.rank == 0
+
+    # -- training ---------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        total, rows = 0.0, 0
+        for x, y in tqdm(self.loader, desc=f"epoch {epoch + 1}", disable=not self.progress, leave=False):
+            if self.augmenter is not None:
+                x, y = self.augmenter(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = _soft_cross_entropy(self.trained(x), y)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(y)
+            rows += len(y)
+        return total / rows if rows else math.nan
+
+    def fit(self, *, resume: bool = False) -> list[dict]:
+        """Train up to ``config.epochs`` epochs, auditing and checkpointing after each.
+
+        Args:
+            resume: continue from ``checkpoint`` if it exists (only ``epochs`` may differ from the
+                stored configuration, to extend a run); without a checkpoint file, start afresh.
+
+        Returns:
+            :attr:`history`, one record per epoch trained so far.
+
+        Raises:
+            ValueError: ``resume`` without a checkpoint path, or a checkpoint of another run.
+        """
+        if resume and self.checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint path given to Trainer(checkpoint=...)")
+        if resume and os.path.isfile(self.checkpoint):
+            self._restore(_read_checkpoint(self.checkpoint))
+        bar = tqdm(range(len(self.history), self.config.epochs), desc=self.config.method, disable=not self.progress)
+        for epoch in bar:
+            train_loss = self._train_epoch(epoch)
+            record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss}
+            self.history.append(record)
+            bar.set_postfix(acc=f"{record['test_accuracy']:.3f}",
+                            **({"eps": f"{record['epsilon']:.2f}"} if "epsilon" in record else {}))
+            if self.checkpoint is not None and self.is_main:
+                atomic_save(self._state(), self.checkpoint)
+            for callback in self.callbacks:
+                callback(self, record)
+        return self.history
+
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "privacy_engine": self.engine.state_dict() if self.engine is not None else None,
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+            "audit_history": self.audit.history,
+        }
+
+    def _restore(self, checkpoint: dict) -> None:
+        stored = checkpoint["config"]
+        current = self.config.to_dict()
+        changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k])
+        if changed:
+            diff = ", ".join(f"{k}: {stored.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"{self.checkpoint} belongs to another run ({diff}); only {sorted(_RESUMABLE_CHANGES)} "
+                             "may change on resume: use another checkpoint path for a new run")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.engine is not None:
+            self.engine.load_state_dict(checkpoint["privacy_engine"])
+        torch.set_rng_state(checkpoint["rng"])
+        self.history = list(checkpoint["history"])
+        self.audit.history = list(checkpoint["audit_history"])
+
