@@ -123,3 +123,28 @@ def test_predict_logits_restores_train_mode(setting):
     model = setting["target"].train()
     predict_logits(model, setting["x"][:4])
     assert model.training
+
+
+def test_vectorized_training_equals_training_each_model_alone():
+    """One full-batch epoch of stacked training moves each model exactly as training it alone would."""
+    import torch.nn.functional as F
+
+    train, _ = load_digits()
+    x, y = train.x[:40], train.y[:40]
+    start = train_shadow_models(_mlp, x, y, n_shadows=4, epochs=0, generator=torch.Generator().manual_seed(3),
+                                progress=False)
+    # Same generator seed, so the same halves and initializations; batch = half the pool = one step.
+    trained = train_shadow_models(_mlp, x, y, n_shadows=4, epochs=1, batch_size=20, lr=1e-3,
+                                  generator=torch.Generator().manual_seed(3), progress=False)
+    assert torch.equal(start.in_mask, trained.in_mask)
+    for s in range(4):
+        model = _mlp()
+        model.load_state_dict({name: stacked[s] for name, stacked in start.params.items()})
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        keep = start.in_mask[s]
+        F.cross_entropy(model(x[keep]), y[keep]).backward()
+        optimizer.step()
+        # Adam's first step is +-lr wherever the gradient is well above eps; lr = 1e-3 here.
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(trained.params[name][s], param.detach(), rtol=0, atol=2e-5)
+        assert not torch.equal(trained.params["net.1.weight"][s], start.params["net.1.weight"][s])
