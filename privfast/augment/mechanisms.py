@@ -2,17 +2,13 @@
 
 Each mechanism has one intensity parameter, named as in the paper:
 
-========================  =====================  ======================================
-mechanism                 class                  intensity
-========================  =====================  ======================================
-soft labels (SL)          :class:`SoftLabels`    distillation temperature ``T``
-label smoothing (LS)      :class:`LabelSmoothing`  ``alpha``, the mass spread uniformly
-DisturbLabel (DL)         :class:`DisturbLabel`  ``theta``, the rate of wrong labels
-random crop (RC)          :class:`RandomCrop`    zero padding ``P``
-cutout (CO)               :class:`Cutout`        side ``M`` of the occluded square
-Gaussian augm. (GA)       :class:`GaussianAugmentation`  variance ``sigma^2``
-mixup (MU)                :class:`Mixup`         ``gamma``, lambda ~ Beta(gamma, gamma)
-========================  =====================  ======================================
+- soft labels by distillation (SL), :class:`SoftLabels`: the temperature ``T``;
+- label smoothing (LS), :class:`LabelSmoothing`: ``alpha``, the label mass spread uniformly;
+- DisturbLabel (DL), :class:`DisturbLabel`: ``theta``, the rate of wrong labels;
+- random crop (RC), :class:`RandomCrop`: the zero padding ``P``;
+- cutout (CO), :class:`Cutout`: the side ``M`` of the occluded square;
+- Gaussian augmentation (GA), :class:`GaussianAugmentation`: the noise variance ``sigma^2``;
+- mixup (MU), :class:`Mixup`: ``gamma``, with ``lambda ~ Beta(gamma, gamma)``.
 
 A mechanism maps a batch of images ``x [B, C, H, W]`` and probability targets ``[B, K]`` (one-hot
 rows for hard labels, see :func:`one_hot_targets`) to new ones, so mechanisms compose and the
