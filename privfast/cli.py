@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS),
                        default=["yeom", "calibrated", "calibrated_per_class", "augmentation_aware"])
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
+    audit.add_argument("--known", type=int, default=100, help="members and non-members the attacker knows, each")
     audit.add_argument("--seed", type=int, default=0, help="seeds the attacked subsets and the attacker's knowledge")
     audit.add_argument("--out", type=Path, default=None, help="write audit.json there")
     audit.set_defaults(handler=_audit)
@@ -182,7 +183,8 @@ def _audit(args: argparse.Namespace) -> int:
     model, config, history = load_trained(args.checkpoint)
     train, test = load_data(config)
     epsilon = history[-1].get("epsilon") if history else None
-    audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, seed=args.seed,
+    audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, n_known=args.known,
+                            seed=args.seed,
                             epsilon=None if epsilon is None else (lambda: epsilon), delta=config.delta)
     record = audit(model, history[-1]["epoch"] if history else 0)
     print(f"{args.checkpoint}: {config.method}, test accuracy {record['test_accuracy']:.3f}, train accuracy "

@@ -74,6 +74,8 @@ class TrainConfig:
         grad_sample_mode: per-example gradient strategy (see :class:`~privfast.grad_sample.GradSampleModule`).
         attacks: membership attacks of the per-epoch audit (names from :data:`privfast.audit.ATTACKS`).
         audit_examples: members and non-members attacked each (the test set holds the non-members).
+        audit_known: members and non-members the attacker knows, each (seed 000: 100); fewer than
+            ``audit_examples`` and than the test set.
         seed: seeds the model, the data order, the augmentations and the noise.
     """
 
@@ -99,6 +101,7 @@ class TrainConfig:
     grad_sample_mode: str = "auto"
     attacks: tuple[str, ...] = ("yeom", "calibrated")
     audit_examples: int = 500
+    audit_known: int = 100
     seed: int = 0
 
     def __post_init__(self):
@@ -286,6 +289,7 @@ class Trainer:
             self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
         self.audit = MembershipAudit(
             self.train_split, self.test_split, attacks=config.attacks, max_examples=config.audit_examples,
+            n_known=config.audit_known,
             epsilon=(lambda: self.engine.get_epsilon(config.delta)) if self.engine else None, delta=config.delta,
             seed=config.seed,
         )

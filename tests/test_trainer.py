@@ -1,0 +1,96 @@
+"""Trainer: per-epoch records, epsilon targets, atomic checkpoints and exact resume, bad configurations."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from privfast.metrics import dp_perr_bound
+from privfast.trainer import TrainConfig, Trainer, load_trained
+
+TINY = dict(train_examples=96, width=4, batch_size=24, lr=0.5, attacks=("yeom",), audit_examples=48,
+            audit_known=16)
+
+
+def _config(**overrides):
+    return TrainConfig(**{**TINY, **overrides})
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("nonprivate", {}),
+    ("dpmix", dict(augmult=2, k_self=1, flip=False)),
+])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, method, extra):
+    whole = Trainer(_config(method=method, epochs=2, **extra), checkpoint=tmp_path / "a.pt", progress=False)
+    whole_history = whole.fit()
+
+    first = Trainer(_config(method=method, epochs=1, **extra), checkpoint=tmp_path / "b.pt", progress=False)
+    first.fit()
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"]  # written atomically: no temporary file left
+    torch.manual_seed(123)  # a fresh process would start from another RNG state: resume must not depend on it
+    resumed = Trainer(_config(method=method, epochs=2, **extra), checkpoint=tmp_path / "b.pt", progress=False)
+    resumed_history = resumed.fit(resume=True)
+
+    assert len(resumed_history) == 2
+    assert all(torch.equal(a, b) for a, b in zip(_params(whole.model), _params(resumed.model)))
+    for a, b in zip(whole_history, resumed_history):
+        assert a["test_accuracy"] == b["test_accuracy"] and a["yeom"]["auc"] == b["yeom"]["auc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a.get("epsilon") == b.get("epsilon")
+    if method != "nonprivate":
+        assert resumed.engine.get_epsilon(1e-5) == whole.engine.get_epsilon(1e-5)
+        # The audit's own history survives too: the records less the trainer's loss.
+        assert resumed.audit.history == [{k: v for k, v in r.items() if k != "train_loss"} for r in resumed_history]
+
+
+def test_records_hold_accuracy_attacks_epsilon_and_bound(tmp_path):
+    trainer = Trainer(_config(method="dpsgd", epochs=2, target_epsilon=3.0), checkpoint=tmp_path / "c.pt",
+                      progress=False)
+    history = trainer.fit()
+    assert [r["epoch"] for r in history] == [1, 2]
+    last = history[-1]
+    assert 0 <= last["test_accuracy"] <= 1 and math.isfinite(last["train_loss"])
+    assert last["epsilon"] == pytest.approx(3.0, rel=0.02)  # the searched noise spends the target in 2 epochs
+    assert history[0]["epsilon"] < last["epsilon"]
+    assert last["dp_perr_bound"] == pytest.approx(dp_perr_bound(last["epsilon"], 1e-5))
+    assert 0 <= last["yeom"]["auc"] <= 1 and 0.01 in last["yeom"]["tpr_at_fpr"]
+
+    model, config, stored = load_trained(tmp_path / "c.pt")
+    assert config == trainer.config and stored == history
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(trainer.model)))
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    Trainer(_config(method="nonprivate", epochs=1), checkpoint=tmp_path / "d.pt", progress=False).fit()
+    other = Trainer(_config(method="nonprivate", epochs=2, lr=0.01), checkpoint=tmp_path / "d.pt", progress=False)
+    with pytest.raises(ValueError, match=r"another run \(lr: 0.5 -> 0.01\)"):
+        other.fit(resume=True)
+    with pytest.raises(ValueError, match="checkpoint path"):
+        Trainer(_config(method="nonprivate", epochs=1), progress=False).fit(resume=True)
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"weights": 1}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not a privfast training checkpoint"):
+        load_trained(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(method="sgd"), "method must be one of"),
+    (dict(method="dpmix", k_self=0), "k_self >= 1"),
+    (dict(method="dpsgd", k_self=2), "only applies to method='dpmix'"),
+    (dict(method="nonprivate", target_epsilon=1.0), "nonprivate runs take no"),
+    (dict(epochs=0), "epochs"),
+    (dict(delta=1.0), "delta"),
+])
+def test_bad_configurations_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**bad)
+
+
+def test_train_examples_larger_than_the_data_is_refused():
+    with pytest.raises(ValueError, match="train_examples=5000 but digits has"):
+        Trainer(_config(train_examples=5000), progress=False)
