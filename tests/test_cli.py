@@ -1,0 +1,78 @@
+"""The privfast command: demo, train (with resume), audit and report, and its error messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from privfast.cli import DEMO_RUNS, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--train-examples", "96", "--width", "4", "--batch-size", "24", "--audit-examples", "48",
+        "--audit-known", "16", "--attacks", "yeom", "calibrated"]
+
+
+def test_demo_prints_the_three_runs_side_by_side_and_writes_its_report(tmp_path, capsys):
+    assert main(["demo", "--epochs-scale", "0.07", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("run "))
+    for column in ("test acc", "epsilon", "AUC", "advantage", "TPR@1%FPR", "DP bound P_err"):
+        assert column in header
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["non-private"],
+                                                                                                ["DP-SGD"], ["DP-Mix"])}
+    assert sorted(rows) == sorted(DEMO_RUNS)
+    assert rows["non-private"][2] == "inf" and float(rows["DP-SGD"][2]) > 0 and float(rows["DP-Mix"][2]) > 0
+    assert "wall time" in out
+    for name in ("report.md", "results.json", "curves.png", "losses.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["DP-Mix"]["config"]["k_self"] == DEMO_RUNS["DP-Mix"]["k_self"]
+    assert 0 <= results["DP-SGD"]["js_distance"] <= 1
+
+
+def test_train_resume_audit_and_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["train", "--out", str(run), "--method", "dpsgd", "--noise-multiplier", "1.5", "--no-progress", *TINY]
+    assert main([*flags, "--epochs", "1"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["history"][-1]["epoch"] == 1
+    assert main([*flags, "--epochs", "2", "--resume"]) == 0
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert [r["epoch"] for r in checkpoint["history"]] == [1, 2]
+    assert checkpoint["config"]["noise_multiplier"] == 1.5 and (run / "report.md").exists()
+    capsys.readouterr()
+
+    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
+                 "--known", "20", "--out", str(tmp_path / "audit")]) == 0
+    out = capsys.readouterr().out
+    assert "yeom" in out and "calibrated_per_class" in out and "dpsgd" in out
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["record"]["epsilon"] == checkpoint["history"][-1]["epsilon"]
+
+    assert main(["report", str(run / "checkpoint.pt"), "--out", str(tmp_path / "report")]) == 0
+    assert "| run |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "losses.png").exists()
+
+
+def test_errors_say_what_was_wrong(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--method", "dpmix", "--no-progress"]) == 2
+    assert "k_self >= 1" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--dataset", "cifar10", "--data-root", str(tmp_path)]) == 2
+    assert "data_batch_1" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--method", "adam"])
+    assert "invalid choice: 'adam'" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_the_commands():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "privfast.cli", "--help"], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0
+    for command in ("demo", "train", "audit", "report"):
+        assert command in result.stdout
