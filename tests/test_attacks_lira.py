@@ -108,6 +108,25 @@ def test_variants_run(setting):
     assert torch.isfinite(fixed.member_scores).all() and fixed.summary["auc"] > 0.6
 
 
+def test_shadows_train_through_the_targets_augmentation():
+    from privfast.augment.mechanisms import Mixup, RandomCrop
+
+    train, _ = load_digits()
+    x, y = train.x[:200], train.y[:200]
+
+    def in_accuracy(mechanism):
+        shadows = train_shadow_models(_mlp, x, y, n_shadows=2, epochs=30, lr=3e-3, mechanism=mechanism,
+                                      generator=torch.Generator().manual_seed(0), progress=False)
+        correct = shadows.logits(x).argmax(-1) == y
+        return (correct & shadows.in_mask).sum(1) / shadows.in_mask.sum(1)
+
+    augmented, plain = in_accuracy(RandomCrop(1)), in_accuracy(None)
+    assert (augmented > 0.7).all()  # real classifiers...
+    assert augmented.mean() < plain.mean() - 0.05  # ...that fit their clean images less: the crops were used
+    with pytest.raises(ValueError, match="mixes examples"):
+        train_shadow_models(_mlp, x, y, n_shadows=2, epochs=1, mechanism=Mixup(1.0))
+
+
 def test_bad_arguments(setting):
     with pytest.raises(ValueError, match="same pool"):
         lira(setting["target"], setting["shadows"], setting["x"][:10], setting["y"][:10],

@@ -83,6 +83,14 @@ def _train_loop(step: Callable[[Tensor], None], index: Tensor, *, epochs: int, b
         end_of_epoch(epoch)
 
 
+def _through(mechanism: Optional[Callable], xb: Tensor, yb: Tensor, num_classes: Optional[int],
+             generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """A batch and its cross-entropy targets, passed through ``mechanism`` (probability targets) if any."""
+    if mechanism is None:
+        return xb, yb
+    return mechanism(xb, F.one_hot(yb, num_classes).to(xb.dtype), generator=generator)
+
+
 def train_classifier(
     model: nn.Module,
     x: Tensor,
@@ -123,10 +131,7 @@ def train_classifier(
     num_classes = predict_logits(model, x[:1].to(device)).shape[1] if mechanism is not None else None
 
     def step(batch: Tensor) -> None:
-        xb, yb = x[batch[0]].to(device), y[batch[0]].to(device)
-        targets = yb
-        if mechanism is not None:
-            xb, targets = mechanism(xb, F.one_hot(yb, num_classes).to(xb.dtype), generator=generator)
+        xb, targets = _through(mechanism, x[batch[0]].to(device), y[batch[0]].to(device), num_classes, generator)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), targets).backward()
         optimizer.step()
@@ -194,6 +199,7 @@ def train_shadow_models(
     lr: float = 1e-3,
     batch_size: int = 64,
     weight_decay: float = 0.0,
+    mechanism: Optional[Callable] = None,
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
 ) -> ShadowModels:
@@ -210,7 +216,9 @@ def train_shadow_models(
         y: pool labels ``[N]``.
         n_shadows: number of models S, even and >= 2.
         epochs, lr, batch_size, weight_decay: the training recipe, as in :func:`train_classifier`.
-        generator: source of the splits, initializations and shuffling.
+        mechanism: the target's augmentation, a :class:`privfast.augment.mechanisms.Mechanism` that
+            does not mix examples (mixing the S models' batches would leak OUT examples into a shadow).
+        generator: source of the splits, initializations, shuffling and augmentation draws.
         progress: show a progress bar over epochs.
 
     Returns:
@@ -221,6 +229,9 @@ def train_shadow_models(
         raise ValueError(f"n_shadows must be even and >= 2 (halves come in complementary pairs), got {n_shadows}")
     if len(y) < 2:
         raise ValueError(f"the pool needs at least 2 examples to be halved, got {len(y)}")
+    if getattr(mechanism, "mixes_examples", False):
+        raise ValueError(f"{mechanism!r} mixes examples; the shadows' batches are augmented together, so it would "
+                         "mix one shadow's examples into another's")
     in_mask = _half_splits(n_shadows, len(y), generator)
     # Each row lists its IN examples first; wrapping around fills the shorter halves to a common length.
     counts = in_mask.sum(1, keepdim=True)
@@ -240,12 +251,16 @@ def train_shadow_models(
 
     batched_forward = vmap(shadows._forward, randomness="different")
 
+    num_classes = shadows.logits(x[:1].to(device)).shape[-1] if mechanism is not None else None
+
     def step(batch: Tensor) -> None:
+        xb, targets = _through(mechanism, x[batch.flatten()].to(device), y[batch.flatten()].to(device), num_classes,
+                               generator)
         optimizer.zero_grad(set_to_none=True)
-        logits = batched_forward(params, buffers, x[batch].to(device))  # [S, b, K]
+        logits = batched_forward(params, buffers, xb.view(*batch.shape, *xb.shape[1:]))  # [S, b, K]
         # The loss stays outside vmap, where cross-entropy is one fused op over all S * b rows.
         # Summing over models keeps each model's gradient its own: model s's loss depends only on slice s.
-        losses = F.cross_entropy(logits.flatten(0, 1), y[batch].to(device).flatten(), reduction="none")
+        losses = F.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
         losses.view(batch.shape).mean(1).sum().backward()
         optimizer.step()
 
