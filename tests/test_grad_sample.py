@@ -234,3 +234,14 @@ def test_unused_batch_is_not_silently_mixed_into_the_next():
         wrapped(x)  # evaluation records nothing
     F.cross_entropy(wrapped(x), y).backward()
     assert len(wrapped.clipped_sum(1.0)) == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_empty_batch_gives_a_zero_sum(name, mode):
+    model, x, y = _setup(name, 4)
+    wrapped = GradSampleModule(model, mode=mode, augmult=2)
+    F.cross_entropy(wrapped(x[:0]), y[:0], reduction="sum").backward()
+    sums = wrapped.clipped_sum(1.0)
+    assert set(sums) == set(model.parameters())
+    assert all(s.shape == p.shape and not s.any() for p, s in sums.items())

@@ -34,6 +34,12 @@ class Call:
     kwargs: dict
     grads: Optional[list[Tensor]] = field(default=None)
 
+    def drop(self) -> None:
+        """Release the tensors. The output hooks still reference the call while the user keeps the
+        graph alive (e.g. through ``loss``), which would otherwise keep a whole batch's activations."""
+        self.args, self.kwargs = (), {}
+        self.grads = [None] * len(self.grads)
+
 
 class LayerGrads:
     """Per-example gradients of one layer's parameters, computed on demand.

@@ -56,12 +56,13 @@ class ConvGrads(ContractionGrads):
         d = [fold_rows(g.reshape(g.shape[0], groups, g.shape[1] // groups, g.shape[2:].numel()), fold)
              for g in (c.grads[0] for c in calls)]
         super().__init__(module.weight, module.bias, None, cat_positions(d))
-        self.module, self.calls, self.fold = module, calls, fold
+        self.module, self.fold = module, fold
+        self.inputs, self.outputs_grad = [c.args[0] for c in calls], [c.grads[0] for c in calls]
 
     @property
     def a(self) -> Tensor:
         if self._a is None:
-            self._a = cat_positions([fold_rows(_unfold(self.module, c.args[0]), self.fold) for c in self.calls])
+            self._a = cat_positions([fold_rows(_unfold(self.module, x), self.fold) for x in self.inputs])
         return self._a
 
     def weight_columns(self) -> int:
@@ -69,10 +70,11 @@ class ConvGrads(ContractionGrads):
 
     def _weight_per_example(self) -> Tensor:
         module = self.module
-        if len(self.calls) > 1 or module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS:
+        narrow = module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS
+        if len(self.inputs) > 1 or narrow or self.batch == 0:  # the kernel takes no zero groups
             return super()._weight_per_example()
-        x, kernel, dilation, stride = _as_2d(module, _padded(module, self.calls[0].args[0]))
-        grad = self.calls[0].grads[0]
+        x, kernel, dilation, stride = _as_2d(module, _padded(module, self.inputs[0]))
+        grad = self.outputs_grad[0]
         grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
         b, k = self.batch, self.fold
         # [B*K, C, ...] -> [K, B*C, ...]: the examples become groups, the augmentations the batch.
@@ -87,7 +89,7 @@ class ConvGrads(ContractionGrads):
 
     def release(self) -> None:
         super().release()
-        self.calls = None
+        self.inputs = self.outputs_grad = None
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)

@@ -20,7 +20,7 @@ class EmbeddingGrads(LayerGrads):
         self.weight, self.ids, self.d = weight, ids, d
 
     def materialize_cost(self) -> float:
-        return float(self.batch * (self.weight.numel() + self.d[0].numel()))
+        return float(self.batch * (self.weight.numel() + self.d.shape[1] * self.d.shape[2]))
 
     def ghost_cost(self) -> float:
         return float(self.d.shape[0] * self.d.shape[1] ** 2 * self.d.shape[2])

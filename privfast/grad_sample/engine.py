@@ -124,7 +124,7 @@ class GradSampleModule(nn.Module):
                     "the per-example gradients of the previous batch were never used: call optimizer.step() "
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
                 )
-            layer.calls.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
+        self.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
         return self._module(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -142,6 +142,8 @@ class GradSampleModule(nn.Module):
     def clear(self) -> None:
         """Drop everything captured since the last step."""
         for layer in self._layers:
+            for call in layer.calls:
+                call.drop()
             layer.calls.clear()
             layer.materialized = None
 
@@ -201,6 +203,7 @@ class GradSampleModule(nn.Module):
             per_example = [a.add_(b) for a, b in zip(layer.materialized, per_example)]
         layer.materialized = per_example
         layer.calls.remove(call)
+        call.drop()
 
     # ------------------------------------------------------------------ per-example gradients
     def _layer_grads(self) -> Iterator[tuple[LayerGrads, float]]:

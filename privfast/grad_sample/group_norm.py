@@ -21,14 +21,15 @@ def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> Mater
     totals = None
     for call in calls:
         x, d = call.args[0], call.grads[0]
-        rows = x.shape[0]
-        x, d = x.reshape(rows, channels, -1), d.reshape(rows, channels, -1)
+        rows, positions = x.shape[0], x.shape[2:].numel()
+        x, d = x.reshape(rows, channels, positions), d.reshape(rows, channels, positions)
         sum_d = d.sum(2)
         parts = []
         if weight is not None:
-            var, mean = torch.var_mean(x.reshape(rows, groups, -1), dim=2, unbiased=False)
+            var, mean = torch.var_mean(x.reshape(rows, groups, channels // groups * positions), dim=2, unbiased=False)
             rstd = (var + module.eps).rsqrt().repeat_interleave(channels // groups, dim=1)
-            sum_xd = torch.bmm(x.reshape(rows * channels, 1, -1), d.reshape(rows * channels, -1, 1)).view(rows, channels)
+            sum_xd = torch.bmm(x.reshape(rows * channels, 1, positions),
+                               d.reshape(rows * channels, positions, 1)).view(rows, channels)
             parts.append((sum_xd - mean.repeat_interleave(channels // groups, dim=1) * sum_d) * rstd)
         if bias is not None:
             parts.append(sum_d)
