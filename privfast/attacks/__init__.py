@@ -1,5 +1,12 @@
 """Attacks that measure what a model leaks: membership inference (threshold, Salem NN,
-augmentation-aware, LiRA) and canary exposure; see also :mod:`privfast.metrics`."""
+augmentation-aware, LiRA) and canary exposure; see also :mod:`privfast.metrics`.
+
+A LiRA audit of a model trained on a random half of a pool::
+
+    shadows = train_shadow_models(make_model, pool.x, pool.y, n_shadows=16, epochs=30)  # all 16 at once
+    result = lira(target, shadows, pool.x, pool.y, is_member=in_target)
+    result.summary["auc"], result.summary["tpr_at_fpr"][0.001]
+"""
 
 from privfast.attacks.exposure import (
     TokenCanary,
