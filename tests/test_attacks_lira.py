@@ -17,7 +17,7 @@ from privfast.data import load_digits
 from privfast.models import MLP
 
 POOL = 500
-N_SHADOWS = 8
+N_SHADOWS = 16  # as in the LiRA reference
 RECIPE = {"epochs": 60, "lr": 3e-3, "batch_size": 64}
 
 
