@@ -302,22 +302,15 @@ class Trainer:
         args = dict(module=self.model, optimizer=optimizer, max_grad_norm=config.max_grad_norm, augmult=k,
                     grad_sample_mode=config.grad_sample_mode,
                     data_loader=DataLoader(dataset, batch_size=config.batch_size))
-        if self.distributed is not None:
-            return self.distributed.make_private(self.engine, noise_multiplier=self._noise_multiplier(args), **args)
         if config.target_epsilon is not None:
-            return self.engine.make_private_with_epsilon(target_epsilon=config.target_epsilon,
-                                                         target_delta=config.delta, epochs=config.epochs, **args)
-        return self.engine.make_private(noise_multiplier=config.noise_multiplier, **args)
-
-    def _noise_multiplier(self, args: dict) -> float:
-        if self.config.target_epsilon is None:
-            return self.config.noise_multiplier
-        from opacus.accountants.utils import get_noise_multiplier
-
-        sample_rate = 1 / len(args["data_loader"])
-        return get_noise_multiplier(target_epsilon=self.config.target_epsilon, target_delta=self.config.delta,
-                                    sample_rate=sample_rate, steps=int(self.config.epochs / sample_rate),
-                                    accountant=self.engine.accountant.mechanism())
+            args.update(target_epsilon=config.target_epsilon, target_delta=config.delta, epochs=config.epochs)
+        else:
+            args.update(noise_multiplier=config.noise_multiplier)
+        if self.distributed is not None:
+            return self.distributed.make_private(self.engine, **args)
+        if config.target_epsilon is not None:
+            return self.engine.make_private_with_epsilon(**args)
+        return self.engine.make_private(**args)
 
     @property
     def noise_multiplier(self) -> Optional[float]:
@@ -368,8 +361,10 @@ class Trainer:
             self.history.append(record)
             bar.set_postfix(acc=f"{record['test_accuracy']:.3f}",
                             **({"eps": f"{record['epsilon']:.2f}"} if "epsilon" in record else {}))
-            if self.checkpoint is not None and self.is_main:
-                atomic_save(self._state(), self.checkpoint)
+            if self.checkpoint is not None:
+                state = self._state()  # a collective when distributed: every process takes part
+                if self.is_main:
+                    atomic_save(state, self.checkpoint)
             for callback in self.callbacks:
                 callback(self, record)
         return self.history
@@ -381,7 +376,9 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "privacy_engine": self.engine.state_dict() if self.engine is not None else None,
-            "rng": torch.get_rng_state(),
+            "world_size": 1 if self.distributed is None else self.distributed.world_size,
+            # Each process's own stream (batches, augmentations), restored to the same process.
+            "rng": torch.get_rng_state() if self.distributed is None else self.distributed.gather_rng_states(),
             "history": self.history,
             "audit_history": self.audit.history,
         }
@@ -390,6 +387,10 @@ class Trainer:
         stored = checkpoint["config"]
         current = self.config.to_dict()
         changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k])
+        world_size = 1 if self.distributed is None else self.distributed.world_size
+        if checkpoint["world_size"] != world_size:
+            changed.append("world_size")
+            stored, current = {**stored, "world_size": checkpoint["world_size"]}, {**current, "world_size": world_size}
         if changed:
             diff = ", ".join(f"{k}: {stored.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"{self.checkpoint} belongs to another run ({diff}); only {sorted(_RESUMABLE_CHANGES)} "
@@ -398,7 +399,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.engine is not None:
             self.engine.load_state_dict(checkpoint["privacy_engine"])
-        torch.set_rng_state(checkpoint["rng"])
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng if self.distributed is None else rng[self.distributed.rank])
         self.history = list(checkpoint["history"])
         self.audit.history = list(checkpoint["audit_history"])
 

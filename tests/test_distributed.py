@@ -1,0 +1,94 @@
+"""Distributed DP-SGD: two processes (gloo, CPU) make the same update as one process on the whole
+batch, shard sampling is Poisson sampling of the whole set, and a 2-process Trainer run resumes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler, launch, launch_training
+from privfast.grad_sample import GradSampleModule
+from privfast.models import ConvNet
+from privfast.optim import DPOptimizer
+from privfast.trainer import TrainConfig, Trainer
+
+NOISE_SEED = 11
+
+
+def _model(state):
+    model = ConvNet(width=4)
+    model.load_state_dict(state)
+    return model
+
+
+def _step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def _optimizer(cls, model, batch):
+    wrapped = GradSampleModule(model)
+    optimizer = cls(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), module=wrapped, noise_multiplier=0.7,
+                    max_grad_norm=0.3, expected_batch_size=batch, generator=torch.Generator().manual_seed(NOISE_SEED))
+    return wrapped, optimizer
+
+
+def _two_steps(context, state, x, y, shares):
+    """Step 1: rank r takes its half of the batch; step 2: rank 0 takes the whole batch, rank 1 none."""
+    model = _model(state)
+    wrapped, optimizer = _optimizer(DistributedDPOptimizer, model, len(y))
+    for share in shares[context.rank]:
+        _step(wrapped, optimizer, x[share], y[share])
+    return [p.detach() for p in model.parameters()]
+
+
+def test_two_processes_make_the_single_process_update():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    torch.manual_seed(0)
+    state = ConvNet(width=4).state_dict()
+    shares = [[slice(0, 4), slice(0, 8)], [slice(4, 8), slice(0, 0)]]
+    per_rank = launch(_two_steps, state, x, y, shares, nproc=2, threads=1)
+
+    model = _model(state)
+    wrapped, optimizer = _optimizer(DPOptimizer, model, len(y))
+    for _ in range(2):
+        _step(wrapped, optimizer, x, y)
+    for rank_params in per_rank:
+        for a, b in zip(rank_params, model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(per_rank[0][0], state["features.0.weight"])  # it did train
+
+
+def test_shards_partition_the_data_and_sample_at_rate_q():
+    samplers = [PoissonShardSampler(1000, sample_rate=0.1, rank=r, world_size=3, seed=5,
+                                    generator=torch.Generator().manual_seed(r)) for r in range(3)]
+    shards = torch.cat([s.shard for s in samplers])
+    assert sorted(shards.tolist()) == list(range(1000))  # disjoint and complete
+    batches = [list(s) for s in samplers]
+    assert all(len(b) == 10 for b in batches)  # int(1 / q) steps in every process, empty batches included
+    drawn = sum(len(batch) for rank in batches for batch in rank)
+    assert drawn == pytest.approx(1000 * 0.1 * 10, rel=0.1)  # each example drawn with probability q per step
+    for sampler, rank in zip(samplers, batches):
+        assert set(sum(rank, [])) <= set(sampler.shard.tolist())
+    with pytest.raises(ValueError, match="rank"):
+        PoissonShardSampler(10, sample_rate=0.5, rank=2, world_size=2)
+
+
+def test_two_process_trainer_run_checkpoints_and_resumes(tmp_path):
+    config = dict(method="dpsgd", train_examples=96, width=4, batch_size=24, lr=0.5, noise_multiplier=1.2,
+                  attacks=("yeom",), audit_examples=48, audit_known=16)
+    first = launch_training(TrainConfig(epochs=1, **config), nproc=2, checkpoint=tmp_path / "c.pt", progress=False)
+    stored = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert stored["world_size"] == 2 and len(stored["rng"]) == 2
+    assert not torch.equal(stored["rng"][0], stored["rng"][1])  # the processes draw different batches
+
+    resumed = launch_training(TrainConfig(epochs=2, **config), nproc=2, checkpoint=tmp_path / "c.pt",
+                              resume=True, progress=False)
+    assert [r["epoch"] for r in resumed] == [1, 2] and resumed[0] == first[0]
+    single = Trainer(TrainConfig(epochs=2, **config), progress=False)
+    single.fit()
+    # The same sample rate, noise and steps: the accounting is the undistributed run's.
+    assert resumed[-1]["epsilon"] == pytest.approx(single.history[-1]["epsilon"], rel=1e-12)
+    with pytest.raises(ValueError, match="private methods"):
+        Trainer(TrainConfig(**{**config, "method": "nonprivate"}), distributed=object())
