@@ -49,8 +49,8 @@ def logit_confidence(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _query_confidences(logits_fn: Callable[[Tensor], Tensor], queries: list[Tensor], y: Tensor) -> Tensor:
     """Confidences ``[..., N, Q]`` of ``logits_fn``'s logits ``[..., N, K]`` on each of the Q queries."""
-    return torch.stack([logit_confidence(logits, y.expand(logits.shape[:-1])) for logits in map(logits_fn, queries)],
-                       dim=-1).cpu()
+    return torch.stack([logit_confidence(logits, y.to(logits.device).expand(logits.shape[:-1]))
+                        for logits in map(logits_fn, queries)], dim=-1).cpu()
 
 
 def _fit(phi: Tensor, mask: Tensor, fix_variance: bool) -> tuple[Tensor, Tensor]:
@@ -108,10 +108,9 @@ def lira(
     is_member = torch.as_tensor(is_member, dtype=torch.bool).cpu()
     if is_member.shape != y.shape or is_member.all() or not is_member.any():
         raise ValueError(f"is_member must be bool [N={len(y)}] with both members and non-members")
-    y_device = y.to(x.device)
     queries = [x, torch.flip(x, dims=[-1])] if mirror else [x]
-    target = _query_confidences(partial(predict_logits, model, batch_size=batch_size), queries, y_device)  # [N, Q]
-    shadow_phi = _query_confidences(partial(shadows.logits, batch_size=batch_size), queries, y_device)  # [S, N, Q]
+    target = _query_confidences(partial(predict_logits, model, batch_size=batch_size), queries, y)  # [N, Q]
+    shadow_phi = _query_confidences(partial(shadows.logits, batch_size=batch_size), queries, y)  # [S, N, Q]
     in_mask = shadows.in_mask.cpu()
     mu_out, sigma_out = _fit(shadow_phi, ~in_mask, fix_variance)
     if online:

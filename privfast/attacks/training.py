@@ -47,15 +47,18 @@ def _eval_mode(model: nn.Module):
 
 
 def predict_logits(model: nn.Module, x: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
-    """Logits ``[N, K]`` of ``model`` on ``x [N, ...]``, in eval mode and without gradients."""
+    """Logits ``[N, K]`` of ``model`` on ``x [N, ...]`` (moved to the model's device chunk by chunk), in eval mode
+    and without gradients."""
+    device = next(model.parameters(), x).device
     with _eval_mode(model):
-        return torch.cat([model(chunk) for chunk in x.split(batch_size)]) if len(x) else model(x)
+        return torch.cat([model(chunk.to(device)) for chunk in x.split(batch_size)]) if len(x) else model(x.to(device))
 
 
 def example_losses(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
     """Per-example cross-entropy losses ``[N]`` of ``model`` on ``(x [N, ...], y [N])``, in eval mode."""
     _check_data(x, y)
-    return F.cross_entropy(predict_logits(model, x, batch_size=batch_size), y.to(x.device), reduction="none")
+    logits = predict_logits(model, x, batch_size=batch_size)
+    return F.cross_entropy(logits, y.to(logits.device), reduction="none")
 
 
 def _adam(params: Iterable[Tensor], *, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -128,7 +131,7 @@ def train_classifier(
     device = next(model.parameters()).device
     optimizer = _adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     callbacks = list(callbacks)
-    num_classes = predict_logits(model, x[:1].to(device)).shape[1] if mechanism is not None else None
+    num_classes = predict_logits(model, x[:1]).shape[1] if mechanism is not None else None
 
     def step(batch: Tensor) -> None:
         xb, targets = _through(mechanism, x[batch[0]].to(device), y[batch[0]].to(device), num_classes, generator)
@@ -171,11 +174,13 @@ class ShadowModels:
         return functional_call(self.base, (params, buffers), (x,))
 
     def logits(self, x: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
-        """Logits ``[S, N, K]`` of every shadow model on the same inputs ``x [N, ...]``."""
+        """Logits ``[S, N, K]`` of every shadow model on the same inputs ``x [N, ...]``, on the models' device."""
         forward = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
+        device = next(iter(self.params.values())).device
         with torch.no_grad():
             self.base.eval()
-            return torch.cat([forward(self.params, self.buffers, chunk) for chunk in x.split(batch_size)], dim=1)
+            return torch.cat([forward(self.params, self.buffers, chunk.to(device)) for chunk in x.split(batch_size)],
+                             dim=1)
 
 
 def _half_splits(n_shadows: int, n: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -251,7 +256,7 @@ def train_shadow_models(
 
     batched_forward = vmap(shadows._forward, randomness="different")
 
-    num_classes = shadows.logits(x[:1].to(device)).shape[-1] if mechanism is not None else None
+    num_classes = shadows.logits(x[:1]).shape[-1] if mechanism is not None else None
 
     def step(batch: Tensor) -> None:
         xb, targets = _through(mechanism, x[batch.flatten()].to(device), y[batch.flatten()].to(device), num_classes,
