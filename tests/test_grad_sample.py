@@ -245,3 +245,12 @@ def test_empty_batch_gives_a_zero_sum(name, mode):
     sums = wrapped.clipped_sum(1.0)
     assert set(sums) == set(model.parameters())
     assert all(s.shape == p.shape and not s.any() for p, s in sums.items())
+
+
+def test_parameters_frozen_after_wrapping_stay_frozen():
+    model, x, y = _setup("linear", 4)
+    wrapped = GradSampleModule(model)
+    model[0].weight.requires_grad_(False)
+    F.cross_entropy(wrapped(x), y).backward()
+    assert not model[0].weight.requires_grad
+    assert model[0].weight not in wrapped.clipped_sum(1.0)

@@ -38,8 +38,8 @@ class _Layer:
         self.params = [p for _, p in trainable(module)]
         self.rule = RULES.get(type(module), vmap_rule)
         self.calls: list[Call] = []
-        self.materialized: Optional[list[Tensor]] = None  # per-example gradients built during backward
-        self.untracked = False  # whether the forward in flight has switched its parameters' tracking off
+        self.materialized: Optional[MaterializedGrads] = None  # per-example gradients built during backward
+        self.untracked: list[nn.Parameter] = []  # parameters the forward in flight stopped tracking
 
     def pending(self) -> list[Call]:
         """Calls whose output gradients have arrived and are not consumed yet."""
@@ -167,16 +167,15 @@ class GradSampleModule(nn.Module):
         if not any(args[i].requires_grad for i in floats):
             # Without a tracked input the output would carry no gradient once the weights are untracked.
             args = tuple(a.detach().requires_grad_() if i == floats[0] else a for i, a in enumerate(args))
-        for p in layer.params:
+        layer.untracked = [p for p in layer.params if p.requires_grad]  # the user may have frozen some since
+        for p in layer.untracked:
             p.requires_grad_(False)
-        layer.untracked = True
         return args, kwargs
 
     def _after_forward(self, layer: _Layer, module, args, kwargs, output):
-        if layer.untracked:
-            for p in layer.params:
-                p.requires_grad_(True)
-            layer.untracked = False
+        for p in layer.untracked:
+            p.requires_grad_(True)
+        layer.untracked = []
         if not self._capturing():
             return None
         outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
@@ -199,9 +198,11 @@ class GradSampleModule(nn.Module):
             if self._plan(grads) != (MATERIALIZE, MATERIALIZE):
                 return
             per_example = [g.mul_(scale) for g in grads.per_example()]
-        if layer.materialized is not None:
-            per_example = [a.add_(b) for a, b in zip(layer.materialized, per_example)]
-        layer.materialized = per_example
+            if layer.materialized is None:
+                layer.materialized = MaterializedGrads(grads.params, per_example)
+            else:
+                for total, g in zip(layer.materialized.per_example(), per_example):
+                    total.add_(g)
         layer.calls.remove(call)
         call.drop()
 
@@ -220,13 +221,14 @@ class GradSampleModule(nn.Module):
                     continue
                 found = True
                 if not calls:
-                    yield MaterializedGrads(layer.params, layer.materialized), 1.0
+                    yield layer.materialized, 1.0
                     continue
                 scale = self._loss_scale(next(g for g in calls[0].grads if g is not None).shape[0])
                 grads = layer.rule(layer.module, calls, self.fold)
                 if layer.materialized is not None:  # calls that planned otherwise join the built part
-                    per_example = [a + b.mul_(scale) for a, b in zip(layer.materialized, grads.per_example())]
-                    grads, scale = MaterializedGrads(layer.params, per_example), 1.0
+                    built = layer.materialized.per_example()
+                    per_example = [a + b.mul_(scale) for a, b in zip(built, grads.per_example())]
+                    grads, scale = MaterializedGrads(grads.params, per_example), 1.0
                 yield grads, scale
         if not found:
             raise RuntimeError(
