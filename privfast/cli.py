@@ -25,11 +25,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from privfast.attacks.reconstruction import PRESETS, per_example_gradients, psnr, reconstruct
+from privfast.attacks.training import train_classifier
 from privfast.audit import ATTACKS, MembershipAudit
+from privfast.augment.ats_library import Policy
 from privfast.data import DATASETS
 from privfast.grad_sample.engine import MODES
-from privfast.reports import format_table, summarize, write_report
-from privfast.trainer import METHODS, MODELS, TrainConfig, Trainer, load_data, load_trained
+from privfast.models import LeNet
+from privfast.reports import format_table, plot_reconstructions, summarize, write_report
+from privfast.search import accuracy_score, search
+from privfast.throughput import VARIANTS, format_rows, run_benchmark
+from privfast.trainer import METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_data, load_trained
 
 __all__ = ["DEMO_RUNS", "build_parser", "main"]
 
@@ -125,7 +131,51 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--attack", default=None, help="the audited attack of the table (default: the runs' last)")
     report.add_argument("--names", nargs="+", default=None, help="run names (default: the run directories' names)")
     report.set_defaults(handler=_report)
+
+    search = commands.add_parser("search", help="ATS search for transformation policies against gradient inversion")
+    _add_data_flags(search)
+    search.add_argument("--model", choices=MODELS, default="convnet")
+    search.add_argument("--width", type=int, default=16, help="ConvNet channels / MLP hidden units")
+    search.add_argument("--candidates", type=int, default=60, help="random policies scored (ATS: 1,500)")
+    search.add_argument("--images", type=int, default=10, help="images S_pri is averaged over (ATS: 100)")
+    search.add_argument("--top", type=int, default=2, help="policies kept for the hybrid")
+    search.add_argument("--acc-threshold", type=float, default=None,
+                        help="S_acc filter (default: the S_acc of the untransformed data)")
+    search.add_argument("--semi-fraction", type=float, default=0.1, help="training data of the semi-trained model")
+    search.add_argument("--semi-epochs", type=int, default=20, help="epochs of the semi-trained model (ATS: 50)")
+    search.set_defaults(handler=_search)
+
+    invert = commands.add_parser("invert", help="reconstruct training images from their gradients (and measure PSNR)")
+    _add_data_flags(invert)
+    invert.add_argument("--checkpoint", type=Path, default=None,
+                        help="attack this `privfast train` model (default: a fresh LeNet, DLG's setting)")
+    invert.add_argument("--images", type=int, default=4, help="test images whose gradients are inverted")
+    invert.add_argument("--preset", default="adam_cosine", choices=sorted(PRESETS), help="attack configuration")
+    invert.add_argument("--iterations", type=int, default=300, help="optimizer steps of the attack")
+    invert.add_argument("--policy", default=None, help="ATS defense applied before the gradient, e.g. 3-1-7+43-18-18")
+    invert.set_defaults(handler=_invert)
+
+    bench = commands.add_parser("bench", help="training-step time: non-private vs privfast's modes vs Opacus")
+    bench.add_argument("--model", choices=MODELS, default="convnet")
+    bench.add_argument("--width", type=int, default=32, help="ConvNet channels / MLP hidden units")
+    bench.add_argument("--channels", type=int, default=3)
+    bench.add_argument("--image-size", type=int, default=32)
+    bench.add_argument("--classes", type=int, default=10)
+    bench.add_argument("--batch", type=int, default=16, help="examples per step (B)")
+    bench.add_argument("--k", type=int, nargs="+", default=[1, 4], help="augmentations per example (K)")
+    bench.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    bench.add_argument("--rounds", type=int, default=5, help="timed steps per measurement")
+    bench.add_argument("--out", type=Path, default=None, help="write bench.json there")
+    bench.set_defaults(handler=_bench)
     return parser
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--data-root", default=None, help="directory of a file-based data set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the results there")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
@@ -213,6 +263,83 @@ def _report(args: argparse.Namespace) -> int:
     _print_table({name: summarize(run["history"], attack=attack) for name, run in runs.items()})
     path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1])
     print(f"report: {path}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    config = TrainConfig(dataset=args.dataset, data_root=args.data_root, model=args.model, width=args.width,
+                         seed=args.seed)
+    train, _ = load_data(config)
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    semi, init = build_model(config, **data_shape(train)), build_model(config, **data_shape(train))
+    subset = torch.randperm(len(train.y), generator=generator)[:max(1, int(args.semi_fraction * len(train.y)))]
+    train_classifier(semi, train.x[subset], train.y[subset], epochs=args.semi_epochs, generator=generator,
+                     progress=not args.no_progress)
+    threshold = args.acc_threshold
+    if threshold is None:
+        threshold = accuracy_score(init, train.x, train.y, generator=torch.Generator().manual_seed(args.seed))
+    result = search(semi, init, (train.x, train.y), candidates=args.candidates, acc_threshold=threshold,
+                    top_n=args.top, images=args.images, seed=args.seed, progress=not args.no_progress)
+    print(f"S_acc threshold {threshold:.3f}; lower S_pri is more private")
+    print(result.format_table(limit=10))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = [{"policy": str(r.policy), "s_pri": r.privacy, "s_acc": r.accuracy} for r in result.table]
+        (args.out / "search.json").write_text(json.dumps(
+            {"threshold": threshold, "selected": [str(p) for p in result.selected], "hybrid": str(result.hybrid),
+             "table": table}, indent=1))
+        print(f"written: {args.out / 'search.json'}")
+    return 0
+
+
+def _invert(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None:
+        model, config, _ = load_trained(args.checkpoint)
+    else:
+        config = TrainConfig(dataset=args.dataset, data_root=args.data_root, seed=args.seed)
+        torch.manual_seed(args.seed)
+    _, test = load_data(config)
+    shape = data_shape(test)
+    if args.checkpoint is None:
+        model = LeNet(in_channels=shape["in_channels"], num_classes=shape["num_classes"],
+                      image_size=shape["image_size"]).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    x, y = test.x[:args.images], test.y[:args.images]
+    shared = Policy(args.policy)(x, generator=generator) if args.policy else x
+    grads = per_example_gradients(model, shared, y)
+    result = reconstruct(model, grads, shape=tuple(x.shape[1:]), config=args.preset, iterations=args.iterations,
+                         generator=generator, progress=not args.no_progress)
+    to_shared, to_original = psnr(result.images, shared), psnr(result.images, x)
+    print(f"{args.preset}, {args.iterations} iterations, policy {args.policy or 'none'}; "
+          f"labels recovered {int((result.labels == y).sum())}/{len(y)}")
+    print("image  PSNR vs shared (dB)  PSNR vs original (dB)")
+    for i, (a, b) in enumerate(zip(to_shared.tolist(), to_original.tolist())):
+        print(f"{i:>5}  {a:>19.2f}  {b:>21.2f}")
+    print(f"mean   {to_shared.mean():>19.2f}  {to_original.mean():>21.2f}")
+    if args.out is not None:
+        path = plot_reconstructions(x, shared, result.images, args.out / "reconstructions.png",
+                                    titles=[f"{v:.1f} dB" for v in to_original.tolist()])
+        (args.out / "invert.json").write_text(json.dumps(
+            {"preset": args.preset, "iterations": args.iterations, "policy": args.policy,
+             "psnr_vs_shared": to_shared.tolist(), "psnr_vs_original": to_original.tolist()}, indent=1))
+        print(f"written: {path}, {args.out / 'invert.json'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = TrainConfig(model=args.model, width=args.width)
+    shape = {"in_channels": args.channels, "image_size": args.image_size, "num_classes": args.classes}
+    rows = run_benchmark(lambda: build_model(config, **shape), (args.channels, args.image_size, args.image_size),
+                         num_classes=args.classes, batch_size=args.batch, augmults=args.k, variants=args.variants,
+                         rounds=args.rounds)
+    print(f"{args.model}, B={args.batch}, input {args.channels}x{args.image_size}x{args.image_size}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(format_rows(rows))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(rows, indent=1))
+        print(f"written: {args.out / 'bench.json'}")
     return 0
 
 

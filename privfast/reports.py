@@ -22,13 +22,14 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from privfast.attacks.training import example_losses
 from privfast.data import Split
 from privfast.metrics import js_distance
 
-__all__ = ["COLUMNS", "format_table", "plot_curves", "plot_loss_histograms", "summarize", "write_report"]
+__all__ = ["COLUMNS", "format_table", "plot_curves", "plot_loss_histograms", "plot_reconstructions", "summarize",
+           "write_report"]
 
 COLUMNS = (
     # (key of summarize's dict, header, format)
@@ -182,6 +183,43 @@ def plot_loss_histograms(models: Mapping[str, nn.Module], members: Split, nonmem
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=110)
     return distances
+
+
+def plot_reconstructions(original: Tensor, shared: Tensor, reconstructed: Tensor, path: str | os.PathLike, *,
+                         titles: Optional[Sequence[str]] = None) -> Path:
+    """A grid of gradient-inversion results (PNG): originals, the images whose gradients were shared
+    (after a defense's transformation), and the attack's reconstructions, one column per image.
+
+    Args:
+        original: ``[N, C, H, W]`` images in [0, 1].
+        shared: ``[N, C, H, W]`` the images the gradients were computed on.
+        reconstructed: ``[N, C, H, W]`` the reconstructions in [0, 1].
+        path: the PNG file to write (its directory is created).
+        titles: one caption per reconstruction (e.g. its PSNR).
+
+    Returns:
+        ``path``.
+    """
+    if not original.shape == shared.shape == reconstructed.shape or original.dim() != 4:
+        raise ValueError(f"expected three [N, C, H, W] batches of one shape, got {tuple(original.shape)}, "
+                         f"{tuple(shared.shape)} and {tuple(reconstructed.shape)}")
+    n = original.shape[0]
+    fig, axes = _figure(3, n, (1.6 * n + 1, 5))
+    for row, (label, images) in enumerate((("original", original), ("shared", shared),
+                                           ("reconstructed", reconstructed))):
+        for i in range(n):
+            image = images[i].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+            ax = axes[row, i]
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label)
+            if row == 2 and titles is not None:
+                ax.set_title(titles[i], fontsize="small")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return Path(path)
 
 
 def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack: str,

@@ -37,7 +37,7 @@ from privfast.models import MLP, ConvNet, ResNet20, WideResNet
 from privfast.privacy_engine import PrivacyEngine
 
 __all__ = ["CHECKPOINT_FORMAT", "METHODS", "MODELS", "TrainConfig", "Trainer", "atomic_save", "build_model",
-           "load_data", "load_trained"]
+           "data_shape", "load_data", "load_trained"]
 
 METHODS = ("nonprivate", "dpsgd", "dpmix")
 MODELS = ("convnet", "mlp", "wrn16-4", "resnet20")
@@ -182,9 +182,10 @@ def load_data(config: TrainConfig) -> tuple[Split, Split]:
     return train, test
 
 
-def _data_shape(train: Split, test: Split) -> dict:
-    num_classes = int(max(train.y.max(), test.y.max())) + 1
-    return {"in_channels": train.x.shape[1], "image_size": train.x.shape[-1], "num_classes": num_classes}
+def data_shape(*splits: Split) -> dict:
+    """``in_channels``, ``image_size`` and ``num_classes`` of images ``[N, C, H, W]`` with labels ``[N]``."""
+    num_classes = int(max(split.y.max() for split in splits)) + 1
+    return {"in_channels": splits[0].x.shape[1], "image_size": splits[0].x.shape[-1], "num_classes": num_classes}
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -218,7 +219,7 @@ def load_trained(path: str | os.PathLike, *, data: Optional[tuple[Split, Split]]
     checkpoint = _read_checkpoint(path)
     config = TrainConfig.from_dict(checkpoint["config"])
     train, test = data if data is not None else load_data(config)
-    model = build_model(config, **_data_shape(train, test))
+    model = build_model(config, **data_shape(train, test))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config, checkpoint["history"]
 
@@ -271,7 +272,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.distributed = distributed
-        self.shape = _data_shape(self.train_split, self.test_split)
+        self.shape = data_shape(self.train_split, self.test_split)
         self.augmenter = config.augmenter(self.shape["num_classes"])
         self.history: list[dict] = []
         self.engine: Optional[PrivacyEngine] = None
