@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("privfast-demo"), help="report directory")
     demo.add_argument("--epochs-scale", type=float, default=1.0,
                       help="multiply every run's epochs by this (e.g. 0.2 for a smoke test)")
+    demo.add_argument("--train-examples", type=int, default=None,
+                      help="train on this many digits only (default: all 1,257; fewer for a smoke test)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
 
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     bench.add_argument("--rounds", type=int, default=5, help="timed steps per measurement")
     bench.add_argument("--out", type=Path, default=None, help="write bench.json there")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -190,7 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
     runs, models, data = {}, {}, None
     for name, overrides in DEMO_RUNS.items():
         epochs = max(1, round(overrides["epochs"] * args.epochs_scale))
-        config = TrainConfig(**{**overrides, "epochs": epochs, "attacks": ("yeom", DEMO_ATTACK)})
+        config = TrainConfig(**{**overrides, "epochs": epochs, "attacks": ("yeom", DEMO_ATTACK),
+                                "train_examples": args.train_examples})
         data = data or load_data(config)
         trainer = Trainer(config, data=data, progress=not args.no_progress)
         runs[name] = {"config": config.to_dict(), "history": trainer.fit(),
@@ -332,7 +336,7 @@ def _bench(args: argparse.Namespace) -> int:
     shape = {"in_channels": args.channels, "image_size": args.image_size, "num_classes": args.classes}
     rows = run_benchmark(lambda: build_model(config, **shape), (args.channels, args.image_size, args.image_size),
                          num_classes=args.classes, batch_size=args.batch, augmults=args.k, variants=args.variants,
-                         rounds=args.rounds)
+                         rounds=args.rounds, progress=not args.no_progress)
     print(f"{args.model}, B={args.batch}, input {args.channels}x{args.image_size}x{args.image_size}, "
           f"{torch.get_num_threads()} thread(s)")
     print(format_rows(rows))

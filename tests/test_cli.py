@@ -17,7 +17,8 @@ TINY = ["--train-examples", "96", "--width", "4", "--batch-size", "24", "--audit
 
 
 def test_demo_prints_the_three_runs_side_by_side_and_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--epochs-scale", "0.07", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert main(["demo", "--epochs-scale", "0.07", "--train-examples", "300", "--out", str(tmp_path / "demo"),
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("run "))
     for column in ("test acc", "epsilon", "AUC", "advantage", "TPR@1%FPR", "DP bound P_err"):
@@ -76,3 +77,38 @@ def test_module_entry_point_lists_the_commands():
     assert result.returncode == 0
     for command in ("demo", "train", "audit", "report"):
         assert command in result.stdout
+
+
+def test_search_writes_ranked_policies_and_a_disjoint_hybrid(tmp_path, capsys):
+    assert main(["search", "--candidates", "8", "--images", "2", "--semi-epochs", "1", "--width", "4",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    found = json.loads((tmp_path / "search.json").read_text())
+    assert len(found["table"]) == 8 and 1 <= len(found["selected"]) <= 2
+    kept = sorted(r["s_pri"] for r in found["table"] if r["s_pri"] is not None and r["s_pri"] == r["s_pri"])
+    by_policy = {r["policy"]: r["s_pri"] for r in found["table"]}
+    assert by_policy[found["selected"][0]] == kept[0]  # the best S_pri (lowest) is selected first
+    assert found["hybrid"].split("+") == found["selected"]
+    assert "hybrid:" in capsys.readouterr().out
+
+
+def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
+    assert main(["invert", "--images", "2", "--iterations", "5", "--policy", "3", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "labels recovered" in out and "PSNR vs original" in out
+    result = json.loads((tmp_path / "invert.json").read_text())
+    assert len(result["psnr_vs_original"]) == 2 and all(v > 0 for v in result["psnr_vs_shared"])
+    assert (tmp_path / "reconstructions.png").stat().st_size > 0
+
+
+def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
+    assert main(["bench", "--channels", "1", "--image-size", "8", "--width", "4", "--batch", "4", "--k", "1", "2",
+                 "--variants", "non-private", "privfast-auto", "opacus", "--rounds", "1", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["k"], r["variant"]) for r in rows] == [(k, v) for k in (1, 2)
+                                                       for v in ("non-private", "privfast-auto", "opacus")]
+    for row in rows:
+        assert row["min_s"] > 0 and row["examples_per_s"] == pytest.approx(4 / row["min_s"])
+        assert row["vs_nonprivate"] == pytest.approx(row["min_s"] / rows[3 * (row["k"] - 1)]["min_s"])
+    assert "Opacus / this" in capsys.readouterr().out
