@@ -6,7 +6,27 @@
 
 #include <optional>
 
+#include "common/augment.h"
+
 namespace privfast {
+
+// The checked, contiguous inputs of one augment_batch call and its output, shared by the backends.
+struct AugmentCall {
+  at::Tensor x, crop_offsets, flips, mix_pairs, mix_lambda, extra, out;
+  int64_t padding;
+
+  template <typename scalar_t>
+  augment::Plan<scalar_t, at::opmath_type<scalar_t>> plan() const {
+    return {x.const_data_ptr<scalar_t>(),
+            extra.defined() ? extra.const_data_ptr<scalar_t>() : nullptr,
+            crop_offsets.const_data_ptr<int64_t>(),
+            flips.const_data_ptr<bool>(),
+            mix_pairs.const_data_ptr<int64_t>(),
+            mix_lambda.const_data_ptr<at::opmath_type<scalar_t>>(),
+            x.size(1), x.size(2), x.size(3), flips.size(1), extra.defined() ? extra.size(1) : 0, mix_pairs.size(1),
+            padding};
+  }
+};
 
 inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offsets, const at::Tensor& flips,
                                const at::Tensor& mix_pairs, const at::Tensor& mix_lambda,
@@ -54,6 +74,18 @@ inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offse
                         "mix_pairs must index the k + k_extra = ", k + k_extra, " base rows of an example");
     }
   }
+}
+
+inline AugmentCall prepare_augment(const at::Tensor& x, const at::Tensor& crop_offsets, const at::Tensor& flips,
+                                   const at::Tensor& mix_pairs, const at::Tensor& mix_lambda,
+                                   const std::optional<at::Tensor>& extra, int64_t padding) {
+  check_augment_args(x, crop_offsets, flips, mix_pairs, mix_lambda, extra, padding);
+  AugmentCall call{x.contiguous(), crop_offsets.contiguous(), flips.contiguous(), mix_pairs.contiguous(),
+                   mix_lambda.contiguous(), extra.has_value() ? extra->contiguous() : at::Tensor(), at::Tensor(),
+                   padding};
+  const int64_t rows = flips.size(1) + (extra.has_value() ? extra->size(1) : 0) + mix_pairs.size(1);
+  call.out = at::empty({x.size(0) * rows, x.size(1), x.size(2), x.size(3)}, x.options());
+  return call;
 }
 
 }  // namespace privfast

@@ -5,13 +5,22 @@
 
 #include <vector>
 
+#include "tensor_list.h"
+
 namespace privfast {
 
 // Floor of ||a|| * ||r||: a zero gradient has cosine 0 instead of NaN (the reference's COSINE_EPS).
 constexpr double kCosineEps = 1e-12;
 
-inline void check_gradsim_args(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& refs,
-                               const at::Tensor& index) {
+// The checked, contiguous inputs of one gradsim call, shared by the backends.
+struct GradsimCall {
+  std::vector<at::Tensor> grads, refs;
+  at::Tensor index;
+};
+
+inline GradsimCall prepare_gradsim(at::TensorList grads_in, at::TensorList refs_in, const at::Tensor& index) {
+  const auto grads = checked_rows(grads_in, "grads");
+  const auto refs = checked_rows(refs_in, "refs");
   TORCH_CHECK_VALUE(grads.size() == refs.size(), "grads has ", grads.size(), " tensors but refs has ", refs.size(),
                     "; they must pair up");
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -26,6 +35,7 @@ inline void check_gradsim_args(const std::vector<at::Tensor>& grads, const std::
                     "index must be int64 of shape [", n, "], got ", index.scalar_type(), " ", index.sizes());
   TORCH_CHECK_VALUE(index.device() == grads[0].device(), "index is on ", index.device(), " but grads on ",
                     grads[0].device());
+  return {grads, refs, index.contiguous()};
 }
 
 // sums: double [3, tensors, N] of (a.r, a.a, r.r) -> cosines [N] in `dtype`.

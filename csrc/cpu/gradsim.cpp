@@ -8,10 +8,10 @@ namespace privfast {
 namespace {
 
 at::Tensor gradsim_cpu(at::TensorList grads_in, at::TensorList refs_in, const at::Tensor& index_in, bool per_layer) {
-  const auto grads = checked_rows(grads_in, "grads");
-  const auto refs = checked_rows(refs_in, "refs");
-  check_gradsim_args(grads, refs, index_in);
-  const at::Tensor index = index_in.contiguous();
+  const GradsimCall call = prepare_gradsim(grads_in, refs_in, index_in);
+  const auto& grads = call.grads;
+  const auto& refs = call.refs;
+  const at::Tensor& index = call.index;
   const int64_t num_refs = refs[0].size(0);
   const int64_t* ref_of = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {

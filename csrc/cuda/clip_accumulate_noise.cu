@@ -43,7 +43,7 @@ std::vector<at::Tensor> clip_accumulate_noise_cuda(at::TensorList grads_in, doub
   }
   if (chunks.empty()) return outputs;
   const at::Tensor chunks_dev = cuda::to_device(chunks, grads[0].device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = cuda::current_stream();
   // Second read: clipped sums, noise generated in-kernel.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "clip_accumulate_noise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

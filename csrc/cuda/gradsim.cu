@@ -8,12 +8,10 @@ namespace privfast {
 namespace {
 
 at::Tensor gradsim_cuda(at::TensorList grads_in, at::TensorList refs_in, const at::Tensor& index, bool per_layer) {
-  const auto grads = checked_rows(grads_in, "grads");
-  const auto refs = checked_rows(refs_in, "refs");
-  check_gradsim_args(grads, refs, index);
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  const at::Tensor sums = cuda::reduce_rows<3>(grads, refs, index.contiguous());
-  return cosines_from_sums(sums, per_layer, grads[0].scalar_type());
+  const auto call = prepare_gradsim(grads_in, refs_in, index);
+  const c10::cuda::CUDAGuard guard(call.grads[0].device());
+  const at::Tensor sums = cuda::reduce_rows<3>(call.grads, call.refs, call.index);
+  return cosines_from_sums(sums, per_layer, call.grads[0].scalar_type());
 }
 
 }  // namespace

@@ -3,8 +3,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstring>
@@ -26,8 +27,13 @@ at::Tensor to_device(const std::vector<T>& items, const at::Device& device) {
   return host.to(device, /*non_blocking=*/true);
 }
 
+inline c10::cuda::CUDAStream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Blocks for a grid-stride loop over `work` items: enough to fill the device, no more.
 inline unsigned grid_for(int64_t work, int threads) {
-  const int64_t max_blocks = 32 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t max_blocks = 32 * static_cast<int64_t>(sms);
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, max_blocks)));
 }
 
@@ -54,7 +60,7 @@ at::Tensor reduce_rows(const std::vector<at::Tensor>& a, const std::vector<at::T
   const at::Tensor segments_dev = to_device(desc, device);
   const at::Tensor first_dev = to_device(first, device);
   at::Tensor partials = at::empty({static_cast<int64_t>(segments.size()) * N}, out.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const auto* seg = reinterpret_cast<const SegmentDesc*>(segments_dev.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(), "privfast_reduce_rows", [&] {
     if constexpr (N == 1) {
