@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
