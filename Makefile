@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 
-.PHONY: install demo test bench cuda-check clean
+.PHONY: install demo test bench cuda-check cuda-glue-check clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -27,6 +27,10 @@ bench: install
 cuda-check:
 	for arch in 80 90; do $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -c tools/cuda_device_code.cu -o /tmp/privfast_cuda_sm$$arch.o || exit 1; done
 	@echo "CUDA device code compiles for sm_80 and sm_90"
+
+# Compiles the CUDA glue (csrc/cuda/*.cu) against the installed torch's headers, even a CPU torch's.
+cuda-glue-check: install
+	PYTHON=$(PYTHON) NVCC=$(NVCC) tools/check_cuda_glue.sh
 
 clean:
 	rm -rf build *.egg-info privfast/_C*.so
