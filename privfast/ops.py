@@ -13,6 +13,7 @@ import os
 import warnings
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +28,7 @@ __all__ = [
     "gradsim",
     "has_extension",
     "per_sample_norms",
+    "sample_beta",
 ]
 
 _BUILD_HINT = "pip install --no-build-isolation -e .   (or: make install)"
@@ -289,18 +291,18 @@ def gradsim(
     return _reference.gradsim(grads, refs, index, per_layer)
 
 
-def _beta_symmetric(alpha: float, shape: tuple[int, ...], generator: Optional[torch.Generator], device) -> Tensor:
-    """Beta(alpha, alpha) draws by Joehnk's rejection method, in log space (float64)."""
-    out = torch.empty(shape, dtype=torch.float64, device=device).flatten()
-    pending = torch.arange(out.numel(), device=device)
-    while pending.numel():
-        u = torch.rand(2, pending.numel(), dtype=torch.float64, generator=generator, device=device)
-        log_x, log_y = u.clamp_min(1e-300).log() / alpha
-        log_total = torch.logaddexp(log_x, log_y)
-        accept = log_total <= 0
-        out[pending[accept]] = (log_x - log_total)[accept].exp()
-        pending = pending[~accept]
-    return out.reshape(shape)
+def sample_beta(alpha: float, shape: tuple[int, ...], *, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Draws of Beta(alpha, alpha), reproducible from ``generator``.
+
+    torch's Beta takes no generator, so numpy's (fast for every alpha) is keyed from the generator's
+    stream, which the draw advances.
+
+    Returns:
+        float64 tensor of ``shape`` on the CPU.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=shape))
 
 
 def draw_augment_params(
@@ -330,7 +332,7 @@ def draw_augment_params(
     first = torch.randint(0, max(base_rows, 1), (batch, mixups), generator=generator, device=gen_device)
     shift = torch.randint(1, max(base_rows, 2), (batch, mixups), generator=generator, device=gen_device)
     second = (first + shift) % base_rows if base_rows > 1 else first
-    lam = _beta_symmetric(alpha, (batch, mixups), generator, gen_device) if mixups else torch.zeros(batch, 0, dtype=torch.float64)
+    lam = sample_beta(alpha, (batch, mixups), generator=generator) if mixups else torch.zeros(batch, 0, dtype=torch.float64)
     return AugmentParams(
         offsets.to(device), flips.to(device), torch.stack([first, second], -1).to(device), lam.to(device, lambda_dtype)
     )

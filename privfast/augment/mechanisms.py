@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from privfast import ops
 
 __all__ = [
     "Cutout",
@@ -246,10 +247,7 @@ class Mixup(Mechanism):
         batch = x.shape[0]
         device = _generator_device(generator, x.device)
         partner = torch.randperm(batch, generator=generator, device=device).to(x.device)
-        # torch's Beta takes no generator, and rejection samplers stall at the paper's gamma up to 256;
-        # numpy's Beta, keyed from the generator, is reproducible and fast for every gamma.
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-        lam = torch.from_numpy(np.random.default_rng(seed).beta(self.gamma, self.gamma, size=batch)).to(x.device)
+        lam = ops.sample_beta(self.gamma, (batch,), generator=generator).to(x.device)
         lam_x = lam.to(x.dtype).view(batch, 1, 1, 1)
         lam_t = lam.to(targets.dtype)[:, None]
         return lam_x * x + (1 - lam_x) * x[partner], lam_t * targets + (1 - lam_t) * targets[partner]
