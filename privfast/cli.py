@@ -199,8 +199,7 @@ def _demo(args: argparse.Namespace) -> int:
                                 "train_examples": args.train_examples})
         data = data or load_data(config)
         trainer = Trainer(config, data=data, progress=not args.no_progress)
-        runs[name] = {"config": config.to_dict(), "history": trainer.fit(),
-                      "noise_multiplier": trainer.noise_multiplier}
+        runs[name] = {"config": config.to_dict(), "history": trainer.fit()}
         models[name] = trainer.model.eval()
     elapsed = time.perf_counter() - start
     rows = {name: summarize(run["history"], attack=DEMO_ATTACK) for name, run in runs.items()}

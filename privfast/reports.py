@@ -269,6 +269,8 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
     lines += ["## Configurations", ""]
     for name, run in runs.items():
         config = ", ".join(f"{k}={v}" for k, v in run["config"].items())
-        lines += [f"- **{name}**: {config}"]
+        sigma = run["history"][-1].get("noise_multiplier")
+        used = f"noise multiplier used: {sigma:.4g}; " if sigma is not None else ""
+        lines += [f"- **{name}**: {used}{config}"]
     (out / "report.md").write_text("\n".join(line for line in lines if line is not None) + "\n")
     return out / "report.md"

@@ -257,7 +257,8 @@ class Trainer:
         history: one record per epoch: ``epoch``, ``train_loss``, ``test_accuracy``,
             ``train_accuracy``, one dict per attack (``auc``, ``advantage``, ``p_err``,
             ``best_advantage``, ``tpr_at_fpr``), and for private runs ``epsilon`` and
-            ``dp_perr_bound`` (the lower bound ``(1 - delta) / (1 + e^epsilon)`` on P_err).
+            ``dp_perr_bound`` (the lower bound ``(1 - delta) / (1 + e^epsilon)`` on P_err) and
+            ``noise_multiplier`` (sigma).
     """
 
     def __init__(self, config: TrainConfig, *, data: Optional[tuple[Split, Split]] = None,
@@ -359,6 +360,8 @@ class Trainer:
         for epoch in bar:
             train_loss = self._train_epoch(epoch)
             record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss}
+            if self.engine is not None:  # searched when target_epsilon is set: the config does not hold it
+                record["noise_multiplier"] = self.optimizer.noise_multiplier
             self.history.append(record)
             bar.set_postfix(acc=f"{record['test_accuracy']:.3f}",
                             **({"eps": f"{record['epsilon']:.2f}"} if "epsilon" in record else {}))

@@ -18,7 +18,7 @@ def _record(epoch, accuracy, advantage, epsilon=None):
               "calibrated": {"auc": 0.5 + advantage / 2, "advantage": advantage, "p_err": (1 - advantage) / 2,
                              "best_advantage": advantage, "tpr_at_fpr": {0.001: 0.0, 0.01: advantage / 4}}}
     if epsilon is not None:
-        record |= {"epsilon": epsilon, "dp_perr_bound": dp_perr_bound(epsilon, 1e-5)}
+        record |= {"epsilon": epsilon, "dp_perr_bound": dp_perr_bound(epsilon, 1e-5), "noise_multiplier": 1.25}
     return record
 
 
@@ -74,7 +74,8 @@ def test_write_report_writes_markdown_json_and_plots(tmp_path):
     assert path == tmp_path / "report" / "report.md"
     text = path.read_text()
     assert text.startswith("# test report") and "ran fast" in text and "![per-epoch curves](curves.png)" in text
-    assert "| DP-SGD |" in text and "method=dpsgd" in text and "losses.png" not in text
+    assert "| DP-SGD |" in text and "losses.png" not in text
+    assert "**DP-SGD**: noise multiplier used: 1.25; method=dpsgd" in text and "**non-private**: method=" in text
     assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["DP-SGD"]["summary"]["epsilon"] == 1.5 and len(results["non-private"]["history"]) == 3
