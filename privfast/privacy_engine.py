@@ -58,6 +58,8 @@ class PrivacyEngine:
     Args:
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (Opacus's accountants).
         secure_mode: key every noise draw from the operating system's entropy (not reproducible).
+            Poisson sampling still draws from torch's generator (Opacus uses torchcsprng there,
+            which is not a dependency of privfast).
     """
 
     def __init__(self, *, accountant: str = "rdp", secure_mode: bool = False):
