@@ -44,8 +44,8 @@ class Call:
 class LayerGrads:
     """Per-example gradients of one layer's parameters, computed on demand.
 
-    Subclasses implement :meth:`per_example`; those that can avoid materializing also override
-    :meth:`ghost_cost`, :meth:`_ghost_norm_sq` and :meth:`_contract`.
+    Subclasses implement :meth:`_compute_per_example`; those that can avoid materializing also
+    override :meth:`ghost_cost`, :meth:`contract_cost`, :meth:`_ghost_norm_sq` and :meth:`contract`.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], batch: int):
@@ -88,19 +88,14 @@ class LayerGrads:
         per_example = self._per_example if self._per_example is not None else self._compute_per_example()
         return ops.per_sample_norms(per_example).pow(2)
 
-    def clipped_sum(self, weights: Tensor, how: str) -> list[Tensor]:
-        """``sum_b weights[b] * G[b]`` for each parameter; ``weights`` is ``[B]``."""
-        if how == GHOST:
-            return self._contract(weights)
-        return [torch.tensordot(weights.to(g.dtype), g, dims=1) for g in self.per_example()]
+    def contract(self, weights: Tensor) -> list[Tensor]:
+        """``sum_b weights[b] * G[b]`` for each parameter without forming ``G``; ``weights`` is ``[B]``."""
+        raise NotImplementedError
 
     def release(self) -> None:
         """Drop the captured operands once the per-example gradients are built (lowers the peak)."""
 
     def _ghost_norm_sq(self) -> Tensor:
-        raise NotImplementedError
-
-    def _contract(self, weights: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
 
@@ -193,7 +188,7 @@ class ContractionGrads(LayerGrads):
             total = total + self._bias_per_example().pow(2).sum(1)
         return total
 
-    def _contract(self, weights: Tensor) -> list[Tensor]:
+    def contract(self, weights: Tensor) -> list[Tensor]:
         b, g, r, d, p = self._dims()
         out = []
         if self.weight is not None:

@@ -38,7 +38,7 @@ class EmbeddingGrads(LayerGrads):
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(self.d.dtype)
         return (same * torch.bmm(self.d, self.d.transpose(1, 2))).sum(dim=(1, 2))
 
-    def _contract(self, weights: Tensor) -> list[Tensor]:
+    def contract(self, weights: Tensor) -> list[Tensor]:
         dim = self.weight.shape[1]
         scaled = (self.d * weights.to(self.d.dtype).view(-1, 1, 1)).reshape(-1, dim)
         return [self.d.new_zeros(self.weight.shape).index_add_(0, self.ids.flatten(), scaled)]

@@ -312,7 +312,7 @@ class GradSampleModule(nn.Module):
         for params, per_example in materialized:
             out.update(zip(params, (torch.tensordot(factors.to(g.dtype), g, dims=1) for g in per_example)))
         for grads, scale, _ in contracted:
-            out.update(zip(grads.params, grads.clipped_sum(factors * scale, GHOST)))
+            out.update(zip(grads.params, grads.contract(factors * scale)))
         return out
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
