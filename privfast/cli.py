@@ -29,7 +29,7 @@ from privfast.attacks.reconstruction import PRESETS, per_example_gradients, psnr
 from privfast.attacks.training import train_classifier
 from privfast.audit import ATTACKS, MembershipAudit
 from privfast.augment.ats_library import Policy
-from privfast.data import DATASETS
+from privfast.data import DATASETS, load_dataset
 from privfast.grad_sample.engine import MODES
 from privfast.models import LeNet
 from privfast.reports import format_table, plot_reconstructions, summarize, write_report
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="one report comparing several trained runs")
     report.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint.pt files written by `privfast train`")
     report.add_argument("--out", type=Path, required=True, help="report directory")
-    report.add_argument("--attack", default=None, help="the audited attack of the table (default: the runs' last)")
+    report.add_argument("--attack", default=None,
+                        help="the audited attack of the table (default: one that every run audited)")
     report.add_argument("--names", nargs="+", default=None, help="run names (default: the run directories' names)")
     report.set_defaults(handler=_report)
 
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     invert = commands.add_parser("invert", help="reconstruct training images from their gradients (and measure PSNR)")
     _add_data_flags(invert)
     invert.add_argument("--checkpoint", type=Path, default=None,
-                        help="attack this `privfast train` model (default: a fresh LeNet, DLG's setting)")
+                        help="attack this `privfast train` model on its own data set (default: a fresh LeNet on "
+                             "--dataset, DLG's setting)")
     invert.add_argument("--images", type=int, default=4, help="test images whose gradients are inverted")
     invert.add_argument("--preset", default="adam_cosine", choices=sorted(PRESETS), help="attack configuration")
     invert.add_argument("--iterations", type=int, default=300, help="optimizer steps of the attack")
@@ -181,6 +183,12 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results there")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _write_json(out: Path, name: str, value) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(value, indent=1, default=str))
+    return out / name
 
 
 def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
@@ -237,26 +245,23 @@ def _train(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     model, config, history = load_trained(args.checkpoint)
     train, test = load_data(config)
-    epsilon = history[-1].get("epsilon") if history else None
+    last = history[-1]  # a checkpoint is written after a whole epoch only
     audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, n_known=args.known,
-                            seed=args.seed,
-                            epsilon=None if epsilon is None else (lambda: epsilon), delta=config.delta)
-    record = audit(model, history[-1]["epoch"] if history else 0)
+                            seed=args.seed, epsilon=(lambda: last["epsilon"]) if "epsilon" in last else None,
+                            delta=config.delta)
+    record = audit(model, last["epoch"])
     print(f"{args.checkpoint}: {config.method}, test accuracy {record['test_accuracy']:.3f}, train accuracy "
           f"{record['train_accuracy']:.3f}")
     _print_table({name: summarize([record], attack=name) for name in args.attacks})
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "audit.json").write_text(json.dumps({"config": config.to_dict(), "record": record}, indent=1,
-                                                        default=str))
-        print(f"written: {args.out / 'audit.json'}")
+        print(f"written: {_write_json(args.out, 'audit.json', {'config': config.to_dict(), 'record': record})}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     names = args.names or [path.parent.name for path in args.checkpoints]
     if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
-        raise SystemExit(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
+        raise ValueError(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
                          "checkpoints (pass --names)")
     runs, models, data = {}, {}, None
     for name, path in zip(names, args.checkpoints):
@@ -264,7 +269,10 @@ def _report(args: argparse.Namespace) -> int:
         runs[name] = {"config": config.to_dict(), "history": history}
         models[name] = model
         data = data or load_data(config)
-    attack = args.attack or next(a for a in reversed(ATTACKS) if all(a in r["history"][-1] for r in runs.values()))
+    common = [a for a in ATTACKS if all(a in run["history"][-1] for run in runs.values())]
+    if args.attack is None and not common:
+        raise ValueError("the runs have no audited attack in common; pass --attack")
+    attack = args.attack or common[-1]
     _print_table({name: summarize(run["history"], attack=attack) for name, run in runs.items()})
     path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1])
     print(f"report: {path}")
@@ -289,26 +297,22 @@ def _search(args: argparse.Namespace) -> int:
     print(f"S_acc threshold {threshold:.3f}; lower S_pri is more private")
     print(result.format_table(limit=10))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         table = [{"policy": str(r.policy), "s_pri": r.privacy, "s_acc": r.accuracy} for r in result.table]
-        (args.out / "search.json").write_text(json.dumps(
-            {"threshold": threshold, "selected": [str(p) for p in result.selected], "hybrid": str(result.hybrid),
-             "table": table}, indent=1))
-        print(f"written: {args.out / 'search.json'}")
+        selected = [str(p) for p in result.selected]
+        path = _write_json(args.out, "search.json", {"threshold": threshold, "selected": selected,
+                                                     "hybrid": str(result.hybrid), "table": table})
+        print(f"written: {path}")
     return 0
 
 
 def _invert(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         model, config, _ = load_trained(args.checkpoint)
+        _, test = load_data(config)
     else:
-        config = TrainConfig(dataset=args.dataset, data_root=args.data_root, seed=args.seed)
+        _, test = load_dataset(args.dataset, root=args.data_root)
         torch.manual_seed(args.seed)
-    _, test = load_data(config)
-    shape = data_shape(test)
-    if args.checkpoint is None:
-        model = LeNet(in_channels=shape["in_channels"], num_classes=shape["num_classes"],
-                      image_size=shape["image_size"]).eval()
+        model = LeNet(**data_shape(test)).eval()
     generator = torch.Generator().manual_seed(args.seed)
     x, y = test.x[:args.images], test.y[:args.images]
     shared = Policy(args.policy)(x, generator=generator) if args.policy else x
@@ -325,10 +329,10 @@ def _invert(args: argparse.Namespace) -> int:
     if args.out is not None:
         path = plot_reconstructions(x, shared, result.images, args.out / "reconstructions.png",
                                     titles=[f"{v:.1f} dB" for v in to_original.tolist()])
-        (args.out / "invert.json").write_text(json.dumps(
-            {"preset": args.preset, "iterations": args.iterations, "policy": args.policy,
-             "psnr_vs_shared": to_shared.tolist(), "psnr_vs_original": to_original.tolist()}, indent=1))
-        print(f"written: {path}, {args.out / 'invert.json'}")
+        summary = _write_json(args.out, "invert.json", {
+            "preset": args.preset, "iterations": args.iterations, "policy": args.policy,
+            "psnr_vs_shared": to_shared.tolist(), "psnr_vs_original": to_original.tolist()})
+        print(f"written: {path}, {summary}")
     return 0
 
 
@@ -342,9 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} thread(s)")
     print(format_rows(rows))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps(rows, indent=1))
-        print(f"written: {args.out / 'bench.json'}")
+        print(f"written: {_write_json(args.out, 'bench.json', rows)}")
     return 0
 
 

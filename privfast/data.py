@@ -151,8 +151,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     body = raw[4 + 4 * ndim:]
     if len(body) != dtype.itemsize * int(np.prod(shape)):
-        raise ValueError(f"{path}: the header promises shape {shape} of {dtype} ({dtype.itemsize * int(np.prod(shape))} "
-                         f"bytes) but {len(body)} bytes follow")
+        expected = dtype.itemsize * int(np.prod(shape))
+        raise ValueError(f"{path}: the header promises shape {shape} of {dtype} ({expected} bytes) but {len(body)} "
+                         "bytes follow")
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
@@ -253,7 +254,8 @@ def load_dataset(name: str, *, root: Optional[str | os.PathLike] = None, **kwarg
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if root is None:
-        raise ValueError(f"{name} is read from files: pass root=<directory holding them> (--data-root on the command line)")
+        raise ValueError(f"{name} is read from files: pass root=<directory holding them> (--data-root on the "
+                         "command line)")
     if name == "fashion-mnist":
         return load_fashion_mnist(root, **kwargs)
     return load_cifar(root, num_classes=100 if name == "cifar100" else 10, **kwargs)

@@ -35,7 +35,8 @@ def _write_cifar(folder, files, label_key, n_per_file, num_classes, rng):
 def test_cifar_batches_load_channel_major_in_unit_range(tmp_path, num_classes):
     rng = np.random.default_rng(0)
     if num_classes == 10:
-        folder, files, key = tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        folder, key = tmp_path / "cifar-10-batches-py", b"labels"
     else:
         folder, files, key = tmp_path / "cifar-100-python", ["train", "test"], b"fine_labels"
     written = _write_cifar(folder, files, key, 3, num_classes, rng)
