@@ -1,12 +1,38 @@
 """privfast: fast private deep learning, and fast attacks to measure its privacy.
 
-The public API lives in the submodules (``privfast.ops``, ...); this module re-exports the
-entry points users reach for first.
+Train privately with :class:`PrivacyEngine` (Opacus's names; augmentation multiplicity and DP-Mix
+through :mod:`privfast.augment`), attack the result with :mod:`privfast.attacks` and
+:mod:`privfast.metrics`, search ATS policies with :mod:`privfast.search`, simulate collaborative
+learning with :mod:`privfast.federated`. The fused kernels are in :mod:`privfast.ops`.
 """
 
-from privfast import ops
+from privfast import attacks, audit, augment, federated, grad_sample, metrics, ops, optim, search
+from privfast.audit import MembershipAudit
+from privfast.augment import DPMix, SelfAug
+from privfast.grad_sample import GradSampleModule
 from privfast.ops import has_extension
+from privfast.optim import SAM, DPOptimizer
+from privfast.privacy_engine import PrivacyEngine
 
 __version__ = "0.1.0"
 
-__all__ = ["has_extension", "ops", "__version__"]
+__all__ = [
+    "DPMix",
+    "DPOptimizer",
+    "GradSampleModule",
+    "MembershipAudit",
+    "PrivacyEngine",
+    "SAM",
+    "SelfAug",
+    "__version__",
+    "attacks",
+    "audit",
+    "augment",
+    "federated",
+    "grad_sample",
+    "has_extension",
+    "metrics",
+    "ops",
+    "optim",
+    "search",
+]

@@ -19,6 +19,18 @@ from privfast.attacks.exposure import (
 )
 from privfast.attacks.lira import lira, logit_confidence
 from privfast.attacks.mia import AttackResult, augmentation_aware, calibrated_threshold, salem_nn, yeom
+from privfast.attacks.reconstruction import (
+    PRESETS,
+    AttackConfig,
+    Reconstruction,
+    gradient_distance,
+    per_example_gradients,
+    psnr,
+    reconstruct,
+    recover_labels,
+    ssim,
+    total_variation,
+)
 from privfast.attacks.training import (
     ShadowModels,
     example_losses,
@@ -28,24 +40,33 @@ from privfast.attacks.training import (
 )
 
 __all__ = [
+    "PRESETS",
+    "AttackConfig",
     "AttackResult",
+    "Reconstruction",
     "ShadowModels",
     "TokenCanary",
     "augmentation_aware",
     "calibrated_threshold",
     "example_losses",
     "exposure",
+    "gradient_distance",
     "exposure_extrapolated",
     "image_canaries",
     "insert_canaries",
     "lira",
     "log_perplexity",
     "logit_confidence",
+    "per_example_gradients",
     "predict_logits",
+    "psnr",
+    "reconstruct",
+    "recover_labels",
     "salem_nn",
+    "ssim",
     "token_canary",
+    "total_variation",
     "train_classifier",
     "train_shadow_models",
     "yeom",
 ]
-from privfast.attacks.reconstruction import PRESETS, AttackConfig, Reconstruction, gradient_distance, per_example_gradients, psnr, reconstruct, recover_labels, ssim, total_variation  # noqa: E402,F401
