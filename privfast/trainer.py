@@ -42,7 +42,8 @@ __all__ = ["CHECKPOINT_FORMAT", "METHODS", "MODELS", "TrainConfig", "Trainer", "
 METHODS = ("nonprivate", "dpsgd", "dpmix")
 MODELS = ("convnet", "mlp", "wrn16-4", "resnet20")
 CHECKPOINT_FORMAT = 1
-# Fields that may change when a run is resumed: they do not alter the epochs already trained.
+# Fields that may change when a run is resumed: they do not alter the epochs already trained
+# (except that a target epsilon spreads its noise over the epochs: see Trainer._restore).
 _RESUMABLE_CHANGES = {"epochs"}
 
 
@@ -205,21 +206,18 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         raise
 
 
-def load_trained(path: str | os.PathLike, *, data: Optional[tuple[Split, Split]] = None
-                 ) -> tuple[nn.Module, TrainConfig, list[dict]]:
+def load_trained(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig, list[dict]]:
     """The model, configuration and per-epoch history stored in a :class:`Trainer` checkpoint.
 
     Args:
         path: a checkpoint written by :meth:`Trainer.fit`.
-        data: the ``(train, test)`` splits, to skip reloading the configured data set.
 
     Returns:
         ``(model in eval mode, config, history)``.
     """
     checkpoint = _read_checkpoint(path)
     config = TrainConfig.from_dict(checkpoint["config"])
-    train, test = data if data is not None else load_data(config)
-    model = build_model(config, **data_shape(train, test))
+    model = build_model(config, **data_shape(*load_data(config)))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config, checkpoint["history"]
 
@@ -344,7 +342,8 @@ class Trainer:
 
         Args:
             resume: continue from ``checkpoint`` if it exists (only ``epochs`` may differ from the
-                stored configuration, to extend a run); without a checkpoint file, start afresh.
+                stored configuration, to extend a run, and not with ``target_epsilon``, whose noise
+                was chosen for the stored epoch count); without a checkpoint file, start afresh.
 
         Returns:
             :attr:`history`, one record per epoch trained so far.
@@ -390,7 +389,9 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         stored = checkpoint["config"]
         current = self.config.to_dict()
-        changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k])
+        # With a target epsilon the noise was chosen to spend it in exactly `epochs` epochs.
+        resumable = _RESUMABLE_CHANGES if self.config.target_epsilon is None else set()
+        changed = sorted(k for k in current if k not in resumable and stored.get(k) != current[k])
         world_size = 1 if self.distributed is None else self.distributed.world_size
         if checkpoint["world_size"] != world_size:
             changed.append("world_size")

@@ -72,6 +72,11 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     other = Trainer(_config(method="nonprivate", epochs=2, lr=0.01), checkpoint=tmp_path / "d.pt", progress=False)
     with pytest.raises(ValueError, match=r"another run \(lr: 0.5 -> 0.01\)"):
         other.fit(resume=True)
+    Trainer(_config(method="dpsgd", epochs=1, target_epsilon=2.0), checkpoint=tmp_path / "e.pt", progress=False).fit()
+    longer = Trainer(_config(method="dpsgd", epochs=2, target_epsilon=2.0), checkpoint=tmp_path / "e.pt",
+                     progress=False)
+    with pytest.raises(ValueError, match=r"epochs: 1 -> 2"):  # the noise was chosen to spend epsilon in 1 epoch
+        longer.fit(resume=True)
     with pytest.raises(ValueError, match="checkpoint path"):
         Trainer(_config(method="nonprivate", epochs=1), progress=False).fit(resume=True)
     (tmp_path / "junk.pt").write_bytes(b"")
