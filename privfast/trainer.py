@@ -358,6 +358,8 @@ class Trainer:
         bar = tqdm(range(len(self.history), self.config.epochs), desc=self.config.method, disable=not self.progress)
         for epoch in bar:
             train_loss = self._train_epoch(epoch)
+            # Distributed processes hold identical models and each audits its own: the records agree
+            # without another collective (the audit's draws are seeded, not taken from the global RNG).
             record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss}
             if self.engine is not None:  # searched when target_epsilon is set: the config does not hold it
                 record["noise_multiplier"] = self.optimizer.noise_multiplier

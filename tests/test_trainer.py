@@ -50,9 +50,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method, extra):
 
 
 def test_records_hold_accuracy_attacks_epsilon_and_bound(tmp_path):
+    seen = []
     trainer = Trainer(_config(method="dpsgd", epochs=2, target_epsilon=3.0), checkpoint=tmp_path / "c.pt",
-                      progress=False)
+                      progress=False, callbacks=[lambda t, record: seen.append((t, record["epoch"]))])
     history = trainer.fit()
+    assert seen == [(trainer, 1), (trainer, 2)]
     assert [r["epoch"] for r in history] == [1, 2]
     last = history[-1]
     assert 0 <= last["test_accuracy"] <= 1 and math.isfinite(last["train_loss"])
