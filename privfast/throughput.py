@@ -7,7 +7,8 @@ runs the way augmented DP training is run on it today: every one of the B*K rows
 its own. privfast folds an example's K rows into one per-example gradient.
 
 Times are the fastest of several rounds: on a shared machine the fastest round is the least
-disturbed one, and the median is reported beside it.
+disturbed one, and the median is reported beside it. The variants of one K run interleaved,
+round by round, so that a change in the machine's load hits them alike and their ratios hold.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,22 +75,30 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
     return step
 
 
-def measure(step: Callable[[], None], *, rounds: int = 5, warmup: int = 1) -> dict:
-    """Time ``step``: ``warmup`` untimed calls, then ``rounds`` timed ones.
+def measure(steps: Mapping[str, Callable[[], None]], *, rounds: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """Time several steps interleaved: ``warmup`` untimed calls of each, then ``rounds`` rounds
+    that call every step once.
+
+    Args:
+        steps: name -> ``step()``.
+        rounds: timed calls of each step.
+        warmup: untimed calls of each step first (lazy initialization, allocator, first kernel calls).
 
     Returns:
-        ``{"min_s", "median_s", "rounds"}``.
+        name -> ``{"min_s", "median_s", "rounds"}``.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
-    for _ in range(warmup):
-        step()
-    times = []
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"min_s": min(times), "median_s": statistics.median(times), "rounds": rounds}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"min_s": min(t), "median_s": statistics.median(t), "rounds": rounds} for name, t in times.items()}
 
 
 def run_benchmark(make_model: Callable[[], nn.Module], input_shape: Sequence[int], *, num_classes: int,
@@ -117,16 +126,18 @@ def run_benchmark(make_model: Callable[[], nn.Module], input_shape: Sequence[int
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected names from {VARIANTS}")
     rows = []
-    jobs = [(k, v) for k in augmults for v in variants]
-    for k, variant in tqdm(jobs, desc="bench", disable=not progress):
+    for k in tqdm(list(augmults), desc="bench (K)", disable=not progress):
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(batch_size * k, *input_shape, generator=g)
         y = torch.randint(0, num_classes, (batch_size * k,), generator=g)
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():  # Opacus warns about secure RNG on every optimizer
+        steps = {}
+        for variant in variants:
+            torch.manual_seed(seed)
+            steps[variant] = training_step(variant, make_model(), x, y, augmult=k)
+        with warnings.catch_warnings():  # Opacus's hooks warn on inputs without gradients, at every step
             warnings.simplefilter("ignore")
-            timing = measure(training_step(variant, make_model(), x, y, augmult=k), rounds=rounds)
-        rows.append({"k": k, "variant": variant, **timing, "examples_per_s": batch_size / timing["min_s"]})
+            timings = measure(steps, rounds=rounds)
+        rows += [{"k": k, "variant": v, **t, "examples_per_s": batch_size / t["min_s"]} for v, t in timings.items()]
     for row in rows:
         same_k = {r["variant"]: r for r in rows if r["k"] == row["k"]}
         if "non-private" in same_k:
