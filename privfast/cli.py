@@ -211,12 +211,18 @@ def _demo(args: argparse.Namespace) -> int:
         models[name] = trainer.model.eval()
     elapsed = time.perf_counter() - start
     rows = {name: summarize(run["history"], attack=DEMO_ATTACK) for name, run in runs.items()}
+    # The attack's decision is scored on the examples the attacker did not know; at worst (rates of
+    # 1/2) the standard error of TPR - FPR is sqrt(1/4n + 1/4n).
+    attacked = min(config.audit_examples, len(data[0].y), len(data[1].y)) - config.audit_known
+    noise = (f"Advantage is scored on {attacked} members and {attacked} non-members: its standard error is up to "
+             f"{(0.5 / attacked) ** 0.5:.3f}, so smaller differences between runs are noise.")
     print(f"\nprivfast demo: digits, ConvNet, membership attack `{DEMO_ATTACK}` (members: training set; "
           "non-members: test set)")
     _print_table(rows, elapsed)
+    print(noise)
     path = write_report(args.out, runs, attack=DEMO_ATTACK, models=models, members=data[0], nonmembers=data[1],
                         title="privfast demo: non-private vs DP-SGD vs DP-Mix",
-                        notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s)."])
+                        notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s). {noise}"])
     print(f"report: {path}")
     return 0
 
