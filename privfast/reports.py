@@ -11,7 +11,9 @@ training algorithms:
   against advantage, one point per epoch (that seed's privacy-utility curves, where early
   stopping shows up as a point of the curve);
 - member and non-member loss histograms with their Jensen-Shannon distance
-  (seed augmentation-vs-membership-inference.txt, Fig. 1).
+  (seed augmentation-vs-membership-inference.txt, Fig. 1), and the loss rank correlation (LRC)
+  between every two runs' models on the same training examples (its Figs. 6-8: how alike two
+  training algorithms make a model's per-example losses, hence its vulnerable examples).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from torch import Tensor, nn
 
 from privfast.attacks.training import example_losses
 from privfast.data import Split
-from privfast.metrics import js_distance
+from privfast.metrics import js_distance, loss_rank_correlation
 
-__all__ = ["COLUMNS", "format_table", "plot_curves", "plot_loss_histograms", "plot_reconstructions", "summarize",
-           "write_report"]
+__all__ = ["COLUMNS", "format_table", "lrc_matrix", "plot_curves", "plot_loss_histograms", "plot_reconstructions",
+           "summarize", "write_report"]
 
 COLUMNS = (
     # (key of summarize's dict, header, format)
@@ -185,38 +187,49 @@ def plot_loss_histograms(models: Mapping[str, nn.Module], members: Split, nonmem
     return distances
 
 
-def plot_reconstructions(original: Tensor, shared: Tensor, reconstructed: Tensor, path: str | os.PathLike, *,
-                         titles: Optional[Sequence[str]] = None) -> Path:
-    """A grid of gradient-inversion results (PNG): originals, the images whose gradients were shared
-    (after a defense's transformation), and the attack's reconstructions, one column per image.
+def lrc_matrix(models: Mapping[str, nn.Module], members: Split) -> dict[str, dict[str, float]]:
+    """Loss rank correlation of every two models on the same training examples (seed 000, Figs. 6-8).
 
     Args:
-        original: ``[N, C, H, W]`` images in [0, 1].
-        shared: ``[N, C, H, W]`` the images the gradients were computed on.
-        reconstructed: ``[N, C, H, W]`` the reconstructions in [0, 1].
+        models: run name -> trained model.
+        members: the examples ``(x [N, ...], y [N])`` whose losses are ranked.
+
+    Returns:
+        ``lrc[a][b]``: Spearman correlation of model a's and model b's per-example losses (1 on the diagonal).
+    """
+    losses = {name: example_losses(model, *members) for name, model in models.items()}
+    return {a: {b: 1.0 if a == b else loss_rank_correlation(losses[a], losses[b]) for b in losses} for a in losses}
+
+
+def plot_reconstructions(rows: Mapping[str, Tensor], path: str | os.PathLike, *,
+                         titles: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
+    """A grid of images (PNG), one labelled row per batch, one column per image: e.g. ATS's Fig. 4
+    (clean images; their reconstructions; the transformed images; the reconstructions of those).
+
+    Args:
+        rows: row label -> images ``[N, C, H, W]`` in [0, 1], the same N, C, H, W in every row.
         path: the PNG file to write (its directory is created).
-        titles: one caption per reconstruction (e.g. its PSNR).
+        titles: row label -> one caption per image (e.g. its PSNR).
 
     Returns:
         ``path``.
     """
-    if not original.shape == shared.shape == reconstructed.shape or original.dim() != 4:
-        raise ValueError(f"expected three [N, C, H, W] batches of one shape, got {tuple(original.shape)}, "
-                         f"{tuple(shared.shape)} and {tuple(reconstructed.shape)}")
-    n = original.shape[0]
-    fig, axes = _figure(3, n, (1.6 * n + 1, 5))
-    for row, (label, images) in enumerate((("original", original), ("shared", shared),
-                                           ("reconstructed", reconstructed))):
+    shapes = {tuple(images.shape) for images in rows.values()}
+    if not rows or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"expected batches [N, C, H, W] of the same shape, got {sorted(shapes)}")
+    n = next(iter(rows.values())).shape[0]
+    fig, axes = _figure(len(rows), n, (1.6 * n + 1.5, 1.8 * len(rows)))
+    for r, (label, images) in enumerate(rows.items()):
         for i in range(n):
             image = images[i].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
-            ax = axes[row, i]
+            ax = axes[r, i]
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_ylabel(label)
-            if row == 2 and titles is not None:
-                ax.set_title(titles[i], fontsize="small")
+                ax.set_ylabel(label, fontsize="small")
+            if titles is not None and label in titles:
+                ax.set_xlabel(titles[label][i], fontsize="small")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return Path(path)
@@ -250,10 +263,12 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
     out.mkdir(parents=True, exist_ok=True)
     rows = {name: summarize(run["history"], attack=attack) for name, run in runs.items()}
     plot_curves({name: run["history"] for name, run in runs.items()}, out / "curves.png", attack=attack)
-    distances = None
+    distances = lrc = None
     if models is not None:
         distances = plot_loss_histograms(models, members, nonmembers, out / "losses.png")
-    results = {name: {**run, "summary": rows[name], **({"js_distance": distances[name]} if distances else {})}
+        lrc = lrc_matrix(models, members)
+    results = {name: {**run, "summary": rows[name],
+                      **({"js_distance": distances[name], "lrc": lrc[name]} if distances else {})}
                for name, run in runs.items()}
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -265,7 +280,10 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
              "![per-epoch curves](curves.png)", ""]
     if distances:
         lines += ["Loss histograms of members and non-members (Jensen-Shannon distance in each title):", "",
-                  "![loss histograms](losses.png)", ""]
+                  "![loss histograms](losses.png)", "",
+                  "Loss rank correlation (Spearman) between the runs' models on the training examples:", "",
+                  "| | " + " | ".join(lrc) + " |", "|---" * (len(lrc) + 1) + "|",
+                  *("| " + a + " | " + " | ".join(f"{lrc[a][b]:.3f}" for b in lrc) + " |" for a in lrc), ""]
     lines += ["## Configurations", ""]
     for name, run in runs.items():
         config = ", ".join(f"{k}={v}" for k, v in run["config"].items())

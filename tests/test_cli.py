@@ -95,9 +95,12 @@ def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
     assert main(["invert", "--images", "2", "--iterations", "5", "--policy", "3", "--out", str(tmp_path),
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "labels recovered" in out and "PSNR vs original" in out
+    assert "labels recovered" in out and "PSNR vs clean" in out
     result = json.loads((tmp_path / "invert.json").read_text())
-    assert len(result["psnr_vs_original"]) == 2 and all(v > 0 for v in result["psnr_vs_shared"])
+    for case in ("no defense", "policy 3"):  # ATS Fig. 4: the same images attacked without and with the defense
+        assert len(result[case]["psnr_vs_clean"]) == 2 and all(v > 0 for v in result[case]["psnr_vs_shared"])
+    # Without a defense the shared image is the clean one.
+    assert result["no defense"]["psnr_vs_shared"] == result["no defense"]["psnr_vs_clean"]
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
 
 

@@ -10,7 +10,15 @@ from privfast.attacks.training import train_classifier
 from privfast.data import Split
 from privfast.metrics import dp_perr_bound
 from privfast.models import MLP
-from privfast.reports import format_table, plot_curves, plot_loss_histograms, summarize, write_report
+from privfast.reports import (
+    format_table,
+    lrc_matrix,
+    plot_curves,
+    plot_loss_histograms,
+    plot_reconstructions,
+    summarize,
+    write_report,
+)
 
 
 def _record(epoch, accuracy, advantage, epsilon=None):
@@ -70,6 +78,24 @@ def test_loss_histograms_separate_a_memorizing_model(tmp_path):
     assert 0 <= distances["fresh"] < distances["memorizing"] <= 1
     assert distances["memorizing"] > 0.5  # random labels: members near zero loss, non-members far from it
     assert matplotlib.image.imread(tmp_path / "losses.png").shape[1] > 600  # two panels side by side
+
+    lrc = lrc_matrix({"fresh": fresh, "memorizing": memorizing, "same": memorizing}, members)
+    assert lrc["same"]["memorizing"] == pytest.approx(1.0) and lrc["fresh"]["fresh"] == 1.0
+    assert lrc["fresh"]["memorizing"] == lrc["memorizing"]["fresh"] < 0.9
+
+    write_report(tmp_path / "with_models", {"a": RUNS["DP-SGD"], "b": RUNS["non-private"]}, attack="calibrated",
+                 models={"a": fresh, "b": memorizing}, members=members, nonmembers=nonmembers)
+    text = (tmp_path / "with_models" / "report.md").read_text()
+    assert "![loss histograms](losses.png)" in text and f"| a | 1.000 | {lrc['fresh']['memorizing']:.3f} |" in text
+
+
+def test_reconstruction_grid(tmp_path):
+    images = torch.rand(3, 3, 8, 8)
+    path = plot_reconstructions({"clean": images, "reconstructed": images.flip(0)}, tmp_path / "r.png",
+                                titles={"reconstructed": ["1 dB", "2 dB", "3 dB"]})
+    assert matplotlib.image.imread(path).shape[0] > 200
+    with pytest.raises(ValueError, match="same shape"):
+        plot_reconstructions({"a": images, "b": images[:2]}, tmp_path / "bad.png")
 
 
 def test_write_report_writes_markdown_json_and_plots(tmp_path):
