@@ -39,8 +39,8 @@ std::vector<int64_t> row_numels(const std::vector<at::Tensor>& tensors) {
 
 std::vector<Segment> row_segments(const std::vector<int64_t>& row_numel, int64_t rows) {
   std::vector<Segment> segments;
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t t = 0; t < static_cast<int64_t>(row_numel.size()); ++t) {
+  for (int64_t t = 0; t < static_cast<int64_t>(row_numel.size()); ++t) {
+    for (int64_t row = 0; row < rows; ++row) {
       for (int64_t begin = 0; begin < row_numel[t]; begin += kSegmentElements) {
         segments.push_back({t, row, begin, std::min(begin + kSegmentElements, row_numel[t])});
       }

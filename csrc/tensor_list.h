@@ -30,8 +30,9 @@ std::vector<at::Tensor> checked_rows(at::TensorList tensors, const char* name);
 // Elements per row of each tensor: prod(shape_i).
 std::vector<int64_t> row_numels(const std::vector<at::Tensor>& tensors);
 
-// Segments of every row of every tensor, ordered by (row, tensor, begin), so that the partial
-// results of one row are adjacent and are always summed in the same order.
+// Segments of every row of every tensor, ordered by (tensor, row, begin): memory order, so that a
+// thread streams through its share; the partial sums of one (tensor, row) are adjacent and always
+// summed in the same order.
 std::vector<Segment> row_segments(const std::vector<int64_t>& row_numel, int64_t rows);
 
 // Raises a ValueError naming the examples whose norm is not finite and the first tensor that holds

@@ -29,16 +29,25 @@ struct Plan {
 
   PF_HOST_DEVICE int64_t rows_per_example() const { return k + k_extra + mixups; }
 
-  // Pixel (c, i, j) of base row `row` (a crop when row < k, else an extra) of example b.
+  // Row and column of x that row i / column j of crop `draw` (= b * k + crop) reads.
+  PF_HOST_DEVICE int64_t crop_row(int64_t draw, int64_t i) const {
+    return reflect(i + crop_offsets[2 * draw] - padding, height);
+  }
+  PF_HOST_DEVICE int64_t crop_col(int64_t draw, int64_t j) const {
+    return reflect((flips[draw] ? width - 1 - j : j) + crop_offsets[2 * draw + 1] - padding, width);
+  }
+
+  // Channel c of base row `row` of example b (a crop when row < k: read through crop_row/crop_col).
+  PF_HOST_DEVICE const scalar_t* base_plane(int64_t b, int64_t row, int64_t c) const {
+    return row < k ? x + (b * channels + c) * height * width
+                   : extra + ((b * k_extra + row - k) * channels + c) * height * width;
+  }
+
+  // Pixel (c, i, j) of base row `row` of example b.
   PF_HOST_DEVICE acc_t base_pixel(int64_t b, int64_t row, int64_t c, int64_t i, int64_t j) const {
-    if (row >= k) {
-      return static_cast<acc_t>(extra[(((b * k_extra + row - k) * channels + c) * height + i) * width + j]);
-    }
-    const int64_t draw = b * k + row;
-    const int64_t column = flips[draw] ? width - 1 - j : j;
-    const int64_t src_i = reflect(i + crop_offsets[2 * draw] - padding, height);
-    const int64_t src_j = reflect(column + crop_offsets[2 * draw + 1] - padding, width);
-    return static_cast<acc_t>(x[((b * channels + c) * height + src_i) * width + src_j]);
+    const scalar_t* plane = base_plane(b, row, c);
+    if (row >= k) return static_cast<acc_t>(plane[i * width + j]);
+    return static_cast<acc_t>(plane[crop_row(b * k + row, i) * width + crop_col(b * k + row, j)]);
   }
 
   // Pixel (c, i, j) of output row `row` of example b.

@@ -105,8 +105,7 @@ std::vector<at::Tensor> clip_accumulate_noise_cpu(at::TensorList grads_in, doubl
       }
       // Second read, from cache: the clipped rows of the block join the running sums in row order.
       for_columns([&](int64_t, const Columns& c) {
-        acc_t* acc = acc_of(c);
-        for (int64_t r = r0; r < r1; ++r) cpu::axpy(acc, factors[r - r0], row_of(c, r), c.end - c.begin);
+        cpu::accumulate_rows(acc_of(c), factors.data(), row_of(c, r0), n[c.tensor], r1 - r0, c.end - c.begin);
       });
     }
     for_columns([&](int64_t, const Columns& c) {

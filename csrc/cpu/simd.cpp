@@ -15,7 +15,8 @@ namespace privfast {
 namespace cpu {
 
 namespace {
-constexpr int kLanes = 16;
+// Four AVX-512 vectors (eight AVX2) of independent partial sums: enough to hide the add latency.
+constexpr int kLanes = 64;
 constexpr int64_t kNoiseBlock = 256;  // normal pairs drawn per vectorized batch
 }  // namespace
 
@@ -34,9 +35,26 @@ PRIVFAST_CLONES double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 }
 
 template <typename scalar_t>
-PRIVFAST_CLONES void axpy(at::opmath_type<scalar_t>* acc, at::opmath_type<scalar_t> factor, const scalar_t* x,
-                          int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += factor * static_cast<at::opmath_type<scalar_t>>(x[j]);
+PRIVFAST_CLONES void accumulate_rows(at::opmath_type<scalar_t>* acc, const at::opmath_type<scalar_t>* factors,
+                                     const scalar_t* x, int64_t stride, int64_t rows, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const scalar_t *x0 = x + r * stride, *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
+    const acc_t f0 = factors[r], f1 = factors[r + 1], f2 = factors[r + 2], f3 = factors[r + 3];
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t a = acc[j];
+      a += f0 * static_cast<acc_t>(x0[j]);
+      a += f1 * static_cast<acc_t>(x1[j]);
+      a += f2 * static_cast<acc_t>(x2[j]);
+      a += f3 * static_cast<acc_t>(x3[j]);
+      acc[j] = a;
+    }
+  }
+  for (; r < rows; ++r) {
+    const scalar_t* xr = x + r * stride;
+    for (int64_t j = 0; j < n; ++j) acc[j] += factors[r] * static_cast<acc_t>(xr[j]);
+  }
 }
 
 template <typename scalar_t>
@@ -71,7 +89,8 @@ void fill_noise(acc_t* acc, int64_t first, int64_t n, double noise_std, uint64_t
 
 #define PRIVFAST_INSTANTIATE(T)                                                                   \
   template double dot<T>(const T*, const T*, int64_t);                                           \
-  template void axpy<T>(at::opmath_type<T>*, at::opmath_type<T>, const T*, int64_t);            \
+  template void accumulate_rows<T>(at::opmath_type<T>*, const at::opmath_type<T>*, const T*, int64_t, int64_t,  \
+                                  int64_t);                                                         \
   template void scale_store<T>(T*, const at::opmath_type<T>*, at::opmath_type<T>, int64_t);
 PRIVFAST_INSTANTIATE(float)
 PRIVFAST_INSTANTIATE(double)

@@ -15,9 +15,11 @@ namespace cpu {
 template <typename scalar_t>
 double dot(const scalar_t* a, const scalar_t* b, int64_t n);
 
-// acc[j] += factor * x[j] for j < n.
+// acc[j] += factors[r] * x[r * stride + j] for rows r < rows in order, j < n. Four rows share one
+// load and store of acc, and the additions happen in row order, as one row at a time would do them.
 template <typename scalar_t>
-void axpy(at::opmath_type<scalar_t>* acc, at::opmath_type<scalar_t> factor, const scalar_t* x, int64_t n);
+void accumulate_rows(at::opmath_type<scalar_t>* acc, const at::opmath_type<scalar_t>* factors, const scalar_t* x,
+                     int64_t stride, int64_t rows, int64_t n);
 
 // out[j] = scale * acc[j] for j < n, rounded to scalar_t.
 template <typename scalar_t>

@@ -53,7 +53,7 @@ at::Tensor reduce_rows(const std::vector<at::Tensor>& a, const std::vector<at::T
   for (const Segment& s : segments) {
     desc.push_back({a[s.tensor].const_data_ptr(), refs.empty() ? nullptr : refs[s.tensor].const_data_ptr(), s.row,
                     n[s.tensor], s.begin, s.end});
-    ++first[s.row * tensors + s.tensor + 1];
+    ++first[s.tensor * rows + s.row + 1];
   }
   std::partial_sum(first.begin(), first.end(), first.begin());
   const at::Device device = a[0].device();

@@ -85,14 +85,14 @@ segment_cosine_terms_kernel(const SegmentDesc* __restrict__ segments, const int6
   }
 }
 
-// out[(k * tensors + t) * rows + row] = sum of the partials of (row, t), whose segments are
-// first[row * tensors + t] .. first[row * tensors + t + 1] (the order row_segments builds).
+// out[(k * tensors + t) * rows + row] = sum of the partials of (t, row), whose segments are
+// first[t * rows + row] .. first[t * rows + row + 1] (the order row_segments builds).
 template <int N>
 __global__ void combine_segments_kernel(const double* __restrict__ partials, const int64_t* __restrict__ first,
                                         int64_t tensors, int64_t rows, double* __restrict__ out) {
   for (int64_t pair = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pair < tensors * rows;
        pair += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = pair / tensors, t = pair % tensors;
+    const int64_t t = pair / rows, row = pair % rows;
     double total[N] = {0};
     for (int64_t s = first[pair]; s < first[pair + 1]; ++s) {
 #pragma unroll
