@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -254,6 +255,14 @@ def launch(fn: Callable[..., Any], *args: Any, nproc: int, threads: Optional[int
     outcomes = {}
     try:
         while len(outcomes) < nproc:
+            if results.empty():
+                # A process killed outright (out of memory, a signal) reports nothing: do not wait for it.
+                dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in outcomes]
+                if dead:
+                    raise RuntimeError(f"process {dead[0]} of {nproc} died with exit code "
+                                       f"{processes[dead[0]].exitcode} before reporting")
+                time.sleep(0.05)
+                continue
             rank, ok, value = results.get()
             if not ok:
                 raise RuntimeError(f"process {rank} of {nproc} failed:\n{value}")

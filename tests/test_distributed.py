@@ -92,3 +92,14 @@ def test_two_process_trainer_run_checkpoints_and_resumes(tmp_path):
     assert resumed[-1]["epsilon"] == pytest.approx(single.history[-1]["epsilon"], rel=1e-12)
     with pytest.raises(ValueError, match="private methods"):
         Trainer(TrainConfig(**{**config, "method": "nonprivate"}), distributed=object())
+
+
+def _fail_on_rank_one(context):
+    if context.rank == 1:
+        raise ArithmeticError("rank one broke")
+    return context.rank
+
+
+def test_a_failing_process_is_reported_with_its_traceback():
+    with pytest.raises(RuntimeError, match="process 1 of 2 failed(.|\n)*ArithmeticError: rank one broke"):
+        launch(_fail_on_rank_one, nproc=2, threads=1)
