@@ -7,6 +7,7 @@ Install with `pip install --no-build-isolation .`: an isolated build would downl
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -47,17 +48,24 @@ def _extension():
     with_cuda, reason = _resolve_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: the noise must round exactly as the reference does (csrc/common/philox.h);
-    # -fno-math-errno lets sqrt vectorize (nothing reads errno).
+    # -fno-math-errno lets sqrt vectorize (nothing reads errno). -fopenmp: at::parallel_for's OpenMP
+    # backend is inlined from ATen's headers, so without it every kernel silently runs on one thread
+    # (the runtime it binds to is the libgomp.so.1 torch has already loaded).
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not with_cuda:
         print(f"privfast build: CPU only ({reason})")
-        return cpp_extension.CppExtension("privfast._C", sources, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("privfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     print(f"privfast build: CPU + CUDA for archs {archs} ({reason})")
     return cpp_extension.CUDAExtension(
         "privfast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        extra_link_args=link,
     )
 
 

@@ -148,6 +148,25 @@ def test_noise_and_sums_agree_between_cpu_and_cuda():
     assert torch.equal(noise_cpu, noise_gpu.cpu())
 
 
+@pytest.mark.parametrize("op_name", ["per_sample_norms", "clip_accumulate_noise", "gradsim"])
+def test_cpu_results_do_not_depend_on_the_thread_count(op_name):
+    grads = make_grads(37, torch.float32, "cpu", shapes=[(70_000,), (3, 5), (9000,)])
+    call = {
+        "per_sample_norms": lambda: [ops.per_sample_norms(grads)],
+        "clip_accumulate_noise": lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 0.5, torch.Generator().manual_seed(0)),
+        "gradsim": lambda: [ops.gradsim(grads, [g[:3] for g in grads], torch.arange(37) % 3, per_layer=True)],
+    }[op_name]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call()
+        torch.set_num_threads(2)
+        two = call()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 def test_philox_matches_random123_known_answers():
     zeros = np.zeros((1, 4), np.uint64)
     ones = np.full((1, 4), 0xFFFFFFFF, np.uint64)

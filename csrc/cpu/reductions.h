@@ -44,7 +44,7 @@ inline at::Tensor row_squares(const std::vector<at::Tensor>& grads) {
     for (const auto& g : grads) data.push_back(g.const_data_ptr<scalar_t>());
     squares = reduce_rows<1>(n, grads[0].size(0), [&](const Segment& s) {
       const scalar_t* p = data[s.tensor] + s.row * n[s.tensor] + s.begin;
-      return std::array<double, 1>{dot(p, p, s.end - s.begin)};
+      return std::array<double, 1>{sum_squares(p, s.end - s.begin)};
     });
   });
   return squares[0];

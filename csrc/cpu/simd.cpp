@@ -35,6 +35,23 @@ PRIVFAST_CLONES double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 }
 
 template <typename scalar_t>
+PRIVFAST_CLONES double sum_squares(const scalar_t* a, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(a[j + l]);
+      lanes[l] += v * v;
+    }
+  }
+  double total = 0;
+  for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(a[j]);
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  return total;
+}
+
+template <typename scalar_t>
 PRIVFAST_CLONES void accumulate_rows(at::opmath_type<scalar_t>* acc, const at::opmath_type<scalar_t>* factors,
                                      const scalar_t* x, int64_t stride, int64_t rows, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -89,6 +106,7 @@ void fill_noise(acc_t* acc, int64_t first, int64_t n, double noise_std, uint64_t
 
 #define PRIVFAST_INSTANTIATE(T)                                                                   \
   template double dot<T>(const T*, const T*, int64_t);                                           \
+  template double sum_squares<T>(const T*, int64_t);                                             \
   template void accumulate_rows<T>(at::opmath_type<T>*, const at::opmath_type<T>*, const T*, int64_t, int64_t,  \
                                   int64_t);                                                         \
   template void scale_store<T>(T*, const at::opmath_type<T>*, at::opmath_type<T>, int64_t);

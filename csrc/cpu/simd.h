@@ -15,6 +15,10 @@ namespace cpu {
 template <typename scalar_t>
 double dot(const scalar_t* a, const scalar_t* b, int64_t n);
 
+// sum_j a[j]^2, summed like dot(a, a, n) but with one load per element.
+template <typename scalar_t>
+double sum_squares(const scalar_t* a, int64_t n);
+
 // acc[j] += factors[r] * x[r * stride + j] for rows r < rows in order, j < n. Four rows share one
 // load and store of acc, and the additions happen in row order, as one row at a time would do them.
 template <typename scalar_t>
