@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 
-.PHONY: install demo test bench cuda-check cuda-glue-check clean
+.PHONY: install demo selfcheck test bench cuda-check cuda-glue-check clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -14,7 +14,12 @@ install:
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	$(PYTHON) -c "import privfast; assert privfast.has_extension(), 'privfast._C did not build'; print('privfast installed with compiled kernels')"
 
+# The main job: non-private vs DP-SGD vs DP-Mix on the bundled digits, audited (privfast demo).
 demo: install
+	$(PYTHON) -m privfast.cli demo
+
+# Every op against its reference on CPU (and CUDA when present), with timings.
+selfcheck: install
 	$(PYTHON) -m privfast.selfcheck
 
 test: install
