@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from privfast._io import atomic_save
 from privfast.augment import DPMix
 from privfast.grad_sample import GradSampleModule
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
@@ -218,17 +218,7 @@ class PrivacyEngine:
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
-        path = os.fspath(path)
-        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_save(checkpoint, path)
 
     def load_checkpoint(self, *, path: str | os.PathLike, module: nn.Module,
                         optimizer: Optional[Optimizer] = None) -> dict:

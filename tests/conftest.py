@@ -23,3 +23,13 @@ def dtype(request):
 def tol(dtype):
     """(rtol, atol) for comparing a kernel with the reference in ``dtype``."""
     return {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}[dtype]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: threads cost more than they give there, and
+    on a shared 2-core runner their spin-waiting slows the run many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

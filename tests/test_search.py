@@ -13,14 +13,7 @@ from privfast.models import ConvNet, LeNet
 from privfast.search import accuracy_score, privacy_score, search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads cost more than they give, and on a shared
-    2-core runner their spin-waiting slows the run many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits():
