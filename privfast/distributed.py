@@ -19,6 +19,7 @@ Why this is the same mechanism as single-process DP-SGD:
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import time
@@ -219,7 +220,11 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        results.put((rank, True, fn(DistributedContext(rank, world_size), *args)))
+        # As bytes: a tensor put as is travels as a shared-memory handle that its process must still be
+        # alive to hand over, and this process may exit before the launcher reads the queue.
+        buffer = io.BytesIO()
+        torch.save(fn(DistributedContext(rank, world_size), *args), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -266,7 +271,7 @@ def launch(fn: Callable[..., Any], *args: Any, nproc: int, threads: Optional[int
             rank, ok, value = results.get()
             if not ok:
                 raise RuntimeError(f"process {rank} of {nproc} failed:\n{value}")
-            outcomes[rank] = value
+            outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for process in processes:
             if process.is_alive() and len(outcomes) < nproc:
