@@ -1,10 +1,11 @@
 """The ``privfast`` command: train privately, attack, compare, report.
 
     privfast demo                                    # non-private vs DP-SGD vs DP-Mix on digits, a few minutes
-    privfast train --method dpmix --augmult 2 --k-self 2 --target-epsilon 8 --out runs/dpmix
+    privfast train --method dp-mix --augmult 2 --k-self 2 --target-epsilon 8 --out runs/dpmix
     privfast train ... --out runs/dpmix --resume     # go on from runs/dpmix/checkpoint.pt
     privfast train ... --nproc 2                     # DP training across 2 processes
-    privfast audit runs/dpmix/checkpoint.pt --attacks yeom calibrated augmentation_aware
+    privfast train ... --canaries 10 --canary-repeats 4   # insert canaries, for `audit` to measure exposure
+    privfast audit runs/dpmix/checkpoint.pt --shadows 16   # LiRA, calibrated threshold, Yeom, canary exposure
     privfast report runs/*/checkpoint.pt --out report/
     privfast search | invert | bench                 # ATS policy search, gradient inversion, step throughput
 
@@ -44,10 +45,10 @@ DEMO_RUNS = {
     # Non-private: small batches and many steps, so that it fits its training set as a real model
     # does; the private runs spend epsilon = 8 at delta = 1e-5.
     "non-private": dict(method="nonprivate", epochs=30, batch_size=32, lr=0.05),
-    "DP-SGD": dict(method="dpsgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
+    "DP-SGD": dict(method="dp-sgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
     # Crops of 8x8 digits are coarse and flips change the digit: no flips, and K_base = 4 crops
     # (one seed on digits: 0.835 test accuracy with K_base = 4, 0.776 with K_base = 2).
-    "DP-Mix": dict(method="dpmix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, augmult=4, k_self=2,
+    "DP-Mix": dict(method="dp-mix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, augmult=4, k_self=2,
                    flip=False),
 }
 DEMO_ATTACK = "calibrated"

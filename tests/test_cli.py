@@ -37,7 +37,7 @@ def test_demo_prints_the_three_runs_side_by_side_and_writes_its_report(tmp_path,
 
 def test_train_resume_audit_and_report(tmp_path, capsys):
     run = tmp_path / "run"
-    flags = ["train", "--out", str(run), "--method", "dpsgd", "--noise-multiplier", "1.5", "--no-progress", *TINY]
+    flags = ["train", "--out", str(run), "--method", "dp-sgd", "--noise-multiplier", "1.5", "--no-progress", *TINY]
     assert main([*flags, "--epochs", "1"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=False)["history"][-1]["epoch"] == 1
     assert main([*flags, "--epochs", "2", "--resume"]) == 0
@@ -49,7 +49,7 @@ def test_train_resume_audit_and_report(tmp_path, capsys):
     assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
                  "--known", "20", "--out", str(tmp_path / "audit")]) == 0
     out = capsys.readouterr().out
-    assert "yeom" in out and "calibrated_per_class" in out and "dpsgd" in out
+    assert "yeom" in out and "calibrated_per_class" in out and "dp-sgd" in out
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["record"]["epsilon"] == checkpoint["history"][-1]["epsilon"]
 
@@ -59,7 +59,7 @@ def test_train_resume_audit_and_report(tmp_path, capsys):
 
 
 def test_errors_say_what_was_wrong(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path), "--method", "dpmix", "--no-progress"]) == 2
+    assert main(["train", "--out", str(tmp_path), "--method", "dp-mix", "--no-progress"]) == 2
     assert "k_self >= 1" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--dataset", "cifar10", "--data-root", str(tmp_path)]) == 2
     assert "data_batch_1" in capsys.readouterr().err

@@ -76,7 +76,7 @@ def test_shards_partition_the_data_and_sample_at_rate_q():
 
 
 def test_two_process_trainer_run_checkpoints_and_resumes(tmp_path):
-    config = dict(method="dpsgd", train_examples=96, width=4, batch_size=24, lr=0.5, noise_multiplier=1.2,
+    config = dict(method="dp-sgd", train_examples=96, width=4, batch_size=24, lr=0.5, noise_multiplier=1.2,
                   attacks=("yeom",), audit_examples=48, audit_known=16)
     first = launch_training(TrainConfig(epochs=1, **config), nproc=2, checkpoint=tmp_path / "c.pt", progress=False)
     stored = torch.load(tmp_path / "c.pt", weights_only=False)

@@ -33,7 +33,7 @@ def _record(epoch, accuracy, advantage, epsilon=None):
 RUNS = {
     "non-private": {"config": {"method": "nonprivate"},
                     "history": [_record(e, 0.6 + 0.1 * e, 0.05 * e) for e in (1, 2, 3)]},
-    "DP-SGD": {"config": {"method": "dpsgd"},
+    "DP-SGD": {"config": {"method": "dp-sgd"},
                "history": [_record(e, 0.5 + 0.1 * e, 0.01 * e, 0.5 * e) for e in (1, 2, 3)]},
 }
 
@@ -104,7 +104,7 @@ def test_write_report_writes_markdown_json_and_plots(tmp_path):
     text = path.read_text()
     assert text.startswith("# test report") and "ran fast" in text and "![per-epoch curves](curves.png)" in text
     assert "| DP-SGD |" in text and "losses.png" not in text
-    assert "**DP-SGD**: noise multiplier used: 1.25; method=dpsgd" in text and "**non-private**: method=" in text
+    assert "**DP-SGD**: noise multiplier used: 1.25; method=dp-sgd" in text and "**non-private**: method=" in text
     assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["DP-SGD"]["summary"]["epsilon"] == 1.5 and len(results["non-private"]["history"]) == 3
