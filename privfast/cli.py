@@ -17,26 +17,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from privfast.attacks.exposure import exposure, exposure_extrapolated
+from privfast.attacks.lira import lira
 from privfast.attacks.reconstruction import PRESETS, per_example_gradients, psnr, reconstruct
-from privfast.attacks.training import train_classifier
+from privfast.attacks.training import example_losses, train_classifier, train_shadow_models
 from privfast.audit import ATTACKS, MembershipAudit
 from privfast.augment.ats_library import Policy
-from privfast.data import DATASETS, load_dataset
+from privfast.data import DATASETS, Split, load_dataset
 from privfast.grad_sample.engine import MODES
 from privfast.models import LeNet
-from privfast.reports import format_table, plot_reconstructions, summarize, write_report
+from privfast.reports import format_table, plot_reconstructions, plot_roc, summarize, write_report
 from privfast.search import accuracy_score, search
 from privfast.throughput import VARIANTS, format_rows, run_benchmark
-from privfast.trainer import METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_data, load_trained
+from privfast.trainer import (METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_canaries, load_data,
+                              load_trained)
 
 __all__ = ["DEMO_RUNS", "build_parser", "main"]
 
@@ -120,14 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(handler=_train)
 
-    audit = commands.add_parser("audit", help="attack a trained model (membership inference) and print the metrics")
+    audit = commands.add_parser("audit", help="attack a trained model (membership inference: LiRA, calibrated "
+                                "threshold, Yeom; canary exposure) and print the metrics")
     audit.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `privfast train`")
     audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS),
                        default=["yeom", "calibrated", "calibrated_per_class", "augmentation_aware"])
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
     audit.add_argument("--known", type=int, default=100, help="members and non-members the attacker knows, each")
     audit.add_argument("--seed", type=int, default=0, help="seeds the attacked subsets and the attacker's knowledge")
-    audit.add_argument("--out", type=Path, default=None, help="write audit.json there")
+    audit.add_argument("--shadows", type=int, default=16,
+                       help="LiRA shadow models, even (0: no LiRA); trained together, vectorized")
+    audit.add_argument("--shadow-epochs", type=int, default=20, help="training epochs of each shadow model")
+    audit.add_argument("--no-progress", action="store_true", help="no progress bars")
+    audit.add_argument("--out", type=Path, default=None, help="write audit.json, audit.md and roc.png there")
     audit.set_defaults(handler=_audit)
 
     report = commands.add_parser("report", help="one report comparing several trained runs")
@@ -260,13 +270,87 @@ def _audit(args: argparse.Namespace) -> int:
     audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, n_known=args.known,
                             seed=args.seed, epsilon=(lambda: last["epsilon"]) if "epsilon" in last else None,
                             delta=config.delta)
+    if args.shadows:
+        audit.attacks.update(_lira_attacks(config, audit, shadows=args.shadows, epochs=args.shadow_epochs,
+                                           seed=args.seed, progress=not args.no_progress))
+    results = {}  # the attacks' full results, for the ROC curves
+    for name, attack in list(audit.attacks.items()):
+        audit.attacks[name] = partial(_keep, attack, results, name)
     record = audit(model, last["epoch"])
     print(f"{args.checkpoint}: {config.method}, test accuracy {record['test_accuracy']:.3f}, train accuracy "
-          f"{record['train_accuracy']:.3f}")
-    _print_table({name: summarize([record], attack=name) for name in args.attacks})
+          f"{record['train_accuracy']:.3f}; {len(audit.members[1])} members and {len(audit.nonmembers[1])} "
+          "non-members attacked")
+    rows = {name: summarize([record], attack=name) for name in results}
+    _print_table(rows)
+    canaries = _canary_exposure(model, *load_canaries(args.checkpoint))
+    if canaries is not None:
+        print(f"\ncanary exposure ({canaries['inserted']} canaries inserted {config.canary_repeats} times; "
+              f"ranked among {canaries['references']} candidates never inserted: at most "
+              f"{canaries['max_exposure']:.2f} bits; about 1 bit means not memorized)")
+        print(canaries["table"])
     if args.out is not None:
-        print(f"written: {_write_json(args.out, 'audit.json', {'config': config.to_dict(), 'record': record})}")
+        summary = _write_json(args.out, "audit.json", {
+            "config": config.to_dict(), "record": record, "shadows": args.shadows,
+            "canaries": {k: v for k, v in canaries.items() if k not in ("table", "markdown")} if canaries else None})
+        roc = plot_roc({name: result.summary["roc"] for name, result in results.items()}, args.out / "roc.png")
+        lines = [f"## Membership audit of `{args.checkpoint}` ({config.method}, epoch {last['epoch']})", "",
+                 f"{len(audit.members[1])} members (training examples) and {len(audit.nonmembers[1])} non-members "
+                 f"(test set); LiRA with {args.shadows} shadow models (0: not run).", "",
+                 format_table(rows, markdown=True), "", "![ROC, log-log](roc.png)", ""]
+        if canaries is not None:
+            lines += [f"### Canary exposure (r = {config.canary_repeats}, {canaries['references']} references)", "",
+                      canaries["markdown"], ""]
+        (args.out / "audit.md").write_text("\n".join(lines))
+        print(f"written: {summary}, {args.out / 'audit.md'}, {roc}")
     return 0
+
+
+def _keep(attack, results: dict, name: str, *args, **kwargs):
+    """Run ``attack`` and keep its :class:`AttackResult` in ``results[name]`` (MembershipAudit keeps numbers only)."""
+    results[name] = attack(*args, **kwargs)
+    return results[name]
+
+
+def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, epochs: int, seed: int,
+                  progress: bool) -> dict:
+    """LiRA (online and offline) against the audit's members and non-members.
+
+    As in Carlini et al., the attacker trains ``shadows`` models of the target's architecture on
+    random halves of the population it queries: the audited members and non-members together, so
+    that every audited example is IN for half of the shadows and OUT for the other half.
+    """
+    (xm, ym), (xn, yn) = audit.members, audit.nonmembers
+    x, y = torch.cat([xm, xn]), torch.cat([ym, yn])
+    is_member = torch.arange(len(y)) < len(ym)
+    shape = data_shape(Split(x, y))
+    trained = train_shadow_models(lambda: build_model(config, **shape), x, y, n_shadows=shadows, epochs=epochs,
+                                  generator=torch.Generator().manual_seed(seed), progress=progress)
+
+    def attack(model, members, nonmembers, *, generator, online: bool):
+        # Per-example variances need many shadows (the paper: 64+); below that one pooled variance is steadier.
+        return lira(model, trained, x, y, is_member=is_member, online=online, fix_variance=shadows < 64)
+
+    return {"lira_online": partial(attack, online=True), "lira_offline": partial(attack, online=False)}
+
+
+def _canary_exposure(model, canaries: Split, references: Split) -> Optional[dict]:
+    """Rank-based and extrapolated exposure of the inserted canaries, with a text and a Markdown table."""
+    if not len(canaries.y):
+        return None
+    canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
+    ranked, fitted = exposure(canary_losses, reference_losses), exposure_extrapolated(canary_losses, reference_losses)
+    header = ["canary", "label", "loss", "exposure (bits)", "extrapolated (bits)"]
+    body = [[str(i), str(int(label)), f"{loss:.3f}", f"{e:.2f}", f"{f:.2f}"]
+            for i, (label, loss, e, f) in enumerate(zip(canaries.y, canary_losses.tolist(), ranked.tolist(),
+                                                        fitted.tolist()))]
+    body.append(["mean", "", f"{canary_losses.mean():.3f}", f"{ranked.mean():.2f}", f"{fitted.mean():.2f}"])
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return {
+        "inserted": len(canaries.y), "references": len(references.y), "max_exposure": math.log2(len(references.y) + 1),
+        "losses": canary_losses.tolist(), "exposure": ranked.tolist(), "exposure_extrapolated": fitted.tolist(),
+        "table": "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body]),
+        "markdown": "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body]),
+    }
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -24,14 +24,15 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 from privfast.attacks.training import example_losses
 from privfast.data import Split
 from privfast.metrics import js_distance, loss_rank_correlation
 
-__all__ = ["COLUMNS", "format_table", "lrc_matrix", "plot_curves", "plot_loss_histograms", "plot_reconstructions",
-           "summarize", "write_report"]
+__all__ = ["COLUMNS", "format_table", "lrc_matrix", "plot_curves", "plot_epsilon", "plot_loss_histograms",
+           "plot_lrc", "plot_reconstructions", "plot_roc", "summarize", "write_report"]
 
 COLUMNS = (
     # (key of summarize's dict, header, format)
@@ -110,9 +111,9 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
 def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike, *, attack: str) -> Path:
     """Per-epoch curves of several runs in one figure (PNG).
 
-    Panels: test accuracy by epoch; the attack's advantage by epoch; test accuracy against
-    advantage (one point per epoch, the last one starred); epsilon by epoch with the DP bound on
-    P_err beside the attack's measured P_err.
+    Panels: test accuracy by epoch; the attack's advantage by epoch; test accuracy against the
+    attack's error P_err (one point per epoch, the last one starred: seed 001's privacy-utility
+    curve); epsilon by epoch with the DP bound on P_err beside the attack's measured P_err.
 
     Args:
         runs: run name -> per-epoch history.
@@ -132,8 +133,9 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike, *, 
         advantage = [r[attack]["advantage"] for r in history]
         acc_ax.plot(epochs, accuracy, "o-", color=color, label=name)
         adv_ax.plot(epochs, advantage, "o-", color=color, label=name)
-        pu_ax.plot(advantage, accuracy, ".-", color=color, alpha=0.7, label=name)
-        pu_ax.plot(advantage[-1:], accuracy[-1:], "*", color=color, markersize=14)
+        p_err = [r[attack]["p_err"] for r in history]
+        pu_ax.plot(p_err, accuracy, ".-", color=color, alpha=0.7, label=name)
+        pu_ax.plot(p_err[-1:], accuracy[-1:], "*", color=color, markersize=14)
         if "epsilon" in history[0]:
             eps_ax.plot(epochs, [r["epsilon"] for r in history], "o-", color=color, label=f"{name} epsilon")
             perr_ax = perr_ax or eps_ax.twinx()
@@ -143,7 +145,8 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike, *, 
                          label=f"{name} measured P_err")
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="utility")
     adv_ax.set(xlabel="epoch", ylabel=f"{attack} advantage (TPR - FPR)", title="membership leakage")
-    pu_ax.set(xlabel=f"{attack} advantage", ylabel="test accuracy", title="privacy-utility (one point per epoch)")
+    pu_ax.set(xlabel=f"{attack} P_err (0.5: no leakage)", ylabel="test accuracy",
+              title="privacy-utility (one point per epoch)")
     eps_ax.set(xlabel="epoch", ylabel="epsilon", title="privacy spent")
     for ax in (acc_ax, adv_ax, pu_ax):
         ax.legend(fontsize="small")
@@ -154,6 +157,55 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike, *, 
         eps_ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="x-small")
     else:
         eps_ax.text(0.5, 0.5, "no private run", ha="center", va="center", transform=eps_ax.transAxes)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_epsilon(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike) -> Optional[Path]:
+    """Epsilon against optimizer steps of the private runs, one point per epoch (PNG).
+
+    Args:
+        runs: run name -> per-epoch history whose records hold ``steps`` and, if private, ``epsilon``.
+        path: the PNG file to write.
+
+    Returns:
+        ``path``, or None (nothing written) when no run is private.
+    """
+    private = {name: history for name, history in runs.items() if "epsilon" in history[0]}
+    if not private:
+        return None
+    fig, axes = _figure(1, 1, (5.5, 3.8))
+    ax = axes[0][0]
+    for name, history in private.items():
+        ax.plot([r["steps"] for r in history], [r["epsilon"] for r in history], "o-", label=name)
+    ax.set(xlabel="optimizer steps", ylabel="epsilon", title="privacy spent (delta as configured)")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_roc(rocs: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike) -> Path:
+    """ROC curves of membership attacks on log-log axes (PNG), where the low-FPR regime shows (LiRA, Fig. 1).
+
+    Args:
+        rocs: curve name -> ``{"fpr": [P], "tpr": [P]}`` (e.g. ``AttackResult.summary["roc"]``).
+        path: the PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    fig, axes = _figure(1, 1, (5, 5))
+    ax = axes[0][0]
+    floor = 1.0
+    for name, roc in rocs.items():
+        fpr, tpr = np.asarray(roc["fpr"], dtype=float), np.asarray(roc["tpr"], dtype=float)
+        keep = (fpr > 0) & (tpr > 0)  # zeros have no place on log axes
+        ax.plot(fpr[keep], tpr[keep], label=name)
+        floor = min(floor, fpr[keep].min(initial=1.0))
+    ax.plot([floor, 1], [floor, 1], "k:", label="chance")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
+           title="membership attacks (log-log ROC)")
+    ax.legend(fontsize="small")
     fig.savefig(path, dpi=110)
     return Path(path)
 
@@ -201,6 +253,31 @@ def lrc_matrix(models: Mapping[str, nn.Module], members: Split) -> dict[str, dic
     return {a: {b: 1.0 if a == b else loss_rank_correlation(losses[a], losses[b]) for b in losses} for a in losses}
 
 
+def plot_lrc(lrc: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> Path:
+    """Heatmap of :func:`lrc_matrix` (PNG), each cell annotated.
+
+    Args:
+        lrc: ``lrc[a][b]`` for every two runs.
+        path: the PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    names = list(lrc)
+    values = np.array([[lrc[a][b] for b in names] for a in names])
+    fig, axes = _figure(1, 1, (1.3 * len(names) + 2.5, 1.1 * len(names) + 1.5))
+    ax = axes[0][0]
+    image = ax.imshow(values, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+           title="loss rank correlation (training examples)")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize="small")
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_reconstructions(rows: Mapping[str, Tensor], path: str | os.PathLike, *,
                          titles: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
     """A grid of images (PNG), one labelled row per batch, one column per image: e.g. ATS's Fig. 4
@@ -239,7 +316,8 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
                  models: Optional[Mapping[str, nn.Module]] = None, members: Optional[Split] = None,
                  nonmembers: Optional[Split] = None, title: str = "privfast report",
                  notes: Sequence[str] = ()) -> Path:
-    """Write ``report.md``, ``results.json``, ``curves.png`` (and ``losses.png``) into ``out_dir``.
+    """Write ``report.md``, ``results.json``, ``curves.png``, ``epsilon.png`` (private runs) and, with models,
+    ``losses.png`` and ``lrc.png`` into ``out_dir``.
 
     Args:
         out_dir: created if needed.
@@ -263,10 +341,12 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
     out.mkdir(parents=True, exist_ok=True)
     rows = {name: summarize(run["history"], attack=attack) for name, run in runs.items()}
     plot_curves({name: run["history"] for name, run in runs.items()}, out / "curves.png", attack=attack)
+    epsilon_plot = plot_epsilon({name: run["history"] for name, run in runs.items()}, out / "epsilon.png")
     distances = lrc = None
     if models is not None:
         distances = plot_loss_histograms(models, members, nonmembers, out / "losses.png")
         lrc = lrc_matrix(models, members)
+        plot_lrc(lrc, out / "lrc.png")
     results = {name: {**run, "summary": rows[name],
                       **({"js_distance": distances[name], "lrc": lrc[name]} if distances else {})}
                for name, run in runs.items()}
@@ -277,13 +357,16 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
              "the test set). P_err = (FPR + FNR) / 2 of the attack's own decision; the DP bound is "
              "(1 - delta) / (1 + e^epsilon), which no attack can go below.", "",
              format_table(rows, markdown=True), "",
-             "![per-epoch curves](curves.png)", ""]
+             "![per-epoch curves](curves.png)", "",
+             *(["Epsilon against optimizer steps:", "", "![epsilon vs steps](epsilon.png)", ""]
+               if epsilon_plot else [])]
     if distances:
         lines += ["Loss histograms of members and non-members (Jensen-Shannon distance in each title):", "",
                   "![loss histograms](losses.png)", "",
                   "Loss rank correlation (Spearman) between the runs' models on the training examples:", "",
                   "| | " + " | ".join(lrc) + " |", "|---" * (len(lrc) + 1) + "|",
-                  *("| " + a + " | " + " | ".join(f"{lrc[a][b]:.3f}" for b in lrc) + " |" for a in lrc), ""]
+                  *("| " + a + " | " + " | ".join(f"{lrc[a][b]:.3f}" for b in lrc) + " |" for a in lrc), "",
+                  "![LRC heatmap](lrc.png)", ""]
     lines += ["## Configurations", ""]
     for name, run in runs.items():
         config = ", ".join(f"{k}={v}" for k, v in run["config"].items())

@@ -4,7 +4,8 @@ DP-SAM, with a membership audit after every epoch, optional canaries, atomic che
 A run is described by a :class:`TrainConfig` (plain values, so it is stored in every checkpoint
 and in the reports) and executed by :class:`Trainer`::
 
-    trainer = Trainer(TrainConfig(method="dp-mix", augmult=2, k_self=2, epochs=10, target_epsilon=8), checkpoint="run/checkpoint.pt")
+    config = TrainConfig(method="dp-mix", augmult=2, k_self=2, epochs=10, target_epsilon=8)
+    trainer = Trainer(config, checkpoint="run/checkpoint.pt")
     history = trainer.fit()            # a crash or Ctrl-C later, the same call with resume=True goes on
     history[-1]["test_accuracy"], history[-1]["epsilon"], history[-1]["calibrated"]["auc"]
 
@@ -340,7 +341,8 @@ class Trainer:
         engine: the :class:`~privfast.privacy_engine.PrivacyEngine` of a private run, else None.
         history: one record per epoch: ``epoch``, ``train_loss``, ``test_accuracy``,
             ``train_accuracy``, one dict per attack (``auc``, ``advantage``, ``p_err``,
-            ``best_advantage``, ``tpr_at_fpr``), and for private runs ``epsilon`` and
+            ``best_advantage``, ``tpr_at_fpr``), ``steps`` (optimizer steps so far), and for
+            private runs ``epsilon`` and
             ``dp_perr_bound`` (the lower bound ``(1 - delta) / (1 + e^epsilon)`` on P_err) and
             ``noise_multiplier`` (sigma).
     """
@@ -464,7 +466,8 @@ class Trainer:
             train_loss = self._train_epoch(epoch)
             # Distributed processes hold identical models and each audits its own: the records agree
             # without another collective (the audit's draws are seeded, not taken from the global RNG).
-            record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss}
+            record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss,
+                      "steps": (epoch + 1) * len(self.loader)}  # every epoch makes len(loader) steps
             if self.engine is not None:  # searched when target_epsilon is set: the config does not hold it
                 record["noise_multiplier"] = self.optimizer.noise_multiplier
             self.history.append(record)

@@ -47,15 +47,42 @@ def test_train_resume_audit_and_report(tmp_path, capsys):
     capsys.readouterr()
 
     assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
-                 "--known", "20", "--out", str(tmp_path / "audit")]) == 0
+                 "--known", "20", "--shadows", "0", "--out", str(tmp_path / "audit")]) == 0
     out = capsys.readouterr().out
-    assert "yeom" in out and "calibrated_per_class" in out and "dp-sgd" in out
+    assert "yeom" in out and "calibrated_per_class" in out and "dp-sgd" in out and "canary" not in out
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    assert audit["record"]["epsilon"] == checkpoint["history"][-1]["epsilon"]
+    assert audit["record"]["epsilon"] == checkpoint["history"][-1]["epsilon"] and audit["canaries"] is None
 
     assert main(["report", str(run / "checkpoint.pt"), "--out", str(tmp_path / "report")]) == 0
     assert "| run |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "losses.png").exists()
+
+
+def test_audit_runs_lira_and_measures_inserted_canaries(tmp_path, capsys):
+    # A non-private run that sees each canary 8 times memorizes it: its loss drops below the
+    # references' and its exposure rises well above the ~1 bit of a canary never seen.
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "6", "--canaries", "4",
+                 "--canary-repeats", "8", "--no-progress", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated", "--examples", "48",
+                 "--known", "16", "--shadows", "4", "--shadow-epochs", "2", "--no-progress",
+                 "--out", str(tmp_path / "audit")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"yeom", "calibrated", "lira_online", "lira_offline"} <= rows and "canary exposure" in out
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["shadows"] == 4
+    for name in ("lira_online", "lira_offline"):
+        assert 0 <= audit["record"][name]["auc"] <= 1
+    canaries = audit["canaries"]
+    assert canaries["inserted"] == 4 and len(canaries["exposure"]) == 4
+    assert all(0 <= e <= canaries["max_exposure"] for e in canaries["exposure"])
+    assert sum(canaries["exposure"]) / 4 > 3  # memorized: far above a random candidate's ~1 bit
+    assert "Canary exposure" in (tmp_path / "audit" / "audit.md").read_text()
+    assert (tmp_path / "audit" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["audit", str(run / "checkpoint.pt"), "--shadows", "3", "--examples", "48", "--known", "16"]) == 2
+    assert "n_shadows must be even" in capsys.readouterr().err
 
 
 def test_errors_say_what_was_wrong(tmp_path, capsys):

@@ -14,15 +14,18 @@ from privfast.reports import (
     format_table,
     lrc_matrix,
     plot_curves,
+    plot_epsilon,
     plot_loss_histograms,
+    plot_lrc,
     plot_reconstructions,
+    plot_roc,
     summarize,
     write_report,
 )
 
 
 def _record(epoch, accuracy, advantage, epsilon=None):
-    record = {"epoch": epoch, "test_accuracy": accuracy, "train_accuracy": accuracy + 0.05, "train_loss": 1.0 / epoch,
+    record = {"epoch": epoch, "steps": 10 * epoch, "test_accuracy": accuracy, "train_accuracy": accuracy + 0.05, "train_loss": 1.0 / epoch,
               "calibrated": {"auc": 0.5 + advantage / 2, "advantage": advantage, "p_err": (1 - advantage) / 2,
                              "best_advantage": advantage, "tpr_at_fpr": {0.001: 0.0, 0.01: advantage / 4}}}
     if epsilon is not None:
@@ -87,6 +90,27 @@ def test_loss_histograms_separate_a_memorizing_model(tmp_path):
                  models={"a": fresh, "b": memorizing}, members=members, nonmembers=nonmembers)
     text = (tmp_path / "with_models" / "report.md").read_text()
     assert "![loss histograms](losses.png)" in text and f"| a | 1.000 | {lrc['fresh']['memorizing']:.3f} |" in text
+    assert "![LRC heatmap](lrc.png)" in text and _png(tmp_path / "with_models" / "lrc.png").shape[0] > 100
+
+
+def _png(path):
+    """The image at ``path``, failing unless it is a PNG that decodes to pixels with something drawn."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image[..., :3].std() > 0.02
+    return image
+
+
+def test_roc_epsilon_and_lrc_figures_are_pngs(tmp_path):
+    fpr = [0.0, 0.001, 0.01, 0.1, 1.0]
+    rocs = {"lira": {"fpr": fpr, "tpr": [0.0, 0.02, 0.05, 0.3, 1.0]}, "chance-like": {"fpr": fpr, "tpr": fpr}}
+    assert _png(plot_roc(rocs, tmp_path / "roc.png")).shape[0] > 300
+    path = plot_epsilon({name: run["history"] for name, run in RUNS.items()}, tmp_path / "epsilon.png")
+    assert path == tmp_path / "epsilon.png" and _png(path).shape[1] > 300
+    # Only non-private runs: no epsilon to plot, no file.
+    assert plot_epsilon({"np": RUNS["non-private"]["history"]}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    _png(plot_lrc({"a": {"a": 1.0, "b": 0.3}, "b": {"a": 0.3, "b": 1.0}}, tmp_path / "lrc.png"))
 
 
 def test_reconstruction_grid(tmp_path):
@@ -103,7 +127,7 @@ def test_write_report_writes_markdown_json_and_plots(tmp_path):
     assert path == tmp_path / "report" / "report.md"
     text = path.read_text()
     assert text.startswith("# test report") and "ran fast" in text and "![per-epoch curves](curves.png)" in text
-    assert "| DP-SGD |" in text and "losses.png" not in text
+    assert "| DP-SGD |" in text and "losses.png" not in text and "![epsilon vs steps](epsilon.png)" in text
     assert "**DP-SGD**: noise multiplier used: 1.25; method=dp-sgd" in text and "**non-private**: method=" in text
     assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
     results = json.loads((tmp_path / "report" / "results.json").read_text())
