@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--shadows", type=int, default=16,
                        help="LiRA shadow models, even (0: no LiRA); trained together, vectorized")
     audit.add_argument("--shadow-epochs", type=int, default=20, help="training epochs of each shadow model")
+    audit.add_argument("--nproc", type=int, default=1, help="processes the shadow models are sharded across")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
     audit.add_argument("--out", type=Path, default=None, help="write audit.json, audit.md and roc.png there")
     audit.set_defaults(handler=_audit)
@@ -281,7 +282,7 @@ def _audit(args: argparse.Namespace) -> int:
                             delta=config.delta)
     if args.shadows:
         audit.attacks.update(_lira_attacks(config, audit, shadows=args.shadows, epochs=args.shadow_epochs,
-                                           seed=args.seed, progress=not args.no_progress))
+                                           seed=args.seed, nproc=args.nproc, progress=not args.no_progress))
     results = {}  # the attacks' full results, for the ROC curves
     for name, attack in list(audit.attacks.items()):
         audit.attacks[name] = partial(_keep, attack, results, name)
@@ -320,20 +321,28 @@ def _keep(attack, results: dict, name: str, *args, **kwargs):
     return results[name]
 
 
-def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, epochs: int, seed: int,
+def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, epochs: int, seed: int, nproc: int,
                   progress: bool) -> dict:
     """LiRA (online and offline) against the audit's members and non-members.
 
     As in Carlini et al., the attacker trains ``shadows`` models of the target's architecture on
     random halves of the population it queries: the audited members and non-members together, so
-    that every audited example is IN for half of the shadows and OUT for the other half.
+    that every audited example is IN for half of the shadows and OUT for the other half. With
+    ``nproc > 1`` the shadows are sharded across processes.
     """
     (xm, ym), (xn, yn) = audit.members, audit.nonmembers
     x, y = torch.cat([xm, xn]), torch.cat([ym, yn])
     is_member = torch.arange(len(y)) < len(ym)
     shape = data_shape(Split(x, y))
-    trained = train_shadow_models(lambda: build_model(config, **shape), x, y, n_shadows=shadows, epochs=epochs,
-                                  generator=torch.Generator().manual_seed(seed), progress=progress)
+    make_model = partial(build_model, config, **shape)  # picklable, for the processes of a sharded run
+    if nproc > 1:
+        from privfast.distributed import launch_shadow_models
+
+        trained = launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed, epochs=epochs,
+                                       progress=False)
+    else:
+        trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=epochs,
+                                      generator=torch.Generator().manual_seed(seed), progress=progress)
 
     def attack(model, members, nonmembers, *, generator, online: bool):
         # Per-example variances need many shadows (the paper: 64+); below that one pooled variance is steadier.

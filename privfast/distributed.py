@@ -14,7 +14,8 @@ Why this is the same mechanism as single-process DP-SGD:
   needed to keep the models identical.
 
 :class:`DistributedContext` plugs into :class:`privfast.trainer.Trainer` (``distributed=``) and
-:func:`launch_training` starts the processes (``privfast train --nproc N``).
+:func:`launch_training` starts the processes (``privfast train --nproc N``). LiRA's shadow models
+are sharded too: :func:`launch_shadow_models` (``privfast audit --nproc N``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from privfast.optim import DPOptimizer, SAM
 from privfast.privacy_engine import PrivacyEngine
 
-__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "launch", "launch_training"]
+__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "launch", "launch_shadow_models",
+           "launch_training"]
 
 
 class DistributedDPOptimizer(DPOptimizer):
@@ -297,3 +299,44 @@ def launch_training(config, *, nproc: int, checkpoint=None, resume: bool = False
     """
     histories = launch(_train_process, config, checkpoint, resume, progress, nproc=nproc)
     return histories[0]
+
+
+def _shadow_process(context: DistributedContext, make_model: Callable[[], nn.Module], x: Tensor, y: Tensor,
+                    n_shadows: int, seed: int, recipe: dict) -> tuple[dict, dict, Tensor]:
+    from privfast.attacks.training import train_shadow_models
+
+    # Each process draws its own complementary pairs of halves: every example is IN for exactly
+    # half of each process's shadows, hence for half of all of them, as the online attack needs.
+    generator = torch.Generator().manual_seed(seed * context.world_size + context.rank)
+    shadows = train_shadow_models(make_model, x, y, n_shadows=n_shadows // context.world_size, generator=generator,
+                                  **recipe)
+    return shadows.params, shadows.buffers, shadows.in_mask
+
+
+def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, *, n_shadows: int, nproc: int,
+                         seed: int = 0, **recipe: Any):
+    """LiRA's shadow models sharded across ``nproc`` processes, each training ``n_shadows / nproc`` vectorized.
+
+    Args:
+        make_model: builds a fresh model; picklable (a module-level function or a ``functools.partial`` of one).
+        x: the attacker's population ``[N, ...]``.
+        y: its labels ``[N]``.
+        n_shadows: shadow models S in all; S / nproc must be even (each process trains complementary pairs).
+        nproc: processes.
+        seed: process r draws its splits, initializations and batches from seed ``seed * nproc + r``.
+        **recipe: :func:`privfast.attacks.train_shadow_models`'s training arguments (``epochs``, ``lr``, ...).
+
+    Returns:
+        One :class:`privfast.attacks.training.ShadowModels` holding every process's shadows, in rank order.
+    """
+    from privfast.attacks.training import ShadowModels
+
+    if n_shadows % (2 * nproc):
+        raise ValueError(f"n_shadows={n_shadows} must be a multiple of 2 * nproc = {2 * nproc}: every process trains "
+                         "complementary pairs of halves")
+    parts = launch(_shadow_process, make_model, x, y, n_shadows, seed, recipe, nproc=nproc)
+    params = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+    buffers = {name: torch.cat([part[1][name] for part in parts]) for name in parts[0][1]}
+    with torch.random.fork_rng(devices=[]):  # the architecture only: leave the caller's RNG alone
+        base = make_model().to("meta")
+    return ShadowModels(base, params, buffers, torch.cat([part[2] for part in parts]))

@@ -1,11 +1,15 @@
 """Distributed DP-SGD: two processes (gloo, CPU) make the same update as one process on the whole
-batch, shard sampling is Poisson sampling of the whole set, and a 2-process Trainer run resumes."""
+batch, shard sampling is Poisson sampling of the whole set, a 2-process Trainer run resumes, and LiRA's
+shadow models shard across processes."""
+
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler, launch, launch_training
+from privfast.attacks.training import train_shadow_models
+from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler, launch, launch_shadow_models, launch_training
 from privfast.grad_sample import GradSampleModule
 from privfast.models import ConvNet
 from privfast.optim import DPOptimizer
@@ -103,3 +107,22 @@ def _fail_on_rank_one(context):
 def test_a_failing_process_is_reported_with_its_traceback():
     with pytest.raises(RuntimeError, match="process 1 of 2 failed(.|\n)*ArithmeticError: rank one broke"):
         launch(_fail_on_rank_one, nproc=2, threads=1)
+
+
+def test_shadow_models_sharded_across_two_processes_are_each_ranks_own_vectorized_shadows():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    make_model = partial(ConvNet, width=4)
+    recipe = dict(epochs=2, batch_size=8, progress=False)
+    shadows = launch_shadow_models(make_model, x, y, n_shadows=4, nproc=2, seed=3, **recipe)
+    assert shadows.num_models == 4 and (shadows.in_mask.sum(0) == 2).all()  # every example IN for half
+    # Rank r's shadows are train_shadow_models' with the generator seeded 3 * 2 + r.
+    for rank in range(2):
+        alone = train_shadow_models(make_model, x, y, n_shadows=2, generator=torch.Generator().manual_seed(6 + rank),
+                                    **recipe)
+        assert torch.equal(alone.in_mask, shadows.in_mask[2 * rank:2 * rank + 2])
+        for name, value in alone.params.items():
+            torch.testing.assert_close(shadows.params[name][2 * rank:2 * rank + 2], value, rtol=1e-4, atol=1e-5)
+    assert shadows.logits(x[:5]).shape == (4, 5, 10)  # the merged set attacks like any ShadowModels
+    with pytest.raises(ValueError, match="multiple of 2 \\* nproc"):
+        launch_shadow_models(make_model, x, y, n_shadows=6, nproc=2, **recipe)
