@@ -49,6 +49,16 @@ class SearchResult:
     def __str__(self) -> str:
         return self.format_table()
 
+    @classmethod
+    def from_table(cls, table: list[PolicyScore], top_n: int) -> "SearchResult":
+        """The result of a scored ``table``: its ``top_n`` disjoint best policies and their hybrid.
+
+        Also merges shards of a search (see ``search(shard=...)``): concatenated tables, each
+        candidate scored on one shard, select as the whole search would.
+        """
+        selected = _select_disjoint(table, top_n)
+        return cls(table, selected, Policy([sub for p in selected for sub in p.sub_policies] or [[]]))
+
 
 def _select_disjoint(rows: Sequence[PolicyScore], top_n: int) -> list[Policy]:
     """Best rows by S_pri whose policies share no library entry (ATS's condition for a hybrid)."""
@@ -80,6 +90,7 @@ def search(
     std: Stats = None,
     chunk_size: int = 512,
     seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> SearchResult:
     """Random search for privacy-preserving transformation policies (ATS Algorithm 1).
@@ -108,6 +119,10 @@ def search(
         mean, std: data normalization.
         chunk_size: per-example gradients per vmapped call.
         seed: seed of every random draw (policies, images, starts, signs).
+        shard: ``(rank, world_size)``: score only candidates ``i`` with ``i % world_size == rank``
+            and leave the others' scores NaN, for processes that split the search
+            (:func:`privfast.distributed.launch_search`); each candidate's draws are its own, so
+            its scores do not depend on the shard.
         progress: show a progress bar.
 
     Returns:
@@ -115,6 +130,9 @@ def search(
         disjoint ones passed the filter; ``hybrid`` is then the identity if none did.
     """
     x, y = data[0], data[1]
+    rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     if candidates < 1 or top_n < 1 or policies_per_pass < 1:
         raise ValueError(f"candidates, top_n and policies_per_pass must be >= 1, got {candidates}, {top_n}, {policies_per_pass}")
     search_space = sum(50 ** k for k in range(1, max_len + 1))
@@ -153,14 +171,17 @@ def search(
         pending.clear()
 
     for i, policy in enumerate(tqdm(policies, desc="ATS search", disable=not progress)):
+        if i % world_size != rank:  # another shard's candidate
+            accuracy.append(math.nan)
+            continue
         accuracy.append(accuracy_score(model_init, x, y, policy=policy, batches=batches, mean=mean, std=std,
                                        generator=draws(i, 0)))
         if accuracy[-1] >= acc_threshold:
             pending.append(i)
-        if len(pending) == policies_per_pass or (pending and i == candidates - 1):
+        if len(pending) == policies_per_pass:
             score_pending()
+    if pending:
+        score_pending()
 
     table = [PolicyScore(p, s_pri, s_acc) for p, s_pri, s_acc in zip(policies, privacy, accuracy)]
-    selected = _select_disjoint(table, top_n)
-    hybrid = Policy([sub for p in selected for sub in p.sub_policies] or [[]])
-    return SearchResult(table, selected, hybrid)
+    return SearchResult.from_table(table, top_n)
