@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="S_acc filter (default: the S_acc of the untransformed data)")
     search.add_argument("--semi-fraction", type=float, default=0.1, help="training data of the semi-trained model")
     search.add_argument("--semi-epochs", type=int, default=20, help="epochs of the semi-trained model (ATS: 50)")
+    search.add_argument("--nproc", type=int, default=1, help="processes the candidate policies are sharded across")
     search.set_defaults(handler=_search)
 
     invert = commands.add_parser("invert", help="reconstruct training images from their gradients (and measure PSNR)")
@@ -405,8 +406,14 @@ def _search(args: argparse.Namespace) -> int:
     threshold = args.acc_threshold
     if threshold is None:
         threshold = accuracy_score(init, train.x, train.y, generator=torch.Generator().manual_seed(args.seed))
-    result = search(semi, init, (train.x, train.y), candidates=args.candidates, acc_threshold=threshold,
-                    top_n=args.top, images=args.images, seed=args.seed, progress=not args.no_progress)
+    options = dict(candidates=args.candidates, acc_threshold=threshold, top_n=args.top, images=args.images,
+                   seed=args.seed)
+    if args.nproc > 1:
+        from privfast.distributed import launch_search
+
+        result = launch_search(semi, init, (train.x, train.y), nproc=args.nproc, **options)
+    else:
+        result = search(semi, init, (train.x, train.y), progress=not args.no_progress, **options)
     print(f"S_acc threshold {threshold:.3f}; lower S_pri is more private")
     print(result.format_table(limit=10))
     if args.out is not None:

@@ -15,7 +15,8 @@ Why this is the same mechanism as single-process DP-SGD:
 
 :class:`DistributedContext` plugs into :class:`privfast.trainer.Trainer` (``distributed=``) and
 :func:`launch_training` starts the processes (``privfast train --nproc N``). LiRA's shadow models
-are sharded too: :func:`launch_shadow_models` (``privfast audit --nproc N``).
+are sharded too: :func:`launch_shadow_models` (``privfast audit --nproc N``), and so are ATS's
+candidate policies: :func:`launch_search` (``privfast search --nproc N``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from privfast.optim import DPOptimizer, SAM
 from privfast.privacy_engine import PrivacyEngine
 
-__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "launch", "launch_shadow_models",
-           "launch_training"]
+__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "launch", "launch_search",
+           "launch_shadow_models", "launch_training"]
 
 
 class DistributedDPOptimizer(DPOptimizer):
@@ -340,3 +341,37 @@ def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tens
     with torch.random.fork_rng(devices=[]):  # the architecture only: leave the caller's RNG alone
         base = make_model().to("meta")
     return ShadowModels(base, params, buffers, torch.cat([part[2] for part in parts]))
+
+
+def _search_process(context: DistributedContext, model_semi_trained: nn.Module, model_init: nn.Module, x: Tensor,
+                    y: Tensor, options: dict) -> list:
+    from privfast.search import search
+
+    return search(model_semi_trained, model_init, (x, y), shard=(context.rank, context.world_size), progress=False,
+                  **options).table
+
+
+def launch_search(model_semi_trained: nn.Module, model_init: nn.Module, data, *, nproc: int, top_n: int = 2,
+                  **options: Any):
+    """ATS's policy search with its candidates sharded across ``nproc`` processes (round-robin).
+
+    Every process samples the same candidates and scores its share; since each candidate's random
+    draws are its own, the merged table is the one a single process would score.
+
+    Args:
+        model_semi_trained: network trained for a few epochs (S_pri).
+        model_init: the same architecture at random initialization (S_acc).
+        data: ``(x [N, C, H, W], y [N])``.
+        nproc: processes.
+        top_n: policies kept for the hybrid.
+        **options: :func:`privfast.search.search`'s other keyword arguments (``candidates``,
+            ``acc_threshold``, ``images``, ``seed``, ...).
+
+    Returns:
+        The :class:`privfast.search.SearchResult` of all candidates.
+    """
+    from privfast.search import SearchResult
+
+    tables = launch(_search_process, model_semi_trained, model_init, data[0], data[1], {**options, "top_n": top_n},
+                    nproc=nproc)
+    return SearchResult.from_table([tables[i % nproc][i] for i in range(len(tables[0]))], top_n)

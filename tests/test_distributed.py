@@ -1,7 +1,8 @@
 """Distributed DP-SGD: two processes (gloo, CPU) make the same update as one process on the whole
 batch, shard sampling is Poisson sampling of the whole set, a 2-process Trainer run resumes, and LiRA's
-shadow models shard across processes."""
+shadow models and ATS's candidate policies shard across processes."""
 
+import math
 from functools import partial
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from privfast.attacks.training import train_shadow_models
-from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler, launch, launch_shadow_models, launch_training
+from privfast.distributed import (DistributedDPOptimizer, PoissonShardSampler, launch, launch_search,
+                                  launch_shadow_models, launch_training)
 from privfast.grad_sample import GradSampleModule
 from privfast.models import ConvNet
 from privfast.optim import DPOptimizer
+from privfast.search import search
 from privfast.trainer import TrainConfig, Trainer
 
 NOISE_SEED = 11
@@ -126,3 +129,18 @@ def test_shadow_models_sharded_across_two_processes_are_each_ranks_own_vectorize
     assert shadows.logits(x[:5]).shape == (4, 5, 10)  # the merged set attacks like any ShadowModels
     with pytest.raises(ValueError, match="multiple of 2 \\* nproc"):
         launch_shadow_models(make_model, x, y, n_shadows=6, nproc=2, **recipe)
+
+
+def test_ats_search_sharded_across_two_processes_scores_every_candidate_as_one_process_does():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(12, 1, 8, 8, generator=g), torch.randint(0, 10, (12,), generator=g)
+    torch.manual_seed(0)
+    semi, init = ConvNet(width=4), ConvNet(width=4)
+    options = dict(candidates=5, acc_threshold=-math.inf, images=2, seed=4, policies_per_pass=2)  # keep all
+    alone = search(semi, init, (x, y), progress=False, **options)
+    sharded = launch_search(semi, init, (x, y), nproc=2, **options)
+    assert [r.policy for r in sharded.table] == [r.policy for r in alone.table]
+    torch.testing.assert_close(torch.tensor([[r.privacy, r.accuracy] for r in sharded.table]),
+                               torch.tensor([[r.privacy, r.accuracy] for r in alone.table]), rtol=1e-4, atol=1e-6)
+    assert not any(math.isnan(r.privacy) for r in sharded.table)  # each candidate scored on one of the shards
+    assert sharded.selected == alone.selected and sharded.hybrid == alone.hybrid
