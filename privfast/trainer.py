@@ -329,7 +329,7 @@ class Trainer:
 
     Args:
         config: the run.
-        data: ``(train, test)`` splits; default: ``config.dataset`` loaded by name.
+        data: ``(train, test)`` splits; default: :func:`load_data` of ``config``.
         checkpoint: file rewritten (atomically) after every epoch, and read by ``fit(resume=True)``.
         callbacks: called as ``callback(trainer, record)`` after each epoch's record is complete.
         progress: show progress bars over epochs and batches.
@@ -342,9 +342,10 @@ class Trainer:
         history: one record per epoch: ``epoch``, ``train_loss``, ``test_accuracy``,
             ``train_accuracy``, one dict per attack (``auc``, ``advantage``, ``p_err``,
             ``best_advantage``, ``tpr_at_fpr``), ``steps`` (optimizer steps so far), and for
-            private runs ``epsilon`` and
-            ``dp_perr_bound`` (the lower bound ``(1 - delta) / (1 + e^epsilon)`` on P_err) and
-            ``noise_multiplier`` (sigma).
+            private runs ``epsilon``, ``dp_perr_bound`` (the lower bound
+            ``(1 - delta) / (1 + e^epsilon)`` on P_err) and ``noise_multiplier`` (sigma).
+        canaries: the inserted canaries ``x [M, C, H, W], y [M]`` (M = ``config.canaries``, may be 0).
+        canary_references: their never-inserted reference candidates ``x [R, C, H, W], y [R]``.
     """
 
     def __init__(self, config: TrainConfig, *, data: Optional[tuple[Split, Split]] = None,
