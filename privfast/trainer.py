@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from privfast._io import atomic_save
 from privfast.attacks.exposure import image_canaries, insert_canaries
 from privfast.audit import MembershipAudit
 from privfast.augment import DPMix, SelfAug
@@ -46,7 +46,7 @@ from privfast.models import MLP, ConvNet, ResNet20, WideResNet
 from privfast.optim import SAM
 from privfast.privacy_engine import PrivacyEngine
 
-__all__ = ["CHECKPOINT_FORMAT", "METHODS", "MODELS", "TrainConfig", "Trainer", "atomic_save", "build_model",
+__all__ = ["CHECKPOINT_FORMAT", "METHODS", "MODELS", "TrainConfig", "Trainer", "build_model",
            "data_shape", "load_canaries", "load_data", "load_pool", "load_trained", "make_canaries"]
 
 METHODS = ("nonprivate", "dp-sgd", "self-aug", "dp-mix", "dp-mix-diff", "sam", "dp-sam")
@@ -264,23 +264,6 @@ def data_shape(*splits: Split) -> dict:
     """``in_channels``, ``image_size`` and ``num_classes`` of images ``[N, C, H, W]`` with labels ``[N]``."""
     num_classes = int(max(split.y.max() for split in splits)) + 1
     return {"in_channels": splits[0].x.shape[1], "image_size": splits[0].x.shape[-1], "num_classes": num_classes}
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file and a rename, so a crash leaves the old file whole."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_trained(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig, list[dict]]:
