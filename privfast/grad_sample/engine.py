@@ -3,8 +3,9 @@ and the clipped sum of per-example gradients computed from them, layer by layer.
 
 Autograd never computes the unclipped ``.grad`` of a captured layer: while the layer runs, its
 parameters stop requiring a gradient, so backward computes only input gradients; a hook on the
-layer's output keeps the output gradient ``D``. (A layer whose inputs are all integer ids, an
-Embedding, keeps its parameters tracked, or its output would carry no gradient to capture.)
+layer's output keeps the output gradient ``D``. A layer with no input that requires a gradient
+(the first layer) gets its output tapped by :class:`_Tap` so that it still carries one. (A layer
+whose inputs are all integer ids, an Embedding, keeps its parameters tracked instead.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 # Importing the rule modules registers them.
 from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear  # noqa: F401
@@ -27,6 +28,24 @@ from privfast import _reference, ops
 
 MODES = ("auto", "materialize", "ghost", "bk")
 LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class _Tap(torch.autograd.Function):
+    """Identity that puts an untracked layer's output into the graph, so that a hook on it receives
+    the output gradient; backward stops there (nothing before it needs a gradient), which spares
+    the input gradient that making the layer's input require one would cost (a whole convolution)."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, x: Tensor) -> Tensor:
+        """``anchor``: a scalar that requires a gradient, so that the output requires one."""
+        if x._base is not None:  # marking a view dirty would give its base (e.g. the user's input) a history
+            return x.clone()
+        ctx.mark_dirty(x)  # the output itself, not a view: in-place layers after it (ReLU(inplace=True)) still work
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None]:
+        return None, None
 
 
 class _Layer:
@@ -161,30 +180,31 @@ class GradSampleModule(nn.Module):
     def _before_forward(self, layer: _Layer, module, args, kwargs):
         if not self._capturing():
             return None
-        floats = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
-        if not floats:
+        if not any(isinstance(a, Tensor) and a.is_floating_point() for a in args):
             return None
-        if not any(args[i].requires_grad for i in floats):
-            # Without a tracked input the output would carry no gradient once the weights are untracked.
-            args = tuple(a.detach().requires_grad_() if i == floats[0] else a for i, a in enumerate(args))
         layer.untracked = [p for p in layer.params if p.requires_grad]  # the user may have frozen some since
         for p in layer.untracked:
             p.requires_grad_(False)
-        return args, kwargs
+        return None
 
     def _after_forward(self, layer: _Layer, module, args, kwargs, output):
-        for p in layer.untracked:
+        untracked, layer.untracked = layer.untracked, []
+        for p in untracked:
             p.requires_grad_(True)
-        layer.untracked = []
         if not self._capturing():
             return None
+        if untracked and not any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves((args, kwargs))):
+            # With its weights untracked the layer's output would carry no gradient to capture.
+            anchor = torch.zeros((), requires_grad=True)
+            output = tree_map(lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point()
+                              else o, output)
         outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         call = Call(args, kwargs, [None] * len(outputs))
         for i, o in enumerate(outputs):
             if o.requires_grad:
                 o.register_hook(functools.partial(self._on_grad, layer, call, i))
         layer.calls.append(call)
-        return None
+        return output
 
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
         """Keep an output gradient; a single-output layer that will materialize does so right away,
