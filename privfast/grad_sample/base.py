@@ -28,16 +28,22 @@ GHOST = "ghost"
 
 @dataclass(eq=False)
 class Call:
-    """One forward call of a layer: its positional and keyword inputs, then its output gradients."""
+    """One forward call of a layer: its positional and keyword inputs, then its output gradients.
+
+    ``grad_fns`` are the outputs' autograd nodes: a rule may read what the layer's forward saved
+    for its backward (e.g. GroupNorm's statistics) instead of recomputing it, as long as it runs
+    from the output hook, before that node's backward frees them.
+    """
 
     args: tuple
     kwargs: dict
     grads: Optional[list[Tensor]] = field(default=None)
+    grad_fns: list = field(default_factory=list)
 
     def drop(self) -> None:
         """Release the tensors. The output hooks still reference the call while the user keeps the
         graph alive (e.g. through ``loss``), which would otherwise keep a whole batch's activations."""
-        self.args, self.kwargs = (), {}
+        self.args, self.kwargs, self.grad_fns = (), {}, []
         self.grads = [None] * len(self.grads)
 
 

@@ -199,7 +199,7 @@ class GradSampleModule(nn.Module):
             output = tree_map(lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point()
                               else o, output)
         outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
-        call = Call(args, kwargs, [None] * len(outputs))
+        call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs])
         for i, o in enumerate(outputs):
             if o.requires_grad:
                 o.register_hook(functools.partial(self._on_grad, layer, call, i))

@@ -7,9 +7,24 @@ per channel: the sums are batched dot products, so no tensor the size of the act
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from privfast.grad_sample.base import Call, MaterializedGrads, register_rule
+
+
+def _statistics(module: nn.GroupNorm, call: Call, rows: int, positions: int) -> tuple[Tensor, Tensor]:
+    """The group means and reciprocal standard deviations ``[rows, groups]`` of the call's input.
+
+    The forward saved them for its backward, and the rule runs from the output hook, before that
+    backward frees them; a first layer's output is tapped (its node is not the layer's), so there
+    the layer's own kernel recomputes them (torch.var_mean is several times slower on CPU).
+    """
+    node = call.grad_fns[0] if call.grad_fns else None
+    if type(node).__name__ == "NativeGroupNormBackward0":
+        return node._saved_result1, node._saved_result2
+    _, mean, rstd = torch.native_group_norm(call.args[0], None, None, rows, module.num_channels, positions,
+                                            module.num_groups, module.eps)
+    return mean, rstd
 
 
 @register_rule(nn.GroupNorm)
@@ -26,9 +41,7 @@ def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> Mater
         sum_d = d.sum(2)
         parts = []
         if weight is not None:
-            # The layer's own kernel gives the group statistics (torch.var_mean is several times slower on CPU).
-            _, mean, rstd = torch.native_group_norm(call.args[0], None, None, rows, channels, positions, groups,
-                                                    module.eps)
+            mean, rstd = _statistics(module, call, rows, positions)
             mean, rstd = (t.reshape(rows, groups).repeat_interleave(channels // groups, dim=1) for t in (mean, rstd))
             sum_xd = torch.bmm(x.reshape(rows * channels, 1, positions),
                                d.reshape(rows * channels, positions, 1)).view(rows, channels)
