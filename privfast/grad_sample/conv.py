@@ -2,10 +2,13 @@
 the unfolded input: ``grad W_b[g] = sum_t D[b, g, t] A[b, g, t]^T`` with ``t`` over the K
 augmentations and the output positions. Conv1d is unfolded as a convolution of height 1.
 
-Materialized per-example gradients of a layer with many input channels come instead from the
-convolution's own weight-gradient kernel, run once with the B examples as groups and the K
-augmentations as its batch (the kernel sums over its batch, which is the fold); unfolding such a
-layer copies its input ``prod(kernel)`` times, which is slower on CPU.
+Materialized per-example gradients come instead from the convolution's own weight-gradient
+kernel, run once: a layer with many input channels takes the B examples as groups and the K
+augmentations as its batch (the kernel sums over its batch, which is the fold; the rows are
+transposed into that layout); a narrow layer takes every row as a group of a batch of one, which
+needs no copy of the input or output gradient, and the rows' gradients (small: few input
+channels) are summed over the fold after. Unfolding copies the input ``prod(kernel)`` times,
+which is slower on CPU.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fol
 
 Conv = Union[nn.Conv1d, nn.Conv2d]
 
-# Measured on CPU (benchmarks/bench_training.py's ConvNet): from about this many input channels per
-# group the grouped weight-gradient kernel beats unfold + batched GEMM.
+# Measured on CPU (benchmarks/bench_training.py's ConvNet, K = 16): below this many input channels
+# per group the kernel with one group per row is fastest (3 -> 32 channels: 16 ms against 32 ms with
+# the examples as groups and 34 ms unfolded); at 32 -> 64 it is the examples as groups (37 ms
+# against 52 ms per row and 84 ms unfolded).
 GROUPED_KERNEL_MIN_CHANNELS = 16
 
 
@@ -70,22 +75,33 @@ class ConvGrads(ContractionGrads):
 
     def _weight_per_example(self) -> Tensor:
         module = self.module
-        narrow = module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS
-        if len(self.inputs) > 1 or narrow or self.batch == 0:  # the kernel takes no zero groups
+        if len(self.inputs) > 1 or self.batch == 0:  # the kernel takes no zero groups
             return super()._weight_per_example()
-        x, kernel, dilation, stride = _as_2d(module, _padded(module, self.inputs[0]))
+        x, padding = self.inputs[0], module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):  # the kernel pads only symmetric zeros
+            x, padding = _padded(module, x), (0,) * len(module.kernel_size)
+        x, kernel, dilation, stride = _as_2d(module, x)
+        padding = (0, *padding) if len(padding) == 1 else padding
         grad = self.outputs_grad[0]
         grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
         b, k = self.batch, self.fold
-        # [B*K, C, ...] -> [K, B*C, ...]: the examples become groups, the augmentations the batch.
-        x = x.reshape(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * x.shape[1], *x.shape[2:])
-        grad = grad.reshape(b, k, *grad.shape[1:]).transpose(0, 1).reshape(k, b * grad.shape[1], *grad.shape[2:])
-        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(b * module.out_channels, module.weight.shape[1], *kernel)
+        per_row = module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS
+        if per_row:
+            # [B*K, C, ...] -> [1, B*K*C, ...]: a view; every row's own gradient, then the sum over its fold.
+            groups = b * k * module.groups
+            x, grad = x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:])
+        else:
+            # [B*K, C, ...] -> [K, B*C, ...]: the examples become groups, the augmentations the batch.
+            groups = b * module.groups
+            x = x.reshape(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * x.shape[1], *x.shape[2:])
+            grad = grad.reshape(b, k, *grad.shape[1:]).transpose(0, 1).reshape(k, b * grad.shape[1], *grad.shape[2:])
+        rows_out = groups // module.groups * module.out_channels
+        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(rows_out, module.weight.shape[1], *kernel)
         _, weight, _ = torch.ops.aten.convolution_backward(
-            grad, x, shape_only, None, list(stride), [0, 0], list(dilation), False, [0, 0], b * module.groups,
+            grad, x, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [False, True, False],
         )
-        return weight
+        return weight.reshape(b, k, -1).sum(1) if per_row else weight
 
     def release(self) -> None:
         super().release()
