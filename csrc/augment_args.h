@@ -63,16 +63,17 @@ inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offse
     TORCH_CHECK_VALUE(t->device() == x.device(), "augment parameters must be on x's device ", x.device(), ", got ",
                       t->device());
   }
-  // Out-of-range draws would read outside the image: check them (on CUDA this costs one small sync).
-  if (batch > 0) {
-    if (k > 0) {
-      TORCH_CHECK_VALUE(crop_offsets.min().item<int64_t>() >= 0 && crop_offsets.max().item<int64_t>() <= 2 * padding,
-                        "crop_offsets must lie in [0, 2 * padding] = [0, ", 2 * padding, "]");
-    }
-    if (mix_pairs.size(1) > 0) {
-      TORCH_CHECK_VALUE(mix_pairs.min().item<int64_t>() >= 0 && mix_pairs.max().item<int64_t>() < k + k_extra,
-                        "mix_pairs must index the k + k_extra = ", k + k_extra, " base rows of an example");
-    }
+  // Out-of-range draws would read outside the image. Both checks come back in one copy, so a CUDA
+  // call pays a single small sync for them.
+  if (batch > 0 && (k > 0 || mix_pairs.size(1) > 0)) {
+    const at::Tensor bad_crop = k > 0 ? (crop_offsets.lt(0) | crop_offsets.gt(2 * padding)).any()
+                                      : at::zeros({}, crop_offsets.options().dtype(at::kBool));
+    const at::Tensor bad_pair = mix_pairs.size(1) > 0 ? (mix_pairs.lt(0) | mix_pairs.ge(k + k_extra)).any()
+                                                      : at::zeros({}, mix_pairs.options().dtype(at::kBool));
+    const at::Tensor bad = at::stack({bad_crop, bad_pair}).cpu();
+    TORCH_CHECK_VALUE(!bad[0].item<bool>(), "crop_offsets must lie in [0, 2 * padding] = [0, ", 2 * padding, "]");
+    TORCH_CHECK_VALUE(!bad[1].item<bool>(), "mix_pairs must index the k + k_extra = ", k + k_extra,
+                      " base rows of an example");
   }
 }
 

@@ -388,6 +388,9 @@ def test_kernels_refuse_bad_lists_themselves():
     p = ops.draw_augment_params(1, 1, crop_padding=1)
     with pytest.raises(ValueError, match="crop_offsets must lie in"):
         torch.ops.privfast.augment_batch(x, p.crop_offsets + 5, p.flips, p.mix_pairs, p.mix_lambda, None, 1)
+    p = ops.draw_augment_params(1, 2, crop_padding=1, mixups=1)
+    with pytest.raises(ValueError, match="mix_pairs must index the k \\+ k_extra = 2 base rows"):
+        torch.ops.privfast.augment_batch(x, p.crop_offsets, p.flips, p.mix_pairs + 2, p.mix_lambda, None, 1)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
