@@ -25,14 +25,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from privfast.throughput import VARIANTS, training_step
 
 BATCH = 16
 # One intra-op thread by default: on a shared 2-core machine, OpenMP threads that wait for a
 # descheduled peer turn a 30 ms step into 500 ms at random, which no ratio survives.
 THREADS = int(os.environ.get("PRIVFAST_BENCH_THREADS", "1"))
 KS = (1, 4, 16)
-VARIANTS = ("non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus")
 # Ghost norms need [B, G, (K*T)^2] Gram matrices: at 32x32 positions that is 1 GB at K = 4 and
 # 17 GB at K = 16 for one conv layer, so ghost (forced on every layer) runs at K = 1 only;
 # auto and bk pick materialized norms for those layers instead.
@@ -50,33 +50,6 @@ def _model():
 def _batch(k):
     g = torch.Generator().manual_seed(0)
     return torch.rand(BATCH * k, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH * k,), generator=g)
-
-
-def _step_fn(variant, k):
-    """A closure running one full training step (forward, backward, clip/noise, update)."""
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = _batch(k)
-    if variant == "opacus":
-        import opacus
-
-        model = opacus.GradSampleModule(model)
-        optimizer = opacus.optimizers.DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                                                  expected_batch_size=BATCH * k)
-    elif variant.startswith("privfast"):
-        from privfast.grad_sample import GradSampleModule
-        from privfast.optim import DPOptimizer
-
-        model = GradSampleModule(model, mode=variant.split("-")[1], augmult=k)
-        optimizer = DPOptimizer(optimizer, module=model, noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=BATCH, generator=torch.Generator().manual_seed(0))
-
-    def step():
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
 
 
 def _status_bytes(field: str) -> int:
@@ -113,7 +86,7 @@ def test_training_step(benchmark, k):
     """
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)
-    steps = {v: _step_fn(v, k) for v in VARIANTS if _runnable(v, k)}
+    steps = {v: training_step(v, _model(), *_batch(k), augmult=k) for v in VARIANTS if _runnable(v, k)}
     peaks = {}
     for variant, step in steps.items():
         step()  # warm-up: lazy init, allocator, the extension's first call
