@@ -313,12 +313,13 @@ class GradSampleModule(nn.Module):
             else:
                 contracted.append((grads, scale, norm_how))
         self.clear()
+        flat = [g for _, per_example in materialized for g in per_example]
         if not contracted:
             # Every layer is per-example: norms, clipping and the sum in one fused pass.
-            flat = [g for _, per_example in materialized for g in per_example]
             sums = ops.clip_accumulate_noise(flat, max_grad_norm, check_finite=check_finite)
             return dict(zip([p for params, _ in materialized for p in params], sums))
-        squares = [ops.per_sample_norms(per_example).pow(2) for _, per_example in materialized]
+        # The materialized layers' norms in one multi-tensor pass, then the contracted layers' own.
+        squares = [ops.per_sample_norms(flat).pow(2)] if flat else []
         squares += [grads.norm_sq(how) * scale**2 for grads, scale, how in contracted]
         norms = torch.stack(squares).sum(0).sqrt()
         if check_finite and not bool(torch.isfinite(norms).all()):
