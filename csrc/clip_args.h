@@ -13,9 +13,12 @@ inline void check_clip_args(double max_grad_norm, double noise_std, double scale
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
 }
 
-// min(1, C / (n + 1e-6)), Opacus' clip factor (1e-6 keeps a zero gradient finite).
+// Added to the norm in the clip factor, as Opacus does: a zero gradient stays finite (the reference's CLIP_EPS).
+constexpr double kClipEps = 1e-6;
+
+// min(1, C / (n + kClipEps)), Opacus' clip factor.
 inline double clip_factor(double norm, double max_grad_norm) {
-  const double factor = max_grad_norm / (norm + 1e-6);
+  const double factor = max_grad_norm / (norm + kClipEps);
   return factor < 1.0 ? factor : 1.0;
 }
 

@@ -28,7 +28,8 @@ std::vector<at::Tensor> clip_accumulate_noise_cuda(at::TensorList grads_in, doub
                        "grads");
   }
   const auto acc_dtype = at::toOpMathType(grads[0].scalar_type());
-  const at::Tensor factors = (max_grad_norm / (norms + 1e-6)).clamp_max(1.0).to(acc_dtype);
+  // clip_factor, for every example at once on the device.
+  const at::Tensor factors = (max_grad_norm / (norms + kClipEps)).clamp_max(1.0).to(acc_dtype);
 
   std::vector<at::Tensor> outputs;
   std::vector<cuda::ChunkDesc> chunks;
