@@ -284,8 +284,10 @@ def gradsim(
     if index.dtype != torch.int64 or index.shape != (n,):
         raise ValueError(f"index must be int64 of shape [{n}], got {index.dtype} {tuple(index.shape)}")
     index = index.to(grads[0].device)
-    if n and (int(index.min()) < 0 or int(index.max()) >= m):
-        raise ValueError(f"index holds values outside [0, {m}) (min {int(index.min())}, max {int(index.max())})")
+    if n:
+        low, high = torch.stack([index.min(), index.max()]).tolist()  # one host copy
+        if low < 0 or high >= m:
+            raise ValueError(f"index holds values outside [0, {m}) (min {low}, max {high})")
     if _use_kernel("gradsim", grads[0].device):
         return torch.ops.privfast.gradsim(grads, refs, index, per_layer)
     return _reference.gradsim(grads, refs, index, per_layer)
