@@ -56,13 +56,14 @@ class PrivacyEngine:
     """Makes a model, optimizer and data loader private, and accounts for the privacy spent.
 
     Args:
-        accountant: ``"rdp"``, ``"prv"`` or ``"gdp"`` (Opacus's accountants).
+        accountant: ``"prv"`` (the default, as in Opacus), ``"rdp"`` or ``"gdp"`` (Opacus's
+            accountants).
         secure_mode: key every noise draw from the operating system's entropy (not reproducible).
             Poisson sampling still draws from torch's generator (Opacus uses torchcsprng there,
             which is not a dependency of privfast).
     """
 
-    def __init__(self, *, accountant: str = "rdp", secure_mode: bool = False):
+    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
         self.accountant = create_accountant(mechanism=accountant)
         self.secure_mode = secure_mode
         self.noise_generator: Optional[torch.Generator] = None

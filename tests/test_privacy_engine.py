@@ -1,9 +1,11 @@
 """PrivacyEngine: accounting against Opacus, Poisson sampling, physical batches, checkpoints, bad input,
 and a real DP-Mix training run on the bundled digits."""
 
+import inspect
 import math
 import os
 
+import opacus
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,9 +64,14 @@ def test_poisson_sampling_and_expected_batch_size():
     assert optimizer.noise_scale == pytest.approx(1 / 16)
 
 
+def test_default_accountant_is_opacus_default():
+    opacus_default = inspect.signature(opacus.PrivacyEngine.__init__).parameters["accountant"].default
+    assert PrivacyEngine().accountant.mechanism() == opacus_default == "prv"
+
+
 def test_make_private_with_epsilon_uses_opacus_noise_search():
     loader = DataLoader(_dataset(), batch_size=16)
-    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.25, epochs=2, accountant="rdp")
+    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.25, epochs=2, accountant="prv")
 
     def private(optimizer_class, **kwargs):
         model = ConvNet(width=4)
