@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from privfast._io import atomic_save
 from privfast.augment import DPMix
+from privfast.data_loader import SecureUniformWithReplacementSampler, rebuild_data_loader
 from privfast.grad_sample import GradSampleModule
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 
@@ -36,15 +37,6 @@ class _AugmentingCollate:
         return self.augmentation(x, y)
 
 
-def _with_collate(loader: DataLoader, collate) -> DataLoader:
-    return DataLoader(
-        loader.dataset, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers, collate_fn=collate,
-        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
-    )
-
-
 def _check_privacy_args(noise_multiplier: float, max_grad_norm: float) -> None:
     if not (0 <= noise_multiplier < math.inf):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
@@ -58,9 +50,9 @@ class PrivacyEngine:
     Args:
         accountant: ``"prv"`` (the default, as in Opacus), ``"rdp"`` or ``"gdp"`` (Opacus's
             accountants).
-        secure_mode: key every noise draw from the operating system's entropy (not reproducible).
-            Poisson sampling still draws from torch's generator (Opacus uses torchcsprng there,
-            which is not a dependency of privfast).
+        secure_mode: draw the noise keys and the Poisson batches from the operating system's
+            entropy (not reproducible), where Opacus uses torchcsprng. A loader that is not
+            Poisson-sampled (``poisson_sampling=False``) keeps its own shuffling.
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
@@ -181,10 +173,15 @@ class PrivacyEngine:
     def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool,
                              augmentation: Optional[DPMix]) -> DataLoader:
         if augmentation is not None:
-            data_loader = _with_collate(data_loader, _AugmentingCollate(data_loader.collate_fn, augmentation))
-        if poisson_sampling:
-            return DPDataLoader.from_data_loader(data_loader)
-        return data_loader
+            data_loader = rebuild_data_loader(
+                data_loader, collate_fn=_AugmentingCollate(data_loader.collate_fn, augmentation))
+        if not poisson_sampling:
+            return data_loader
+        poisson = DPDataLoader.from_data_loader(data_loader)
+        if not self.secure_mode:
+            return poisson
+        return rebuild_data_loader(poisson, batch_sampler=SecureUniformWithReplacementSampler(
+            num_samples=len(poisson.dataset), sample_rate=poisson.sample_rate))
 
     def get_epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``."""

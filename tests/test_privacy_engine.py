@@ -5,6 +5,7 @@ import inspect
 import math
 import os
 
+import numpy as np
 import opacus
 import pytest
 import torch
@@ -13,10 +14,12 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from scipy.stats import kstest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privfast.augment import DPMix, SelfAug
+from privfast.data_loader import SecureUniformWithReplacementSampler, secure_uniform
 from privfast.data import load_digits
 from privfast.models import ConvNet
 from privfast.optim import SAM
@@ -117,6 +120,52 @@ def test_empty_poisson_batch_steps_with_noise_only():
     assert torch.isfinite(grads).all()
     assert float(grads.std()) == pytest.approx(2.0 * 1.0 / 16, rel=0.15)
     assert len(engine.accountant) == 1
+
+
+def _batch_indices(loader):
+    return [tuple(batch) for batch in loader.batch_sampler]
+
+
+def test_secure_mode_draws_poisson_batches_from_the_os():
+    """Secure batches ignore torch's seed (Opacus keys them from torchcsprng, privfast from
+    os.urandom); the plain ones follow it. Either way each example joins with probability q."""
+    def batches(secure):
+        torch.manual_seed(3)
+        loader = _make(PrivacyEngine(secure_mode=secure), seed=3)[3]
+        return loader, [_batch_indices(loader) for _ in range(2)]
+
+    plain, (first, second) = batches(False)
+    assert first != second and [first, second] == batches(False)[1]
+    secure, (first, second) = batches(True)
+    assert isinstance(secure.batch_sampler, SecureUniformWithReplacementSampler)
+    assert first != second and first != batches(True)[1][0]
+    assert secure.batch_sampler.sample_rate == plain.batch_sampler.sample_rate == 1 / 4
+    sizes = torch.tensor([len(b) for _ in range(200) for b in _batch_indices(secure)], dtype=torch.float64)
+    assert len(sizes) == 200 * 4
+    assert float(sizes.mean()) == pytest.approx(16, abs=4 * math.sqrt(16 * 0.75 / len(sizes)))
+    assert float(sizes.var()) == pytest.approx(16 * 0.75, rel=0.2)  # binomial(64, 1/4)
+
+
+def test_secure_mode_trains_through_the_batch_memory_manager_with_empty_batches():
+    engine, model, optimizer, loader = _make(PrivacyEngine(secure_mode=True), batch_size=32)
+    loader.batch_sampler.sample_rate = 1 / 64  # about one empty batch in three: 32 draws all miss with p < 1e-6
+    sizes = []
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=optimizer) as physical:
+        for _ in range(16):
+            for x, y in physical:
+                sizes.append(x.shape[0])
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+    assert 0 in sizes and max(sizes) <= 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_secure_uniform_is_uniform_on_the_unit_interval():
+    u = secure_uniform(200_000)
+    assert u.dtype == np.float64 and u.min() >= 0 and u.max() < 1
+    assert kstest(u, "uniform").pvalue > 1e-4
+    assert not np.array_equal(u[:100], secure_uniform(100))
 
 
 def test_same_seed_reproduces_a_run():

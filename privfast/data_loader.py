@@ -1,0 +1,47 @@
+"""Data loaders for DP training: Poisson sampling keyed from the operating system's entropy.
+
+Opacus's secure mode draws its Poisson batches from torchcsprng, which privfast does not depend
+on; :class:`SecureUniformWithReplacementSampler` draws them from ``os.urandom`` (the kernel's
+CSPRNG) instead, so that ``PrivacyEngine(secure_mode=True)`` covers the sampling as well as the noise.
+"""
+
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+
+__all__ = ["SecureUniformWithReplacementSampler", "rebuild_data_loader", "secure_uniform"]
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """``n`` float64 draws uniform on [0, 1) from ``os.urandom``: the top 53 bits of a 64-bit word,
+    so every value is a multiple of 2^-53 and none rounds up to 1."""
+    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class SecureUniformWithReplacementSampler(UniformWithReplacementSampler):
+    """Opacus's Poisson sampler (each example joins a batch with probability ``sample_rate``), with
+    its draws from the operating system's CSPRNG instead of a torch generator. Not reproducible
+    by design; yields lists of indices, empty ones included, ``steps`` times."""
+
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: Optional[int] = None):
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield np.flatnonzero(secure_uniform(self.num_samples) < self.sample_rate).tolist()
+
+
+def rebuild_data_loader(loader: DataLoader, *, collate_fn=None, batch_sampler=None) -> DataLoader:
+    """A new loader over ``loader``'s dataset with every setting kept but the given ones (a
+    DataLoader refuses to have its batch sampler or collate function replaced in place)."""
+    return DataLoader(
+        loader.dataset, batch_sampler=batch_sampler or loader.batch_sampler, num_workers=loader.num_workers,
+        collate_fn=collate_fn or loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator, prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )
