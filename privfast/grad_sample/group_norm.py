@@ -1,7 +1,8 @@
 """GroupNorm: ``grad weight_b[c] = sum over rows and positions of x_hat * D``, ``grad bias_b[c] = sum of D``.
 
-With ``x_hat = (x - mu_g) * rstd_g`` the weight gradient is ``(sum x*D - mu_g * sum D) * rstd_g``
-per channel: the sums are batched dot products, so no tensor the size of the activation is formed.
+The layer's own backward kernel sums these over its batch; seen as one image whose channels are
+every row's channels (and whose groups every row's groups) it gives them per row instead, in one
+pass over the input and output gradient with no tensor the size of the activation formed.
 """
 
 from __future__ import annotations
@@ -37,17 +38,12 @@ def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> Mater
     for call in calls:
         x, d = call.args[0], call.grads[0]
         rows, positions = x.shape[0], x.shape[2:].numel()
-        x, d = x.reshape(rows, channels, positions), d.reshape(rows, channels, positions)
-        sum_d = d.sum(2)
-        parts = []
-        if weight is not None:
-            mean, rstd = _statistics(module, call, rows, positions)
-            mean, rstd = (t.reshape(rows, groups).repeat_interleave(channels // groups, dim=1) for t in (mean, rstd))
-            sum_xd = torch.bmm(x.reshape(rows * channels, 1, positions),
-                               d.reshape(rows * channels, positions, 1)).view(rows, channels)
-            parts.append((sum_xd - mean * sum_d) * rstd)
-        if bias is not None:
-            parts.append(sum_d)
-        parts = [p.reshape(rows // fold, fold, channels).sum(1) for p in parts]
+        mean, rstd = _statistics(module, call, rows, positions)
+        units = rows * channels
+        # The gamma argument only scales the input gradient, which is not asked for; the kernel wants one.
+        _, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            d.reshape(1, units, positions), x.reshape(1, units, positions), mean.reshape(1, -1), rstd.reshape(1, -1),
+            x.new_ones(units), 1, units, positions, rows * groups, [False, weight is not None, bias is not None])
+        parts = [p.reshape(rows // fold, fold, channels).sum(1) for p in (grad_weight, grad_bias) if p is not None]
         totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
     return MaterializedGrads([p for p in (weight, bias) if p is not None], totals)
