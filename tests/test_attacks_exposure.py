@@ -1,11 +1,13 @@
 """Canary exposure: rank-based and extrapolated, and the image and token canary builders."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
+import torch.nn.functional as F
 
 from privfast.attacks import (
     example_losses,
@@ -38,16 +40,61 @@ def test_exposure_matches_direct_rank():
     np.testing.assert_allclose(exposure(torch.from_numpy(canaries), torch.from_numpy(references)).numpy(), expected)
 
 
-def test_extrapolated_exposure_on_a_skew_normal():
-    a, loc, scale = 4.0, 2.0, 1.5
-    references = scipy.stats.skewnorm.rvs(a, loc, scale, size=20_000, random_state=1)
+@pytest.mark.parametrize("loc, to_loss", [(2.0, lambda log_odds: np.logaddexp(0, log_odds)),
+                                           (20.0, lambda log_odds: log_odds)])
+def test_extrapolated_exposure_on_a_skew_normal(loc, to_loss):
+    """Candidates whose log-odds are skew-normal, the fitted family; at log-perplexities of many
+    nats (the Secret Sharer's sequences) the log-odds are the losses themselves."""
+    a, scale = 4.0, 1.5
+    references = to_loss(scipy.stats.skewnorm.rvs(a, loc, scale, size=20_000, random_state=1))
     quantiles = np.array([0.5, 1 / 64, 2.0**-20])
-    canaries = scipy.stats.skewnorm.ppf(quantiles, a, loc, scale)
+    canaries = to_loss(scipy.stats.skewnorm.ppf(quantiles, a, loc, scale))
     got = exposure_extrapolated(torch.from_numpy(canaries), torch.from_numpy(references)).numpy()
     np.testing.assert_allclose(got[:2], -np.log2(quantiles[:2]), atol=0.15)
     assert got[2] > 15  # far beyond the log2(20,001) ~ 14.3 bits that ranking can show
     rank_based = exposure(torch.from_numpy(canaries[:2]), torch.from_numpy(references)).numpy()
     np.testing.assert_allclose(got[:2], rank_based, atol=0.2)
+
+
+@pytest.mark.parametrize("logit_scale", [2.0, 5.0])
+def test_extrapolated_exposure_of_classifier_losses(logit_scale):
+    """A classifier's candidates: random logits, random labels. Their losses pile up against 0 (the
+    candidates labelled with the predicted class), which no skew-normal fits; the fit must still
+    match their ranks inside the sample and go on past them."""
+    generator = torch.Generator().manual_seed(0)
+
+    def candidate_losses(n):
+        logits = logit_scale * torch.randn(n, 10, generator=generator, dtype=torch.float64)
+        return F.cross_entropy(logits, torch.randint(0, 10, (n,), generator=generator), reduction="none")
+
+    references = candidate_losses(2000)
+    quantiles = torch.tensor([1 / 2, 1 / 8, 1 / 32, 1 / 128], dtype=torch.float64)
+    canaries = torch.quantile(candidate_losses(200_000), quantiles)  # Pr[loss(r) <= canary] = quantile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fit that follows the tail must not warn
+        got = exposure_extrapolated(canaries, references)
+    torch.testing.assert_close(got, -quantiles.log2(), atol=0.5, rtol=0)
+    torch.testing.assert_close(got[:3], exposure(canaries[:3], references), atol=0.5, rtol=0)
+
+
+def test_extrapolated_exposure_flags_bad_fits():
+    generator = torch.Generator().manual_seed(0)
+    # Log-odds bounded below: the MLE of the shape diverges and the fit ends at the smallest reference.
+    half_normal = F.softplus(2 + torch.randn(2000, generator=generator, dtype=torch.float64).abs())
+    with pytest.warns(RuntimeWarning, match="collapsed to a half-normal"):
+        exposure_extrapolated(torch.tensor([0.5]), half_normal)
+    # A cluster of confident candidates 5 % strong: one skew-normal cannot follow both.
+    clustered = F.softplus(torch.cat([4 + torch.randn(1900, generator=generator, dtype=torch.float64),
+                                      0.3 * torch.randn(100, generator=generator, dtype=torch.float64) - 1]))
+    with pytest.warns(RuntimeWarning, match="lower tail"):
+        exposure_extrapolated(torch.tensor([0.5]), clustered)
+    with pytest.raises(ValueError, match="fit of the reference losses failed"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's own note on identical data
+        exposure_extrapolated(torch.tensor([0.5]), torch.full((10,), 2.0))
+    with pytest.raises(ValueError, match="-log p"):
+        exposure_extrapolated(torch.tensor([-0.1]), half_normal)
+    with pytest.raises(ValueError, match="-log p"):
+        exposure_extrapolated(torch.tensor([0.5]), torch.cat([half_normal, torch.zeros(1, dtype=torch.float64)]))
 
 
 def test_token_canary_candidates():
@@ -94,12 +141,18 @@ def test_image_canaries_inserted_are_exposed():
         torch.manual_seed(seed)
         model = train_classifier(MLP(64, 10, hidden=(128,)), x, y, epochs=40, lr=3e-3,
                                  generator=torch.Generator().manual_seed(seed))
-        return exposure(example_losses(model, *canaries), example_losses(model, *references)).mean().item()
+        canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
+        return exposure(canary_losses, reference_losses), exposure_extrapolated(canary_losses, reference_losses)
 
-    inserted = mean_exposure(*with_canaries, seed=1)
-    not_inserted = mean_exposure(*data, seed=1)
-    assert inserted > 6.0  # near the 8-bit maximum of 256 candidates
-    assert not_inserted < 3.0  # about 1 bit, as for any candidate
+    inserted, inserted_extrapolated = mean_exposure(*with_canaries, seed=1)
+    not_inserted, not_inserted_extrapolated = mean_exposure(*data, seed=1)
+    assert inserted.mean() > 6.0  # near the 8-bit maximum of 256 candidates
+    assert not_inserted.mean() < 3.0  # about 1 bit, as for any candidate
+    # The fit extends the ranks: finite, near them on average, and following each canary's loss.
+    for ranked, extrapolated in [(inserted, inserted_extrapolated), (not_inserted, not_inserted_extrapolated)]:
+        assert torch.isfinite(extrapolated).all()
+        assert abs(extrapolated.mean() - ranked.mean()) < 1.5
+    assert inserted_extrapolated.max() - inserted_extrapolated.min() > 0.5
 
 
 def test_bad_inputs():

@@ -5,7 +5,7 @@ the model's loss (log-perplexity) on it with the losses of the other candidates 
 have been: ``exposure = log2 |candidates| - log2 rank(canary)``, from 0 (the canary looks like any
 candidate... or worse) up to ``log2 |candidates|`` (it has the lowest loss of all). When the
 candidate space is too large to enumerate, :func:`exposure_extrapolated` fits a skew-normal to a
-sample of candidate losses.
+sample of candidates (to their log-odds, which rank them as their losses do).
 
 Builders: :func:`image_canaries` (random-pattern images with random labels, for classifiers) and
 :func:`token_canary` (the Secret Sharer's format with random slots, e.g. "my number is _ _ _ _").
@@ -14,9 +14,11 @@ Builders: :func:`image_canaries` (random-pattern images with random labels, for 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
@@ -63,26 +65,91 @@ def exposure(canary_losses: Tensor, reference_losses: Tensor) -> Tensor:
     return math.log2(len(references) + 1) - rank.double().log2()
 
 
+_COLLAPSED_SHAPE = 100.0
+"""A fitted skew-normal shape beyond this is a half-normal in all but name: the MLE of the shape
+diverged, and the fit's lower edge sits at the smallest reference."""
+_TAIL_CHECK_MIN_BELOW = 16
+"""Fewest references below a point at which the fit is checked against their empirical CDF (the
+binomial error of log2 k/R is then about 0.36 bits)."""
+_TAIL_CHECK_TOLERANCE_BITS = 1.0
+"""Largest gap between the fit and the references' own ranks that passes (about three binomial errors)."""
+
+
+def _log_odds(losses: Tensor) -> Tensor:
+    """``log((1 - p) / p)`` of the candidates' probabilities ``p = exp(-loss)``, increasing in the loss.
+
+    A classifier's per-example loss piles up against its floor 0 (every candidate whose random
+    label is the predicted class), a shape no skew-normal has, while its log-odds are unbounded
+    (LiRA's logit scaling, seen to be near-Gaussian). For a sequence's log-perplexity ``p`` is tiny
+    and the log-odds equal the loss up to ``exp(-loss)``, as in the Secret Sharer's fits.
+    """
+    return losses + torch.log(-torch.expm1(-losses))  # -expm1(-loss) is 1 - p without cancellation
+
+
+def _fit_skewnorm(values: Tensor) -> tuple[float, float, float]:
+    """Maximum-likelihood skew-normal ``(shape, loc, scale)`` of ``values [R]``; raises if the fit fails
+    and warns if it does not describe the lower tail, the part exposure extrapolates."""
+    sample = values.numpy()
+    try:
+        shape, loc, scale = scipy.stats.skewnorm.fit(sample)
+    except scipy.stats.FitError as error:
+        raise ValueError(f"the skew-normal fit of the reference losses failed: {error}") from error
+    if not all(map(math.isfinite, (shape, loc, scale))) or scale <= 0:
+        raise ValueError(f"the skew-normal fit of the reference losses failed: shape={shape}, loc={loc}, "
+                         f"scale={scale}")
+    if abs(shape) > _COLLAPSED_SHAPE:
+        warnings.warn(f"the skew-normal fit of the reference losses collapsed to a half-normal (shape {shape:.3g}) "
+                      "whose edge is the most extreme reference: canaries near or beyond it get arbitrarily "
+                      "large (up to inf) exposures", RuntimeWarning, stacklevel=3)
+    # Where at least _TAIL_CHECK_MIN_BELOW references lie below a point, their share is a sound
+    # Pr[loss <= point]; an extrapolation that misses it there cannot be trusted further out.
+    ordered = np.sort(sample)
+    below = np.arange(_TAIL_CHECK_MIN_BELOW, len(ordered) // 2 + 1)
+    if len(below):
+        empirical = np.log2(len(ordered) / below)
+        fitted = -scipy.stats.skewnorm.logcdf(ordered[below - 1], shape, loc, scale) / math.log(2)
+        worst = np.argmax(np.abs(fitted - empirical))
+        if abs(fitted[worst] - empirical[worst]) > _TAIL_CHECK_TOLERANCE_BITS:
+            warnings.warn(f"the skew-normal fit does not follow the reference losses' lower tail: at the "
+                          f"{below[worst]}-th smallest of {len(ordered)} references it gives {fitted[worst]:.2f} "
+                          f"bits where their rank gives {empirical[worst]:.2f}; extrapolated exposures are "
+                          "unreliable (compare the rank-based exposure)", RuntimeWarning, stacklevel=3)
+    return shape, loc, scale
+
+
 def exposure_extrapolated(canary_losses: Tensor, reference_losses: Tensor) -> Tensor:
-    """Exposure estimated from a skew-normal fit of the candidates' losses: ``-log2 CDF(canary loss)``.
+    """Exposure from a skew-normal fit of the candidates: ``-log2 Pr_r[loss(r) <= loss(canary)]``.
 
     For candidate spaces too large to rank; ``reference_losses`` is then a random sample of
-    candidates (a few thousand are enough for the fit).
+    candidates (a few thousand are enough for the fit). The skew-normal is fitted to the
+    candidates' log-odds ``log(exp(loss) - 1)``, not to their losses: being increasing, the map
+    leaves the probability unchanged, and it removes the floor at loss 0 against which a
+    classifier's candidates pile up. Fitted to such losses, the skew-normal either spread a
+    Gaussian tail over impossible negative losses (the same ~4 bits for every canary) or collapsed
+    to a half-normal cut off at the smallest reference (inf beyond it).
+    A failed fit raises; a collapsed fit, or one that misses the references' own lower-tail ranks
+    by more than a bit, warns (``RuntimeWarning``): the extrapolation is then not to be trusted.
 
     Args:
-        canary_losses: ``[M]`` losses of the inserted canaries.
-        reference_losses: ``[R]`` losses of sampled candidates, R >= 3.
+        canary_losses: ``[M]`` losses (``-log p`` >= 0) of the inserted canaries.
+        reference_losses: ``[R]`` losses of sampled candidates, R >= 3, all finite and > 0.
 
     Returns:
         ``[M]`` exposures in bits (float64), >= 0; can exceed ``log2(R)``, and is ``inf`` where the
-        fitted CDF underflows (a canary far below every candidate).
+        fitted CDF underflows (a canary far below every candidate, or of loss 0).
+
+    Raises:
+        ValueError: bad losses, or the fit failed.
     """
     canaries = _losses(canary_losses, "canary_losses")
     references = _losses(reference_losses, "reference_losses")
     if len(references) < 3 or not torch.isfinite(references).all():
         raise ValueError("a skew-normal fit needs at least 3 finite reference losses")
-    shape, loc, scale = scipy.stats.skewnorm.fit(references.numpy())
-    log_cdf = scipy.stats.skewnorm.logcdf(canaries.numpy(), shape, loc, scale)
+    if (canaries < 0).any() or (references <= 0).any():
+        raise ValueError("losses are -log p: canary losses must be >= 0 and reference losses > 0 (a reference "
+                         "of loss 0, probability 1 to float precision, has log-odds -inf)")
+    shape, loc, scale = _fit_skewnorm(_log_odds(references))
+    log_cdf = scipy.stats.skewnorm.logcdf(_log_odds(canaries).numpy(), shape, loc, scale)
     return torch.from_numpy(-log_cdf / math.log(2))
 
 
