@@ -37,6 +37,32 @@ def test_attack_summary_ranks_infinite_scores_at_the_ends():
     assert metrics.attack_summary([math.inf], [-math.inf])["advantage"] == 1.0
 
 
+def test_attack_summary_with_ties_matches_mann_whitney_and_its_own_decision():
+    """Many tied scores: the AUC gives a tie 1/2, and the best advantage is the one of the decision
+    "score >= threshold" at the reported threshold, the rule the calibrated attacks apply."""
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.integers(0, 6, 300).astype(float), 1.5 * rng.integers(0, 4, 200)
+    summary = metrics.attack_summary(members, nonmembers)
+    diff = members[:, None] - nonmembers[None, :]
+    assert summary["auc"] == pytest.approx((diff > 0).mean() + (diff == 0).mean() / 2)
+    advantages = {t: metrics.threshold_metrics(members >= t, nonmembers >= t)["advantage"]
+                  for t in np.unique(np.concatenate([members, nonmembers]))}
+    assert summary["advantage"] == pytest.approx(max(advantages.values()))
+    assert advantages[summary["threshold"]] == pytest.approx(summary["advantage"])
+
+
+def test_attack_summary_auc_one_half_with_an_advantage():
+    """The shape of an overfitted model's losses: members and most non-members alike, some
+    non-members far off. AUC sums over all thresholds and the advantage is the best one: a ROC
+    that crosses the diagonal gives AUC 1/2 with advantage 1/2."""
+    members = np.arange(10.0)
+    nonmembers = np.concatenate([members - 100, members + 100])  # half below every member, half above
+    summary = metrics.attack_summary(members, nonmembers)
+    assert summary["auc"] == pytest.approx(0.5)
+    assert summary["advantage"] == pytest.approx(0.5)
+    assert summary["threshold"] == members.min()
+
+
 def test_attack_summary_two_gaussians():
     """Members ~ N(d, 1), non-members ~ N(0, 1): AUC = Phi(d / sqrt 2), max TPR - FPR = 2 Phi(d / 2) - 1."""
     d, n = 1.5, 40_000
