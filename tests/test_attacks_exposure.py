@@ -137,18 +137,18 @@ def test_image_canaries_inserted_are_exposed():
     with_canaries = insert_canaries(type(train)(*data), canaries, repeats=4)
     assert len(with_canaries.y) == 300 + 32
 
-    def mean_exposure(x, y, seed):
+    def exposures(x, y, seed):
         torch.manual_seed(seed)
         model = train_classifier(MLP(64, 10, hidden=(128,)), x, y, epochs=40, lr=3e-3,
                                  generator=torch.Generator().manual_seed(seed))
         canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
         return exposure(canary_losses, reference_losses), exposure_extrapolated(canary_losses, reference_losses)
 
-    inserted, inserted_extrapolated = mean_exposure(*with_canaries, seed=1)
-    not_inserted, not_inserted_extrapolated = mean_exposure(*data, seed=1)
+    inserted, inserted_extrapolated = exposures(*with_canaries, seed=1)
+    not_inserted, not_inserted_extrapolated = exposures(*data, seed=1)
     assert inserted.mean() > 6.0  # near the 8-bit maximum of 256 candidates
     assert not_inserted.mean() < 3.0  # about 1 bit, as for any candidate
-    # The fit extends the ranks: finite, near them on average, and following each canary's loss.
+    # The fit extends the ranks: finite, near them on average, and not one value for every canary.
     for ranked, extrapolated in [(inserted, inserted_extrapolated), (not_inserted, not_inserted_extrapolated)]:
         assert torch.isfinite(extrapolated).all()
         assert abs(extrapolated.mean() - ranked.mean()) < 1.5
