@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import typing
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -352,23 +353,40 @@ def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, 
     return {"lira_online": partial(attack, online=True), "lira_offline": partial(attack, online=False)}
 
 
+def _extrapolate_exposure(canary_losses: torch.Tensor, reference_losses: torch.Tensor) -> tuple[list, Optional[str]]:
+    """The skew-normal exposures, or NaNs where the fit cannot be made, with the fit's warning or
+    error as a note: an audit reports an untrustworthy extrapolation instead of failing or hiding it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            fitted = exposure_extrapolated(canary_losses, reference_losses).tolist()
+        except ValueError as error:
+            return [math.nan] * len(canary_losses), f"not extrapolated: {error}"
+    notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return fitted, "; ".join(notes) or None
+
+
 def _canary_exposure(model, canaries: Split, references: Split) -> Optional[dict]:
     """Rank-based and extrapolated exposure of the inserted canaries, with a text and a Markdown table."""
     if not len(canaries.y):
         return None
     canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
-    ranked, fitted = exposure(canary_losses, reference_losses), exposure_extrapolated(canary_losses, reference_losses)
+    ranked = exposure(canary_losses, reference_losses)
+    fitted, fit_note = _extrapolate_exposure(canary_losses, reference_losses)
     header = ["canary", "label", "loss", "exposure (bits)", "extrapolated (bits)"]
     body = [[str(i), str(int(label)), f"{loss:.3f}", f"{e:.2f}", f"{f:.2f}"]
-            for i, (label, loss, e, f) in enumerate(zip(canaries.y, canary_losses.tolist(), ranked.tolist(),
-                                                        fitted.tolist()))]
-    body.append(["mean", "", f"{canary_losses.mean():.3f}", f"{ranked.mean():.2f}", f"{fitted.mean():.2f}"])
+            for i, (label, loss, e, f) in enumerate(zip(canaries.y, canary_losses.tolist(), ranked.tolist(), fitted))]
+    body.append(["mean", "", f"{canary_losses.mean():.3f}", f"{ranked.mean():.2f}", f"{sum(fitted) / len(fitted):.2f}"])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    footnote = [] if fit_note is None else [f"extrapolated exposure unreliable: {fit_note}"]
     return {
         "inserted": len(canaries.y), "references": len(references.y), "max_exposure": math.log2(len(references.y) + 1),
-        "losses": canary_losses.tolist(), "exposure": ranked.tolist(), "exposure_extrapolated": fitted.tolist(),
-        "table": "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body]),
-        "markdown": "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body]),
+        "losses": canary_losses.tolist(), "exposure": ranked.tolist(), "exposure_extrapolated": fitted,
+        "extrapolation_note": fit_note,
+        "table": "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+                           + footnote),
+        "markdown": "\n".join(["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body]]
+                              + [f"\n*{note}*" for note in footnote]),
     }
 
 
