@@ -25,6 +25,21 @@ class Reuse(nn.Module):
         return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class ConvReuse(nn.Module):
+    """A narrow and a wide convolution, each applied twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow = nn.Conv2d(2, 2, 3, padding=1)
+        self.wide = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        x = torch.tanh(self.narrow(torch.tanh(self.narrow(x))))
+        x = torch.tanh(self.wide(torch.tanh(self.wide(x.repeat(1, 4, 1, 1)))))
+        return self.head(x.flatten(1))
+
+
 class TokenModel(nn.Module):
     """Embedding (with a padding id), LayerNorm, mean pooling and a Linear head."""
 
@@ -87,6 +102,7 @@ MODELS = {
     "fallback": (lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
                  lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64), 3),
     "reuse": (Reuse, lambda n, g: torch.randn(n, 6, generator=g, dtype=torch.float64), 3),
+    "conv_reuse": (ConvReuse, _images(2, 5), 3),
     "cnn": (lambda: ConvNet(in_channels=1, num_classes=4, width=8, image_size=8, groups=4), _images(1, 8), 4),
 }
 
@@ -143,6 +159,35 @@ def test_per_sample_gradients_match_naive_loop(name):
     for b in range(3):
         for p, e in zip(params, expected[b]):
             torch.testing.assert_close(got[p][b], e, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["strided", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["materialize", "bk"])
+@pytest.mark.parametrize("name", ["cnn", "conv_wide", "conv_reuse", "groupnorm_first"])
+def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout):
+    """The convolution and GroupNorm rules given rows with a stride, or channels-last images, in
+    float32 as in float64, against the naive loop in float64 on the same values."""
+    if name == "groupnorm_first" and layout == "channels_last":
+        pytest.skip("torch 2.13's CPU GroupNorm backward crashes computing a weight gradient on channels-last input")
+    k = 4
+    model, x, y = _setup(name, 6 * k)
+    model, x = model.to(dtype), x.to(dtype)
+    if layout == "strided":
+        x, y = x[::2], y[::2]
+    else:
+        x, y = x[:3 * k].contiguous(memory_format=torch.channels_last), y[:3 * k]
+    reference = copy.deepcopy(model).double()
+    _, _, norms = _naive_clipped_sum(reference, x.double(), y, k, 1.0)
+    max_grad_norm = float(norms.median())
+    _, expected, _ = _naive_clipped_sum(reference, x.double(), y, k, max_grad_norm)
+    wrapped = GradSampleModule(model, mode=mode, augmult=k)
+    F.cross_entropy(wrapped(x), y).backward()
+    got = wrapped.clipped_sum(max_grad_norm)
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-5, "atol": 1e-9}
+    for p, e in zip(model.parameters(), expected):
+        assert got[p].dtype == dtype
+        torch.testing.assert_close(got[p].double(), e, **tolerance)
 
 
 # Opacus 1.6 ignores a convolution's padding_mode (reflect, circular) and an Embedding's padding_idx

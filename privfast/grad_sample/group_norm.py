@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from privfast.grad_sample.base import Call, MaterializedGrads, register_rule
 
 
-def _statistics(module: nn.GroupNorm, call: Call, rows: int, positions: int) -> tuple[Tensor, Tensor]:
-    """The group means and reciprocal standard deviations ``[rows, groups]`` of the call's input.
+def _statistics(module: nn.GroupNorm, call: Call, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The group means and reciprocal standard deviations ``[rows, groups]`` of the call's input ``x``
+    (contiguous, as the kernels want it).
 
     The forward saved them for its backward, and the rule runs from the output hook, before that
     backward frees them; a first layer's output is tapped (its node is not the layer's), so there
@@ -23,7 +24,7 @@ def _statistics(module: nn.GroupNorm, call: Call, rows: int, positions: int) -> 
     node = call.grad_fns[0] if call.grad_fns else None
     if type(node).__name__ == "NativeGroupNormBackward0":
         return node._saved_result1, node._saved_result2
-    _, mean, rstd = torch.native_group_norm(call.args[0], None, None, rows, module.num_channels, positions,
+    _, mean, rstd = torch.native_group_norm(x, None, None, x.shape[0], module.num_channels, x.shape[2:].numel(),
                                             module.num_groups, module.eps)
     return mean, rstd
 
@@ -36,13 +37,13 @@ def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> Mater
     channels, groups = module.num_channels, module.num_groups
     totals = None
     for call in calls:
-        x, d = call.args[0], call.grads[0]
+        x, d = call.args[0].contiguous(), call.grads[0].contiguous()
         rows, positions = x.shape[0], x.shape[2:].numel()
-        mean, rstd = _statistics(module, call, rows, positions)
+        mean, rstd = _statistics(module, call, x)
         units = rows * channels
         # The gamma argument only scales the input gradient, which is not asked for; the kernel wants one.
         _, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-            d.reshape(1, units, positions), x.reshape(1, units, positions), mean.reshape(1, -1), rstd.reshape(1, -1),
+            d.view(1, units, positions), x.view(1, units, positions), mean.reshape(1, -1), rstd.reshape(1, -1),
             x.new_ones(units), 1, units, positions, rows * groups, [False, weight is not None, bias is not None])
         parts = [p.reshape(rows // fold, fold, channels).sum(1) for p in (grad_weight, grad_bias) if p is not None]
         totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
