@@ -2,17 +2,16 @@
 the unfolded input: ``grad W_b[g] = sum_t D[b, g, t] A[b, g, t]^T`` with ``t`` over the K
 augmentations and the output positions. Conv1d is unfolded as a convolution of height 1.
 
-Materialized per-example gradients come instead from the convolution's own weight-gradient
-kernel, run once: a layer with many input channels takes the B examples as groups and the K
-augmentations as its batch (the kernel sums over its batch, which is the fold; the rows are
-transposed into that layout); a narrow layer takes every row as a group of a batch of one, which
-needs no copy of the input or output gradient, and the rows' gradients (small: few input
-channels) are summed over the fold after. Unfolding copies the input ``prod(kernel)`` times,
-which is slower on CPU.
+The per-example gradients come from the convolution's own weight-gradient kernel, which sums
+over its batch: a narrow layer runs it once with every row as a group of a batch of one (a view;
+the rows' gradients, small with few input channels, are summed over the fold after) and a wider
+one runs it once per example with the example's fold rows as the batch (contiguous: no copy).
+Ghost norms and the clipped sum unfold the input (a copy ``prod(kernel)`` times its size).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
@@ -23,11 +22,13 @@ from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fol
 
 Conv = Union[nn.Conv1d, nn.Conv2d]
 
-# Measured on CPU (benchmarks/bench_training.py's ConvNet, K = 16): below this many input channels
-# per group the kernel with one group per row is fastest (3 -> 32 channels: 16 ms against 32 ms with
-# the examples as groups and 34 ms unfolded); at 32 -> 64 it is the examples as groups (37 ms
-# against 52 ms per row and 84 ms unfolded).
-GROUPED_KERNEL_MIN_CHANNELS = 16
+# Measured on CPU (B = 16, K = 16, one thread): below this many input channels per group one group
+# per row is fastest (3 -> 32 channels at 32x32, bench_training's first conv: 18 ms against 21 ms
+# per example; 4 -> 32: 28 against 34 ms); from it on, one run per example (8 -> 32 at 32x32: 35
+# against 39 ms; 32 -> 64 at 16x16: 29 against 54 ms per row, and 38 ms with the examples as the
+# groups of one run, of which 11 ms are the transposed copies that layout needs). With fold 1 the
+# rows are the examples, and one run with a group per row does it without a copy.
+PER_EXAMPLE_MIN_CHANNELS = 8
 
 
 def _padded(module: Conv, x: Tensor) -> Tensor:
@@ -53,6 +54,26 @@ def _unfold(module: Conv, x: Tensor) -> Tensor:
     return cols.reshape(cols.shape[0], module.groups, cols.shape[1] // module.groups, cols.shape[2])
 
 
+def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> Tensor:
+    """The layer's weight gradient summed over the batch of ``x`` and ``grad``.
+
+    ``copies``: the channels hold that many instances of the layer side by side (``[1, n * C_in, ...]``
+    for one per row), whose gradients come out stacked: ``[copies * C_out, C_in / groups, *kernel]``.
+    """
+    padding = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):  # the kernel pads only symmetric zeros
+        x, padding = _padded(module, x), (0,) * len(module.kernel_size)
+    x, kernel, dilation, stride = _as_2d(module, x)
+    padding = (0, *padding) if len(padding) == 1 else padding
+    grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
+    shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(copies * module.out_channels, module.weight.shape[1], *kernel)
+    _, weight, _ = torch.ops.aten.convolution_backward(
+        grad, x, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], copies * module.groups,
+        [False, True, False],
+    )
+    return weight
+
+
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only when a path needs it."""
 
@@ -73,35 +94,22 @@ class ConvGrads(ContractionGrads):
     def weight_columns(self) -> int:
         return self.module.weight[0].numel()
 
+    def _per_row(self) -> bool:
+        return self.fold == 1 or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS
+
     def _weight_per_example(self) -> Tensor:
-        module = self.module
-        if len(self.inputs) > 1 or self.batch == 0:  # the kernel takes no zero groups
+        if self.batch == 0:  # the kernel takes no zero groups
             return super()._weight_per_example()
-        x, padding = self.inputs[0], module.padding
-        if module.padding_mode != "zeros" or isinstance(padding, str):  # the kernel pads only symmetric zeros
-            x, padding = _padded(module, x), (0,) * len(module.kernel_size)
-        x, kernel, dilation, stride = _as_2d(module, x)
-        padding = (0, *padding) if len(padding) == 1 else padding
-        grad = self.outputs_grad[0]
-        grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
-        b, k = self.batch, self.fold
-        per_row = module.in_channels // module.groups < GROUPED_KERNEL_MIN_CHANNELS
-        if per_row:
+        module, b, k = self.module, self.batch, self.fold
+        if self._per_row():
             # [B*K, C, ...] -> [1, B*K*C, ...]: a view; every row's own gradient, then the sum over its fold.
-            groups = b * k * module.groups
-            x, grad = x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:])
+            parts = (_weight_gradient(module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]),
+                                      copies=b * k).reshape(b, k, -1).sum(1)
+                     for x, grad in zip(self.inputs, self.outputs_grad))
         else:
-            # [B*K, C, ...] -> [K, B*C, ...]: the examples become groups, the augmentations the batch.
-            groups = b * module.groups
-            x = x.reshape(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * x.shape[1], *x.shape[2:])
-            grad = grad.reshape(b, k, *grad.shape[1:]).transpose(0, 1).reshape(k, b * grad.shape[1], *grad.shape[2:])
-        rows_out = groups // module.groups * module.out_channels
-        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(rows_out, module.weight.shape[1], *kernel)
-        _, weight, _ = torch.ops.aten.convolution_backward(
-            grad, x, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [False, True, False],
-        )
-        return weight.reshape(b, k, -1).sum(1) if per_row else weight
+            parts = (torch.stack([_weight_gradient(module, *rows) for rows in zip(x.split(k), grad.split(k))])
+                     for x, grad in zip(self.inputs, self.outputs_grad))
+        return functools.reduce(torch.add, parts)
 
     def release(self) -> None:
         super().release()
