@@ -195,17 +195,20 @@ class ContractionGrads(LayerGrads):
         return total
 
     def contract(self, weights: Tensor) -> list[Tensor]:
-        b, g, r, d, p = self._dims()
         out = []
         if self.weight is not None:
-            # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group.
-            scaled = self.d * weights.to(self.d.dtype).view(b, 1, 1, 1, 1)
-            dw = scaled.permute(2, 3, 0, 1, 4).reshape(g, p, b * r)
-            a = self.a.permute(2, 0, 1, 4, 3).reshape(g, b * r, d)
-            out.append(torch.bmm(dw, a).reshape(self.weight.shape))
+            out.append(self._weight_contract(weights).reshape(self.weight.shape))
         if self.bias is not None:
             out.append(torch.mv(self._bias_per_example().t(), weights.to(self.d.dtype)).reshape(self.bias.shape))
         return out
+
+    def _weight_contract(self, weights: Tensor) -> Tensor:
+        b, g, r, d, p = self._dims()
+        # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group.
+        scaled = self.d * weights.to(self.d.dtype).view(b, 1, 1, 1, 1)
+        dw = scaled.permute(2, 3, 0, 1, 4).reshape(g, p, b * r)
+        a = self.a.permute(2, 0, 1, 4, 3).reshape(g, b * r, d)
+        return torch.bmm(dw, a)
 
     def release(self) -> None:
         self._a = self.d = None

@@ -2,11 +2,13 @@
 the unfolded input: ``grad W_b[g] = sum_t D[b, g, t] A[b, g, t]^T`` with ``t`` over the K
 augmentations and the output positions. Conv1d is unfolded as a convolution of height 1.
 
-The per-example gradients come from the convolution's own weight-gradient kernel, which sums
-over its batch: a narrow layer runs it once with every row as a group of a batch of one (a view;
-the rows' gradients, small with few input channels, are summed over the fold after) and a wider
-one runs it once per example with the example's fold rows as the batch (contiguous: no copy).
-Ghost norms and the clipped sum unfold the input (a copy ``prod(kernel)`` times its size).
+Only ghost norms unfold the input (a copy ``prod(kernel)`` times its size). The per-example
+gradients and the clipped sum come from the convolution's own weight-gradient kernel, which sums
+over its batch: for the per-example gradients, a narrow layer runs it once with every row as a
+group of a batch of one (a view; the rows' gradients, small with few input channels, are summed
+over the fold after) and a wider one runs it once per example with the example's fold rows as the
+batch (contiguous: no copy); the clipped sum is one run over all rows, each scaled by its example's
+clip factor.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
 
 
 class ConvGrads(ContractionGrads):
-    """A convolution's captured calls; the unfolded input is built only when a path needs it."""
+    """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups
@@ -109,6 +111,18 @@ class ConvGrads(ContractionGrads):
         else:
             parts = (torch.stack([_weight_gradient(module, *rows) for rows in zip(x.split(k), grad.split(k))])
                      for x, grad in zip(self.inputs, self.outputs_grad))
+        return functools.reduce(torch.add, parts)
+
+    def _weight_contract(self, weights: Tensor) -> Tensor:
+        rows = weights.to(self.d.dtype).repeat_interleave(self.fold)
+        parts = []
+        for x, grad in zip(self.inputs, self.outputs_grad):
+            # The gradient is linear in either operand: scale the smaller.
+            if x.numel() < grad.numel():
+                x = x * rows.view(-1, *[1] * (x.dim() - 1))
+            else:
+                grad = grad * rows.view(-1, *[1] * (grad.dim() - 1))
+            parts.append(_weight_gradient(self.module, x, grad))
         return functools.reduce(torch.add, parts)
 
     def release(self) -> None:
