@@ -138,7 +138,8 @@ class ContractionGrads(LayerGrads):
 
     @staticmethod
     def _rows(t: Tensor) -> Tensor:
-        """``[B, K, G, c, T] -> [B, G, K*T, c]`` (a copy unless K = 1): rows for Gram matrices."""
+        """``[B, K, G, c, T] -> [B, G, K*T, c]``: an example's rows (a view of a Linear's captured
+        operands, whose positions come before channels; a copy of an unfolded input)."""
         b, k, g, c, positions = t.shape
         return t.permute(0, 2, 1, 4, 3).reshape(b, g, k * positions, c)
 
@@ -166,14 +167,7 @@ class ContractionGrads(LayerGrads):
         return self.materialize_cost()
 
     def _weight_per_example(self) -> Tensor:
-        b, k, g, _, _ = self.d.shape
-        if g > 1:
-            return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
-        # One strided batched GEMM per augmentation, accumulated in place: no folded copy of A or D.
-        out = torch.bmm(self.d[:, 0, 0], self.a[:, 0, 0].transpose(1, 2))
-        for i in range(1, k):
-            out.baddbmm_(self.d[:, i, 0], self.a[:, i, 0].transpose(1, 2))
-        return out
+        return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
 
     def _compute_per_example(self) -> list[Tensor]:
         out = []
