@@ -59,7 +59,7 @@ class LayerGrads:
         self.batch = batch
         self._per_example: Optional[list[Tensor]] = None
 
-    # -- costs (multiply-adds), used to pick a strategy per layer --------------------------
+    # -- costs (multiply-adds; an element copied or scaled counts as one), to pick a strategy per layer --
     def materialize_cost(self) -> float:
         """Cost of building ``[B, *shape]`` for every parameter."""
         return self.reduce_cost()
@@ -164,7 +164,8 @@ class ContractionGrads(LayerGrads):
         return float(b * g * r * r * (d + p))
 
     def contract_cost(self) -> float:
-        return self.materialize_cost()
+        b, g, r, d, p = self._dims()
+        return float(b * g * r * (d + 1) * p)  # the GEMM and the pass that scales D
 
     def _weight_per_example(self) -> Tensor:
         return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))

@@ -99,6 +99,19 @@ class ConvGrads(ContractionGrads):
     def _per_row(self) -> bool:
         return self.fold == 1 or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS
 
+    def materialize_cost(self) -> float:
+        b, g, _, d, p = self._dims()
+        partials = b * self.fold * g * d * p if self._per_row() else 0  # the rows' gradients, summed over the fold
+        return super().materialize_cost() + partials
+
+    def ghost_cost(self) -> float:
+        b, g, r, d, p = self._dims()
+        return super().ghost_cost() + b * g * r * (2 * d + p)  # unfolding, then both operands copied into rows
+
+    def contract_cost(self) -> float:
+        scaled = sum(min(x.numel(), grad.numel()) for x, grad in zip(self.inputs, self.outputs_grad))
+        return super().materialize_cost() + scaled
+
     def _weight_per_example(self) -> Tensor:
         if self.batch == 0:  # the kernel takes no zero groups
             return super()._weight_per_example()

@@ -274,7 +274,11 @@ class GradSampleModule(nn.Module):
         if self.mode == "ghost":
             return GHOST, GHOST
         if self.mode == "bk":
-            return (GHOST if ghost < grads.materialize_cost() else MATERIALIZE), GHOST
+            return (GHOST if ghost < grads.materialize_cost() + grads.reduce_cost() else MATERIALIZE), GHOST
+        # Materialized norms are never paired with the contraction here (bk does so where Gram matrices
+        # cost more, e.g. every conv at K = 16): the norms have already built the per-example gradients,
+        # from which the sum is one pass instead of a second weight-gradient computation; the pairing
+        # only lowers the peak memory.
         materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
         return (MATERIALIZE, MATERIALIZE) if materialize <= ghost + grads.contract_cost() else (GHOST, GHOST)
 
