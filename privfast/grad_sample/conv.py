@@ -97,7 +97,9 @@ class ConvGrads(ContractionGrads):
         return self.module.weight[0].numel()
 
     def _per_row(self) -> bool:
-        return self.fold == 1 or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS
+        # Off the CPU, one run per example would be a Python loop of B kernel launches: one grouped run there.
+        return (self.fold == 1 or self.inputs[0].device.type != "cpu"
+                or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS)
 
     def materialize_cost(self) -> float:
         b, g, _, d, p = self._dims()
