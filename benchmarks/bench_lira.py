@@ -13,6 +13,10 @@ on a few shared cores, a thread per core spin-waits whenever another job holds a
 two-thread timings swing tenfold from run to run.
 
     python -m pytest benchmarks/bench_lira.py --benchmark-only --benchmark-group-by=param:model,param:device
+
+The vectorized rows depend on the allocator (see :func:`privfast.attacks.train_shadow_models`'s
+note): prefix ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` to measure
+them without glibc returning each step's memory to the kernel.
 """
 
 import os
