@@ -28,6 +28,7 @@ class SecureUniformWithReplacementSampler(UniformWithReplacementSampler):
     by design; yields lists of indices, empty ones included, ``steps`` times."""
 
     def __init__(self, *, num_samples: int, sample_rate: float, steps: Optional[int] = None):
+        # No generator argument: one passed here would be silently ignored.
         super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -39,8 +40,9 @@ def rebuild_data_loader(loader: DataLoader, *, collate_fn=None, batch_sampler=No
     """A new loader over ``loader``'s dataset with every setting kept but the given ones (a
     DataLoader refuses to have its batch sampler or collate function replaced in place)."""
     return DataLoader(
-        loader.dataset, batch_sampler=batch_sampler or loader.batch_sampler, num_workers=loader.num_workers,
-        collate_fn=collate_fn or loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+        loader.dataset, batch_sampler=loader.batch_sampler if batch_sampler is None else batch_sampler,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn if collate_fn is None else collate_fn,
+        pin_memory=loader.pin_memory, timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator, prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
