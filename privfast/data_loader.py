@@ -6,13 +6,15 @@ CSPRNG) instead, so that ``PrivacyEngine(secure_mode=True)`` covers the sampling
 """
 
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
+import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
-__all__ = ["SecureUniformWithReplacementSampler", "rebuild_data_loader", "secure_uniform"]
+__all__ = ["SecureUniformWithReplacementSampler", "observe_batches", "rebuild_data_loader", "secure_uniform"]
 
 
 def secure_uniform(n: int) -> np.ndarray:
@@ -47,3 +49,27 @@ def rebuild_data_loader(loader: DataLoader, *, collate_fn=None, batch_sampler=No
         generator=loader.generator, prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
     )
+
+
+_OBSERVED: dict[type, type] = {}
+
+
+def _observed_iter(self):
+    for batch in type(self).__mro__[1].__iter__(self):
+        first = next((t for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if first is not None:
+            self._privfast_on_batch(tuple(first.shape))
+        yield batch
+
+
+def observe_batches(loader: DataLoader, on_batch: Callable[[tuple], None]) -> DataLoader:
+    """Make ``loader`` call ``on_batch(shape)`` in the main process with the shape of each batch's first
+    tensor as it yields the batch. The loader keeps its class (a subclass of it is swapped in), so
+    ``isinstance(loader, DPDataLoader)`` and everything else about it stay as they were."""
+    cls = type(loader)
+    if cls not in _OBSERVED.values():
+        if cls not in _OBSERVED:
+            _OBSERVED[cls] = type(f"Observed{cls.__name__}", (cls,), {"__iter__": _observed_iter})
+        loader.__class__ = _OBSERVED[cls]
+    loader._privfast_on_batch = on_batch
+    return loader

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from privfast._io import atomic_save
 from privfast.augment import DPMix
-from privfast.data_loader import SecureUniformWithReplacementSampler, rebuild_data_loader
+from privfast.data_loader import SecureUniformWithReplacementSampler, observe_batches, rebuild_data_loader
 from privfast.grad_sample import GradSampleModule
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 
@@ -76,6 +76,7 @@ class PrivacyEngine:
         microbatch_size: int = 1,
         noise_generator: Optional[torch.Generator] = None,
         check_finite: bool = True,
+        batch_first: Optional[bool] = None,
     ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
         """Wrap the training objects for DP-SGD with augmentation multiplicity.
 
@@ -102,6 +103,13 @@ class PrivacyEngine:
             noise_generator: source of the noise keys; default: a new generator seeded from torch's
                 default generator (so ``torch.manual_seed`` reproduces a run).
             check_finite: refuse to step on a non-finite per-example gradient (e.g. a NaN loss).
+            batch_first: whether the model takes the examples in dimension 0 (``[N, T, ...]``) or 1
+                (``[T, N, ...]``, torch's default for RNNs and attention); as in Opacus. None: True,
+                but a layer call whose two leading dimensions both have N entries is refused rather
+                than guessed. Layers inside a module that declares ``batch_first`` (Opacus's DP RNNs
+                and attention, transformer layers) follow that module. Each batch the loader yields is
+                checked against the model's input: the wrong layout raises instead of clipping time
+                steps as examples.
 
         Returns:
             ``(model, optimizer, data_loader)`` to train with as before.
@@ -124,8 +132,9 @@ class PrivacyEngine:
         if noise_generator is not None and self.secure_mode:
             raise ValueError("secure_mode draws noise from the operating system: do not pass a noise_generator")
         model = GradSampleModule(module, mode=grad_sample_mode, augmult=augmult, microbatch_size=microbatch_size,
-                                 loss_reduction=loss_reduction)
+                                 loss_reduction=loss_reduction, batch_first=batch_first)
         loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, augmentation=augmentation)
+        loader = observe_batches(loader, model.expect_batch)
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
         if noise_generator is None:

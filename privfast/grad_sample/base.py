@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from opacus.layers.param_rename import RenameParamsMixin
 from torch import Tensor, nn
 
 from privfast import ops
@@ -39,11 +40,26 @@ class Call:
     kwargs: dict
     grads: Optional[list[Tensor]] = field(default=None)
     grad_fns: list = field(default_factory=list)
+    rows: int = 0
+    """N, the batch's rows (``B * fold``), along the example dimension."""
+    arg_dims: tuple = ()
+    """Per positional argument, the dimension holding the examples (None: shared by all examples).
+    Rules registered with :func:`register_rule` get every tensor example-first (all 0); the vmap
+    fallback gets the layer's tensors as the layer saw them, with these dimensions."""
+    kwarg_dims: dict = field(default_factory=dict)
+    out_dims: list = field(default_factory=list)
+    """Per output, the dimension holding the examples (of ``grads[i]`` as the rule receives it)."""
+    moved: int = 0
+    """The dimension the engine moves first in the output gradients as they arrive."""
+    index: Optional[Tensor] = None
+    """For a recurrent cell on a PackedSequence: the batch rows its rows belong to."""
+    versions: list = field(default_factory=list)
+    """``(tensor, version)`` of every input when the layer ran, to detect later in-place changes."""
 
     def drop(self) -> None:
         """Release the tensors. The output hooks still reference the call while the user keeps the
         graph alive (e.g. through ``loss``), which would otherwise keep a whole batch's activations."""
-        self.args, self.kwargs, self.grad_fns = (), {}, []
+        self.args, self.kwargs, self.grad_fns, self.versions, self.index = (), {}, [], [], None
         self.grads = [None] * len(self.grads)
 
 
@@ -216,7 +232,8 @@ RULES: dict[type, Rule] = {}
 
 
 def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for exactly these module types (subclasses fall back to vmap)."""
+    """Register ``rule`` for these module types, and for subclasses that keep their ``forward``
+    (e.g. Opacus's ``RNNLinear``); a subclass with a ``forward`` of its own falls back to vmap."""
 
     def decorate(rule: Rule) -> Rule:
         for t in module_types:
@@ -224,6 +241,14 @@ def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
         return rule
 
     return decorate
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The registered rule of ``module``'s type or of the nearest base whose ``forward`` it keeps."""
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls] if cls.forward is type(module).forward else None
+    return None
 
 
 def fold_rows(t: Tensor, fold: int) -> Tensor:
@@ -237,5 +262,13 @@ def cat_positions(parts: list[Tensor]) -> Tensor:
 
 
 def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The module's own (non-recursive) parameters that require a gradient."""
-    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    """The module's own (non-recursive) parameters that require a gradient.
+
+    Opacus's ``RenameParamsMixin`` (its DP RNNs) registers its cells' parameters a second time
+    under ``nn.LSTM``'s names; those aliases belong to the cells that use them, not to the parent.
+    """
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if isinstance(module, RenameParamsMixin):
+        inner = {id(p) for child in module.children() for p in child.parameters()}
+        own = [(n, p) for n, p in own if id(p) not in inner]
+    return own

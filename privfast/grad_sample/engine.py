@@ -10,20 +10,23 @@ whose inputs are all integer ids, an Embedding, keeps its parameters tracked ins
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 from typing import Iterator, Optional
 
 import torch
+from opacus.layers.dp_rnn import DPRNNBase, RNNLinear
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 # Importing the rule modules registers them.
-from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear  # noqa: F401
-from privfast.grad_sample.base import GHOST, MATERIALIZE, RULES, Call, LayerGrads, MaterializedGrads, trainable
+from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear, sequence_bias  # noqa: F401
+from privfast.grad_sample.base import GHOST, MATERIALIZE, Call, LayerGrads, MaterializedGrads, rule_for, trainable
 from privfast.grad_sample.functorch import vmap_rule
+from privfast.grad_sample.layout import Layout, LayoutError, check_call, layer_layout, model_rows
 from privfast import _reference, ops
 
 MODES = ("auto", "materialize", "ghost", "bk")
@@ -51,11 +54,14 @@ class _Tap(torch.autograd.Function):
 class _Layer:
     """A module with trainable parameters of its own, the rule for it, and its calls in this batch."""
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, layout: Layout):
         self.name = name
         self.module = module
+        self.layout = layout
         self.params = [p for _, p in trainable(module)]
-        self.rule = RULES.get(type(module), vmap_rule)
+        rule = rule_for(module)
+        self.fallback = rule is None
+        self.rule = vmap_rule if rule is None else rule
         self.calls: list[Call] = []
         self.materialized: Optional[MaterializedGrads] = None  # per-example gradients built during backward
         self.untracked: list[nn.Parameter] = []  # parameters the forward in flight stopped tracking
@@ -83,15 +89,33 @@ class GradSampleModule(nn.Module):
         augmult: K, the augmentations per example.
         microbatch_size: examples whose mean gradient is clipped together (1: per-example clipping).
         loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the rows.
+        batch_first: where the model's input and its layers' tensors hold the examples: dimension 0
+            (True, ``[N, T, ...]``) or 1 (False, ``[T, N, ...]``, torch's default for RNNs and
+            attention). Layers whose type or an enclosing module declares a layout follow that
+            instead (see :mod:`privfast.grad_sample.layout`). None means True, except that a call
+            whose two leading dimensions both have ``N`` entries is refused rather than guessed.
 
     Raises:
-        ValueError: on a bad argument, a model with layers that mix examples, or a parameter
-            shared by two modules.
+        ValueError: on a bad argument, a model with layers that mix examples, a torch RNN (use
+            Opacus's DP RNNs), or a parameter shared by two modules.
+        LayoutError: (a ValueError) during the forward pass, when a layer's tensors do not hold the
+            batch's rows where the engine expects them.
     """
 
     def __init__(self, module: nn.Module, *, mode: str = "auto", augmult: int = 1, microbatch_size: int = 1,
-                 loss_reduction: str = "mean"):
+                 loss_reduction: str = "mean", batch_first: Optional[bool] = None):
         super().__init__()
+        if batch_first is not None and not isinstance(batch_first, bool):
+            raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
+        for name, m in module.named_modules():
+            if isinstance(m, nn.RNNBase):
+                kind = type(m).__name__
+                raise ValueError(
+                    f"layer {name or 'the model'!r} is torch's nn.{kind}, whose fused kernel gives no per-example "
+                    f"gradients. Fix it with `model = opacus.validators.ModuleValidator.fix(model)`, which replaces it "
+                    f"with Opacus's DP{kind} (the same weights and options, built from Linear "
+                    "cells that privfast clips exactly), or build the model with opacus.layers.DPLSTM / DPGRU / DPRNN."
+                )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -112,7 +136,11 @@ class GradSampleModule(nn.Module):
         self.augmult = augmult
         self.microbatch_size = microbatch_size
         self.loss_reduction = loss_reduction
-        self._layers = [_Layer(name, m) for name, m in module.named_modules() if trainable(m)]
+        self.batch_first = True if batch_first is None else batch_first
+        self._layers = [
+            _Layer(name, m, layer_layout(module, name, m, batch_first=self.batch_first, explicit=batch_first is not None))
+            for name, m in module.named_modules() if trainable(m)
+        ]
         owners: dict[int, str] = {}
         for layer in self._layers:
             for p in layer.params:
@@ -123,7 +151,14 @@ class GradSampleModule(nn.Module):
                     )
                 owners[id(p)] = layer.name
         self._suspended = False
+        self._rows: Optional[int] = None  # N of the forward in flight
+        self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
+        self._packed: list[Optional[Tensor]] = []  # per running DP RNN: its PackedSequence's sorted_indices
         self._handles = []
+        for m in module.modules():
+            if isinstance(m, DPRNNBase):
+                self._handles.append(m.register_forward_pre_hook(self._enter_rnn))
+                self._handles.append(m.register_forward_hook(self._leave_rnn, always_call=True))
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_pre_hook(
                 functools.partial(self._before_forward, layer), with_kwargs=True))
@@ -144,7 +179,34 @@ class GradSampleModule(nn.Module):
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
                 )
         self.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
+        self._rows = model_rows(args, kwargs, batch_first=self.batch_first)
+        if self._capturing():
+            self._check_against_loaded(args, kwargs)
+        self._packed.clear()
         return self._module(*args, **kwargs)
+
+    def expect_batch(self, shape: tuple) -> None:
+        """Note the shape ``[N, ...]`` of a batch the data loader yielded (the PrivacyEngine's loader
+        calls this for every batch), to check the model's input layout against."""
+        self._loaded.append(shape)
+
+    def _check_against_loaded(self, args: tuple, kwargs: dict) -> None:
+        """Refuse an input that is a loaded batch, as loaded or with its first two dimensions swapped,
+        whose example dimension (by ``batch_first``) does not hold the loaded batch's N rows."""
+        x = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+        if x is None or x.dim() < 2:
+            return
+        dim = 0 if self.batch_first else 1
+        shape = tuple(x.shape)
+        for loaded in self._loaded:
+            swapped = (loaded[1], loaded[0], *loaded[2:])
+            if shape in (loaded, swapped) and shape[dim] != loaded[0] and shape[1 - dim] == loaded[0]:
+                raise LayoutError(
+                    f"the model's input has shape {list(shape)}; with batch_first={self.batch_first} the engine takes "
+                    f"dimension {dim} ({shape[dim]}) as the examples, but the data loader's batch {list(loaded)} has "
+                    f"{loaded[0]} examples (rows), now in dimension {1 - dim}. Pass batch_first={not self.batch_first} "
+                    "to make_private: clipping the other dimension would clip time steps, not examples."
+                )
 
     def __getattr__(self, name: str):
         try:
@@ -177,6 +239,86 @@ class GradSampleModule(nn.Module):
     def _capturing(self) -> bool:
         return not self._suspended and torch.is_grad_enabled()
 
+    _NOT_PACKED = object()
+
+    def _enter_rnn(self, module, args) -> None:
+        packed = args[0] if args and isinstance(args[0], nn.utils.rnn.PackedSequence) else None
+        self._packed.append(self._NOT_PACKED if packed is None else packed.sorted_indices)
+
+    def _leave_rnn(self, module, args, output) -> None:
+        if self._packed:
+            self._packed.pop()
+
+    def _capture(self, layer: _Layer, args: tuple, kwargs: dict, outputs: list[Tensor]) -> Call:
+        """The call as its rule will see it, after the guard has checked where its examples are.
+
+        Registered rules get the example dimension moved first (a view); a recurrent cell's call on
+        a PackedSequence, which holds a prefix of the batch's rows in sorted order, is scattered to
+        all N rows in the batch's order (zero rows add nothing to a gradient). The fallback keeps
+        the tensors as the layer saw them, with their example dimensions.
+        """
+        rows, layout = self._rows, layer.layout
+        if rows is None:
+            raise RuntimeError(
+                f"layer {layer.name!r} ran outside the wrapped model's forward (the engine does not know the batch's "
+                "rows): call the GradSampleModule, not the module inside it, or run under torch.no_grad()"
+            )
+        call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs], rows=rows)
+        call.versions = [(a, a._version) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        if isinstance(layer.module, nn.EmbeddingBag) and ((len(args) > 1 and args[1] is not None)
+                                                          or kwargs.get("offsets") is not None):
+            raise LayoutError(
+                f"layer {layer.name!r} (EmbeddingBag) got 1-D ids with offsets, which pack the bags of all examples into "
+                "one row: its per-example gradients cannot be told apart. Pass 2-D ids [N, L] (one bag per row; pad "
+                "with padding_idx) instead."
+            )
+        if layer.fallback:
+            tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+            if not tensors:
+                raise LayoutError(f"layer {layer.name!r} ({type(layer.module).__name__}) got no tensor positional input "
+                                  "to find the examples in")
+            check_call(layer.name, layer.module, layout, rows, "input", tensors[0][1])
+
+            def batched(t):
+                return layout.dim if isinstance(t, Tensor) and t.dim() > layout.dim and t.shape[layout.dim] == rows else None
+
+            call.arg_dims = tuple(batched(a) for a in args)
+            call.kwarg_dims = {k: batched(v) for k, v in kwargs.items()}
+            for o in outputs:
+                if o.requires_grad:
+                    check_call(layer.name, layer.module, layout, rows, "output", o)
+            call.out_dims = [layout.dim] * len(outputs)
+            return call
+        if not args or not isinstance(args[0], Tensor):
+            raise LayoutError(f"layer {layer.name!r} ({type(layer.module).__name__}) must get its input as the first "
+                              "positional argument")
+        x = args[0]
+        call.out_dims = [0] * len(outputs)
+        if isinstance(layer.module, RNNLinear) and self._packed and self._packed[-1] is not self._NOT_PACKED:
+            sorted_indices = self._packed[-1]
+            index = torch.arange(x.shape[0], device=x.device) if sorted_indices is None else                 sorted_indices[:x.shape[0]].to(x.device)
+            call.index = index
+            call.args = (x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x), *args[1:])
+            return call
+        check_call(layer.name, layer.module, layout, rows, "input", x)
+        for o in outputs:
+            if o.requires_grad:
+                check_call(layer.name, layer.module, layout, rows, "output", o)
+        if layout.dim != 0:
+            call.args = (x.movedim(layout.dim, 0), *args[1:])
+            call.moved = layout.dim
+        return call
+
+    @staticmethod
+    def _check_unchanged(layer: _Layer, call: Call) -> None:
+        for t, version in call.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"an input of layer {layer.name!r} ({type(layer.module).__name__}) was modified in place after the "
+                    "layer ran (e.g. x.add_() or an inplace=True activation on a tensor the layer had read): its "
+                    "per-example gradients would be computed from the modified values. Use the out-of-place op."
+                )
+
     def _before_forward(self, layer: _Layer, module, args, kwargs):
         if not self._capturing():
             return None
@@ -199,7 +341,7 @@ class GradSampleModule(nn.Module):
             output = tree_map(lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point()
                               else o, output)
         outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
-        call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs])
+        call = self._capture(layer, args, kwargs, outputs)
         for i, o in enumerate(outputs):
             if o.requires_grad:
                 o.register_hook(functools.partial(self._on_grad, layer, call, i))
@@ -209,12 +351,16 @@ class GradSampleModule(nn.Module):
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
         """Keep an output gradient; a single-output layer that will materialize does so right away,
         so that its inputs and output gradient can be freed during the backward pass."""
+        if call.moved:
+            grad = grad.movedim(call.moved, 0)
+        if call.index is not None:
+            grad = grad.new_zeros(call.rows, *grad.shape[1:]).index_copy_(0, call.index, grad)
         call.grads[index] = grad
         if len(call.grads) > 1:
             return
         with self._suspend(), torch.no_grad():
-            scale = self._loss_scale(grad.shape[0])
-            grads = layer.rule(layer.module, [call], self.fold)
+            scale = self._loss_scale(call.rows)
+            grads = self._apply_rule(layer, [call])
             if self._plan(grads) != (MATERIALIZE, MATERIALIZE):
                 return
             per_example = [g.mul_(scale) for g in grads.per_example()]
@@ -243,8 +389,8 @@ class GradSampleModule(nn.Module):
                 if not calls:
                     yield layer.materialized, 1.0
                     continue
-                scale = self._loss_scale(next(g for g in calls[0].grads if g is not None).shape[0])
-                grads = layer.rule(layer.module, calls, self.fold)
+                scale = self._loss_scale(calls[0].rows)
+                grads = self._apply_rule(layer, calls)
                 if layer.materialized is not None:  # calls that planned otherwise join the built part
                     built = layer.materialized.per_example()
                     per_example = [a + b.mul_(scale) for a, b in zip(built, grads.per_example())]
@@ -255,6 +401,24 @@ class GradSampleModule(nn.Module):
                 "no per-example gradients were captured: run the forward pass through the wrapped module and "
                 "loss.backward() before asking for them (e.g. before optimizer.step())"
             )
+
+    def _apply_rule(self, layer: _Layer, calls: list[Call]) -> LayerGrads:
+        """The layer's rule on its calls; the fallback's failures become errors that name the layer."""
+        for call in calls:
+            self._check_unchanged(layer, call)
+        if calls[0].rows % self.fold:
+            self._loss_scale(calls[0].rows)  # raises the error that explains the fold
+        if not layer.fallback:
+            return layer.rule(layer.module, calls, self.fold)
+        try:
+            return layer.rule(layer.module, calls, self.fold)
+        except Exception as error:  # vmap's errors name no layer and suggest nothing
+            raise ValueError(
+                f"per-example gradients of layer {layer.name!r} ({type(layer.module).__name__}) failed in the generic "
+                f"torch.func.vmap fallback: {type(error).__name__}: {error}\nThe layer's forward must work on one "
+                "example's rows at a time without in-place updates of its buffers or inputs. Replace the layer, or give "
+                "its type a rule with privfast.grad_sample.register_rule."
+            ) from error
 
     def _loss_scale(self, rows: int) -> float:
         """Turns a sum of row gradients of the loss into the unit's mean-row gradient."""
