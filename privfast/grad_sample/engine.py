@@ -183,7 +183,10 @@ class GradSampleModule(nn.Module):
         if self._capturing():
             self._check_against_loaded(args, kwargs)
         self._packed.clear()
-        return self._module(*args, **kwargs)
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._rows = None  # a direct call of the inner model is refused, not captured with stale rows
 
     def expect_batch(self, shape: tuple) -> None:
         """Note the shape ``[N, ...]`` of a batch the data loader yielded (the PrivacyEngine's loader

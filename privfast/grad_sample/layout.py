@@ -5,7 +5,7 @@ where ``N`` is the number of rows of the batch (``B*K``: each example's K rows c
 engine never guesses it from the data alone; each layer's example dimension comes from:
 
 1. the layer's type where torch fixes it: convolutions and norm layers over channels always take
-   ``[N, C, ...]``; Opacus's ``RNNLinear`` (the cells of ``DPLSTM``, ``DPGRU``, ``DPRNN``) is
+   ``[N, C, ...]``, an ``EmbeddingBag`` ``[N, L]`` ids (one bag per row); Opacus's ``RNNLinear`` (the cells of ``DPLSTM``, ``DPGRU``, ``DPRNN``) is
    called once per time step on ``[N, D]``;
 2. otherwise the nearest enclosing module (the layer itself included) that declares a layout:
    a ``batch_first`` attribute (``DPMultiheadAttention``, ``SequenceBias``, the DP RNNs, ...), or
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 # Layer types whose example dimension torch fixes at 0, whatever the model's layout.
 _BATCH_FIRST_TYPES = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-                      nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
+                      nn.modules.batchnorm._NormBase, nn.LocalResponseNorm, nn.EmbeddingBag)
 
 
 class LayoutError(ValueError):
