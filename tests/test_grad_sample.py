@@ -102,6 +102,11 @@ MODELS = {
     # EmbeddingBag over [N, L] ids (one bag per row) through the vmap fallback.
     "embedding_bag": (lambda: nn.Sequential(nn.EmbeddingBag(11, 5, mode="mean"), nn.Tanh(), nn.Linear(5, 3)),
                       lambda n, g: torch.randint(0, 11, (n, 7), generator=g), 3),
+    # Layers without a rule of their own, through the vmap fallback (always [N, C, ...]).
+    "fallback_convs": (lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.InstanceNorm2d(3, affine=True),
+                                             nn.Tanh(), nn.Unflatten(1, (1, 3)), nn.Conv3d(1, 2, 2), nn.Flatten(),
+                                             nn.LazyLinear(3)),
+                       _images(2, 3), 3),
     "fallback": (lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
                  lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64), 3),
     "reuse": (Reuse, lambda n, g: torch.randn(n, 6, generator=g, dtype=torch.float64), 3),
@@ -297,7 +302,7 @@ def test_unused_batch_is_not_silently_mixed_into_the_next():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"fallback_convs"}))  # torch's instance_norm fails on 0 rows
 def test_empty_batch_gives_a_zero_sum(name, mode):
     model, x, y = _setup(name, 4)
     wrapped = GradSampleModule(model, mode=mode, augmult=2)
