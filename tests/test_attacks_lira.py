@@ -2,10 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
+from torch import nn
 
 from privfast.attacks import (
+    ShadowModels,
     calibrated_threshold,
     lira,
     logit_confidence,
@@ -102,10 +106,112 @@ def test_online_lira_beats_the_loss_threshold(setting):
     assert online.summary["auc"] > threshold.summary["auc"]
 
 
-def test_variants_run(setting):
+def test_fixed_variance_lira_finds_membership(setting):
     args = (setting["target"], setting["shadows"], setting["x"], setting["y"])
     fixed = lira(*args, is_member=setting["is_member"], fix_variance=True, mirror=False)
-    assert torch.isfinite(fixed.member_scores).all() and fixed.summary["auc"] > 0.6
+    assert fixed.summary["auc"] > 0.6
+
+
+# ----------------------------------------------------------------------------------------
+# LiRA's scores against the paper's formulas, on confidences chosen by hand
+# ----------------------------------------------------------------------------------------
+
+HAND_N, HAND_S = 6, 8
+
+
+def _confidence_table(phi):
+    """A bias-free Linear(N, 2) whose logits on the one-hot input e_n are ``(phi[n], 0)``: its confidence
+    on example n with label 0 is ``phi[n]``, and on the mirrored input (e_{N-1-n}) ``phi[N-1-n]``."""
+    layer = nn.Linear(len(phi), 2, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.stack([torch.as_tensor(phi), torch.zeros(len(phi), dtype=torch.float64)]))
+    return layer
+
+
+@pytest.fixture(scope="module")
+def hand_made():
+    """Shadow and target confidences drawn per example with spreads from 0.2 to 5, so that a standard
+    deviation and a variance differ by a factor of 5 either way."""
+    rng = np.random.default_rng(0)
+    in_mask = np.zeros((HAND_S, HAND_N), dtype=bool)
+    for n in range(HAND_N):
+        in_mask[rng.permutation(HAND_S)[:3 + n % 3], n] = True  # 3 to 5 IN, 3 to 5 OUT shadows per example
+    spread = np.array([0.2, 0.5, 1.0, 2.0, 3.0, 5.0])
+    center_in, center_out = rng.normal(2.0, 1.0, HAND_N), rng.normal(-1.0, 1.0, HAND_N)
+    shadow_phi = np.where(in_mask, center_in, center_out) + spread * rng.normal(size=(HAND_S, HAND_N))
+    target_phi = rng.normal(0.5, 2.0, HAND_N)
+    shadows = ShadowModels(
+        base=nn.Linear(HAND_N, 2, bias=False).to("meta"),
+        params={"weight": torch.stack([_confidence_table(phi).weight.detach() for phi in shadow_phi])},
+        buffers={},
+        in_mask=torch.as_tensor(in_mask),
+    )
+    return {"shadows": shadows, "shadow_phi": shadow_phi, "in_mask": in_mask, "target_phi": target_phi,
+            "target": _confidence_table(target_phi)}
+
+
+def _expected_lira(shadow_phi, in_mask, target_phi, *, online, fix_variance):
+    """Carlini et al. (S&P 2022), per example n and query q, with Gaussians fitted by mean and unbiased
+    std: online ``log N(t; mu_in, s_in) - log N(t; mu_out, s_out)``; offline ``log Pr[Z <= t]`` with
+    Z ~ N(mu_out, s_out); the score is the mean over queries. ``fix_variance``: every (n, q) gets the
+    mean of the per-(n, q) variances (privfast's pooled within-example variance; the reference
+    plotting code's ``np.std`` over all IN scores would also count the spread of the per-example means).
+
+    Args:
+        shadow_phi: ``[S, N, Q]`` shadow confidences.
+        in_mask: ``[S, N]`` which shadows trained on which example.
+        target_phi: ``[N, Q]`` target confidences.
+    """
+    _, n_examples, n_queries = shadow_phi.shape
+
+    def fit(mask):
+        groups = [[shadow_phi[mask[:, n], n, q] for q in range(n_queries)] for n in range(n_examples)]
+        mu = np.array([[g.mean() for g in row] for row in groups])
+        var = np.array([[g.var(ddof=1) for g in row] for row in groups])
+        return mu, np.sqrt(np.full_like(var, var.mean()) if fix_variance else var)
+
+    mu_out, s_out = fit(~in_mask)
+    if online:
+        mu_in, s_in = fit(in_mask)
+        per_query = norm.logpdf(target_phi, mu_in, s_in) - norm.logpdf(target_phi, mu_out, s_out)
+    else:
+        per_query = norm.logcdf(target_phi, mu_out, s_out)
+    return per_query.mean(-1)
+
+
+@pytest.mark.parametrize("fix_variance", [False, True], ids=["per-example", "fixed-variance"])
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+@pytest.mark.parametrize("mirror", [False, True], ids=["plain", "mirror"])
+def test_lira_scores_equal_the_gaussian_formulas(hand_made, online, fix_variance, mirror):
+    shadow_phi, in_mask, target_phi = hand_made["shadow_phi"], hand_made["in_mask"], hand_made["target_phi"]
+    queries = [lambda a: a, lambda a: a[..., ::-1]] if mirror else [lambda a: a]  # mirror(e_n) = e_{N-1-n}
+    expected = _expected_lira(np.stack([q(shadow_phi) for q in queries], -1), in_mask,
+                              np.stack([q(target_phi) for q in queries], -1), online=online, fix_variance=fix_variance)
+    is_member = torch.tensor([True, False] * (HAND_N // 2))
+    found = lira(hand_made["target"], hand_made["shadows"], torch.eye(HAND_N, dtype=torch.float64),
+                 torch.zeros(HAND_N, dtype=torch.int64), is_member=is_member, online=online,
+                 fix_variance=fix_variance, mirror=mirror)
+    scores = torch.empty(HAND_N, dtype=torch.float64)
+    scores[is_member], scores[~is_member] = found.member_scores.double(), found.nonmember_scores.double()
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert found.info["online"] is online
+
+
+def test_lira_scores_rank_members_first_on_the_hand_made_case(hand_made):
+    """Direction: a target confidence near the IN fit scores above one near the OUT fit, online and
+    offline (a sign slip in either would pass every AUC test on symmetric data only by luck)."""
+    shadow_phi, in_mask = hand_made["shadow_phi"], hand_made["in_mask"]
+    mu_in = np.array([shadow_phi[in_mask[:, n], n].mean() for n in range(HAND_N)])
+    mu_out = np.array([shadow_phi[~in_mask[:, n], n].mean() for n in range(HAND_N)])
+    x, y = torch.eye(HAND_N, dtype=torch.float64), torch.zeros(HAND_N, dtype=torch.int64)
+    is_member = torch.tensor([True, False] * (HAND_N // 2))
+    for online in (True, False):
+        at_in = lira(_confidence_table(mu_in), hand_made["shadows"], x, y, is_member=is_member, online=online,
+                     mirror=False)
+        at_out = lira(_confidence_table(mu_out), hand_made["shadows"], x, y, is_member=is_member, online=online,
+                      mirror=False)
+        assert (at_in.member_scores > at_out.member_scores).all()
+        assert (at_in.nonmember_scores > at_out.nonmember_scores).all()
 
 
 def test_shadows_train_through_the_targets_augmentation():

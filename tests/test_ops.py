@@ -203,6 +203,36 @@ def test_same_seed_same_noise_successive_calls_differ(device):
     assert not any(torch.equal(a, b) for a, b in zip(first, second) if a.numel() > 1)
 
 
+@CUDA
+@pytest.mark.cuda
+def test_cuda_generator_keys_the_noise_and_moves_on():
+    """The branch a model on CUDA takes by default: a CUDA generator keys the noise with its seed
+    (tagged) and its Philox offset, and moves the offset past the counters used, so successive
+    calls draw fresh noise and re-seeding reproduces it; the key does not depend on where the
+    tensors live."""
+    numel = 3001
+    zeros = [torch.zeros(0, 1000, dtype=torch.float64, device="cuda"),
+             torch.zeros(0, 2001, dtype=torch.float64, device="cuda")]
+
+    def draw(gen, tensors=zeros):
+        return torch.cat([o.cpu() for o in ops.clip_accumulate_noise(tensors, 1.0, 1.0, 1.0, gen)])
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    first = draw(gen)
+    stride = 4 * math.ceil(_reference.philox_counters(numel) / 4)
+    assert gen.get_offset() == stride
+    second = draw(gen)
+    assert gen.get_offset() == 2 * stride
+    key = 7 ^ ops._PRIVFAST_KEY_TAG
+    assert torch.equal(first, _reference.philox_normal(key, 0, numel))
+    assert torch.equal(second, _reference.philox_normal(key, stride, numel))
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.1
+    assert torch.equal(draw(torch.Generator(device="cuda").manual_seed(7)), first)
+    assert not torch.equal(draw(torch.Generator(device="cuda").manual_seed(8)), first)
+    on_cpu = draw(torch.Generator(device="cuda").manual_seed(7), [z.cpu() for z in zeros])
+    assert torch.equal(on_cpu, first)
+
+
 def test_default_generator_follows_torch_manual_seed():
     grads = make_grads(2, torch.float32, "cpu")
     torch.manual_seed(123)

@@ -22,12 +22,16 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def _private(model, *, optimizer=None, sigma=0.0, clip=1.0, batch=8, seed=0, microbatch_size=1, augmult=1, mode="auto"):
+def _private(model, *, optimizer=None, sigma=0.0, clip=1.0, batch=8, seed=0, microbatch_size=1, augmult=1, mode="auto",
+             device="cpu"):
+    """The model on ``device`` made private, its noise keyed by a generator on that device (a CUDA
+    generator hands out Philox offsets, a CPU one draws keys from its stream: two code paths)."""
+    model.to(device)
     wrapped = GradSampleModule(model, mode=mode, microbatch_size=microbatch_size, augmult=augmult)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     cls = DPSAMOptimizer if isinstance(optimizer, SAM) else DPOptimizer
     return wrapped, cls(optimizer, module=wrapped, noise_multiplier=sigma, max_grad_norm=clip,
-                        expected_batch_size=batch, generator=torch.Generator().manual_seed(seed))
+                        expected_batch_size=batch, generator=torch.Generator(device=device).manual_seed(seed))
 
 
 def _clipped_mean(model, x, y, *, group, clip, denominator):
@@ -40,24 +44,25 @@ def _clipped_mean(model, x, y, *, group, clip, denominator):
             for i in range(len(params))]
 
 
-def test_noise_std_is_sigma_c_over_expected_batch_size():
+def test_noise_std_is_sigma_c_over_expected_batch_size(device):
     model = nn.Linear(400, 100, bias=False).double()
-    _, optimizer = _private(model, sigma=2.0, clip=0.5, batch=8)
+    _, optimizer = _private(model, sigma=2.0, clip=0.5, batch=8, device=device)
     wrapped = optimizer.module
-    wrapped(torch.zeros(8, 400, dtype=torch.float64)).sum().backward()  # zero gradient: p.grad is the noise
+    wrapped(torch.zeros(8, 400, dtype=torch.float64, device=device)).sum().backward()  # zero gradient: p.grad is the noise
     optimizer.pre_step()
     noise = model.weight.grad
+    assert noise.device.type == torch.device(device).type
     assert abs(float(noise.std()) / (2.0 * 0.5 / 8) - 1) < 0.03
     assert noise.grad_fn is None
     assert abs(float(noise.mean())) < 4 * (2.0 * 0.5 / 8) / math.sqrt(noise.numel())
 
 
-def test_seed_reproduces_and_steps_never_reuse_noise():
-    x, y = _data(8)
+def test_seed_reproduces_and_steps_never_reuse_noise(device):
+    x, y = (t.to(device) for t in _data(8))
 
     def run(seed, steps=2):
         model = _model()
-        wrapped, optimizer = _private(model, sigma=1.0, seed=seed)
+        wrapped, optimizer = _private(model, sigma=1.0, seed=seed, device=device)
         grads = []
         for _ in range(steps):
             optimizer.zero_grad()

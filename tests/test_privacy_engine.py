@@ -31,9 +31,9 @@ def _dataset(n=64, seed=0):
     return TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def _make(engine=None, *, batch_size=16, seed=0, **kwargs):
+def _make(engine=None, *, batch_size=16, seed=0, device="cpu", **kwargs):
     torch.manual_seed(seed)
-    model = ConvNet(width=4)
+    model = ConvNet(width=4).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     engine = engine or PrivacyEngine()
     args = dict(noise_multiplier=1.0, max_grad_norm=1.0) | kwargs
@@ -42,9 +42,10 @@ def _make(engine=None, *, batch_size=16, seed=0, **kwargs):
 
 
 def _train(model, optimizer, batches):
+    device = next(model.parameters()).device
     for x, y in batches:
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
         optimizer.step()
 
 
@@ -168,15 +169,43 @@ def test_secure_uniform_is_uniform_on_the_unit_interval():
     assert not np.array_equal(u[:100], secure_uniform(100))
 
 
-def test_same_seed_reproduces_a_run():
-    def run():
-        torch.manual_seed(7)
-        _, model, optimizer, loader = _make(seed=7)
+def test_same_seed_reproduces_a_run(device):
+    """On the model's device: the default noise generator lives there (a CUDA generator on CUDA),
+    torch.manual_seed reproduces the run, and another seed does not."""
+    def run(seed):
+        engine, model, optimizer, loader = _make(seed=seed, device=device)  # seeds torch, hence the noise
+        assert engine.noise_generator.device.type == device.type
         _train(model, optimizer, loader)
         return [p.detach().clone() for p in model.parameters()]
 
-    first, second = run(), run()
+    first, second, other = run(7), run(7), run(8)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_default_noise_generator_draws_fresh_noise_every_step(device):
+    """Pure-noise steps (zero images through a bias-free Linear) keyed by the default generator on the
+    model's device: each step's noise is new, and N(0, (sigma C / B)^2) per weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100, bias=False)).double().to(device)
+    engine = PrivacyEngine(accountant="rdp")
+    zeros = TensorDataset(torch.zeros(64, 1, 8, 8, dtype=torch.float64), torch.zeros(64, dtype=torch.int64))
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=DataLoader(zeros, batch_size=16),
+        noise_multiplier=2.0, max_grad_norm=1.0, poisson_sampling=False)
+    assert engine.noise_generator.device.type == device.type
+    updates = []
+    for x, y in [next(iter(loader))] * 3:
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        _train(model, optimizer, [(x, y)])
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    for update in updates:
+        assert float(update.pow(2).mean().sqrt()) == pytest.approx(2.0 / 16, rel=6 / math.sqrt(2 * 6400))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            corr = float(torch.corrcoef(torch.stack([updates[i], updates[j]]))[0, 1])
+            assert abs(corr) < 6 / math.sqrt(6400)
+    assert engine.accountant.history == [(2.0, 1 / 4, 3)]
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
@@ -213,8 +242,8 @@ def test_batch_memory_manager_splits_logical_batches():
             F.cross_entropy(model(x), y).backward()
             logical_steps += optimizer.step() is not None or not optimizer._is_last_step_skipped
     assert max(seen) <= 8 * 2 and all(n % 2 == 0 for n in seen)  # examples split before augmenting
-    assert len(engine.accountant.history) >= 1
-    assert sum(steps for *_, steps in engine.accountant.history) == logical_steps == len(loader)
+    assert logical_steps == len(loader)
+    assert engine.accountant.history == [(1.0, 32 / 64, logical_steps)]  # sample rate 1 / len(data_loader)
 
 
 def test_dp_mix_trains_digits_with_a_reported_epsilon():
@@ -231,6 +260,9 @@ def test_dp_mix_trains_digits_with_a_reported_epsilon():
         _train(model, optimizer, loader)
     with torch.no_grad():
         accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
-    eps = engine.get_epsilon(1e-5)
     assert accuracy > 0.4  # chance is 0.1
-    assert 0 < eps < 10
+    steps = 3 * len(loader)  # Poisson batches: len(loader) steps per epoch
+    assert engine.accountant.history == [(1.0, 1 / math.ceil(len(train.y) / 128), steps)]
+    reference = create_accountant("prv")
+    reference.history = [(1.0, 1 / math.ceil(len(train.y) / 128), steps)]
+    assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
