@@ -338,3 +338,52 @@ def test_clipped_sum_on_each_device(name, mode, device):
         assert got[p].device.type == device.type
         # cuDNN/cuBLAS may reorder float64 sums: 1e-9 relative still separates a wrong clip factor.
         torch.testing.assert_close(got[p].cpu(), e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["materialize", "ghost"])
+def test_deferred_finite_check_raises_at_the_next_forward(mode):
+    """The CUDA way (no host sync in the step), forced on the CPU: the step goes through, the next
+    forward raises; a finite step leaves nothing pending."""
+    model, x, y = _setup("cnn", 4)
+    wrapped = GradSampleModule(model, mode=mode)
+    wrapped.defer_finite_check = True
+    F.cross_entropy(wrapped(x), y).backward()
+    wrapped.clipped_sum(1.0)
+    wrapped(x)  # the finite step left no error
+    wrapped.clear()
+    bad = x.clone()
+    bad[1] = float("nan")
+    F.cross_entropy(wrapped(bad), y).backward()
+    sums = wrapped.clipped_sum(1.0)  # no sync here: the update is already non-finite
+    assert not all(bool(s.isfinite().all()) for s in sums.values())
+    with pytest.raises(ValueError, match="previous step's per-example gradients were not finite"):
+        wrapped(x)
+    wrapped.check_finite_pending()  # raised once
+
+
+def test_conv_falls_back_to_a_dense_placeholder_weight(monkeypatch):
+    """A backend refusing the stride-0 placeholder weight (as cuDNN might) gets a dense one, same result."""
+    from privfast.grad_sample import conv
+
+    model, x, y = _setup("conv_wide", 8)
+    reference = GradSampleModule(copy.deepcopy(model), mode="materialize", augmult=2)
+    F.cross_entropy(reference(x), y).backward()
+    expected = list(reference.clipped_sum(0.5).values())
+
+    real = torch.ops.aten.convolution_backward
+    refused = []
+
+    def strict(grad, inp, weight, *args):
+        if 0 in weight.stride():
+            refused.append(weight.shape)
+            raise RuntimeError("dense weight required")
+        return real(grad, inp, weight, *args)
+
+    monkeypatch.setattr(conv.torch.ops.aten, "convolution_backward", strict)
+    monkeypatch.setattr(conv, "_EXPANDED_WEIGHT_OK", {})
+    wrapped = GradSampleModule(model, mode="materialize", augmult=2)
+    F.cross_entropy(wrapped(x), y).backward()
+    got = list(wrapped.clipped_sum(0.5).values())
+    assert len(refused) == 1 and conv._EXPANDED_WEIGHT_OK == {"cpu": False}  # tried once, then dense
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)

@@ -32,6 +32,9 @@ Conv = Union[nn.Conv1d, nn.Conv2d]
 # rows are the examples, and one run with a group per row does it without a copy.
 PER_EXAMPLE_MIN_CHANNELS = 8
 
+# Per device type: whether convolution_backward takes the stride-0 placeholder weight (see _weight_gradient).
+_EXPANDED_WEIGHT_OK: dict[str, bool] = {}
+
 
 def _padded(module: Conv, x: Tensor) -> Tensor:
     pad = module._reversed_padding_repeated_twice
@@ -68,12 +71,19 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
     x, kernel, dilation, stride = _as_2d(module, x)
     padding = (0, *padding) if len(padding) == 1 else padding
     grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
-    shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(copies * module.out_channels, module.weight.shape[1], *kernel)
-    _, weight, _ = torch.ops.aten.convolution_backward(
-        grad, x, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], copies * module.groups,
-        [False, True, False],
-    )
-    return weight
+    shape = (copies * module.out_channels, module.weight.shape[1], *kernel)
+    args = (list(stride), list(padding), list(dilation), False, [0, 0], copies * module.groups, [False, True, False])
+    if _EXPANDED_WEIGHT_OK.get(grad.device.type, True):
+        # Only the weight's shape is read when just the weight gradient is asked for: a stride-0 view
+        # spares allocating copies x the weight (B*K x it for one copy per row).
+        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(shape)
+        try:
+            return torch.ops.aten.convolution_backward(grad, x, shape_only, None, *args)[1]
+        except RuntimeError:
+            # A backend (e.g. a cuDNN version) that wants a dense weight: allocate one from now on. Any
+            # other error recurs with the dense weight below and surfaces there.
+            _EXPANDED_WEIGHT_OK[grad.device.type] = False
+    return torch.ops.aten.convolution_backward(grad, x, grad.new_empty(shape), None, *args)[1]
 
 
 class ConvGrads(ContractionGrads):

@@ -153,6 +153,7 @@ class GradSampleModule(nn.Module):
         self._suspended = False
         self._rows: Optional[int] = None  # N of the forward in flight
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
+        self._pending_finite: Optional[tuple] = None  # (host flag, CUDA event) of a deferred finite check
         self._packed: list[Optional[Tensor]] = []  # per running DP RNN: its PackedSequence's sorted_indices
         self._handles = []
         for m in module.modules():
@@ -179,6 +180,7 @@ class GradSampleModule(nn.Module):
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
                 )
         self.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
+        self.check_finite_pending()
         self._rows = model_rows(args, kwargs, batch_first=self.batch_first)
         if self._capturing():
             self._check_against_loaded(args, kwargs)
@@ -466,7 +468,11 @@ class GradSampleModule(nn.Module):
 
         Args:
             max_grad_norm: the clipping bound C > 0.
-            check_finite: raise on a non-finite per-example norm (one host sync).
+            check_finite: refuse a non-finite per-example gradient. On the CPU (and whenever
+                :attr:`defer_finite_check` is False) this raises here, naming the examples. On CUDA
+                (or with :attr:`defer_finite_check`) reading the result would stall the step on a host
+                sync, so the check is copied to the host asynchronously and raised at the next forward
+                or :meth:`check_finite_pending`: the step's update is then already non-finite.
 
         Returns:
             ``{param: sum_b min(1, C / (n_b + 1e-6)) G_b}`` for every parameter that took part.
@@ -485,15 +491,21 @@ class GradSampleModule(nn.Module):
                 contracted.append((grads, scale, norm_how))
         self.clear()
         flat = [g for _, per_example in materialized for g in per_example]
+        some = flat[0] if flat else contracted[0][0].params[0]
+        defer = check_finite and self._defers(some.device)
         if not contracted:
             # Every layer is per-example: norms, clipping and the sum in one fused pass.
-            sums = ops.clip_accumulate_noise(flat, max_grad_norm, check_finite=check_finite)
+            sums = ops.clip_accumulate_noise(flat, max_grad_norm, check_finite=check_finite and not defer)
+            if defer:  # a non-finite example makes its clipped contribution, so the sum, non-finite
+                self._defer_finite([torch.stack([s.isfinite().all() for s in sums]).all()])
             return dict(zip([p for params, _ in materialized for p in params], sums))
         # The materialized layers' norms in one multi-tensor pass, then the contracted layers' own.
         squares = [ops.per_sample_norms(flat).pow(2)] if flat else []
         squares += [grads.norm_sq(how) * scale**2 for grads, scale, how in contracted]
         norms = torch.stack(squares).sum(0).sqrt()
-        if check_finite and not bool(torch.isfinite(norms).all()):
+        if defer:
+            self._defer_finite([torch.isfinite(norms).all()])
+        elif check_finite and not bool(torch.isfinite(norms).all()):
             bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
             raise ValueError(
                 f"per-example gradients are not finite (NaN or inf) for examples {bad}; clipping them would give "
@@ -506,6 +518,45 @@ class GradSampleModule(nn.Module):
         for grads, scale, _ in contracted:
             out.update(zip(grads.params, grads.contract(factors * scale)))
         return out
+
+    # ------------------------------------------------------------------ deferred finite check
+    defer_finite_check: Optional[bool] = None
+    """Check finiteness without a host sync (raised one step late): None means on CUDA only."""
+
+    def _defers(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.defer_finite_check is None else self.defer_finite_check
+
+    def _defer_finite(self, flags: list[Tensor]) -> None:
+        """Start copying ``all(flags)`` to the host without waiting; :meth:`check_finite_pending` reads it."""
+        flag = torch.stack(flags).all()
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = flag, None
+        self._pending_finite = (host, event)
+
+    def check_finite_pending(self) -> None:
+        """Raise if the last deferred finite check failed (waits only for that step's own copy).
+
+        Raises:
+            ValueError: the previous step had a non-finite per-example gradient; its update was applied.
+        """
+        pending, self._pending_finite = self._pending_finite, None
+        if pending is None:
+            return
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        if not bool(host):
+            raise ValueError(
+                "the previous step's per-example gradients were not finite (NaN or inf), so its clipped sum and the "
+                "update it made are too (checked without a host sync, one step late). Restore the model from a "
+                "checkpoint, and check the loss and the learning rate; set defer_finite_check=False to stop at the "
+                "step itself."
+            )
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
