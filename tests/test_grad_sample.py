@@ -387,3 +387,18 @@ def test_conv_falls_back_to_a_dense_placeholder_weight(monkeypatch):
     assert len(refused) == 1 and conv._EXPANDED_WEIGHT_OK == {"cpu": False}  # tried once, then dense
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+def test_ghost_mode_takes_materialized_norms_where_gram_matrices_do_not_pay():
+    """Gram matrices grow with (K*T)^2: past the memory limit, or far costlier than materializing (a
+    conv over many positions), a layer's norms come from its per-example gradients; the sum stays a
+    contraction. A Linear on few rows keeps its Gram-matrix norms."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 64), nn.Tanh(), nn.Linear(64, 3))
+    wrapped = GradSampleModule(model, mode="ghost", augmult=4)
+    wrapped(torch.randn(8, 3, 16, 16)).sum().backward()
+    plans = wrapped.layer_plans()
+    assert plans["0"] == ("materialize", "ghost") and plans["2"] == ("ghost", "ghost")
+    wrapped.clear()
+    wrapped.ghost_memory_limit = 100  # bytes: every Gram matrix here is larger (the Linears: 256)
+    wrapped(torch.randn(8, 3, 16, 16)).sum().backward()
+    assert set(wrapped.layer_plans().values()) == {("materialize", "ghost")}

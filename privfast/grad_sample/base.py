@@ -92,6 +92,10 @@ class LayerGrads:
         """Cost of the clipped sum as one contraction; ``inf`` where the rule has none."""
         return math.inf
 
+    def ghost_bytes(self) -> float:
+        """Bytes the Gram-matrix norms allocate at once (0 where the rule has none)."""
+        return 0.0
+
     # -- results ----------------------------------------------------------------------------
     def per_example(self) -> list[Tensor]:
         """Per-example gradients, ``[B, *p.shape]`` for each parameter (computed once)."""
@@ -182,6 +186,10 @@ class ContractionGrads(LayerGrads):
     def contract_cost(self) -> float:
         b, g, r, d, p = self._dims()
         return float(b * g * r * (d + 1) * p)  # the GEMM and the pass that scales D
+
+    def ghost_bytes(self) -> float:
+        b, g, r, _, _ = self._dims()
+        return float(2 * b * g * r * r * self.d.element_size())  # the two Gram matrices
 
     def _weight_per_example(self) -> Tensor:
         return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))

@@ -28,6 +28,9 @@ class EmbeddingGrads(LayerGrads):
     def contract_cost(self) -> float:
         return float(self.d.numel())
 
+    def ghost_bytes(self) -> float:
+        return float(2 * self.d.shape[0] * self.d.shape[1] ** 2 * self.d.element_size())  # id matches, Gram matrix
+
     def _compute_per_example(self) -> list[Tensor]:
         vocab, dim = self.weight.shape
         rows = self.ids + vocab * torch.arange(self.batch, device=self.ids.device).unsqueeze(1)

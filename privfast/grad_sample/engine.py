@@ -30,6 +30,11 @@ from privfast.grad_sample.layout import Layout, LayoutError, check_call, layer_l
 from privfast import _reference, ops
 
 MODES = ("auto", "materialize", "ghost", "bk")
+# In ghost mode a layer whose Gram-matrix norms cost more than this many times building and reducing its
+# per-example gradients (a conv with many positions) takes materialized norms, as book-keeping does.
+GHOST_MAX_OVERCOST = 4.0
+# Bytes of Gram matrices one layer may allocate for its norms (attribute ghost_memory_limit to change it).
+GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -154,6 +159,7 @@ class GradSampleModule(nn.Module):
         self._rows: Optional[int] = None  # N of the forward in flight
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
         self._pending_finite: Optional[tuple] = None  # (host flag, CUDA event) of a deferred finite check
+        self.ghost_memory_limit = GHOST_MEMORY_LIMIT
         self._packed: list[Optional[Tensor]] = []  # per running DP RNN: its PackedSequence's sorted_indices
         self._handles = []
         for m in module.modules():
@@ -440,6 +446,12 @@ class GradSampleModule(nn.Module):
         ghost = grads.ghost_cost()
         if self.mode == "materialize" or math.isinf(ghost):
             return MATERIALIZE, MATERIALIZE
+        if grads.ghost_bytes() > self.ghost_memory_limit or (
+                self.mode == "ghost" and ghost > GHOST_MAX_OVERCOST * (grads.materialize_cost() + grads.reduce_cost())):
+            # Gram matrices over K*T rows grow with (K*T)^2 (17 GB for one conv at 32x32 and K = 16): this
+            # layer's norms come from its per-example gradients instead, built and dropped one layer at a
+            # time, and its sum stays a contraction, so nothing per-example outlives the layer.
+            return MATERIALIZE, GHOST
         if self.mode == "ghost":
             return GHOST, GHOST
         if self.mode == "bk":
