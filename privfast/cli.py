@@ -40,7 +40,7 @@ from privfast.grad_sample.engine import MODES
 from privfast.models import LeNet
 from privfast.reports import format_table, plot_reconstructions, plot_roc, summarize, write_report
 from privfast.search import accuracy_score, search
-from privfast.throughput import VARIANTS, format_rows, run_benchmark
+from privfast.throughput import FAMILIES, VARIANTS, compare_family, format_markdown, format_rows, run_benchmark
 from privfast.trainer import (METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_canaries, load_data,
                               load_trained)
 
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     invert.set_defaults(handler=_invert)
 
     bench = commands.add_parser("bench", help="training-step time: non-private vs privfast's modes vs Opacus")
+    bench.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                       help="a benchmark model family (cnn, wrn16-4, lstm-lm, transformer): every variant, the "
+                            "same-update check, time and peak memory (make bench runs them all)")
     bench.add_argument("--model", choices=MODELS, default="convnet")
     bench.add_argument("--width", type=int, default=32, help="ConvNet channels / MLP hidden units")
     bench.add_argument("--channels", type=int, default=3)
@@ -488,6 +491,13 @@ def _invert(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.family is not None:
+        rows = compare_family(args.family, variants=args.variants, rounds=args.rounds, progress=not args.no_progress)
+        print(f"{args.family}: {FAMILIES[args.family].description}; {torch.get_num_threads()} thread(s)")
+        print(format_markdown(rows))
+        if args.out is not None:
+            print(f"written: {_write_json(args.out, 'bench.json', rows)}")
+        return 0
     config = TrainConfig(model=args.model, width=args.width)
     shape = {"in_channels": args.channels, "image_size": args.image_size, "num_classes": args.classes}
     rows = run_benchmark(lambda: build_model(config, **shape), (args.channels, args.image_size, args.image_size),

@@ -13,9 +13,13 @@ round by round, so that a change in the machine's load hits them alike and their
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -23,10 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["VARIANTS", "format_rows", "measure", "run_benchmark", "training_step"]
+__all__ = ["FAMILIES", "VARIANTS", "Family", "check_same_update", "compare_family", "format_markdown", "format_rows",
+           "measure",
+           "peak_bytes", "run_benchmark", "training_step"]
 
-VARIANTS = ("non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus")
-"""What a step can be: plain SGD, privfast's DPOptimizer with a per-example gradient mode, or Opacus's."""
+VARIANTS = ("non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus",
+            "opacus-ghost")
+"""What a step can be: plain SGD, privfast's DPOptimizer with a per-example gradient mode, or Opacus's
+(its hooks, or its fast gradient clipping with ghost norms: ``grad_sample_mode="ghost"``)."""
+
+
+def _loss(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``[N, C]`` logits or ``[N, T, C]`` token logits against ``[N]`` / ``[N, T]`` labels."""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
 
 def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, augmult: int = 1,
@@ -36,8 +49,8 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
     Args:
         variant: one of :data:`VARIANTS`.
         model: the network (trained in place by the closure).
-        x: inputs ``[B*K, ...]``, the K rows of an example contiguous.
-        y: int64 labels ``[B*K]``.
+        x: inputs ``[B*K, ...]`` (batch-first), the K rows of an example contiguous.
+        y: int64 labels ``[B*K]``, or ``[B*K, T]`` for per-token logits ``[B*K, T, classes]``.
         augmult: K.
         noise_multiplier: sigma of the private variants.
         max_grad_norm: clipping bound C of the private variants.
@@ -52,27 +65,76 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
         raise ValueError(f"x has {x.shape[0]} rows and y {y.shape[0]}; both must be B*K with K={augmult}")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     examples = x.shape[0] // augmult
+    loss = _loss
     if variant == "opacus":
         import opacus
 
         model = opacus.GradSampleModule(model)
         optimizer = opacus.optimizers.DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                                                   max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0])
+    elif variant == "opacus-ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        model = GradSampleModuleFastGradientClipping(model, max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
+                                                    max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0])
+        criterion = DPLossFastGradientClipping(model, optimizer, nn.CrossEntropyLoss(), "mean")
+
+        def loss(output, target):  # per-sequence losses for token logits: Opacus's privacy unit is the row
+            shape = output.shape if output.dim() == 3 else None
+            return criterion(output.reshape(-1, output.shape[-1]), target.reshape(-1), shape=shape)
     elif variant.startswith("privfast"):
         from privfast.grad_sample import GradSampleModule
         from privfast.optim import DPOptimizer
 
-        model = GradSampleModule(model, mode=variant.split("-", 1)[1], augmult=augmult)
+        model = GradSampleModule(model, mode=variant.split("-", 1)[1], augmult=augmult, batch_first=True)
         optimizer = DPOptimizer(optimizer, module=model, noise_multiplier=noise_multiplier,
                                 max_grad_norm=max_grad_norm, expected_batch_size=examples,
                                 generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss(model(x), y).backward()
         optimizer.step()
 
     return step
+
+
+def check_same_update(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, augmult: int,
+                      variants: Sequence[str], seed: int = 0, rtol: float = 1e-3) -> None:
+    """Check that the variants compute the same update before their times are compared (sigma = 0).
+
+    privfast's modes must agree with each other at any K; Opacus's (which clips each of the B*K rows
+    on its own) with privfast at K = 1; non-private training with privfast when nothing is clipped.
+
+    Raises:
+        AssertionError: naming the two variants and the largest relative difference.
+    """
+    def update(variant: str, max_grad_norm: float) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        model = make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            training_step(variant, model, x, y, augmult=augmult, noise_multiplier=0.0,
+                          max_grad_norm=max_grad_norm, lr=0.0)()
+        return [p.grad.detach().clone() for p in model.parameters()]
+
+    def compare(a: str, b: str, max_grad_norm: float) -> None:
+        ua, ub = update(a, max_grad_norm), update(b, max_grad_norm)
+        worst = max(float((p - q).norm() / q.norm().clamp_min(1e-30)) for p, q in zip(ua, ub))
+        assert worst <= rtol, f"{a} and {b} compute different updates (relative difference {worst:.2e})"
+
+    private = [v for v in variants if v.startswith("privfast")]
+    reference = private[0] if private else None
+    for variant in variants:
+        if variant == reference:
+            continue
+        if variant == "non-private" and reference:
+            compare(variant, reference, 1e12)  # no example clipped: the mean gradient
+        elif variant.startswith("privfast") or (variant.startswith("opacus") and augmult == 1 and reference):
+            compare(variant, reference, 1e-3)  # every example clipped: the clip factors matter
 
 
 def measure(steps: Mapping[str, Callable[[], None]], *, rounds: int = 5, warmup: int = 1) -> dict[str, dict]:
@@ -160,3 +222,198 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+# ---------------------------------------------------------------------------------------- model families
+@dataclass(frozen=True)
+class Family:
+    """A benchmark model with a CPU-sized batch: ``make_model()`` and ``make_batch(k, generator) -> (x, y)``
+    with ``x`` ``[B*K, ...]`` batch-first and ``y`` ``[B*K]`` (or ``[B*K, T]`` for token logits)."""
+
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    augmults: tuple[int, ...]
+    description: str
+
+
+def _images(batch: int, channels: int, size: int, classes: int):
+    def make(k: int, g: torch.Generator):
+        return torch.rand(batch * k, channels, size, size, generator=g), torch.randint(0, classes, (batch * k,), generator=g)
+    return make
+
+
+def _tokens(batch: int, length: int, vocab: int):
+    def make(k: int, g: torch.Generator):
+        ids = torch.randint(0, vocab, (batch * k, length + 1), generator=g)
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # next-token prediction
+    return make
+
+
+def _convnet():
+    from privfast.models import ConvNet
+
+    return ConvNet(in_channels=3, num_classes=10, width=32, image_size=32, groups=8)
+
+
+def _wrn():
+    from privfast.models import WideResNet
+
+    return WideResNet(depth=16, widen=4, num_classes=10)
+
+
+class _LSTMLanguageModel(nn.Module):
+    """Embedding, a 2-layer Opacus DPLSTM (batch-first), a Linear over the vocabulary."""
+
+    def __init__(self, vocab: int = 1000, width: int = 128):
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        self.embed = nn.Embedding(vocab, width)
+        self.rnn = DPLSTM(width, width, num_layers=2, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+class _CausalTransformer(nn.Module):
+    """A small GPT: token and position embeddings, pre-norm blocks of causal self-attention (Linear
+    projections) and an MLP, a Linear over the vocabulary; batch-first ``[N, T]`` ids."""
+
+    def __init__(self, vocab: int = 1000, width: int = 128, heads: int = 4, layers: int = 2, length: int = 64):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width),
+            "norm2": nn.LayerNorm(width), "up": nn.Linear(width, 4 * width), "down": nn.Linear(4 * width, width),
+        }) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        # Positions as [N, T] rows (each example's own; contiguous, as Opacus's ghost norms need).
+        h = self.embed(ids) + self.pos(torch.arange(t, device=ids.device).repeat(n, 1))
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).view(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, t, -1)
+            h = h + block["proj"](attended)
+            h = h + block["down"](F.gelu(block["up"](block["norm2"](h))))
+        return self.head(self.norm(h))
+
+
+FAMILIES: dict[str, Family] = {
+    "cnn": Family(_convnet, _images(16, 3, 32, 10), (1, 4, 16), "GroupNorm ConvNet, width 32, 32x32, B = 16"),
+    "wrn16-4": Family(_wrn, _images(4, 3, 32, 10), (1, 4), "WRN-16-4 (GroupNorm), 32x32, B = 4"),
+    "lstm-lm": Family(_LSTMLanguageModel, _tokens(32, 64, 1000), (1,),
+                      "LSTM language model (2 x 128, vocabulary 1000), B = 32, 64 tokens"),
+    "transformer": Family(_CausalTransformer, _tokens(32, 64, 1000), (1,),
+                          "causal transformer (2 blocks, width 128), B = 32, 64 tokens"),
+}
+"""The benchmark's model families (``make bench``, ``privfast bench --family``)."""
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def peak_bytes(step: Callable[[], None]) -> Optional[int]:
+    """Peak resident memory added by one call of ``step`` (Linux; None elsewhere).
+
+    The kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, and glibc is told
+    to serve blocks above 64 KiB by mmap, so that freed tensors leave the resident set at once and
+    the mark follows the live allocations.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    step()  # settle the allocator under the new threshold
+    gc.collect()
+    libc.malloc_trim(0)  # freed memory still resident would hide the step's own peak below the baseline
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return status("VmHWM:") - before
+
+
+def compare_family(name: str, *, augmults: Optional[Iterable[int]] = None, variants: Sequence[str] = VARIANTS,
+                   rounds: int = 5, seed: int = 0, memory: bool = True, progress: bool = True) -> list[dict]:
+    """Step time (and peak memory) of every applicable variant on one family, after checking at sigma = 0
+    that they compute the same update.
+
+    A variant that cannot run the model (e.g. Opacus's ghost clipping on a layer it does not support)
+    is reported with its error instead of a time.
+
+    Returns:
+        One dict per (K, variant) as :func:`run_benchmark`'s rows, plus ``family``, ``peak_bytes`` and
+        ``opacus_best_over_this`` (the faster Opacus mode's time over this one), or ``error``.
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
+    family = FAMILIES[name]
+    rows = []
+    for k in tqdm(list(augmults or family.augmults), desc=f"bench {name} (K)", disable=not progress):
+        x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
+        steps, failed = {}, {}
+        for variant in variants:
+            torch.manual_seed(seed)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    step = training_step(variant, family.make_model(), x, y, augmult=k)
+                    step()  # a variant that cannot run this model fails here, before anything is timed
+                steps[variant] = step
+            except Exception as error:  # noqa: BLE001 (reported in the table, not hidden)
+                failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        check_same_update(family.make_model, x, y, augmult=k, variants=list(steps), seed=seed)
+        peaks = {}
+        if memory:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peaks = {v: peak_bytes(step) for v, step in steps.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timings = measure(steps, rounds=rounds)
+        examples = x.shape[0] // k
+        rows += [{"family": name, "k": k, "variant": v, **t, "examples_per_s": examples / t["min_s"],
+                  "peak_bytes": peaks.get(v)} for v, t in timings.items()]
+        rows += [{"family": name, "k": k, "variant": v, "error": e} for v, e in failed.items()]
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    for row in rows:
+        if "min_s" not in row:
+            continue
+        same = {r["variant"]: r for r in rows if r["k"] == row["k"] and r.get("family") == row.get("family")
+                and "min_s" in r}
+        if "non-private" in same:
+            row["vs_nonprivate"] = row["min_s"] / same["non-private"]["min_s"]
+            if row.get("peak_bytes") is not None and same["non-private"].get("peak_bytes"):
+                row["peak_vs_nonprivate"] = row["peak_bytes"] / same["non-private"]["peak_bytes"]
+        if "opacus" in same:
+            row["opacus_over_this"] = same["opacus"]["min_s"] / row["min_s"]
+        opacus = [same[v]["min_s"] for v in ("opacus", "opacus-ghost") if v in same]
+        if opacus:
+            row["opacus_best_over_this"] = min(opacus) / row["min_s"]
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """Rows of :func:`compare_family` as a Markdown table."""
+    lines = ["| family | K | variant | min ms | median ms | x non-private | fastest Opacus / this | peak MB | "
+             "peak / non-private |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['k']} | {r['variant']} | n/a: {r['error']} | | | | | |")
+            continue
+        peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        lines.append(f"| {r['family']} | {r['k']} | {r['variant']} | {1e3 * r['min_s']:.1f} | {1e3 * r['median_s']:.1f} | "
+                     f"{_ratio(r.get('vs_nonprivate'))} | {_ratio(r.get('opacus_best_over_this'))} | {peak} | "
+                     f"{_ratio(r.get('peak_vs_nonprivate'))} |")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The benchmark's machinery: variants that must agree do, a disagreement is caught, the table is built."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from privfast import throughput
+from privfast.models import ConvNet
+from privfast.throughput import Family, check_same_update, compare_family, format_markdown
+
+
+def _tiny_cnn():
+    return ConvNet(in_channels=3, num_classes=4, width=4, image_size=8, groups=2)
+
+
+def _images(k, g):
+    return torch.rand(3 * k, 3, 8, 8, generator=g), torch.randint(0, 4, (3 * k,), generator=g)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_variants_compute_the_same_update(k, one_thread):
+    x, y = _images(k, torch.Generator().manual_seed(0))
+    check_same_update(_tiny_cnn, x, y, augmult=k, variants=throughput.VARIANTS)
+
+
+def test_a_variant_that_computes_another_update_is_caught(one_thread):
+    counter = itertools.count()
+
+    def drifting():  # every build differs, as a variant with a wrong update would
+        torch.manual_seed(next(counter))
+        return _tiny_cnn()
+
+    x, y = _images(1, torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="compute different updates"):
+        check_same_update(drifting, x, y, augmult=1, variants=["privfast-materialize", "privfast-ghost"])
+
+
+def test_token_families_and_the_table(monkeypatch, one_thread):
+    ids = lambda k, g: (torch.randint(0, 7, (2 * k, 5), generator=g), torch.randint(0, 7, (2 * k, 5), generator=g))
+    monkeypatch.setitem(throughput.FAMILIES, "tiny-lm", Family(TinyLM, ids, (1,), "tiny"))
+    rows = compare_family("tiny-lm", rounds=1, memory=False, progress=False)
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == set(throughput.VARIANTS)
+    assert by_variant["non-private"]["vs_nonprivate"] == 1.0
+    timed = [r for r in rows if "min_s" in r]
+    assert all(r["min_s"] > 0 and r["opacus_best_over_this"] > 0 for r in timed)
+    table = format_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| tiny-lm | 1 | privfast-ghost |" in table
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        compare_family("nope")
