@@ -1,6 +1,7 @@
 """The per-example gradient engine against a naive loop over examples and against Opacus."""
 
 import copy
+import math
 
 import opacus
 import pytest
@@ -236,9 +237,12 @@ def test_autograd_skips_the_unclipped_gradient():
     assert all(p.requires_grad for p in model.parameters())  # tracking restored after the forward
 
 
-def test_auto_picks_the_cheaper_strategy_per_layer():
-    # A wide Linear on few rows: Gram matrices (R x R) are far cheaper than [B, 64, 64] gradients.
-    # A conv on many positions: the reverse.
+def test_auto_picks_the_cheaper_strategy_per_layer(monkeypatch):
+    # The cost model alone (no close call timed): a wide Linear on few rows: Gram matrices (R x R) are far
+    # cheaper than [B, 64, 64] gradients. A conv on many positions: the reverse.
+    from privfast.grad_sample import engine
+
+    monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", 1.0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 64), nn.Tanh(), nn.Linear(64, 64))
     wrapped = GradSampleModule(model, mode="auto", augmult=2)
     wrapped(torch.randn(8, 1, 16, 16)).sum().backward()
@@ -402,3 +406,39 @@ def test_ghost_mode_takes_materialized_norms_where_gram_matrices_do_not_pay():
     wrapped.ghost_memory_limit = 100  # bytes: every Gram matrix here is larger (the Linears: 256)
     wrapped(torch.randn(8, 3, 16, 16)).sum().backward()
     assert set(wrapped.layer_plans().values()) == {("materialize", "ghost")}
+
+
+def test_auto_times_close_calls_once_per_layer_and_shape(monkeypatch):
+    """auto asks the timer (once per layer and batch-size bucket) where the cost model calls it close,
+    and follows its answer; other steps reuse the decision."""
+    from privfast.grad_sample import engine
+
+    asked = []
+
+    def fake(grads):
+        asked.append(grads.batch)
+        return ("ghost", "ghost")
+
+    monkeypatch.setattr(engine, "_faster_plan", fake)
+    monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", math.inf)  # every layer a close call
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    wrapped = GradSampleModule(model, mode="auto")
+    for rows in (8, 8, 12, 16):  # 8 and 12 share a bucket (8 to 15); 16 does not
+        wrapped(torch.randn(rows, 6)).sum().backward()
+        assert set(wrapped.layer_plans().values()) == {("ghost", "ghost")}
+        wrapped.clear()
+    assert asked == [8, 8, 16, 16]  # two layers, measured at the first batch of each bucket
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_timed_plan_picks_the_faster_strategy_on_clear_cases(wide):
+    """A wide Linear on few rows: ghost norms (R x R Gram matrices) are far cheaper than [B, p, d]
+    gradients; a narrow one over many positions: the reverse."""
+    from privfast.grad_sample import engine
+
+    layer = nn.Linear(512, 512) if wide else nn.Linear(4, 4)
+    x = torch.randn(32, 1, 512) if wide else torch.randn(32, 2048, 4)
+    wrapped = GradSampleModule(layer, mode="bk", batch_first=True)  # bk keeps the operands for the timing
+    wrapped(x).sum().backward()
+    (layer_info, grads, _), = list(wrapped._layer_grads())
+    assert engine._faster_plan(grads) == (("ghost", "ghost") if wide else ("materialize", "materialize"))

@@ -96,6 +96,11 @@ class LayerGrads:
         """Bytes the Gram-matrix norms allocate at once (0 where the rule has none)."""
         return 0.0
 
+    def plan_key(self) -> Optional[tuple]:
+        """What the cost of the strategies depends on (the batch size rounded to a power of two), for
+        ``auto`` to time them once per key; None where the rule has one strategy only."""
+        return None
+
     # -- results ----------------------------------------------------------------------------
     def per_example(self) -> list[Tensor]:
         """Per-example gradients, ``[B, *p.shape]`` for each parameter (computed once)."""
@@ -190,6 +195,10 @@ class ContractionGrads(LayerGrads):
     def ghost_bytes(self) -> float:
         b, g, r, _, _ = self._dims()
         return float(2 * b * g * r * r * self.d.element_size())  # the two Gram matrices
+
+    def plan_key(self) -> Optional[tuple]:
+        b, g, r, d, p = self._dims()
+        return type(self).__name__, b.bit_length(), g, r, d, p, self.d.dtype, self.d.device.type
 
     def _weight_per_example(self) -> Tensor:
         return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))

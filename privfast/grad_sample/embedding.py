@@ -28,6 +28,10 @@ class EmbeddingGrads(LayerGrads):
     def contract_cost(self) -> float:
         return float(self.d.numel())
 
+    def plan_key(self):
+        b, rows, dim = self.d.shape
+        return "embedding", b.bit_length(), rows, dim, self.weight.shape[0], self.d.dtype, self.d.device.type
+
     def ghost_bytes(self) -> float:
         return float(2 * self.d.shape[0] * self.d.shape[1] ** 2 * self.d.element_size())  # id matches, Gram matrix
 

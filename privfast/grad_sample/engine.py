@@ -14,6 +14,7 @@ import collections
 import contextlib
 import functools
 import math
+import time
 from typing import Iterator, Optional
 
 import torch
@@ -33,6 +34,9 @@ MODES = ("auto", "materialize", "ghost", "bk")
 # In ghost mode a layer whose Gram-matrix norms cost more than this many times building and reducing its
 # per-example gradients (a conv with many positions) takes materialized norms, as book-keeping does.
 GHOST_MAX_OVERCOST = 4.0
+# auto times both strategies of a layer when the cost model puts them within this factor of each other
+# (a close call, which counts of multiply-adds decide wrongly); outside it the model decides.
+AUTO_TIMED_WITHIN = 8.0
 # Bytes of Gram matrices one layer may allocate for its norms (attribute ghost_memory_limit to change it).
 GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -74,6 +78,35 @@ class _Layer:
     def pending(self) -> list[Call]:
         """Calls whose output gradients have arrived and are not consumed yet."""
         return [c for c in self.calls if any(g is not None for g in c.grads)]
+
+
+def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
+    """Time the materialized and the ghost strategy of one layer (norms and a clipped sum with random
+    clip factors, best of two runs each) and return the faster as a plan."""
+    weights = torch.rand(grads.batch, dtype=torch.float64, device=grads.params[0].device)
+    cuda = grads.params[0].device.type == "cuda"
+
+    def materialize():
+        per_example = grads._compute_per_example()
+        ops.per_sample_norms(per_example)
+        for g in per_example:
+            torch.tensordot(weights.to(g.dtype), g, dims=1)
+
+    def ghost():
+        grads._ghost_norm_sq()
+        grads.contract(weights)
+
+    best = {}
+    for plan, run in (((MATERIALIZE, MATERIALIZE), materialize), ((GHOST, GHOST), ghost)):
+        for _ in range(2):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            best[plan] = min(best.get(plan, math.inf), time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
 class GradSampleModule(nn.Module):
@@ -160,6 +193,7 @@ class GradSampleModule(nn.Module):
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
         self._pending_finite: Optional[tuple] = None  # (host flag, CUDA event) of a deferred finite check
         self.ghost_memory_limit = GHOST_MEMORY_LIMIT
+        self._measured: dict[tuple, tuple[str, str]] = {}  # auto's timed choice per layer and shape
         self._packed: list[Optional[Tensor]] = []  # per running DP RNN: its PackedSequence's sorted_indices
         self._handles = []
         for m in module.modules():
@@ -372,7 +406,7 @@ class GradSampleModule(nn.Module):
         with self._suspend(), torch.no_grad():
             scale = self._loss_scale(call.rows)
             grads = self._apply_rule(layer, [call])
-            if self._plan(grads) != (MATERIALIZE, MATERIALIZE):
+            if self._plan(grads, layer) != (MATERIALIZE, MATERIALIZE):
                 return
             per_example = [g.mul_(scale) for g in grads.per_example()]
             if layer.materialized is None:
@@ -384,7 +418,7 @@ class GradSampleModule(nn.Module):
         call.drop()
 
     # ------------------------------------------------------------------ per-example gradients
-    def _layer_grads(self) -> Iterator[tuple[LayerGrads, float]]:
+    def _layer_grads(self) -> Iterator[tuple[_Layer, LayerGrads, float]]:
         """Each captured layer's per-example gradient information and its loss scale, one at a time.
 
         The rules work on the output gradients as autograd gave them; the loss scale (see
@@ -398,7 +432,7 @@ class GradSampleModule(nn.Module):
                     continue
                 found = True
                 if not calls:
-                    yield layer.materialized, 1.0
+                    yield layer, layer.materialized, 1.0
                     continue
                 scale = self._loss_scale(calls[0].rows)
                 grads = self._apply_rule(layer, calls)
@@ -406,7 +440,7 @@ class GradSampleModule(nn.Module):
                     built = layer.materialized.per_example()
                     per_example = [a + b.mul_(scale) for a, b in zip(built, grads.per_example())]
                     grads, scale = MaterializedGrads(grads.params, per_example), 1.0
-                yield grads, scale
+                yield layer, grads, scale
         if not found:
             raise RuntimeError(
                 "no per-example gradients were captured: run the forward pass through the wrapped module and "
@@ -441,10 +475,18 @@ class GradSampleModule(nn.Module):
         # mean: each row's gradient carries 1/rows, and a unit's gradient is the mean over its fold rows.
         return rows / self.fold if self.loss_reduction == "mean" else 1.0 / self.fold
 
-    def _plan(self, grads: LayerGrads) -> tuple[str, str]:
-        """(how the norms, how the clipped sum) of one layer are computed."""
+    def _plan(self, grads: LayerGrads, layer: _Layer) -> tuple[str, str]:
+        """(how the norms, how the clipped sum) of one layer are computed.
+
+        ``auto`` times both complete strategies the first time it sees a layer at a shape (the batch
+        size rounded to a power of two) and keeps the faster: operation counts do not say what a
+        batched GEMM, a Gram matrix or a pass over memory cost on a given machine. Layers without
+        such a key, and the other modes, use the cost model.
+        """
         ghost = grads.ghost_cost()
         if self.mode == "materialize" or math.isinf(ghost):
+            return MATERIALIZE, MATERIALIZE
+        if self.mode == "auto" and grads.ghost_bytes() > self.ghost_memory_limit:
             return MATERIALIZE, MATERIALIZE
         if grads.ghost_bytes() > self.ghost_memory_limit or (
                 self.mode == "ghost" and ghost > GHOST_MAX_OVERCOST * (grads.materialize_cost() + grads.reduce_cost())):
@@ -456,12 +498,19 @@ class GradSampleModule(nn.Module):
             return GHOST, GHOST
         if self.mode == "bk":
             return (GHOST if ghost < grads.materialize_cost() + grads.reduce_cost() else MATERIALIZE), GHOST
+        materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
+        ghost_total = ghost + grads.contract_cost()
+        key = grads.plan_key()
+        if key is not None and max(materialize, ghost_total) < AUTO_TIMED_WITHIN * min(materialize, ghost_total):
+            key = (layer.name, *key)
+            if key not in self._measured:
+                self._measured[key] = _faster_plan(grads)
+            return self._measured[key]
         # Materialized norms are never paired with the contraction here (bk does so where Gram matrices
         # cost more, e.g. every conv at K = 16): the norms have already built the per-example gradients,
         # from which the sum is one pass instead of a second weight-gradient computation; the pairing
         # only lowers the peak memory.
-        materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
-        return (MATERIALIZE, MATERIALIZE) if materialize <= ghost + grads.contract_cost() else (GHOST, GHOST)
+        return (MATERIALIZE, MATERIALIZE) if materialize <= ghost_total else (GHOST, GHOST)
 
     @torch.no_grad()
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
@@ -469,7 +518,8 @@ class GradSampleModule(nn.Module):
 
         Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
         """
-        return {p: g.mul_(scale) for grads, scale in self._layer_grads() for p, g in zip(grads.params, grads.per_example())}
+        return {p: g.mul_(scale) for _, grads, scale in self._layer_grads()
+                for p, g in zip(grads.params, grads.per_example())}
 
     @torch.no_grad()
     def clipped_sum(self, max_grad_norm: float, *, check_finite: bool = True) -> dict[nn.Parameter, Tensor]:
@@ -494,8 +544,8 @@ class GradSampleModule(nn.Module):
         """
         materialized: list[tuple[list[nn.Parameter], list[Tensor]]] = []
         contracted: list[tuple[LayerGrads, float, str]] = []
-        for grads, scale in self._layer_grads():
-            norm_how, sum_how = self._plan(grads)
+        for layer, grads, scale in self._layer_grads():
+            norm_how, sum_how = self._plan(grads, layer)
             if sum_how == MATERIALIZE:
                 materialized.append((grads.params, [g.mul_(scale) for g in grads.per_example()]))
                 grads.release()
@@ -573,4 +623,4 @@ class GradSampleModule(nn.Module):
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
         named = [layer.name for layer in self._layers if layer.pending() or layer.materialized is not None]
-        return dict(zip(named, (self._plan(grads) for grads, _ in self._layer_grads())))
+        return dict(zip(named, (self._plan(grads, layer) for layer, grads, _ in self._layer_grads())))
