@@ -28,12 +28,16 @@ test: install
 bench: install
 	$(PYTHON) -m pytest benchmarks --benchmark-only -q
 
-# Compiles every CUDA device-code header with nvcc for sm_80 and sm_90 (no GPU or CUDA torch needed).
+# Compiles every CUDA device-code header with nvcc for sm_80 and sm_90, as C++17 and as C++20 (the
+# standard torch 2.13 and 2.14 build extensions with); no GPU or CUDA torch needed.
 cuda-check:
-	for arch in 80 90; do $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -c tools/cuda_device_code.cu -o /tmp/privfast_cuda_sm$$arch.o || exit 1; done
-	@echo "CUDA device code compiles for sm_80 and sm_90"
+	for std in 17 20; do for arch in 80 90; do \
+	  $(NVCC) -std=c++$$std -O3 -arch=sm_$$arch -c tools/cuda_device_code.cu -o /tmp/privfast_cuda_sm$$arch.o || exit 1; \
+	done; done
+	@echo "CUDA device code compiles for sm_80 and sm_90 as C++17 and C++20"
 
-# Compiles the CUDA glue (csrc/cuda/*.cu) against the installed torch's headers, even a CPU torch's.
+# Compiles the CUDA glue (csrc/cuda/*.cu) against the installed torch's headers, even a CPU torch's,
+# with the C++ standard the build takes from that torch (tools/torch_build.py).
 cuda-glue-check: install
 	PYTHON=$(PYTHON) NVCC=$(NVCC) tools/check_cuda_glue.sh
 
