@@ -8,6 +8,7 @@
     privfast audit runs/dpmix/checkpoint.pt --shadows 16   # LiRA, calibrated threshold, Yeom, canary exposure
     privfast report runs/*/checkpoint.pt --out report/
     privfast search | invert | bench                 # ATS policy search, gradient inversion, step throughput
+    privfast secret-sharer --epsilons inf 8 2 1 --repeats 1 4 16 64 --out runs/secret   # exposure against epsilon
 
 Every command that trains or attacks writes its numbers as JSON and Markdown, and its plots as PNG.
 """
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=None, help="write bench.json there")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(handler=_bench)
+    _add_secret_sharer(commands)
     return parser
 
 
@@ -508,6 +510,42 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_rows(rows))
     if args.out is not None:
         print(f"written: {_write_json(args.out, 'bench.json', rows)}")
+    return 0
+
+
+def _add_secret_sharer(commands) -> None:
+    """``privfast secret-sharer``: one flag per :class:`~privfast.secret_sharer.SecretSharerConfig` field."""
+    from privfast.secret_sharer import SecretSharerConfig
+
+    parser = commands.add_parser("secret-sharer", help="the Secret Sharer: language models trained at several epsilon "
+                                 "on text with inserted canaries; exposure (exact and extrapolated) and extraction")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: exposure.json, report.md, plots, runs/")
+    parser.add_argument("--resume", action="store_true", help="go on with the run in OUT (new epsilons are added)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Each attribute's docstring entry (continuation lines included), Sphinx markup removed.
+    entries = re.findall(r"\n {8}(\w+): (.*(?:\n {12}.*)*)", SecretSharerConfig.__doc__ or "")
+    lines = {k: re.sub(r"\s+", " ", re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", v.replace("``", "")))
+             for k, v in entries}
+    hints = typing.get_type_hints(SecretSharerConfig)
+    for field in dataclasses.fields(SecretSharerConfig):
+        hint = hints[field.name]
+        many = typing.get_origin(hint) is tuple
+        kind = next(t for t in typing.get_args(hint) if t is not type(None)) if many or typing.get_args(hint) else hint
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind, nargs="+" if many else None,
+                            default=argparse.SUPPRESS, help=f"{lines.get(field.name, '')} (default: "
+                            f"{' '.join(map(str, field.default)) if many else field.default})")
+    parser.set_defaults(handler=_secret_sharer)
+
+
+def _secret_sharer(args: argparse.Namespace) -> int:
+    from privfast.secret_sharer import SecretSharerConfig, run_secret_sharer
+
+    fields = {f.name for f in dataclasses.fields(SecretSharerConfig)}
+    config = SecretSharerConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = run_secret_sharer(config=config, out=args.out, resume=args.resume, progress=not args.no_progress)
+    print(result.table)
+    print("exposure in bits: exact (skew-normal extrapolation); about 1.4 = not memorized")
+    print("written: " + ", ".join(str(p) for p in result.paths.values()))
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Reference models. All use GroupNorm (or no normalization) so that DP-SGD can train them as
-they are; ``ResNet20(norm="batch")`` exists for the non-private ATS experiments only."""
+"""Reference models. All use GroupNorm, LayerNorm or no normalization so that DP-SGD can train them
+as they are; ``ResNet20(norm="batch")`` exists for the non-private ATS experiments only. The language
+models (:class:`LSTMLanguageModel`, :class:`TransformerLanguageModel`) are those of the Secret Sharer
+experiment (:mod:`privfast.secret_sharer`)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -149,3 +152,142 @@ class LeNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+
+# -- language models (the Secret Sharer, Carlini et al., USENIX Security 2019) -----------------
+# Both take token ids [N, T] with the examples first (pass batch_first=True to make_private) and
+# return next-token logits [N, T, V]: logits[:, t] predicts the token after ids[:, t].
+
+
+class LSTMLanguageModel(nn.Module):
+    """Word- or character-level LSTM language model: Embedding, stacked LSTM, Linear over the vocabulary.
+
+    The Secret Sharer's model family (an embedding, a 2-layer LSTM, a softmax output). The LSTM is
+    Opacus's :class:`~opacus.layers.DPLSTM` (Linear cells, batch-first) so that the per-example
+    engine clips it exactly; its weights load from an ``nn.LSTM`` state dict.
+
+    The output layer is *untied* from the embedding: privfast's per-example engine refuses a
+    parameter shared by two layers (a tied weight's per-example gradient is the sum of two
+    layers' contributions, which no per-layer rule sees whole), and untying costs only
+    ``vocab_size * embed_dim`` parameters at these vocabulary sizes.
+
+    Args:
+        vocab_size: V.
+        embed_dim: embedding width E.
+        hidden_size: LSTM width H.
+        num_layers: stacked LSTM layers (2 in the Secret Sharer).
+        dropout: dropout on the embedding, between LSTM layers and before the output (0: none).
+
+    Input ``ids`` int64 ``[N, T]``; output logits ``[N, T, V]``.
+    """
+
+    def __init__(self, vocab_size: int, *, embed_dim: int = 128, hidden_size: int = 128, num_layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        if min(vocab_size, embed_dim, hidden_size, num_layers) < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"need vocab_size, embed_dim, hidden_size, num_layers >= 1 and dropout in [0, 1); got "
+                             f"{vocab_size}, {embed_dim}, {hidden_size}, {num_layers}, {dropout}")
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = DPLSTM(embed_dim, hidden_size, num_layers=num_layers, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, ids):
+        return self.step(ids)[0]
+
+    def step(self, ids, state=None):
+        """Run ``ids [N, t]`` on from ``state``; the incremental form behind exposure and extraction.
+
+        Any model with this method (state: tensors holding the rows in dimension 1, as torch's
+        RNN states do) is scored incrementally by :mod:`privfast.attacks.exposure`; other models
+        are run on whole sequences.
+
+        Args:
+            ids: int64 ``[N, t]``.
+            state: ``(h, c)``, each ``[num_layers, N, H]``, from a previous call (None: zeros).
+
+        Returns:
+            ``(logits [N, t, V], state after the last token)``.
+        """
+        out, state = self.lstm(self.drop(self.embed(ids)), state)
+        return self.head(self.drop(out)), state
+
+
+class _CausalSelfAttention(nn.Module):
+    """Multi-head self-attention over ``[N, T, D]`` from Linear layers and torch's fused attention
+    (causal: position t attends to positions <= t). The engine clips the two Linear layers exactly."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [N, h, T, d/h]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _CausalSelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerLanguageModel(nn.Module):
+    """A small causal GPT-style transformer: token and learned position embeddings, pre-LN blocks of
+    causal self-attention and MLP, a final LayerNorm and an (untied) Linear over the vocabulary.
+
+    Batch-first throughout. The position embedding looks up ``arange(T)`` expanded to ``[N, T]``
+    rather than broadcasting one ``[T, D]`` lookup: every layer's input must hold the examples in
+    dimension 0, which is how the per-example engine tells a layer's examples apart.
+
+    Args:
+        vocab_size: V.
+        dim: model width D (divisible by ``heads``).
+        heads: attention heads.
+        layers: transformer blocks.
+        context: longest input T (positions embedded).
+        mlp_ratio: MLP hidden width over D.
+        dropout: dropout in attention, after the MLP and on the embeddings (0: none).
+
+    Input ``ids`` int64 ``[N, T]``, ``T <= context``; output logits ``[N, T, V]``.
+    """
+
+    def __init__(self, vocab_size: int, *, dim: int = 128, heads: int = 4, layers: int = 2, context: int = 64,
+                 mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if min(vocab_size, dim, heads, layers, context, mlp_ratio) < 1 or dim % heads or not 0 <= dropout < 1:
+            raise ValueError(f"need positive sizes, dim divisible by heads and dropout in [0, 1); got vocab_size="
+                             f"{vocab_size}, dim={dim}, heads={heads}, layers={layers}, context={context}, "
+                             f"mlp_ratio={mlp_ratio}, dropout={dropout}")
+        self.vocab_size, self.context = vocab_size, context
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        if t > self.context:
+            raise ValueError(f"input of {t} tokens, but the model embeds {self.context} positions (context=)")
+        positions = torch.arange(t, device=ids.device).expand(n, t)
+        x = self.drop(self.embed(ids) + self.pos(positions))
+        return self.head(self.norm(self.blocks(x)))

@@ -27,12 +27,18 @@ from torch import Tensor
 from privfast.data import Split
 
 __all__ = [
+    "ENUMERATION_LIMIT",
+    "Extraction",
     "TokenCanary",
+    "candidate_index",
+    "enumerate_log_perplexities",
     "exposure",
     "exposure_extrapolated",
+    "extract",
     "image_canaries",
     "insert_canaries",
     "log_perplexity",
+    "score_candidates",
     "token_canary",
 ]
 
@@ -272,3 +278,282 @@ def log_perplexity(logits: Tensor, tokens: Tensor, *, start: int = 0) -> Tensor:
         raise ValueError(f"start must be in [0, {tokens.shape[1]}), got {start}")
     nll = F.cross_entropy(logits[:, start:].transpose(1, 2), tokens[:, start:], reduction="none")
     return nll.sum(1)
+
+
+# -- language models: every candidate's log-perplexity, and extraction --------------------------
+# A model is scored either incrementally, through its ``step(ids [N, t], state) -> (logits
+# [N, t, V], state)`` method (state: tensors holding the rows in dimension 1, as torch's RNN states
+# do; see privfast.models.LSTMLanguageModel), or, lacking one, on whole sequences: its state is
+# then the token rows themselves. The canary's prefix is the context: its first token is never
+# predicted, and only the slots are scored (the Secret Sharer's log-perplexity of the secret).
+
+ENUMERATION_LIMIT = 2**24
+"""Largest candidate space that :func:`enumerate_log_perplexities` ranks whole by default."""
+
+
+class _Stepper:
+    """Runs a language model on from a batch of states (see the comment above)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.incremental = callable(getattr(model, "step", None))
+        self.device = next(model.parameters()).device
+
+    def run(self, ids: Tensor, state) -> tuple[Tensor, object]:
+        """``(log-probabilities [N, t, V] float32 of the token after each of ids [N, t], state after them)``."""
+        ids = ids.to(self.device)
+        if self.incremental:
+            logits, state = self.model.step(ids, state)
+        else:
+            state = ids if state is None else torch.cat([state, ids], 1)
+            logits = self.model(state)[:, -ids.shape[1]:]
+        return logits.float().log_softmax(-1), state
+
+    def select(self, state, index: Tensor):
+        """The states of rows ``index [M]`` (rows may repeat)."""
+        index = index.to(self.device)
+        dim = 1 if self.incremental else 0
+        return torch.utils._pytree.tree_map(lambda s: s.index_select(dim, index), state)
+
+    def cat(self, states: list):
+        dim = 1 if self.incremental else 0
+        return torch.utils._pytree.tree_map(lambda *s: torch.cat(s, dim), *states)
+
+
+class _Scoring:
+    """Eval mode and no autograd while a model is scored, its training flag restored after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.grad = torch.no_grad()
+        self.grad.__enter__()
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+        self.grad.__exit__(*exc)
+
+
+def _check_canary(canary: TokenCanary, vocab_size: Optional[int] = None) -> None:
+    if len(canary.prefix) < 1:
+        raise ValueError("the canary needs a prefix of at least one token: the context its first slot is predicted from")
+    if vocab_size is not None:
+        tokens = torch.cat([canary.prefix, canary.alphabet])
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(f"the canary's tokens must be ids in [0, {vocab_size}), got ids from {int(tokens.min())} "
+                             f"to {int(tokens.max())}")
+
+
+def _vocab_size(model: torch.nn.Module) -> Optional[int]:
+    return getattr(model, "vocab_size", None)
+
+
+def enumerate_log_perplexities(model: torch.nn.Module, canary: TokenCanary, *, chunk_size: int = 8192,
+                               limit: int = ENUMERATION_LIMIT, progress: bool = False) -> Tensor:
+    """The log-perplexity of the slots of every candidate ``prefix + s`` for all ``s`` in ``alphabet^slots``.
+
+    Candidates share their prefixes, so they are scored as a tree: one model step per node of
+    depth ``0 .. slots - 1`` (about ``A^(slots-1) * A / (A - 1)`` steps, not ``A^slots`` sequences),
+    each node's next-token distribution giving its ``A`` children's costs. A 10^6-candidate space
+    (6 digit slots) takes about 1.1e5 steps, in chunks of ``chunk_size`` rows.
+
+    Args:
+        model: a language model, ids ``[N, T]`` -> logits ``[N, T, V]`` (with a ``step`` method
+            it is run incrementally; see the comment above this function).
+        canary: gives the prefix (context), the alphabet and the number of slots; its secret is
+            one of the candidates like any other.
+        chunk_size: rows per model call.
+        limit: refuse spaces larger than this.
+        progress: a progress bar over the chunks.
+
+    Returns:
+        float64 ``[A^slots]`` log-perplexities (nats), candidate ``i`` having slot indices the
+        base-``A`` digits of ``i``, most significant first (the order of
+        :meth:`TokenCanary.references` with ``limit=None``, the secret included).
+
+    Raises:
+        ValueError: a space larger than ``limit``, or a canary that does not fit the model.
+    """
+    from tqdm.auto import tqdm
+
+    _check_canary(canary, _vocab_size(model))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if canary.space_size > limit:
+        raise ValueError(f"the canary has {canary.space_size} candidates, more than limit={limit}: use "
+                         "exposure_extrapolated on a sample (score_candidates)")
+    stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
+    size, slots = len(alphabet), len(canary.secret)
+    nodes = sum(size**d for d in range(1, slots))
+    with _Scoring(model), tqdm(total=nodes, desc="candidates", unit="node", disable=not progress, leave=False) as bar:
+        log_probs, state = stepper.run(canary.prefix[None], None)
+        next_nll = -log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu()  # [A^d, A] at depth d
+        costs = torch.zeros(1, dtype=torch.float64)
+        for depth in range(slots - 1):
+            costs = (costs[:, None] + next_nll).reshape(-1)  # the A^(depth+1) nodes of the next depth
+            parents = torch.arange(size**depth).repeat_interleave(size)
+            tokens = alphabet.repeat(size**depth)
+            keep = depth + 1 < slots - 1  # the last depth's states are never stepped from
+            nll, states = [], []
+            for start in range(0, len(costs), chunk_size):
+                rows = slice(start, start + chunk_size)
+                log_probs, child = stepper.run(tokens[rows, None], stepper.select(state, parents[rows]))
+                nll.append(-log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu())
+                if keep:
+                    states.append(child)
+                bar.update(len(nll[-1]))
+            next_nll = torch.cat(nll)
+            state = stepper.cat(states) if keep else None
+        return (costs[:, None] + next_nll).reshape(-1)
+
+
+def candidate_index(canary: TokenCanary, slots: Optional[Tensor] = None) -> Tensor:
+    """Position of candidates (slot tokens ``[R, s]``; default: the secret) in the enumeration order.
+
+    Returns:
+        int64 ``[R]`` (a 0-d tensor for the secret).
+
+    Raises:
+        ValueError: a slot token outside the alphabet.
+    """
+    values = canary.secret if slots is None else torch.as_tensor(slots, dtype=torch.int64)
+    order = canary.alphabet.argsort()
+    found = torch.searchsorted(canary.alphabet[order], values.contiguous()).clamp(max=len(order) - 1)
+    if (canary.alphabet[order][found] != values).any():
+        raise ValueError("a candidate holds a token outside the canary's alphabet")
+    digits = order[found]
+    place = len(canary.alphabet) ** torch.arange(values.shape[-1] - 1, -1, -1)
+    return (digits * place).sum(-1)
+
+
+def score_candidates(model: torch.nn.Module, canary: TokenCanary, slots: Tensor, *, batch_size: int = 4096,
+                     progress: bool = False) -> Tensor:
+    """Log-perplexities of the slots of given candidates ``prefix + slots[i]`` (for spaces too large to enumerate).
+
+    Args:
+        model: a language model (see :func:`enumerate_log_perplexities`).
+        canary: gives the prefix.
+        slots: int64 ``[R, s]`` slot tokens (e.g. the secret, and a random sample of the space).
+        batch_size: candidates per model call.
+        progress: a progress bar over the batches.
+
+    Returns:
+        float64 ``[R]`` log-perplexities (nats), as :func:`log_perplexity` of the whole sequences from the first slot.
+    """
+    from tqdm.auto import tqdm
+
+    _check_canary(canary, _vocab_size(model))
+    slots = torch.as_tensor(slots, dtype=torch.int64)
+    if slots.dim() != 2 or slots.shape[1] != len(canary.secret):
+        raise ValueError(f"slots must be [R, {len(canary.secret)}], got {tuple(slots.shape)}")
+    stepper, out = _Stepper(model), []
+    with _Scoring(model):
+        log_probs, state = stepper.run(canary.prefix[None], None)
+        first = -log_probs[0, -1].double().cpu()  # [V], the first slot's cost
+        for start in tqdm(range(0, len(slots), batch_size), desc="candidates", disable=not progress, leave=False):
+            rows = slots[start:start + batch_size]
+            cost = first[rows[:, 0]]
+            if rows.shape[1] > 1:
+                log_probs, _ = stepper.run(rows[:, :-1], stepper.select(state, torch.zeros(len(rows), dtype=torch.int64)))
+                cost = cost - log_probs.double().cpu().gather(2, rows[:, 1:, None]).squeeze(2).sum(1)
+            out.append(cost)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class Extraction:
+    """Result of :func:`extract`.
+
+    Attributes:
+        candidates: int64 ``[K, s]`` slot tokens, most likely first (exact order: K smallest log-perplexities).
+        log_perplexities: float64 ``[K]``, non-decreasing.
+        secret_rank: 1-based rank of the inserted secret among them, None if it is not among them
+            (only the evaluation looks at the secret, never the search).
+        expansions: model rows run by the search.
+    """
+
+    candidates: Tensor
+    log_perplexities: Tensor
+    secret_rank: Optional[int]
+    expansions: int
+
+    @property
+    def extracted(self) -> bool:
+        """Whether the search's first answer is the secret."""
+        return self.secret_rank == 1
+
+
+def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int = 1000, batch_size: int = 256,
+            progress: bool = False) -> Extraction:
+    """The Secret Sharer's extraction attack: the most likely slot fillings, in order, by shortest-path search.
+
+    The candidates form a tree of depth ``slots`` whose edges cost ``-log Pr(slot | prefix, earlier
+    slots)`` >= 0; a candidate's log-perplexity is its path cost. Dijkstra's search (best-first
+    from the prefix) therefore completes candidates in increasing log-perplexity, touching only
+    the part of the tree cheaper than the answers: a memorized secret comes out first after about
+    ``slots`` expansions, where enumerating the space would score all ``A^slots``. Up to
+    ``batch_size`` of the cheapest open nodes are expanded per model call; a complete candidate is
+    only reported once it is the cheapest node left, so the order stays exact.
+
+    Args:
+        model: a language model (see :func:`enumerate_log_perplexities`).
+        canary: the attacker's knowledge: the prefix, the alphabet and the number of slots (the
+            secret is used only to report its rank).
+        max_candidates: stop after this many complete candidates (K).
+        batch_size: open nodes expanded per model call.
+        progress: a progress bar over the reported candidates.
+
+    Returns:
+        :class:`Extraction`.
+    """
+    import heapq
+    import itertools
+
+    from tqdm.auto import tqdm
+
+    _check_canary(canary, _vocab_size(model))
+    if max_candidates < 1 or batch_size < 1:
+        raise ValueError(f"max_candidates and batch_size must be >= 1, got {max_candidates}, {batch_size}")
+    stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
+    slots = len(canary.secret)
+    order = itertools.count()  # breaks cost ties by insertion, never comparing the tuples
+    heap: list = [(0.0, next(order), ())]
+    found: list[tuple[float, tuple]] = []
+    expansions = 0
+    with _Scoring(model), tqdm(total=max_candidates, desc="extraction", disable=not progress, leave=False) as bar:
+        log_probs, state0 = stepper.run(canary.prefix[None], None)
+        root = -log_probs[0, -1, alphabet.to(log_probs.device)].double().cpu()
+        while heap and len(found) < max_candidates:
+            batch = []
+            while heap and len(batch) < batch_size and len(found) < max_candidates:
+                cost, _, path = heap[0]
+                if len(path) == slots:
+                    if batch:  # open nodes cheaper than it may still have cheaper children
+                        break
+                    heapq.heappop(heap)
+                    found.append((cost, path))
+                    bar.update(1)
+                    continue
+                batch.append(heapq.heappop(heap))
+            if not batch:
+                continue
+            for depth in sorted({len(path) for _, _, path in batch}):
+                group = [(cost, path) for cost, _, path in batch if len(path) == depth]
+                if depth == 0:
+                    nll = root[None]
+                else:
+                    ids = alphabet[torch.tensor([path for _, path in group])]
+                    start = stepper.select(state0, torch.zeros(len(group), dtype=torch.int64))
+                    log_probs, _ = stepper.run(ids, start)
+                    nll = -log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu()
+                    expansions += len(group)
+                for (cost, path), row in zip(group, nll.tolist()):
+                    for a, edge in enumerate(row):
+                        heapq.heappush(heap, (cost + edge, next(order), path + (a,)))
+    candidates = alphabet[torch.tensor([path for _, path in found], dtype=torch.int64).reshape(-1, slots)]
+    costs = torch.tensor([cost for cost, _ in found], dtype=torch.float64)
+    hits = (candidates == canary.secret).all(1).nonzero()
+    return Extraction(candidates, costs, int(hits[0]) + 1 if len(hits) else None, expansions)
