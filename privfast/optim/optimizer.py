@@ -67,6 +67,7 @@ class DPOptimizer(Optimizer):
         self.secure_mode = secure_mode
         self.check_finite = check_finite
         self.step_hook: Optional[Callable[[DPOptimizer], None]] = None
+        self.audit_canary = None  # white-box audit (privfast.auditing.GradientCanary), see add_noise
         self._step_skip_queue: list[bool] = []
         self._is_last_step_skipped = False
         self._summed: dict[nn.Parameter, Tensor] = {}
@@ -136,6 +137,11 @@ class DPOptimizer(Optimizer):
         """Call ``fn(self)`` after every noisy step (the accountant's hook)."""
         self.step_hook = fn
 
+    def attach_audit_canary(self, canary) -> None:
+        """Audit option: ``canary.insert(self, sums)`` adds its clipped gradients to the sum before the noise and
+        ``canary.record(self)`` reads the released ``p.grad`` after it (:class:`privfast.auditing.GradientCanary`)."""
+        self.audit_canary = canary
+
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Make the next ``step()`` only clip and accumulate (a physical batch of a larger logical one)."""
         self._step_skip_queue.append(do_skip)
@@ -151,6 +157,8 @@ class DPOptimizer(Optimizer):
     def add_noise(self) -> None:
         """Write ``p.grad = scale * (clipped sum + sigma * C * z)`` for all parameters in one fused call."""
         params = self.params
+        if self.audit_canary is not None:
+            self.audit_canary.insert(self, self._summed)
         sums = [self._summed.get(p, torch.zeros_like(p)).unsqueeze(0) for p in params]
         noisy = ops.clip_accumulate_noise(
             sums, math.inf, noise_std=self.noise_multiplier * self.max_grad_norm, scale=self.noise_scale,
@@ -158,6 +166,8 @@ class DPOptimizer(Optimizer):
         )
         for p, g in zip(params, noisy):
             p.grad = g.to(p.dtype).view_as(p)
+        if self.audit_canary is not None:
+            self.audit_canary.record(self)
         self._summed = {}
 
     def pre_step(self) -> bool:
