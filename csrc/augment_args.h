@@ -63,9 +63,10 @@ inline void check_augment_args(const at::Tensor& x, const at::Tensor& crop_offse
     TORCH_CHECK_VALUE(t->device() == x.device(), "augment parameters must be on x's device ", x.device(), ", got ",
                       t->device());
   }
-  // Out-of-range draws would read outside the image. Both checks come back in one copy, so a CUDA
-  // call pays a single small sync for them.
-  if (batch > 0 && (k > 0 || mix_pairs.size(1) > 0)) {
+  // Out-of-range draws are refused here on the CPU. On CUDA the check would cost a host sync on every
+  // training step, so it is left to the kernels' clamping (memory safety) and to the Python wrapper,
+  // which checks parameters a user passes (privfast's own draws are in range by construction).
+  if (x.is_cpu() && batch > 0 && (k > 0 || mix_pairs.size(1) > 0)) {
     const at::Tensor bad_crop = k > 0 ? (crop_offsets.lt(0) | crop_offsets.gt(2 * padding)).any()
                                       : at::zeros({}, crop_offsets.options().dtype(at::kBool));
     const at::Tensor bad_pair = mix_pairs.size(1) > 0 ? (mix_pairs.lt(0) | mix_pairs.ge(k + k_extra)).any()

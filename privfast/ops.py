@@ -293,6 +293,17 @@ def gradsim(
     return _reference.gradsim(grads, refs, index, per_layer)
 
 
+def _check_augment_ranges(params: AugmentParams, crop_padding: int, base_rows: int) -> None:
+    """Raise on crop offsets outside [0, 2 * crop_padding] or mixup pairs outside the base rows (one host copy)."""
+    crop, pairs = params.crop_offsets, params.mix_pairs
+    bad = torch.stack([((crop < 0) | (crop > 2 * crop_padding)).any(), ((pairs < 0) | (pairs >= base_rows)).any()])
+    bad_crop, bad_pair = bad.tolist()
+    if bad_crop:
+        raise ValueError(f"crop_offsets must lie in [0, 2 * padding] = [0, {2 * crop_padding}]")
+    if bad_pair:
+        raise ValueError(f"mix_pairs must index the k + k_extra = {base_rows} base rows of an example")
+
+
 def sample_beta(alpha: float, shape: tuple[int, ...], *, generator: Optional[torch.Generator] = None) -> Tensor:
     """Draws of Beta(alpha, alpha), reproducible from ``generator``.
 
@@ -403,6 +414,8 @@ def augment_batch(
         params = params._replace(mix_lambda=params.mix_lambda.to(lambda_dtype))
         if params.flips.shape != (batch, k) or params.mix_pairs.shape[:2] != params.mix_lambda.shape:
             raise ValueError("params do not match x and k: expected flips [B, k] and mix_pairs [B, mixups, 2]")
+        if x.device.type != "cpu" and batch:  # the CPU op checks itself; on CUDA it only clamps (no sync)
+            _check_augment_ranges(params, crop_padding, k + k_extra)
     if _use_kernel("augment_batch", x.device):
         out = torch.ops.privfast.augment_batch(x, *params, extra, crop_padding)
     else:

@@ -11,7 +11,7 @@ import torch
 import privfast
 from privfast import _reference, ops
 
-from conftest import CUDA
+from conftest import CUDA, DEVICES
 
 needs_extension = pytest.mark.skipif(not privfast.has_extension(), reason="privfast._C is not built")
 
@@ -485,3 +485,17 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         ops.per_sample_norms(grads)
     for a, b in zip(with_kernels, fallback):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_augment_batch_refuses_out_of_range_params_on_every_device(device):
+    """The CPU op checks the ranges itself; on CUDA the op only clamps (no host sync per step), so the
+    wrapper checks parameters a user passes. Either way a bad draw is an error, not a silent clamp."""
+    device = torch.device(device)
+    x = torch.rand(1, 1, 4, 4, device=device)
+    p = ops.draw_augment_params(1, 2, crop_padding=1, mixups=1)
+    with pytest.raises(ValueError, match="crop_offsets must lie in"):
+        ops.augment_batch(x, 2, crop_padding=1, mixups=1, params=p._replace(crop_offsets=p.crop_offsets + 5))
+    with pytest.raises(ValueError, match="mix_pairs must index the k \\+ k_extra = 2 base rows"):
+        ops.augment_batch(x, 2, crop_padding=1, mixups=1, params=p._replace(mix_pairs=p.mix_pairs + 2))
+

@@ -15,6 +15,10 @@ PF_HOST_DEVICE int64_t reflect(int64_t i, int64_t size) {
   return i >= size ? 2 * (size - 1) - i : i;
 }
 
+// `i` limited to [low, high]: the kernels never read outside x, whatever the draws (the CUDA glue
+// skips the host-side range check, which would cost a sync on every call).
+PF_HOST_DEVICE int64_t clamp_index(int64_t i, int64_t low, int64_t high) { return i < low ? low : (i > high ? high : i); }
+
 // The draws of one call, as raw pointers: crop offsets [B, k, 2], flips [B, k], mixup pairs
 // [B, mixups, 2], mixup weights [B, mixups]; extra [B, k_extra, C, H, W] or null.
 template <typename scalar_t, typename acc_t>
@@ -31,10 +35,11 @@ struct Plan {
 
   // Row and column of x that row i / column j of crop `draw` (= b * k + crop) reads.
   PF_HOST_DEVICE int64_t crop_row(int64_t draw, int64_t i) const {
-    return reflect(i + crop_offsets[2 * draw] - padding, height);
+    return reflect(i + clamp_index(crop_offsets[2 * draw], 0, 2 * padding) - padding, height);
   }
   PF_HOST_DEVICE int64_t crop_col(int64_t draw, int64_t j) const {
-    return reflect((flips[draw] ? width - 1 - j : j) + crop_offsets[2 * draw + 1] - padding, width);
+    return reflect((flips[draw] ? width - 1 - j : j) + clamp_index(crop_offsets[2 * draw + 1], 0, 2 * padding) - padding,
+                   width);
   }
 
   // Channel c of base row `row` of example b (a crop when row < k: read through crop_row/crop_col).
@@ -55,8 +60,8 @@ struct Plan {
     if (row < k + k_extra) return base_pixel(b, row, c, i, j);
     const int64_t draw = b * mixups + row - k - k_extra;
     const acc_t lam = mix_lambda[draw];
-    const acc_t p = base_pixel(b, mix_pairs[2 * draw], c, i, j);
-    const acc_t q = base_pixel(b, mix_pairs[2 * draw + 1], c, i, j);
+    const acc_t p = base_pixel(b, clamp_index(mix_pairs[2 * draw], 0, k + k_extra - 1), c, i, j);
+    const acc_t q = base_pixel(b, clamp_index(mix_pairs[2 * draw + 1], 0, k + k_extra - 1), c, i, j);
     return lam * p + (acc_t(1) - lam) * q;
   }
 };
