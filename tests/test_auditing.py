@@ -248,7 +248,7 @@ DP_EPS1 = TrainConfig(method="dp-sgd", model="mlp", width=64, epochs=5, batch_si
 
 
 @pytest.fixture(scope="module")
-def nonprivate_audit():
+def nonprivate_audit(one_thread):
     return audit_one_run(NONPRIVATE, canaries=200)
 
 

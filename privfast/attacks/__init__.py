@@ -1,11 +1,12 @@
 """Attacks that measure what a model leaks: membership inference (threshold, Salem NN,
-augmentation-aware, LiRA) and canary exposure; see also :mod:`privfast.metrics`.
+augmentation-aware, LiRA, RMIA) and canary exposure; see also :mod:`privfast.metrics`.
 
 A LiRA audit of a model trained on a random half of a pool::
 
     shadows = train_shadow_models(make_model, pool.x, pool.y, n_shadows=16, epochs=30)  # all 16 at once
     result = lira(target, shadows, pool.x, pool.y, is_member=in_target)
     result.summary["auc"], result.summary["tpr_at_fpr"][0.001]
+    rmia(target, shadows, pool.x, pool.y, is_member=in_target, online=False)   # RMIA on the same shadows
 """
 
 from privfast.attacks.exposure import (
@@ -31,6 +32,7 @@ from privfast.attacks.reconstruction import (
     ssim,
     total_variation,
 )
+from privfast.attacks.rmia import rmia, rmia_scores, tune_offline_a
 from privfast.attacks.training import (
     ShadowModels,
     example_losses,
@@ -62,11 +64,14 @@ __all__ = [
     "psnr",
     "reconstruct",
     "recover_labels",
+    "rmia",
+    "rmia_scores",
     "salem_nn",
     "ssim",
     "token_canary",
     "total_variation",
     "train_classifier",
     "train_shadow_models",
+    "tune_offline_a",
     "yeom",
 ]
