@@ -2,6 +2,7 @@
 synthetic CIFAR-shaped data, and the errors that name the missing files."""
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -119,3 +120,32 @@ def test_load_dataset_dispatches_and_refuses_unknown_names():
     assert load_dataset("synthetic", n_train=3, n_test=2)[0].x.shape == (3, 3, 32, 32)
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet")
+
+
+# Real CIFAR-10 (JPEG-derived, in the standard layout): .ci/run writes it from the shared archive and sets this.
+CIFAR10_ROOT = os.environ.get("PRIVFAST_CIFAR10_ROOT")
+needs_cifar10 = pytest.mark.skipif(not CIFAR10_ROOT, reason="PRIVFAST_CIFAR10_ROOT is not set: real CIFAR-10 files "
+                                   "(python ../shared/data/make_cifar10.py DIR, then PRIVFAST_CIFAR10_ROOT=DIR)")
+
+
+@needs_cifar10
+def test_real_cifar10_loads_with_its_known_statistics():
+    train, test = load_cifar(CIFAR10_ROOT)
+    assert train.x.shape == (50000, 3, 32, 32) and test.x.shape == (10000, 3, 32, 32)
+    assert train.x.dtype == torch.float32 and 0 <= float(train.x.min()) and float(train.x.max()) <= 1
+    assert torch.bincount(train.y).tolist() == [5000] * 10 and torch.bincount(test.y).tolist() == [1000] * 10
+    # The published channel means of CIFAR-10's training set (the JPEG copy moves them by < 0.002).
+    torch.testing.assert_close(train.x.mean((0, 2, 3)), torch.tensor([0.4914, 0.4822, 0.4465]), rtol=0, atol=2e-3)
+
+
+@needs_cifar10
+def test_train_command_on_real_cifar10(tmp_path):
+    from privfast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-root", CIFAR10_ROOT, "--method", "dp-sgd",
+                 "--noise-multiplier", "1.0", "--train-examples", "256", "--epochs", "1", "--model", "convnet",
+                 "--width", "8", "--attacks", "yeom", "--out", str(run), "--no-progress"]) == 0
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["config"]["dataset"] == "cifar10" and checkpoint["history"][-1]["epoch"] == 1
+    assert 0.0 < checkpoint["history"][-1]["test_accuracy"] < 1.0
