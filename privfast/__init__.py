@@ -7,14 +7,32 @@ learning with :mod:`privfast.federated`, run whole experiments with :class:`Trai
 command (:mod:`privfast.cli`). The fused kernels are in :mod:`privfast.ops`.
 """
 
-from privfast import attacks, audit, augment, data, federated, grad_sample, metrics, models, ops, optim, reports, search, trainer
-from privfast.audit import MembershipAudit
-from privfast.augment import DPMix, SelfAug
-from privfast.grad_sample import GradSampleModule
-from privfast.ops import has_extension
-from privfast.optim import SAM, DPOptimizer
-from privfast.privacy_engine import PrivacyEngine
-from privfast.trainer import TrainConfig, Trainer
+import importlib
+from typing import Any
+
+# Everything loads on first use (PEP 562): `import privfast` and `privfast --help` stay fast, and a
+# user of the engine does not pay for scikit-learn, matplotlib or the attacks.
+_SUBMODULES = ("attacks", "audit", "augment", "data", "federated", "grad_sample", "metrics", "models", "ops", "optim",
+               "reports", "search", "trainer")
+_NAMES = {
+    "DPMix": "privfast.augment", "SelfAug": "privfast.augment", "DPOptimizer": "privfast.optim", "SAM": "privfast.optim",
+    "GradSampleModule": "privfast.grad_sample", "MembershipAudit": "privfast.audit", "PrivacyEngine":
+    "privfast.privacy_engine", "TrainConfig": "privfast.trainer", "Trainer": "privfast.trainer",
+    "has_extension": "privfast.ops",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"privfast.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'privfast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

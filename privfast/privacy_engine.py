@@ -23,6 +23,7 @@ from privfast._io import atomic_save
 from privfast.augment import DPMix
 from privfast.data_loader import SecureUniformWithReplacementSampler, observe_batches, rebuild_data_loader
 from privfast.grad_sample import GradSampleModule
+from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 
 
@@ -223,6 +224,7 @@ class PrivacyEngine:
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
+        checkpoint["grad_sample_plans"] = dict(MEASURED_PLANS)  # auto's timed choices: a resumed run computes alike
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         atomic_save(checkpoint, path)
@@ -235,4 +237,5 @@ class PrivacyEngine:
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        MEASURED_PLANS.update(checkpoint.get("grad_sample_plans", {}))
         return checkpoint

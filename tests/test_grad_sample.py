@@ -420,6 +420,7 @@ def test_auto_times_close_calls_once_per_layer_and_shape(monkeypatch):
         return ("ghost", "ghost")
 
     monkeypatch.setattr(engine, "_faster_plan", fake)
+    monkeypatch.setattr(engine, "MEASURED_PLANS", {})
     monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", math.inf)  # every layer a close call
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     wrapped = GradSampleModule(model, mode="auto")
@@ -427,7 +428,14 @@ def test_auto_times_close_calls_once_per_layer_and_shape(monkeypatch):
         wrapped(torch.randn(rows, 6)).sum().backward()
         assert set(wrapped.layer_plans().values()) == {("ghost", "ghost")}
         wrapped.clear()
-    assert asked == [8, 8, 16, 16]  # two layers, measured at the first batch of each bucket
+    assert asked == [8, 8, 16, 16]  # two layer shapes, measured at the first batch of each bucket
+    torch.use_deterministic_algorithms(True)
+    try:  # deterministic runs: the cost model alone, no timing
+        wrapped(torch.randn(40, 6)).sum().backward()
+        wrapped.layer_plans()
+        assert asked == [8, 8, 16, 16]
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("wide", [True, False])

@@ -18,6 +18,7 @@ from scipy.stats import kstest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.augment import DPMix, SelfAug
 from privfast.data_loader import SecureUniformWithReplacementSampler, secure_uniform
 from privfast.data import load_digits
@@ -225,7 +226,10 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     eps_at_save = engine.get_epsilon(1e-5)
 
     resumed_engine, model, optimizer, _ = _make(poisson_sampling=False, seed=2)  # other weights, other noise seed
+    plans = dict(MEASURED_PLANS)
+    MEASURED_PLANS.clear()  # as in a new process: auto's timed choices come back from the checkpoint
     resumed_engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
+    assert MEASURED_PLANS == plans
     assert resumed_engine.get_epsilon(1e-5) == eps_at_save
     _train(model, optimizer, batches[2:])
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))

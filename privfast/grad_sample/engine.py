@@ -37,6 +37,8 @@ GHOST_MAX_OVERCOST = 4.0
 # auto times both strategies of a layer when the cost model puts them within this factor of each other
 # (a close call, which counts of multiply-adds decide wrongly); outside it the model decides.
 AUTO_TIMED_WITHIN = 8.0
+# auto's timed choices, per layer shape, for the whole process (see GradSampleModule._plan).
+MEASURED_PLANS: dict[tuple, tuple[str, str]] = {}
 # Bytes of Gram matrices one layer may allocate for its norms (attribute ghost_memory_limit to change it).
 GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -193,7 +195,6 @@ class GradSampleModule(nn.Module):
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
         self._pending_finite: Optional[tuple] = None  # (host flag, CUDA event) of a deferred finite check
         self.ghost_memory_limit = GHOST_MEMORY_LIMIT
-        self._measured: dict[tuple, tuple[str, str]] = {}  # auto's timed choice per layer and shape
         self._packed: list[Optional[Tensor]] = []  # per running DP RNN: its PackedSequence's sorted_indices
         self._handles = []
         for m in module.modules():
@@ -478,10 +479,12 @@ class GradSampleModule(nn.Module):
     def _plan(self, grads: LayerGrads, layer: _Layer) -> tuple[str, str]:
         """(how the norms, how the clipped sum) of one layer are computed.
 
-        ``auto`` times both complete strategies the first time it sees a layer at a shape (the batch
-        size rounded to a power of two) and keeps the faster: operation counts do not say what a
-        batched GEMM, a Gram matrix or a pass over memory cost on a given machine. Layers without
-        such a key, and the other modes, use the cost model.
+        ``auto`` times both complete strategies the first time the process sees a layer shape (the
+        batch size rounded to a power of two) and keeps the faster: operation counts do not say what
+        a batched GEMM, a Gram matrix or a pass over memory cost on a given machine. The choice is
+        kept for the process (MEASURED_PLANS, saved in PrivacyEngine checkpoints so that a resumed
+        run computes bit for bit as before). Layers without such a key, the other modes, and runs
+        under torch.use_deterministic_algorithms(True) use the cost model.
         """
         ghost = grads.ghost_cost()
         if self.mode == "materialize" or math.isinf(ghost):
@@ -501,11 +504,11 @@ class GradSampleModule(nn.Module):
         materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
         ghost_total = ghost + grads.contract_cost()
         key = grads.plan_key()
-        if key is not None and max(materialize, ghost_total) < AUTO_TIMED_WITHIN * min(materialize, ghost_total):
-            key = (layer.name, *key)
-            if key not in self._measured:
-                self._measured[key] = _faster_plan(grads)
-            return self._measured[key]
+        if (key is not None and not torch.are_deterministic_algorithms_enabled()
+                and max(materialize, ghost_total) < AUTO_TIMED_WITHIN * min(materialize, ghost_total)):
+            if key not in MEASURED_PLANS:
+                MEASURED_PLANS[key] = _faster_plan(grads)
+            return MEASURED_PLANS[key]
         # Materialized norms are never paired with the contraction here (bk does so where Gram matrices
         # cost more, e.g. every conv at K = 16): the norms have already built the per-example gradients,
         # from which the sum is one pass instead of a second weight-gradient computation; the pairing
