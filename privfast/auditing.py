@@ -51,6 +51,7 @@ from torch import Tensor, nn
 __all__ = [
     "EPSILON_BOUNDS",
     "SCORES",
+    "AttackComparison",
     "AuditResult",
     "EpsilonBound",
     "GDPEstimate",
@@ -69,6 +70,7 @@ __all__ = [
     "one_run_bound",
     "one_run_epsilon",
     "one_run_p_value",
+    "rmia_audit",
 ]
 
 ArrayLike = Union[np.ndarray, Tensor, Sequence[float]]
@@ -936,3 +938,142 @@ def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, 
     result.details["checkpoint_epsilon"] = history[-1].get("epsilon", math.inf)
     result.details["method"] = config.method
     return result
+
+
+def _write_outputs(out, stem: str, values: dict, markdown: str, plot) -> list:
+    """``out/stem.json``, ``out/stem.md`` and the figure ``plot(path)``; returns the three paths."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(values, indent=1, default=float))
+    (out / f"{stem}.md").write_text(markdown)
+    return [out / f"{stem}.json", out / f"{stem}.md", plot()]
+
+
+def _write_audit(self: AuditResult, out) -> list:
+    """Write ``epsilon_audit.json``, ``epsilon_audit.md`` and ``canary_scores.png`` under ``out``; returns the paths."""
+    from pathlib import Path
+
+    text = "\n".join([f"## Privacy audit: {self.method}", "", self.table(markdown=True), "",
+                      f"delta {self.delta:g}; wall time {self.seconds:.1f} s.", "",
+                      "![canary score distributions](canary_scores.png)", ""])
+    return _write_outputs(out, "epsilon_audit", self.to_dict(), text, lambda: self.plot(Path(out) / "canary_scores.png"))
+
+
+AuditResult.write = _write_audit
+
+
+# ------------------------------------------------------------------------------------------------
+# RMIA beside LiRA on the same shadow models
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class AttackComparison:
+    """Membership attacks run on the same target and the same shadow models.
+
+    Attributes:
+        results: attack name -> :class:`~privfast.attacks.AttackResult` (``rmia_online``,
+            ``rmia_offline``, ``lira_online``, ``lira_offline``).
+        shadows: the number of shadow (reference) models.
+        seconds: wall time (target and shadow training included).
+        details: ``members``, ``nonmembers``, ``offline_a``, ``target`` (where the target came from).
+    """
+
+    results: dict
+    shadows: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+    def table(self, *, markdown: bool = False) -> str:
+        """AUC and TPR at 0.1% and 1% FPR of every attack."""
+        header = ["attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR"]
+        body = [[name, f"{r.summary['auc']:.3f}", f"{r.summary['tpr_at_fpr'][0.001]:.3f}",
+                 f"{r.summary['tpr_at_fpr'][0.01]:.3f}"] for name, r in self.results.items()]
+        return _format_table(header, body, markdown=markdown)
+
+    def write(self, out) -> list:
+        """Write ``rmia.json``, ``rmia.md`` and the log-log ROC ``roc.png`` under ``out``; returns the paths."""
+        from pathlib import Path
+
+        from privfast.reports import plot_roc
+
+        values = {"shadows": self.shadows, "seconds": self.seconds, "details": self.details,
+                  "results": {name: {k: v for k, v in r.summary.items() if k != "roc"} | {"info": r.info}
+                              for name, r in self.results.items()}}
+        text = "\n".join([f"## RMIA and LiRA on the same {self.shadows} shadow models", "",
+                          f"{self.details['members']} members and {self.details['nonmembers']} non-members; "
+                          f"offline a = {self.details['offline_a']}.", "", self.table(markdown=True), "",
+                          "![ROC, log-log](roc.png)", ""])
+        return _write_outputs(out, "rmia", values, text, lambda: plot_roc(
+            {name: r.summary["roc"] for name, r in self.results.items()}, Path(out) / "roc.png"))
+
+
+def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, examples: int = 500,
+               gamma: float = 1.0, seed: int = 0, progress: bool = False) -> AttackComparison:
+    """RMIA (online and offline) and LiRA (online and offline) against one model, on the same shadow models.
+
+    With a checkpoint, members are the model's training examples and non-members its test split
+    (up to ``examples`` each, drawn by ``seed``). Without one, the setting of the LiRA and RMIA
+    papers: a pool of ``2 * examples`` digits, a target trained by the shadows' own recipe on a
+    random half of it (the overfitted digits model: ConvNet, Adam, ``shadow_epochs`` epochs).
+    The shadows train together (vectorized, :func:`~privfast.attacks.train_shadow_models`) on
+    random halves of the attacked examples, so that every one is IN for half of them. LiRA fits one
+    pooled variance below 64 shadows.
+
+    Args:
+        checkpoint: a ``privfast train`` checkpoint, or None for the digits setting above.
+        shadows: shadow (reference) models, even.
+        shadow_epochs: their training epochs.
+        examples: members and non-members attacked, each (at most what the data holds).
+        gamma: RMIA's likelihood-ratio threshold.
+        seed: draws the attacked examples and seeds the shadows.
+        progress: show progress bars.
+
+    Returns:
+        :class:`AttackComparison`.
+    """
+    from functools import partial
+
+    from privfast.attacks import lira, rmia
+    from privfast.attacks.training import train_classifier, train_shadow_models
+    from privfast.trainer import TrainConfig, build_model, data_shape, load_data, load_trained
+
+    start = time.perf_counter()
+    if examples < 2:
+        raise ValueError(f"examples must be >= 2, got {examples}")
+    generator = torch.Generator().manual_seed(seed)
+    if checkpoint is None:
+        config = TrainConfig(attacks=())
+        train, test = load_data(config)
+        examples = min(examples, len(train.y) // 2)  # the pool of 2 * examples must fit in the training split
+        pool = torch.randperm(len(train.y), generator=generator)[:2 * examples]
+        x, y = train.x[pool], train.y[pool]
+        is_member = torch.zeros(len(y), dtype=torch.bool)
+        is_member[torch.randperm(len(y), generator=generator)[:examples]] = True
+        make_model = partial(build_model, config, **data_shape(train, test))
+        with torch.random.fork_rng(devices=[]):  # a seeded initialization without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = train_classifier(make_model(), x[is_member], y[is_member], epochs=shadow_epochs,
+                                     generator=generator, progress=progress).eval()
+        source = f"ConvNet trained on {examples} of {2 * examples} pool digits (Adam, {shadow_epochs} epochs)"
+    else:
+        model, config, _ = load_trained(checkpoint)
+        (train, test), source = load_data(config), str(checkpoint)
+        members = torch.randperm(len(train.y), generator=generator)[:examples]
+        nonmembers = torch.randperm(len(test.y), generator=generator)[:examples]
+        x, y = torch.cat([train.x[members], test.x[nonmembers]]), torch.cat([train.y[members], test.y[nonmembers]])
+        is_member = torch.arange(len(y)) < len(members)
+        make_model = partial(build_model, config, **data_shape(train, test))
+    trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=shadow_epochs, generator=generator,
+                                  progress=progress)
+    results = {}
+    for online in (True, False):
+        kind = "online" if online else "offline"
+        results[f"rmia_{kind}"] = rmia(model, trained, x, y, is_member=is_member, online=online, gamma=gamma)
+        results[f"lira_{kind}"] = lira(model, trained, x, y, is_member=is_member, online=online,
+                                       fix_variance=shadows < 64)
+    results = {name: results[name] for name in ("rmia_online", "lira_online", "rmia_offline", "lira_offline")}
+    return AttackComparison(results, shadows, time.perf_counter() - start, {
+        "members": int(is_member.sum()), "nonmembers": int((~is_member).sum()), "target": source,
+        "offline_a": results["rmia_offline"].info["offline_a"], "gamma": gamma, "method": config.method if checkpoint is not None else "nonprivate"})

@@ -6,6 +6,8 @@
     privfast train ... --nproc 2                     # DP training across 2 processes
     privfast train ... --canaries 10 --canary-repeats 4   # insert canaries, for `audit` to measure exposure
     privfast audit runs/dpmix/checkpoint.pt --shadows 16   # LiRA, calibrated threshold, Yeom, canary exposure
+    privfast audit runs/dpmix/checkpoint.pt --epsilon-bound white-box   # accountant's epsilon vs empirical (one-run too)
+    privfast audit --attack rmia                     # RMIA beside LiRA on the same shadows (overfitted digits model)
     privfast report runs/*/checkpoint.pt --out report/
     privfast search | invert | bench                 # ATS policy search, gradient inversion, step throughput
     privfast secret-sharer --epsilons inf 8 2 1 --repeats 1 4 16 64 --out runs/secret   # exposure against epsilon
@@ -35,6 +37,7 @@ from privfast.attacks.lira import lira
 from privfast.attacks.reconstruction import PRESETS, per_example_gradients, psnr, reconstruct
 from privfast.attacks.training import example_losses, train_classifier, train_shadow_models
 from privfast.audit import ATTACKS, MembershipAudit
+from privfast.auditing import EPSILON_BOUNDS, SCORES, audit_checkpoint, rmia_audit
 from privfast.augment.ats_library import Policy
 from privfast.data import DATASETS, Split, load_dataset
 from privfast.grad_sample.engine import MODES
@@ -137,7 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="attack a trained model (membership inference: LiRA, calibrated "
                                 "threshold, Yeom; canary exposure) and print the metrics")
-    audit.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `privfast train`")
+    audit.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                       help="a checkpoint.pt written by `privfast train` (optional with --attack rmia)")
+    audit.add_argument("--epsilon-bound", choices=EPSILON_BOUNDS, default=None,
+                       help="retrain the checkpoint's recipe once with canaries and print the accountant's epsilon "
+                            "beside an empirical lower bound: one-run (black box, mislabelled images) or white-box "
+                            "(gradient canaries in the private optimizer)")
+    audit.add_argument("--attack", choices=("rmia",), default=None,
+                       help="rmia: RMIA and LiRA, online and offline, on the same --shadows shadow models (without a "
+                            "checkpoint: a ConvNet trained on half of a pool of digits)")
+    audit.add_argument("--canaries", type=int, default=None,
+                       help="one-run: canary images (default 256); white-box: canary directions per step (default 16)")
+    audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the epsilon lower bound")
+    audit.add_argument("--score", choices=SCORES, default="loss", help="the one-run audit's canary score")
     audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS),
                        default=["yeom", "calibrated", "calibrated_per_class", "augmentation_aware"])
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
@@ -281,6 +296,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    if args.epsilon_bound is not None or args.attack is not None:
+        return _audit_epsilon_or_rmia(args)
+    if args.checkpoint is None:
+        raise ValueError("a CHECKPOINT is needed (only --attack rmia runs without one)")
     model, config, history = load_trained(args.checkpoint)
     train, test = load_data(config)
     last = history[-1]  # a checkpoint is written after a whole epoch only
@@ -319,6 +338,29 @@ def _audit(args: argparse.Namespace) -> int:
                       canaries["markdown"], ""]
         (args.out / "audit.md").write_text("\n".join(lines))
         print(f"written: {summary}, {args.out / 'audit.md'}, {roc}")
+    return 0
+
+
+def _audit_epsilon_or_rmia(args: argparse.Namespace) -> int:
+    """``--epsilon-bound`` (privfast.auditing.audit_checkpoint) or ``--attack rmia`` (privfast.auditing.rmia_audit)."""
+    if args.epsilon_bound is not None and args.attack is not None:
+        raise ValueError("give --epsilon-bound or --attack, not both")
+    if args.attack == "rmia":
+        result = rmia_audit(args.checkpoint, shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+                            examples=args.examples, seed=args.seed, progress=not args.no_progress)
+        print(f"{result.details['target']}: {result.details['members']} members, {result.details['nonmembers']} "
+              f"non-members, {args.shadows} shadow models (offline a = {result.details['offline_a']})")
+    else:
+        if args.checkpoint is None:
+            raise ValueError("--epsilon-bound audits the recipe of a CHECKPOINT: give one")
+        result = audit_checkpoint(args.checkpoint, bound=args.epsilon_bound, canaries=args.canaries,
+                                  confidence=args.confidence, score=args.score, seed=args.seed,
+                                  progress=not args.no_progress)
+        print(f"{args.checkpoint}: {result.details['method']} retrained once with canaries; delta {result.delta:g}")
+    print(result.table())
+    print(f"wall time: {result.seconds:.1f} s")
+    if args.out is not None:
+        print("written: " + ", ".join(map(str, result.write(args.out))))
     return 0
 
 
