@@ -5,8 +5,11 @@ PIP := $(PYTHON) -m pip
 # several GB of CUDA packages, so torch is installed first and the build reuses it.
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
+# Wheels carried to a machine without internet (make wheels; git-ignored).
+WHEELS ?= .whl
+OUT ?= build/gpu-check
 
-.PHONY: install demo selfcheck test bench cuda-check cuda-glue-check clean
+.PHONY: install demo selfcheck test bench cuda-check cuda-glue-check wheels gpu-check clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -40,6 +43,17 @@ cuda-check:
 # with the C++ standard the build takes from that torch (tools/torch_build.py).
 cuda-glue-check: install
 	PYTHON=$(PYTHON) NVCC=$(NVCC) tools/check_cuda_glue.sh
+
+# Opacus's wheel (the version installed here), for `make gpu-check` on a machine without internet.
+wheels:
+	$(PIP) download -q --no-deps -d $(WHEELS) "opacus==$$($(PYTHON) -c 'import opacus; print(opacus.__version__)')"
+	@ls $(WHEELS)
+
+# The one command for a GPU machine: installs the carried wheels and privfast (CUDA, sm_90), then
+# tests, compute-sanitizer, CPU-vs-CUDA noise, bandwidth, training steps and attacks; logs, a JSON
+# and a Markdown table under OUT (see tools/gpu_check.py). Run `make wheels` first where pip works.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT) --wheels $(WHEELS)
 
 clean:
 	rm -rf build *.egg-info privfast/_C*.so
