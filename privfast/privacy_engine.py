@@ -204,15 +204,18 @@ class PrivacyEngine:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The accountant's history and the noise generator's state (the noise counter)."""
+        """The accountant's history, the noise generator's state (the noise counter) and the
+        per-example gradient plans ``auto`` timed (so that a resumed run computes as before)."""
         return {
             "accountant": self.accountant.state_dict(),
             "noise_generator": None if self.noise_generator is None else self.noise_generator.get_state(),
+            "grad_sample_plans": dict(MEASURED_PLANS),  # auto's timed choices: a resumed run computes alike
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; call after ``make_private`` so that the generator exists."""
         self.accountant.load_state_dict(state["accountant"])
+        MEASURED_PLANS.update(state.get("grad_sample_plans", {}))
         if state["noise_generator"] is not None:
             if self.noise_generator is None:
                 raise ValueError("this engine has no noise generator yet: call make_private before load_state_dict")
@@ -224,7 +227,6 @@ class PrivacyEngine:
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
-        checkpoint["grad_sample_plans"] = dict(MEASURED_PLANS)  # auto's timed choices: a resumed run computes alike
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         atomic_save(checkpoint, path)
@@ -237,5 +239,4 @@ class PrivacyEngine:
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         self.load_state_dict(checkpoint["privacy_engine_state_dict"])
-        MEASURED_PLANS.update(checkpoint.get("grad_sample_plans", {}))
         return checkpoint

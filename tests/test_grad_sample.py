@@ -450,3 +450,20 @@ def test_timed_plan_picks_the_faster_strategy_on_clear_cases(wide):
     wrapped(x).sum().backward()
     (layer_info, grads, _), = list(wrapped._layer_grads())
     assert engine._faster_plan(grads) == (("ghost", "ghost") if wide else ("materialize", "materialize"))
+
+
+def test_timing_the_plans_leaves_the_random_state_alone(monkeypatch):
+    """auto's timing runs inside training: a random draw there would change every later draw."""
+    from privfast.grad_sample import engine
+
+    monkeypatch.setattr(engine, "MEASURED_PLANS", {})
+    monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", math.inf)
+    wrapped = GradSampleModule(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), mode="auto")
+    x = torch.randn(8, 6)
+    torch.manual_seed(5)
+    wrapped(x).sum().backward()
+    wrapped.clipped_sum(1.0)  # times both plans of both layers
+    assert engine.MEASURED_PLANS
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)

@@ -85,7 +85,9 @@ class _Layer:
 def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
     """Time the materialized and the ghost strategy of one layer (norms and a clipped sum with random
     clip factors, best of two runs each) and return the faster as a plan."""
-    weights = torch.rand(grads.batch, dtype=torch.float64, device=grads.params[0].device)
+    # Clip factors of no consequence, drawn without touching torch's random state (a draw here would
+    # shift every later one: augmentations, dropout, a run's reproducibility).
+    weights = torch.linspace(0.5, 1.0, grads.batch, dtype=torch.float64, device=grads.params[0].device)
     cuda = grads.params[0].device.type == "cuda"
 
     def materialize():
