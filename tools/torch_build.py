@@ -5,9 +5,9 @@ glue check compiles the way the real build does.
 
 - The C++ standard is the torch's own: torch.utils.cpp_extension adds a ``-std=`` flag to both
   the host compiler's and nvcc's arguments when the extension passes none (C++20 in torch 2.13
-  and 2.14, C++17 in older ones; torch 2.14's headers refuse anything older than C++20). privfast passes
-  none, and :func:`cxx_standard` reads which one that will be, for the build's summary line and
-  for the glue check.
+  and 2.14, C++17 in older ones; torch 2.14's headers refuse anything older than C++20).
+  privfast passes none, and :func:`cxx_standard` reads which one that will be, for the build's
+  summary line and for the glue check.
 - The CUDA toolkit: torch's guess is ``$CUDA_HOME``/``$CUDA_PATH``, else the folder above the
   folder of the first ``nvcc`` on PATH. That guess is wrong where ``nvcc`` is a link or a wrapper
   script outside the toolkit (e.g. ``/usr/local/bin/nvcc`` calling ``/usr/local/cuda-13.0/bin/nvcc``):
