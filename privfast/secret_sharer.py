@@ -31,7 +31,7 @@ Design choices (each says why):
 - The vocabulary comes from the clean training split, never from the text with canaries: a
   vocabulary built from private text would itself reveal a rare secret's tokens, outside any
   DP guarantee. So a canary's tokens must already be in it; the error says which are not.
-- Exposure: exact, by scoring every candidate (10^6 for 6 digits), beside the seed's skew-normal
+- Exposure: exact, by scoring every candidate (10^5 for 5 digits), beside the seed's skew-normal
   extrapolation from a random sample of candidates; privfast's rank counts a tied candidate in
   the canary's favour (TF Privacy's counts it against; ties are rare with float losses).
 - epsilon = inf is non-private training (no clipping, no noise), the same optimizer and schedule.
@@ -95,10 +95,15 @@ class CanaryFormat:
 
 
 CANARY_FORMATS = {
-    "digits": CanaryFormat("the {tag} number is", tuple("0123456789"), 6),
-    "hex": CanaryFormat("the {tag} key is", tuple("0123456789abcdef"), 5),
+    "digits": CanaryFormat("the {tag} number is", tuple("0123456789"), 5),
+    "hex": CanaryFormat("the {tag} key is", tuple("0123456789abcdef"), 4),
+    "digits6": CanaryFormat("the {tag} number is", tuple("0123456789"), 6),
+    "digits9": CanaryFormat("the {tag} number is", tuple("0123456789"), 9),
 }
-"""The formats a run can insert (by name). 10^6 and 16^5 candidates: both ranked exactly."""
+"""The formats a run can insert, by name. The defaults ``digits`` (10^5 candidates) and ``hex``
+(16^4 = 65,536) are ranked exactly in about a second each on a CPU; ``digits6`` (10^6) in several
+seconds; ``digits9`` is the seed's "the random number is 281265017" (10^9 candidates: the
+skew-normal extrapolation only)."""
 TAGS = ("first", "second", "third", "last", "next", "same", "other", "new")
 """One word per repeat count, so that the canaries of one format have distinct prefixes."""
 
@@ -127,7 +132,8 @@ class SecretSharerConfig:
         max_grad_norm: clipping bound C of private runs, on the gradient of a window's mean token loss.
         delta: the delta epsilon is spent at (the seed: 1e-9).
         references: random candidates the skew-normal extrapolation is fitted to.
-        extraction_candidates: most likely candidates the extraction search lists (its budget).
+        extraction_candidates: most likely candidates the extraction search lists.
+        extraction_expansions: tree nodes the extraction search may run the model on (its budget).
         exact_limit: rank exactly by scoring all candidates up to this space size; above, the
             extrapolation only.
         seed: seeds the canaries, the windows they go into, the models, the data order and the noise.
@@ -153,6 +159,7 @@ class SecretSharerConfig:
     delta: float = 1e-9
     references: int = 4096
     extraction_candidates: int = 1000
+    extraction_expansions: int = 5000
     exact_limit: int = 2**20
     seed: int = 0
 
@@ -184,9 +191,10 @@ class SecretSharerConfig:
             problems.append(f"lr and max_grad_norm must be > 0 and finite, got {self.lr}, {self.max_grad_norm}")
         if not 0 < self.delta < 1:
             problems.append(f"delta must be in (0, 1), got {self.delta}")
-        if self.references < 3 or self.extraction_candidates < 1 or self.exact_limit < 1:
-            problems.append(f"need references >= 3, extraction_candidates >= 1, exact_limit >= 1; got "
-                            f"{self.references}, {self.extraction_candidates}, {self.exact_limit}")
+        if self.references < 3 or min(self.extraction_candidates, self.extraction_expansions, self.exact_limit) < 1:
+            problems.append(f"need references >= 3, extraction_candidates, extraction_expansions, exact_limit >= 1; "
+                            f"got {self.references}, {self.extraction_candidates}, {self.extraction_expansions}, "
+                            f"{self.exact_limit}")
         if problems:
             raise ValueError("invalid secret-sharer configuration:\n  - " + "\n  - ".join(problems))
 
@@ -400,7 +408,7 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
 
 # -- exposure ---------------------------------------------------------------------------------
 def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 4096,
-                    extraction_candidates: int = 1000, exact_limit: int = ENUMERATION_LIMIT,
+                    extraction_candidates: int = 1000, extraction_expansions: int = 5000, exact_limit: int = ENUMERATION_LIMIT,
                     generator: Optional[torch.Generator] = None, progress: bool = False) -> dict:
     """Exposure of one inserted canary: exact rank, skew-normal extrapolation and the extraction attack.
 
@@ -409,6 +417,7 @@ def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 
         canary: the inserted canary (prefix, secret, alphabet).
         references: candidates sampled (uniformly, the secret excluded) for the skew-normal fit.
         extraction_candidates: the extraction search lists this many most likely candidates.
+        extraction_expansions: the extraction search runs the model on at most this many tree nodes.
         exact_limit: rank among all candidates when the space is at most this large (scoring
             them all); otherwise ``exposure`` is None and the extrapolation stands alone.
         generator: source of the sampled references.
@@ -444,10 +453,12 @@ def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 
             extrapolated, note = math.nan, f"not extrapolated: {error}"
     notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     note = "; ".join(filter(None, [note, *notes])) or None
-    found = extract(model, canary, max_candidates=extraction_candidates, progress=progress)
+    found = extract(model, canary, max_candidates=extraction_candidates, max_expansions=extraction_expansions,
+                    progress=progress)
     return {"space": space, "log_perplexity": float(secret[0]), "exposure": exact,
             "max_exposure": math.log2(space), "exposure_extrapolated": extrapolated, "extrapolation_note": note,
             "extraction_rank": found.secret_rank, "extracted": found.extracted,
+            "extraction_expansions": found.expansions, "extraction_exhausted": found.exhausted,
             "extraction_top": found.candidates[0].tolist() if len(found.candidates) else None,
             "seconds": time.perf_counter() - started}
 
@@ -498,7 +509,7 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
             raise ValueError(f"{out} holds a secret-sharer run: pass resume=True (--resume) to go on with it, or "
                              "choose another directory")
         stored = json.loads(stored_config.read_text())
-        current = config.to_dict()
+        current = json.loads(json.dumps(config.to_dict()))  # tuples as the stored lists
         changed = sorted(k for k in current if k != "epsilons" and stored.get(k) != current[k])
         if changed:
             diff = ", ".join(f"{k}: {stored.get(k)!r} -> {current[k]!r}" for k in changed)
@@ -531,6 +542,7 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
         for c in tqdm(canaries, desc="exposure", disable=not progress, leave=False):
             result = canary_exposure(model, c["canary"], references=config.references,
                                      extraction_candidates=config.extraction_candidates,
+                                     extraction_expansions=config.extraction_expansions,
                                      exact_limit=config.exact_limit, generator=measure_generator, progress=progress)
             top = result.pop("extraction_top")
             result["extraction_top"] = None if top is None else corpus.decode(torch.tensor(top))

@@ -108,7 +108,14 @@ class Tokenizer:
         """Text from tokens (word level: spaces between words, :data:`EOS` as a line break)."""
         if self.level == "char":
             return "".join(tokens)
-        return " ".join(tokens).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+        lines, words = [], []
+        for token in tokens:
+            if token == EOS:
+                lines.append(" ".join(words) + "\n")
+                words = []
+            else:
+                words.append(token)
+        return "".join(lines) + " ".join(words)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Builders: :func:`image_canaries` (random-pattern images with random labels, for 
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from dataclasses import dataclass
@@ -468,17 +469,20 @@ class Extraction:
     """Result of :func:`extract`.
 
     Attributes:
-        candidates: int64 ``[K, s]`` slot tokens, most likely first (exact order: K smallest log-perplexities).
+        candidates: int64 ``[K, s]`` slot tokens, most likely first (exactly the K candidates of
+            smallest log-perplexity, in order).
         log_perplexities: float64 ``[K]``, non-decreasing.
         secret_rank: 1-based rank of the inserted secret among them, None if it is not among them
             (only the evaluation looks at the secret, never the search).
-        expansions: model rows run by the search.
+        expansions: tree nodes the search ran the model on.
+        exhausted: the search stopped at ``max_expansions`` before listing ``max_candidates``.
     """
 
     candidates: Tensor
     log_perplexities: Tensor
     secret_rank: Optional[int]
     expansions: int
+    exhausted: bool
 
     @property
     def extracted(self) -> bool:
@@ -486,25 +490,28 @@ class Extraction:
         return self.secret_rank == 1
 
 
-def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int = 1000, batch_size: int = 256,
-            progress: bool = False) -> Extraction:
+def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int = 1000,
+            max_expansions: int = 20000, batch_size: int = 512, progress: bool = False) -> Extraction:
     """The Secret Sharer's extraction attack: the most likely slot fillings, in order, by shortest-path search.
 
     The candidates form a tree of depth ``slots`` whose edges cost ``-log Pr(slot | prefix, earlier
     slots)`` >= 0; a candidate's log-perplexity is its path cost. Dijkstra's search (best-first
-    from the prefix) therefore completes candidates in increasing log-perplexity, touching only
-    the part of the tree cheaper than the answers: a memorized secret comes out first after about
-    ``slots`` expansions, where enumerating the space would score all ``A^slots``. Up to
-    ``batch_size`` of the cheapest open nodes are expanded per model call; a complete candidate is
-    only reported once it is the cheapest node left, so the order stays exact.
+    from the prefix) therefore completes candidates in increasing log-perplexity, expanding only
+    the nodes cheaper than its answers: a memorized secret comes out first after a handful of
+    expansions, where ranking it by enumeration scores all ``A^slots`` candidates. Against a
+    model that memorized nothing every inner node is about as cheap as the answers, and the search
+    degenerates into enumerating the tree: ``max_expansions`` bounds it. Up to ``batch_size`` of the
+    cheapest open nodes are run per model call, one step each from their parent's kept state; a
+    complete candidate is only listed once it is the cheapest node left, so the order stays exact.
 
     Args:
         model: a language model (see :func:`enumerate_log_perplexities`).
         canary: the attacker's knowledge: the prefix, the alphabet and the number of slots (the
             secret is used only to report its rank).
-        max_candidates: stop after this many complete candidates (K).
-        batch_size: open nodes expanded per model call.
-        progress: a progress bar over the reported candidates.
+        max_candidates: stop after listing this many complete candidates (K).
+        max_expansions: stop after running the model on this many tree nodes.
+        batch_size: open nodes run per model call.
+        progress: a progress bar over the expansions.
 
     Returns:
         :class:`Extraction`.
@@ -515,45 +522,54 @@ def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int 
     from tqdm.auto import tqdm
 
     _check_canary(canary, _vocab_size(model))
-    if max_candidates < 1 or batch_size < 1:
-        raise ValueError(f"max_candidates and batch_size must be >= 1, got {max_candidates}, {batch_size}")
+    if min(max_candidates, max_expansions, batch_size) < 1:
+        raise ValueError(f"max_candidates, max_expansions and batch_size must be >= 1, got {max_candidates}, "
+                         f"{max_expansions}, {batch_size}")
     stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
     slots = len(canary.secret)
     order = itertools.count()  # breaks cost ties by insertion, never comparing the tuples
-    heap: list = [(0.0, next(order), ())]
     found: list[tuple[float, tuple]] = []
     expansions = 0
-    with _Scoring(model), tqdm(total=max_candidates, desc="extraction", disable=not progress, leave=False) as bar:
-        log_probs, state0 = stepper.run(canary.prefix[None], None)
-        root = -log_probs[0, -1, alphabet.to(log_probs.device)].double().cpu()
-        while heap and len(found) < max_candidates:
+    with _Scoring(model), tqdm(total=max_expansions, desc="extraction", unit="node", disable=not progress,
+                               leave=False) as bar:
+        log_probs, state = stepper.run(canary.prefix[None], None)
+        bank = [state]  # states of the nodes run so far, one entry per model call; a node points at (entry, row)
+        root = (-log_probs[0, -1, alphabet.to(log_probs.device)].double().cpu()).tolist()
+        heap = [(cost, next(order), (a,), (0, 0)) for a, cost in enumerate(root)]
+        heapq.heapify(heap)
+        while heap and len(found) < max_candidates and expansions < max_expansions:
             batch = []
-            while heap and len(batch) < batch_size and len(found) < max_candidates:
-                cost, _, path = heap[0]
-                if len(path) == slots:
-                    if batch:  # open nodes cheaper than it may still have cheaper children
+            while heap and len(batch) < min(batch_size, max_expansions - expansions) and len(found) < max_candidates:
+                if len(heap[0][2]) == slots:
+                    if batch:  # open nodes cheaper than this candidate may have cheaper children
                         break
-                    heapq.heappop(heap)
+                    cost, _, path, _ = heapq.heappop(heap)
                     found.append((cost, path))
-                    bar.update(1)
                     continue
                 batch.append(heapq.heappop(heap))
             if not batch:
                 continue
-            for depth in sorted({len(path) for _, _, path in batch}):
-                group = [(cost, path) for cost, _, path in batch if len(path) == depth]
-                if depth == 0:
-                    nll = root[None]
-                else:
-                    ids = alphabet[torch.tensor([path for _, path in group])]
-                    start = stepper.select(state0, torch.zeros(len(group), dtype=torch.int64))
-                    log_probs, _ = stepper.run(ids, start)
-                    nll = -log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu()
-                    expansions += len(group)
-                for (cost, path), row in zip(group, nll.tolist()):
-                    for a, edge in enumerate(row):
-                        heapq.heappush(heap, (cost + edge, next(order), path + (a,)))
+            # Each node's state: one step from its parent's state on its own last slot. One model
+            # call per depth (whole-sequence models keep token rows of the depth's length as state).
+            for depth in sorted({len(node[2]) for node in batch}):
+                group = [node for node in batch if len(node[2]) == depth]
+                parents = collections.defaultdict(list)
+                for node in group:
+                    parents[node[3][0]].append(node)
+                group = [node for nodes in parents.values() for node in nodes]
+                start = stepper.cat([stepper.select(bank[entry], torch.tensor([node[3][1] for node in nodes]))
+                                     for entry, nodes in parents.items()])
+                tokens = alphabet[torch.tensor([node[2][-1] for node in group])]
+                log_probs, state = stepper.run(tokens[:, None], start)
+                bank.append(state)
+                nll = (-log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu()).tolist()
+                for row, ((cost, _, path, _), edges) in enumerate(zip(group, nll)):
+                    for a, edge in enumerate(edges):
+                        heapq.heappush(heap, (cost + edge, next(order), path + (a,), (len(bank) - 1, row)))
+            expansions += len(batch)
+            bar.update(len(batch))
     candidates = alphabet[torch.tensor([path for _, path in found], dtype=torch.int64).reshape(-1, slots)]
     costs = torch.tensor([cost for cost, _ in found], dtype=torch.float64)
     hits = (candidates == canary.secret).all(1).nonzero()
-    return Extraction(candidates, costs, int(hits[0]) + 1 if len(hits) else None, expansions)
+    return Extraction(candidates, costs, int(hits[0]) + 1 if len(hits) else None, expansions,
+                      len(found) < max_candidates and expansions >= max_expansions)
