@@ -874,6 +874,7 @@ def audit_white_box(config, *, canaries: int = 16, confidence: float = 0.95, see
 
     Returns:
         :class:`AuditResult` (``details``: ``per_release`` (a :class:`GDPEstimate` as a dict),
+        ``per_release_batch_kept`` (the same without subtracting the batch's projection),
         ``per_release_accountant_epsilon``, ``claimed_mu``, ``releases``, ``test_accuracy``).
 
     Raises:
@@ -899,6 +900,10 @@ def audit_white_box(config, *, canaries: int = 16, confidence: float = 0.95, see
     return AuditResult("white-box", float(history[-1]["epsilon"]), run[0], run[1], run[2], confidence, config.delta,
                        values[inserted].numpy(), values[~inserted].numpy(), time.perf_counter() - start, {
                            "per_release": dataclasses.asdict(step),
+                           # With the batch's own projection left in: what a white-box adversary who does
+                           # not subtract it sees (lower; the gap is the clipped sum's share of the variance).
+                           "per_release_batch_kept": dataclasses.asdict(canary.estimate(
+                               delta=config.delta, confidence=confidence, subtract_known=False)),
                            "per_release_accountant_epsilon": gdp_epsilon(claimed, config.delta),
                            "claimed_mu": claimed, "releases": canary.releases, "canaries": canaries,
                            "test_accuracy": history[-1]["test_accuracy"]})
@@ -987,9 +992,12 @@ class AttackComparison:
 
     def table(self, *, markdown: bool = False) -> str:
         """AUC and TPR at 0.1% and 1% FPR of every attack."""
-        header = ["attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR"]
+        header = ["attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "note"]
         body = [[name, f"{r.summary['auc']:.3f}", f"{r.summary['tpr_at_fpr'][0.001]:.3f}",
-                 f"{r.summary['tpr_at_fpr'][0.01]:.3f}"] for name, r in self.results.items()]
+                 f"{r.summary['tpr_at_fpr'][0.01]:.3f}",
+                 f"a = {r.info['offline_a']}" if r.info.get("offline_a") is not None else ""]
+                for name, r in self.results.items()]
+        body += [[name, "-", "-", "-", f"not run: {why}"] for name, why in self.details.get("skipped", {}).items()]
         return _format_table(header, body, markdown=markdown)
 
     def write(self, out) -> list:
@@ -1010,7 +1018,8 @@ class AttackComparison:
 
 
 def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, examples: int = 500,
-               gamma: float = 1.0, seed: int = 0, progress: bool = False) -> AttackComparison:
+               gamma: float = 1.0, offline_a: Optional[float] = None, seed: int = 0,
+               progress: bool = False) -> AttackComparison:
     """RMIA (online and offline) and LiRA (online and offline) against one model, on the same shadow models.
 
     With a checkpoint, members are the model's training examples and non-members its test split
@@ -1027,11 +1036,13 @@ def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, e
         shadow_epochs: their training epochs.
         examples: members and non-members attacked, each (at most what the data holds).
         gamma: RMIA's likelihood-ratio threshold.
+        offline_a: offline RMIA's ``a``; None tunes it on a shadow (needs 4 shadows or more).
         seed: draws the attacked examples and seeds the shadows.
         progress: show progress bars.
 
     Returns:
-        :class:`AttackComparison`.
+        :class:`AttackComparison`; with 2 shadows (1 IN and 1 OUT per example) only online RMIA runs
+        (and offline RMIA with ``offline_a`` given), the others are listed in ``details["skipped"]``.
     """
     from functools import partial
 
@@ -1067,13 +1078,24 @@ def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, e
         make_model = partial(build_model, config, **data_shape(train, test))
     trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=shadow_epochs, generator=generator,
                                   progress=progress)
-    results = {}
+    results, skipped = {}, {}
     for online in (True, False):
         kind = "online" if online else "offline"
-        results[f"rmia_{kind}"] = rmia(model, trained, x, y, is_member=is_member, online=online, gamma=gamma)
-        results[f"lira_{kind}"] = lira(model, trained, x, y, is_member=is_member, online=online,
-                                       fix_variance=shadows < 64)
-    results = {name: results[name] for name in ("rmia_online", "lira_online", "rmia_offline", "lira_offline")}
+        # Tuning a attacks shadow 0 with the others' OUT halves: with complementary pairs that needs 4 shadows.
+        if online or offline_a is not None or shadows >= 4:
+            results[f"rmia_{kind}"] = rmia(model, trained, x, y, is_member=is_member, online=online, gamma=gamma,
+                                           offline_a=None if online else offline_a)
+        else:
+            skipped[f"rmia_{kind}"] = "tuning a needs >= 4 shadows: pass offline_a"
+        if shadows >= 4:
+            results[f"lira_{kind}"] = lira(model, trained, x, y, is_member=is_member, online=online,
+                                           fix_variance=shadows < 64)
+        else:
+            skipped[f"lira_{kind}"] = "LiRA fits IN and OUT Gaussians: needs >= 4 shadows"
+    order = ("rmia_online", "lira_online", "rmia_offline", "lira_offline")
+    results = {name: results[name] for name in order if name in results}
+    offline = results.get("rmia_offline")
     return AttackComparison(results, shadows, time.perf_counter() - start, {
         "members": int(is_member.sum()), "nonmembers": int((~is_member).sum()), "target": source,
-        "offline_a": results["rmia_offline"].info["offline_a"], "gamma": gamma, "method": config.method if checkpoint is not None else "nonprivate"})
+        "offline_a": offline.info["offline_a"] if offline is not None else None, "gamma": gamma, "skipped": skipped,
+        "method": config.method if checkpoint is not None else "nonprivate"})
