@@ -231,6 +231,23 @@ def test_noiseless_canary_is_exactly_its_coin(mode, one_thread):
     assert 0 < canary.inserted.sum() < canary.inserted.numel()
 
 
+def test_microbatch_canary_has_the_doubled_sensitivity(one_thread):
+    """Microbatches of 2 are accounted with sensitivity 2C: the canary is 2C, and the audit stays tight."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    wrapped, optimizer, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(
+            TensorDataset(x, y), batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0, microbatch_size=2,
+        poisson_sampling=False)
+    canary = GradientCanary(optimizer.params, canaries=8, generator=torch.Generator().manual_seed(2)).attach(optimizer)
+    _run(wrapped, optimizer, x, y, 120)
+    assert optimizer.sensitivity == 2 and canary.claimed_mu == pytest.approx(2.0)
+    estimate = canary.estimate(delta=DELTA)
+    assert abs(estimate.epsilon / gdp_epsilon(2.0, DELTA) - 1) < 0.20
+
+
 def test_canary_refuses_foreign_parameters():
     _, optimizer, _, _ = _one_step_optimizer("bk", 1)
     with pytest.raises(ValueError, match="other parameters"):
