@@ -6,7 +6,7 @@
     privfast train ... --nproc 2                     # DP training across 2 processes
     privfast train ... --canaries 10 --canary-repeats 4   # insert canaries, for `audit` to measure exposure
     privfast audit runs/dpmix/checkpoint.pt --shadows 16   # LiRA, calibrated threshold, Yeom, canary exposure
-    privfast audit runs/dpmix/checkpoint.pt --epsilon-bound white-box   # accountant's epsilon vs empirical (one-run too)
+    privfast audit runs/dpmix/checkpoint.pt --epsilon-bound white-box   # the accountant's epsilon vs an audit's
     privfast audit --attack rmia                     # RMIA beside LiRA on the same shadows (overfitted digits model)
     privfast report runs/*/checkpoint.pt --out report/
     privfast search | invert | bench                 # ATS policy search, gradient inversion, step throughput
