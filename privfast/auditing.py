@@ -224,7 +224,10 @@ def clopper_pearson_bound(in_scores: ArrayLike, out_scores: ArrayLike, *, delta:
         ``comparisons``.
     """
     inside, outside = _array(in_scores, "in_scores"), _array(out_scores, "out_scores")
-    candidates = np.unique(np.concatenate([inside, outside])) if thresholds is None else _array(thresholds, "thresholds")
+    if thresholds is None:
+        candidates = np.unique(np.concatenate([inside, outside]))
+    else:
+        candidates = _array(thresholds, "thresholds")
     outside_sorted, inside_sorted = np.sort(outside), np.sort(inside)
     false_positives = len(outside) - np.searchsorted(outside_sorted, candidates, side="left")  # OUT with score >= t
     false_negatives = np.searchsorted(inside_sorted, candidates, side="left")  # IN with score < t
@@ -766,7 +769,8 @@ def mislabelled_canaries(data, *, canaries: int, num_classes: int, generator: to
 
     x, y = data
     if not 1 <= canaries < len(y):
-        raise ValueError(f"canaries must be in [1, {len(y) - 1}] (taken from {len(y)} held-out examples), got {canaries}")
+        raise ValueError(f"canaries must be in [1, {len(y) - 1}] (taken from {len(y)} held-out examples), "
+                         f"got {canaries}")
     if num_classes < 2:
         raise ValueError("mislabelled canaries need at least 2 classes")
     order = torch.randperm(len(y), generator=generator)
@@ -964,7 +968,8 @@ def _write_audit(self: AuditResult, out) -> list:
     text = "\n".join([f"## Privacy audit: {self.method}", "", self.table(markdown=True), "",
                       f"delta {self.delta:g}; wall time {self.seconds:.1f} s.", "",
                       "![canary score distributions](canary_scores.png)", ""])
-    return _write_outputs(out, "epsilon_audit", self.to_dict(), text, lambda: self.plot(Path(out) / "canary_scores.png"))
+    return _write_outputs(out, "epsilon_audit", self.to_dict(), text,
+                          lambda: self.plot(Path(out) / "canary_scores.png"))
 
 
 AuditResult.write = _write_audit

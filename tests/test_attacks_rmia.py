@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from privfast.attacks import ShadowModels, lira, rmia, rmia_scores, train_classifier, train_shadow_models, tune_offline_a
+from privfast.attacks import (ShadowModels, lira, rmia, rmia_scores, train_classifier, train_shadow_models,
+                              tune_offline_a)
 from privfast.attacks.rmia import A_GRID
 from privfast.data import load_digits
 from privfast.models import MLP
@@ -155,4 +156,5 @@ def test_offline_a_is_tuned_on_a_reference_model(digits, one_thread):
 
 def test_rmia_refuses_another_pool(digits):
     with pytest.raises(ValueError, match="same pool"):
-        rmia(digits["target"], digits["shadows"], digits["x"][:10], digits["y"][:10], is_member=digits["is_member"][:10])
+        rmia(digits["target"], digits["shadows"], digits["x"][:10], digits["y"][:10],
+             is_member=digits["is_member"][:10])

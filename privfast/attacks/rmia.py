@@ -124,7 +124,7 @@ def rmia_scores(target: Tensor, reference: Tensor, in_mask: Optional[Tensor], po
 
 
 def _per_query(logits_fn, queries: list[Tensor], y: Tensor) -> Tensor:
-    """``p(y | query)`` ``[..., N, Q]`` from ``logits_fn``'s logits ``[..., N, K]`` on each query, float64 on the CPU."""
+    """``p(y | query)`` ``[..., N, Q]`` from ``logits_fn``'s logits ``[..., N, K]`` per query, float64, on the CPU."""
     return torch.stack([true_class_log_probability(logits, y.to(logits.device).expand(logits.shape[:-1])).exp()
                         for logits in map(logits_fn, queries)], dim=-1).cpu()
 
