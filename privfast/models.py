@@ -288,6 +288,8 @@ class TransformerLanguageModel(nn.Module):
         n, t = ids.shape
         if t > self.context:
             raise ValueError(f"input of {t} tokens, but the model embeds {self.context} positions (context=)")
-        positions = torch.arange(t, device=ids.device).expand(n, t)
+        # Contiguous: Opacus's ghost clipping views an Embedding's input, and runs this model too in
+        # privfast's comparisons (privfast itself takes the expanded view as it is).
+        positions = torch.arange(t, device=ids.device).expand(n, t).contiguous()
         x = self.drop(self.embed(ids) + self.pos(positions))
         return self.head(self.norm(self.blocks(x)))
