@@ -78,6 +78,12 @@ def test_extraction_lists_candidates_in_exact_order(one_thread):
     every = enumerate_log_perplexities(model, canary)
     found = extract(model, canary, max_candidates=60, batch_size=7)
     assert torch.allclose(found.log_perplexities, every.sort().values[:60], atol=1e-6)
+    # Large batches mix open nodes and complete candidates: the order must hold there too (edges of
+    # very different costs, so that a complete candidate can cost more than an open node's child).
+    spread = PositionLM(torch.randn(8, 17, generator=torch.Generator().manual_seed(4)) * 3)
+    every_spread = enumerate_log_perplexities(spread, canary)
+    wide = extract(spread, canary, max_candidates=300, batch_size=50)
+    assert torch.allclose(wide.log_perplexities, every_spread.sort().values[:300], atol=1e-6)
     assert torch.allclose(every[candidate_index(canary, found.candidates)], found.log_perplexities, atol=1e-6)
     rank = 1 + int((every < every[candidate_index(canary)]).sum())
     assert found.secret_rank == (rank if rank <= 60 else None)
@@ -169,9 +175,9 @@ def test_experiment_writes_the_table_and_resumes(tmp_path, monkeypatch, one_thre
     assert private["private"] and private["epsilon_spent"] == pytest.approx(4.0, rel=0.05)
     for c in private["canaries"]:
         assert 0 <= c["exposure"] <= c["max_exposure"] and math.isfinite(c["exposure_extrapolated"])
-    assert "exposure r=4" in result.table and "DP-RMSProp" in result.table
+    assert "exposure r=4" in result.table and "DP-SGD" in result.table and "RMSProp" in result.table
     assert (out / "exposure_vs_repeats.png").stat().st_size > 0 and (out / "exposure_vs_epsilon.png").is_file()
-    assert "| DP-RMSProp | 4 |" in (out / "report.md").read_text()
+    assert "| DP-SGD | 4 |" in (out / "report.md").read_text()
 
     with pytest.raises(ValueError, match="holds a secret-sharer run"):
         run_secret_sharer(config=_tiny_config(root), out=out, progress=False)

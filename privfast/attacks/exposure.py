@@ -9,6 +9,12 @@ sample of candidates (to their log-odds, which rank them as their losses do).
 
 Builders: :func:`image_canaries` (random-pattern images with random labels, for classifiers) and
 :func:`token_canary` (the Secret Sharer's format with random slots, e.g. "my number is _ _ _ _").
+
+Language models: :func:`enumerate_log_perplexities` scores every candidate of a token canary at
+once (as a tree over the slots: 10^6 candidates from about 1.1e5 model steps), so that
+:func:`exposure` ranks the secret among all of them; :func:`score_candidates` scores a sample for
+:func:`exposure_extrapolated` where the space is too large; :func:`extract` is the Secret Sharer's
+extraction attack (shortest-path search for the most likely slot fillings, exact order).
 """
 
 from __future__ import annotations
