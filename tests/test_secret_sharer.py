@@ -209,3 +209,33 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys):
     nodigits = _tiny_ptb(tmp_path / "nodigits", digits=False)
     with pytest.raises(ValueError, match="vocabulary lacks .*digits: 0, 1, 2"):
         run_secret_sharer(config=_tiny_config(nodigits), out=tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("epsilon", [math.inf, 4.0])
+def test_training_stopped_after_an_epoch_resumes_exactly(tmp_path, monkeypatch, epsilon, one_thread):
+    rows = torch.randint(0, 30, (96, 9), generator=torch.Generator().manual_seed(0))
+
+    def train(checkpoint):
+        torch.manual_seed(0)
+        model = LSTMLanguageModel(30, embed_dim=8, hidden_size=8)
+        result = train_language_model(model, rows, epsilon=epsilon, epochs=3, batch_size=16, lr=0.5, optimizer="sgd",
+                                      checkpoint=checkpoint, progress=False)
+        return model, result
+
+    whole, whole_result = train(None)
+    real_save, saves = secret_sharer.atomic_save, []
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        saves.append(path)
+        if len(saves) == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(secret_sharer, "atomic_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "checkpoint.pt")
+    resumed, resumed_result = train(tmp_path / "checkpoint.pt")
+    assert [r["epoch"] for r in resumed_result["history"]] == [1, 2, 3]
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)  # the same updates, noise and batches as the run never stopped
+    assert resumed_result["epsilon"] == whole_result["epsilon"]
