@@ -397,14 +397,16 @@ class GradSampleModule(nn.Module):
         return output
 
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
-        """Keep an output gradient; a single-output layer that will materialize does so right away,
-        so that its inputs and output gradient can be freed during the backward pass."""
+        """Keep an output gradient; a single-output layer called once that will materialize does so
+        right away, so that its inputs and output gradient can be freed during the backward pass."""
         if call.moved:
             grad = grad.movedim(call.moved, 0)
         if call.index is not None:
             grad = grad.new_zeros(call.rows, *grad.shape[1:]).index_copy_(0, call.index, grad)
         call.grads[index] = grad
-        if len(call.grads) > 1:
+        if len(call.grads) > 1 or len(layer.calls) > 1:
+            # A layer called several times (a recurrent cell: once per time step) waits for all its calls:
+            # joined along the positions they make one GEMM, where one per call would be T of them.
             return
         with self._suspend(), torch.no_grad():
             scale = self._loss_scale(call.rows)
