@@ -77,7 +77,8 @@ def test_language_model_step(benchmark, model):
     benchmark.pedantic(run, rounds=1, iterations=1)
     tokens = x.numel()
     base = timings["non-private"]["min_s"]
-    rows = {v: {**t, "tokens_per_s": tokens / t["min_s"], "vs_nonprivate": t["min_s"] / base} for v, t in timings.items()}
+    rows = {v: {**t, "tokens_per_s": tokens / t["min_s"], "vs_nonprivate": t["min_s"] / base}
+            for v, t in timings.items()}
     for opacus in ("opacus", "opacus-ghost"):
         for row in rows.values():
             if opacus in timings:

@@ -51,6 +51,7 @@ import math
 import os
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -302,7 +303,8 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def perplexity(model: nn.Module, rows: Tensor, *, batch_size: int = 256) -> float:
-    """``exp`` of the mean next-token loss over windows ``rows [N, T + 1]`` (input ``[:, :-1]``, targets ``[:, 1:]``)."""
+    """``exp`` of the mean next-token loss over windows ``rows [N, T + 1]`` (inputs ``[:, :-1]``, targets
+    ``[:, 1:]``)."""
     training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -441,7 +443,8 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
 
 # -- exposure ---------------------------------------------------------------------------------
 def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 4096,
-                    extraction_candidates: int = 1000, extraction_expansions: int = 5000, exact_limit: int = ENUMERATION_LIMIT,
+                    extraction_candidates: int = 1000, extraction_expansions: int = 5000,
+                    exact_limit: int = ENUMERATION_LIMIT,
                     generator: Optional[torch.Generator] = None, progress: bool = False) -> dict:
     """Exposure of one inserted canary: exact rank, skew-normal extrapolation and the extraction attack.
 
@@ -556,7 +559,7 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
     stored_config.write_text(json.dumps(config.to_dict(), indent=1))
 
     records = []
-    for i, epsilon in enumerate(tqdm(config.epsilons, desc="epsilons", disable=not progress)):
+    for epsilon in tqdm(config.epsilons, desc="epsilons", disable=not progress):
         run_dir = out / "runs" / f"eps-{_epsilon_label(epsilon)}"
         result_path = run_dir / "result.json"
         if result_path.is_file():
@@ -569,7 +572,8 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
         model = build_language_model(config, vocab_size=len(corpus.vocab))
         trained = train_language_model(
             model, rows, epsilon=epsilon, delta=config.delta, epochs=config.epochs, batch_size=config.batch_size,
-            optimizer=optimizer, lr=lr, max_grad_norm=config.max_grad_norm, noise_scaled_lr=True, seed=config.seed + i,
+            optimizer=optimizer, lr=lr, max_grad_norm=config.max_grad_norm, noise_scaled_lr=True,
+            seed=config.seed + zlib.crc32(run_dir.name.encode()),  # by epsilon, not position: order-free resume
             checkpoint=run_dir / "checkpoint.pt", progress=progress)
         started = time.perf_counter()
         measure_generator = torch.Generator().manual_seed(config.seed)
@@ -648,7 +652,8 @@ def _plots(out: Path, config: SecretSharerConfig, records: list[dict]) -> dict[s
     xs = [float(r["epsilon"]) if r["private"] else inf_x for r in order]
     for r in config.repeats:
         ax.plot(xs, [_mean_exposure(record, r, "exposure") for record in order], "o-", label=f"r = {r}")
-    ax.set(xscale="log", xlabel="epsilon", ylabel="exposure (bits, mean over formats)", title="exposure against epsilon")
+    ax.set(xscale="log", xlabel="epsilon", ylabel="exposure (bits, mean over formats)",
+           title="exposure against epsilon")
     ax.set_xticks(xs, [r["epsilon"] if r["private"] else "inf" for r in order])
     ax.axhline(1 / math.log(2), color="gray", ls=":")
     ax.axhline(top, color="gray", ls="--")

@@ -346,7 +346,8 @@ class _Scoring:
 
 def _check_canary(canary: TokenCanary, vocab_size: Optional[int] = None) -> None:
     if len(canary.prefix) < 1:
-        raise ValueError("the canary needs a prefix of at least one token: the context its first slot is predicted from")
+        raise ValueError("the canary needs a prefix of at least one token: the context its first slot is "
+                         "predicted from")
     if vocab_size is not None:
         tokens = torch.cat([canary.prefix, canary.alphabet])
         if tokens.min() < 0 or tokens.max() >= vocab_size:
@@ -464,7 +465,8 @@ def score_candidates(model: torch.nn.Module, canary: TokenCanary, slots: Tensor,
             rows = slots[start:start + batch_size]
             cost = first[rows[:, 0]]
             if rows.shape[1] > 1:
-                log_probs, _ = stepper.run(rows[:, :-1], stepper.select(state, torch.zeros(len(rows), dtype=torch.int64)))
+                start = stepper.select(state, torch.zeros(len(rows), dtype=torch.int64))
+                log_probs, _ = stepper.run(rows[:, :-1], start)
                 cost = cost - log_probs.double().cpu().gather(2, rows[:, 1:, None]).squeeze(2).sum(1)
             out.append(cost)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
