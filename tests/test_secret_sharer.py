@@ -239,3 +239,29 @@ def test_training_stopped_after_an_epoch_resumes_exactly(tmp_path, monkeypatch, 
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)  # the same updates, noise and batches as the run never stopped
     assert resumed_result["epsilon"] == whole_result["epsilon"]
+
+
+def test_spaces_beyond_the_exact_limit_are_extrapolated_from_scored_samples(one_thread):
+    g = torch.Generator().manual_seed(5)
+    model = PositionLM(torch.randn(10, 20, generator=g))
+    canary = token_canary([0], slots=5, alphabet=list(range(10)), generator=g)
+    exact = canary_exposure(model, canary, references=3000, generator=torch.Generator().manual_seed(0))
+    sampled = canary_exposure(model, canary, references=3000, exact_limit=1000,
+                              generator=torch.Generator().manual_seed(0))
+    assert sampled["exposure"] is None and exact["exposure"] is not None
+    assert sampled["log_perplexity"] == pytest.approx(exact["log_perplexity"], abs=1e-5)
+    assert abs(sampled["exposure_extrapolated"] - exact["exposure"]) < 1.0
+
+
+def test_character_level_canaries_spell_their_slots_as_characters():
+    from privfast.text import load_corpus
+
+    corpus = load_corpus("pydoc", level="char")
+    made = secret_sharer.make_canaries(corpus, formats=["digits", "hex"], repeats=[1, 4],
+                                       generator=torch.Generator().manual_seed(0))
+    assert [(c["format"], c["repeats"]) for c in made] == [("digits", 1), ("digits", 4), ("hex", 1), ("hex", 4)]
+    first = made[0]
+    text = corpus.decode(first["sequence"])
+    assert text.startswith("\nthe first number is ") and text.endswith("\n") and len(text) == 1 + 20 + 5 + 1
+    assert text[21:26].isdigit() and first["canary"].space_size == 10**5
+    assert corpus.decode(made[2]["canary"].prefix) == "\nthe first key is "
