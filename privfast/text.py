@@ -338,8 +338,8 @@ def plant(rows: Tensor, sequences: Sequence[Tensor], counts: Sequence[int], *,
     n, width = rows.shape
     too_long = [len(s) for s in sequences if len(s) > width]
     if too_long:
-        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit in a window of {width} tokens: use longer "
-                         "windows")
+        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit in a window of {width} tokens (a window's "
+                         f"{width - 1} inputs and its last target): use windows of at least {max(too_long) - 1} tokens")
     total = sum(counts)
     if total > n:
         raise ValueError(f"the training stream holds {n} windows of {width} tokens but the canaries need {total} "
