@@ -12,8 +12,8 @@ from typing import Any
 
 # Everything loads on first use (PEP 562): `import privfast` and `privfast --help` stay fast, and a
 # user of the engine does not pay for scikit-learn, matplotlib or the attacks.
-_SUBMODULES = ("attacks", "audit", "augment", "data", "federated", "grad_sample", "metrics", "models", "ops", "optim",
-               "reports", "search", "trainer")
+_SUBMODULES = ("attacks", "audit", "auditing", "augment", "data", "federated", "grad_sample", "metrics", "models", "ops",
+               "optim", "reports", "search", "secret_sharer", "text", "throughput", "trainer")
 _NAMES = {
     "DPMix": "privfast.augment", "SelfAug": "privfast.augment", "DPOptimizer": "privfast.optim", "SAM": "privfast.optim",
     "GradSampleModule": "privfast.grad_sample", "MembershipAudit": "privfast.audit", "PrivacyEngine":
@@ -49,6 +49,7 @@ __all__ = [
     "__version__",
     "attacks",
     "audit",
+    "auditing",
     "augment",
     "data",
     "federated",
@@ -60,5 +61,8 @@ __all__ = [
     "optim",
     "reports",
     "search",
+    "secret_sharer",
+    "text",
+    "throughput",
     "trainer",
 ]
