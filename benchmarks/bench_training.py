@@ -7,7 +7,7 @@ folds the K rows of an example into one per-example gradient ([B, params]).
 Time: the variants of one K run interleaved, round by round, inside one pytest-benchmark test, so
 that a shared machine's changing load hits them alike; the table uses each variant's fastest
 round (the least disturbed). Memory: the peak resident memory one step adds (Linux VmHWM, see
-``_peak_bytes``). Both are stored in the benchmark's extra_info.
+``privfast.throughput.peak_bytes``). Both are stored in the benchmark's extra_info.
 
 Run:  python -m pytest benchmarks/bench_training.py --benchmark-only --benchmark-json=bench_training.json
 Then: python benchmarks/bench_training.py bench_training.json   (prints the RESULTS.md table)
@@ -15,7 +15,6 @@ Then: python benchmarks/bench_training.py bench_training.json   (prints the RESU
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from privfast.throughput import VARIANTS, training_step
+from privfast.throughput import VARIANTS, peak_bytes, training_step
 
 BATCH = 16
 # One intra-op thread by default: on a shared 2-core machine, OpenMP threads that wait for a
@@ -37,7 +36,6 @@ KS = (1, 4, 16)
 # 17 GB at K = 16 for one conv layer, so ghost (forced on every layer) runs at K = 1 only;
 # auto and bk pick materialized norms for those layers instead.
 GHOST_KS = (1,)
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def _model():
@@ -50,27 +48,6 @@ def _model():
 def _batch(k):
     g = torch.Generator().manual_seed(0)
     return torch.rand(BATCH * k, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH * k,), generator=g)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
-def _peak_bytes(step) -> int:
-    """Peak resident memory added by one call of ``step`` (Linux).
-
-    The kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, and glibc is told
-    to serve blocks above 64 KiB by mmap, so that freed tensors leave the resident set at once
-    and the mark follows the live allocations (oneDNN's scratch buffers included).
-    """
-    ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    step()  # settle the allocator under the new threshold
-    before = _status_bytes("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    return _status_bytes("VmHWM:") - before
 
 
 def _runnable(variant: str, k: int) -> bool:
@@ -90,7 +67,7 @@ def test_training_step(benchmark, k):
     peaks = {}
     for variant, step in steps.items():
         step()  # warm-up: lazy init, allocator, the extension's first call
-        peaks[variant] = _peak_bytes(step)
+        peaks[variant] = peak_bytes(step)
     times: dict[str, list[float]] = {v: [] for v in steps}
 
     def one_round():

@@ -456,8 +456,6 @@ class GradSampleModule(nn.Module):
         """The layer's rule on its calls; the fallback's failures become errors that name the layer."""
         for call in calls:
             self._check_unchanged(layer, call)
-        if calls[0].rows % self.fold:
-            self._loss_scale(calls[0].rows)  # raises the error that explains the fold
         if not layer.fallback:
             return layer.rule(layer.module, calls, self.fold)
         try:
@@ -566,14 +564,14 @@ class GradSampleModule(nn.Module):
             # Every layer is per-example: norms, clipping and the sum in one fused pass.
             sums = ops.clip_accumulate_noise(flat, max_grad_norm, check_finite=check_finite and not defer)
             if defer:  # a non-finite example makes its clipped contribution, so the sum, non-finite
-                self._defer_finite([torch.stack([s.isfinite().all() for s in sums]).all()])
+                self._defer_finite(torch.stack([s.isfinite().all() for s in sums]).all())
             return dict(zip([p for params, _ in materialized for p in params], sums))
         # The materialized layers' norms in one multi-tensor pass, then the contracted layers' own.
         squares = [ops.per_sample_norms(flat).pow(2)] if flat else []
         squares += [grads.norm_sq(how) * scale**2 for grads, scale, how in contracted]
         norms = torch.stack(squares).sum(0).sqrt()
         if defer:
-            self._defer_finite([torch.isfinite(norms).all()])
+            self._defer_finite(torch.isfinite(norms).all())
         elif check_finite and not bool(torch.isfinite(norms).all()):
             bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
             raise ValueError(
@@ -595,9 +593,8 @@ class GradSampleModule(nn.Module):
     def _defers(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.defer_finite_check is None else self.defer_finite_check
 
-    def _defer_finite(self, flags: list[Tensor]) -> None:
-        """Start copying ``all(flags)`` to the host without waiting; :meth:`check_finite_pending` reads it."""
-        flag = torch.stack(flags).all()
+    def _defer_finite(self, flag: Tensor) -> None:
+        """Start copying the 0-d bool ``flag`` to the host without waiting; :meth:`check_finite_pending` reads it."""
         if flag.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)

@@ -128,7 +128,7 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
             f"{label} got an {what} of shape {shape}; the engine expects the batch's {rows} rows at {layout.describe()}. "
             f"Clipping anything else would not bound each example's contribution.{hint}"
         )
-    if not layout.explicit and t.dim() >= 2 and shape[0] == shape[1] == rows and _has_positions(module, t):
+    if not layout.explicit and t.dim() >= 2 and shape[0] == shape[1] == rows and _has_positions(t):
         raise LayoutError(
             f"{label} got an {what} of shape {shape}: both leading dimensions have the batch's {rows} rows, so the engine "
             "cannot tell which holds the examples. Pass batch_first=True ([N, T, ...]) or batch_first=False "
@@ -136,7 +136,7 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
         )
 
 
-def _has_positions(module: nn.Module, t: Tensor) -> bool:
+def _has_positions(t: Tensor) -> bool:
     """Whether dimension 1 of ``t`` can be a position rather than a feature: for float inputs of
     layers whose last dimension is the features, from 3 dimensions on; for integer ids, from 2."""
     return t.dim() >= 2 if not t.is_floating_point() else t.dim() >= 3
