@@ -1,8 +1,8 @@
 """privfast's fused ops: typed wrappers over ``torch.ops.privfast.*`` with a pure-torch fallback.
 
 Every op here validates its input, then runs the compiled kernel for the input's device when
-the extension provides one, else the reference in :mod:`privfast._reference` (which gives the
-same numbers, noise included, only slower).
+the extension provides one, else the pure-torch fallback in :mod:`privfast._torch_ops` (which
+gives the same numbers, noise included, only slower).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from privfast import _reference
-from privfast._reference import AugmentParams
+from privfast import _torch_ops
+from privfast._torch_ops import AugmentParams
 
 __all__ = [
     "AugmentParams",
@@ -125,19 +125,34 @@ def _check_tensor_list(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
     return tensors
 
 
-def _check_finite_norms(norms: Tensor, grads: Sequence[Tensor], name: str) -> None:
-    """Raise if some example's norm is not finite, naming the examples and the first bad tensor."""
+def non_finite_error(what: str, consequence: str = "clipping them would give a wrong update") -> ValueError:
+    """The one error for non-finite (NaN or inf) per-example gradients, wherever they are found.
+
+    Args:
+        what: whose gradients, ending in a verb, e.g. "grads: examples [3] have".
+        consequence: what using them would do.
+    """
+    return ValueError(f"{what} non-finite values (NaN or inf); {consequence}. Check the loss and the learning rate.")
+
+
+def check_finite_norms(norms: Tensor, grads: Optional[Sequence[Tensor]] = None, *, name: str = "grads") -> None:
+    """Raise :func:`non_finite_error` if some example's norm is not finite (one host sync).
+
+    Args:
+        norms: per-example norms ``[B]``; one is non-finite exactly when its example's gradient is.
+        grads: the per-example gradients ``grads[i] [B, *shape_i]``, to name the first bad tensor; optional.
+        name: how the error calls the gradients.
+    """
     bad = (~torch.isfinite(norms)).nonzero().flatten()
     if bad.numel() == 0:
         return
-    first = int(bad[0])
-    tensor_index = next(i for i, g in enumerate(grads) if not torch.isfinite(g[first]).all())
     shown = bad[:10].tolist()
     more = f" and {bad.numel() - 10} more" if bad.numel() > 10 else ""
-    raise ValueError(
-        f"{name} has non-finite values (NaN or inf) for examples {shown}{more}, first in "
-        f"{name}[{tensor_index}]; clipping them would give a wrong update. Check the loss and learning rate."
-    )
+    where = ""
+    if grads is not None:
+        tensor_index = next(i for i, g in enumerate(grads) if not torch.isfinite(g[shown[0]]).all())
+        where = f" (first in {name}[{tensor_index}])"
+    raise non_finite_error(f"{name}: examples {shown}{more}{where} have")
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,7 +205,7 @@ def per_sample_norms(grads: Sequence[Tensor]) -> Tensor:
     grads = _check_tensor_list(grads, "grads")
     if _use_kernel("per_sample_norms", grads[0].device):
         return torch.ops.privfast.per_sample_norms(grads)
-    return _reference.per_sample_norms(grads)
+    return _torch_ops.per_sample_norms(grads)
 
 
 def clip_accumulate_noise(
@@ -237,15 +252,15 @@ def clip_accumulate_noise(
     numel = sum(math.prod(g.shape[1:]) for g in grads)
     seed, offset = (0, 0)
     if noise_std > 0:
-        seed, offset = _noise_key(generator, _reference.philox_counters(numel), secure_mode)
+        seed, offset = _noise_key(generator, _torch_ops.philox_counters(numel), secure_mode)
     if _use_kernel("clip_accumulate_noise", grads[0].device):
         return torch.ops.privfast.clip_accumulate_noise(
             grads, float(max_grad_norm), float(noise_std), float(scale), _as_int64(seed), _as_int64(offset),
             check_finite,
         )
     if check_finite:
-        _check_finite_norms(_reference.per_sample_norms(grads), grads, "grads")
-    return _reference.clip_accumulate_noise(grads, max_grad_norm, noise_std, scale, seed, offset)
+        check_finite_norms(_torch_ops.per_sample_norms(grads), grads)
+    return _torch_ops.clip_accumulate_noise(grads, max_grad_norm, noise_std, scale, seed, offset)
 
 
 def gradsim(
@@ -290,7 +305,7 @@ def gradsim(
             raise ValueError(f"index holds values outside [0, {m}) (min {low}, max {high})")
     if _use_kernel("gradsim", grads[0].device):
         return torch.ops.privfast.gradsim(grads, refs, index, per_layer)
-    return _reference.gradsim(grads, refs, index, per_layer)
+    return _torch_ops.gradsim(grads, refs, index, per_layer)
 
 
 def _check_augment_ranges(params: AugmentParams, crop_padding: int, base_rows: int) -> None:
@@ -403,7 +418,7 @@ def augment_batch(
         if extra.dtype != x.dtype or extra.device != x.device:
             raise ValueError(f"extra is {extra.dtype} on {extra.device} but x is {x.dtype} on {x.device}")
         k_extra = extra.shape[1]
-    lambda_dtype = _reference.accumulate_dtype(x.dtype)
+    lambda_dtype = _torch_ops.accumulate_dtype(x.dtype)
     if params is None:
         params = draw_augment_params(
             batch, k, crop_padding=crop_padding, flip=flip, mixups=mixups, k_extra=k_extra, alpha=alpha,
@@ -419,5 +434,5 @@ def augment_batch(
     if _use_kernel("augment_batch", x.device):
         out = torch.ops.privfast.augment_batch(x, *params, extra, crop_padding)
     else:
-        out = _reference.augment_batch(x, params, crop_padding, extra)
+        out = _torch_ops.augment_batch(x, params, crop_padding, extra)
     return (out, params) if return_params else out

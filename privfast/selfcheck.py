@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import privfast
-from privfast import _reference, ops
+from privfast import _reference, _torch_ops, ops
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
@@ -43,7 +43,7 @@ def _cases(device: torch.device):
     index = torch.arange(64, device=device) % 8
     images = torch.rand(64, 3, 32, 32, generator=gen).to(device)
     numel = sum(math.prod(g.shape[1:]) for g in grads)
-    seed, offset = ops._noise_key(torch.Generator().manual_seed(1), _reference.philox_counters(numel), False)
+    seed, offset = ops._noise_key(torch.Generator().manual_seed(1), _torch_ops.philox_counters(numel), False)
     aug_params = ops.draw_augment_params(64, 4, mixups=4, generator=gen, device=device)
     cpu_params = type(aug_params)(*(p.cpu() for p in aug_params))
     yield ("per_sample_norms", lambda: ops.per_sample_norms(grads), lambda: _reference.per_sample_norms(cpu_grads), 1e-4)

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import privfast
-from privfast import _reference, ops
+from privfast import _reference, _torch_ops, ops
 
 from conftest import CUDA, DEVICES
 
@@ -86,7 +86,7 @@ def test_zero_size_tensors_in_the_list(device):
 
 def key_of(seed, numel):
     """The noise key a generator seeded with `seed` hands to the next call drawing `numel` normals."""
-    return ops._noise_key(torch.Generator().manual_seed(seed), _reference.philox_counters(numel), False)
+    return ops._noise_key(torch.Generator().manual_seed(seed), _torch_ops.philox_counters(numel), False)
 
 
 @pytest.mark.parametrize("strided", LAYOUTS)
@@ -131,7 +131,7 @@ def test_noise_is_bit_identical_to_the_reference_generator(device, out_dtype):
     seed, offset = key_of(5, numel)
     zero_grads = [torch.zeros(0, 1000, dtype=out_dtype, device=device), torch.zeros(0, 2001, dtype=out_dtype, device=device)]
     got = ops.clip_accumulate_noise(zero_grads, 1.0, 1.0, 1.0, torch.Generator().manual_seed(5))
-    want = _reference.philox_normal(seed, offset, numel).to(out_dtype)
+    want = _torch_ops.philox_normal(seed, offset, numel).to(out_dtype)
     assert torch.equal(torch.cat([o.cpu() for o in got]), want)
 
 
@@ -171,9 +171,9 @@ def test_philox_matches_random123_known_answers():
     zeros = np.zeros((1, 4), np.uint64)
     ones = np.full((1, 4), 0xFFFFFFFF, np.uint64)
     pi = np.array([[0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], np.uint64)
-    assert _reference.philox4x32_10(zeros, (0, 0))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    assert _reference.philox4x32_10(ones, (0xFFFFFFFF,) * 2)[0].tolist() == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-    assert _reference.philox4x32_10(pi, (0xA4093822, 0x299F31D0))[0].tolist() == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    assert _torch_ops.philox4x32_10(zeros, (0, 0))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _torch_ops.philox4x32_10(ones, (0xFFFFFFFF,) * 2)[0].tolist() == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert _torch_ops.philox4x32_10(pi, (0xA4093822, 0x299F31D0))[0].tolist() == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
 def test_noise_statistics_over_a_million_draws(device):
@@ -219,13 +219,13 @@ def test_cuda_generator_keys_the_noise_and_moves_on():
 
     gen = torch.Generator(device="cuda").manual_seed(7)
     first = draw(gen)
-    stride = 4 * math.ceil(_reference.philox_counters(numel) / 4)
+    stride = 4 * math.ceil(_torch_ops.philox_counters(numel) / 4)
     assert gen.get_offset() == stride
     second = draw(gen)
     assert gen.get_offset() == 2 * stride
     key = 7 ^ ops._PRIVFAST_KEY_TAG
-    assert torch.equal(first, _reference.philox_normal(key, 0, numel))
-    assert torch.equal(second, _reference.philox_normal(key, stride, numel))
+    assert torch.equal(first, _torch_ops.philox_normal(key, 0, numel))
+    assert torch.equal(second, _torch_ops.philox_normal(key, stride, numel))
     assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.1
     assert torch.equal(draw(torch.Generator(device="cuda").manual_seed(7)), first)
     assert not torch.equal(draw(torch.Generator(device="cuda").manual_seed(8)), first)
@@ -485,6 +485,33 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         ops.per_sample_norms(grads)
     for a, b in zip(with_kernels, fallback):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_fallback_matches_reference(monkeypatch, device, dtype, tol, batch):
+    """Without the extension every op runs privfast._torch_ops (vectorized), checked against the loop-by-loop oracle."""
+    monkeypatch.setattr(ops, "_EXTENSION_ERROR", "simulated: privfast._C not built")
+    monkeypatch.setattr(ops, "_warned_fallback", True)
+    grads = make_grads(batch, dtype, device, strided=True)
+    refs = make_grads(3, dtype, device, seed=1)
+    index = torch.arange(batch, device=device) % 3
+    torch.testing.assert_close(ops.per_sample_norms(grads).cpu(), _reference.per_sample_norms(as_cpu(grads)),
+                               rtol=tol[0], atol=tol[1])
+    seed, offset = key_of(0, sum(math.prod(g.shape[1:]) for g in grads))
+    got = ops.clip_accumulate_noise(grads, 0.5, 0.7, 0.25, torch.Generator().manual_seed(0))
+    want = _reference.clip_accumulate_noise(as_cpu(grads), 0.5, 0.7, 0.25, seed, offset)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=tol[0], atol=tol[1])
+    for per_layer in (False, True):
+        torch.testing.assert_close(ops.gradsim(grads, refs, index, per_layer=per_layer).cpu(),
+                                   _reference.gradsim(as_cpu(grads), as_cpu(refs), index.cpu(), per_layer),
+                                   rtol=tol[0], atol=tol[1])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 9, 7, generator=gen, dtype=dtype).to(device)
+    extra = torch.rand(batch, 2, 3, 9, 7, generator=gen, dtype=dtype).to(device)
+    out, params = ops.augment_batch(x, 4, crop_padding=3, mixups=3, extra=extra, generator=gen, return_params=True)
+    want = _reference.augment_batch(x.cpu(), type(params)(*(p.cpu() for p in params)), 3, extra.cpu())
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

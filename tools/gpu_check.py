@@ -404,7 +404,7 @@ def stage_noise(args, rec: Recorder) -> None:
     """
     import torch
 
-    from privfast import _reference, ops
+    from privfast import _reference, _torch_ops, ops
 
     device = args.device
     rec.info(privfast_extension=ops.has_extension(), cuda_kernels=_cuda_kernel("clip_accumulate_noise"))
@@ -416,7 +416,7 @@ def stage_noise(args, rec: Recorder) -> None:
             return [o.cpu() for o in ops.clip_accumulate_noise([g.to(device) for g in grads], max_grad_norm, noise_std,
                                                                scale, torch.Generator().manual_seed(seed))]
         numel = sum(g.shape[1:].numel() for g in grads)
-        key = ops._noise_key(torch.Generator().manual_seed(seed), _reference.philox_counters(numel), False)
+        key = ops._noise_key(torch.Generator().manual_seed(seed), _torch_ops.philox_counters(numel), False)
         return _reference.clip_accumulate_noise(grads, max_grad_norm, noise_std, scale, *key)
 
     sizes = [7, 1000, 2001] if args.quick else [7, 1000, 2001, 1_000_003]

@@ -145,11 +145,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         (CLIP_UNITS,),
     ),
     Mutation(
-        "clip-eps-dropped", "privfast/_reference.py",
+        "clip-eps-dropped", "privfast/_torch_ops.py",
         "return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)",
         "return (max_grad_norm / norms).clamp(max=1.0)",
-        "clip factor C/n instead of C/(n + 1e-6) (ghost clipping and the reference ops)",
-        (CLIP_UNITS, "tests/test_ops.py::test_clip_accumulate_noise_matches_reference"),
+        "clip factor C/n instead of C/(n + 1e-6) (ghost clipping and the pure-torch fallback)",
+        (CLIP_UNITS, "tests/test_ops.py::test_fallback_matches_reference"),
     ),
     Mutation(
         "lira-variance-as-std", "privfast/attacks/lira.py",

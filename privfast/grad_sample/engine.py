@@ -28,7 +28,7 @@ from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear
 from privfast.grad_sample.base import GHOST, MATERIALIZE, Call, LayerGrads, MaterializedGrads, rule_for, trainable
 from privfast.grad_sample.functorch import vmap_rule
 from privfast.grad_sample.layout import Layout, LayoutError, check_call, layer_layout, model_rows
-from privfast import _reference, ops
+from privfast import _torch_ops, ops
 
 MODES = ("auto", "materialize", "ghost", "bk")
 # In ghost mode a layer whose Gram-matrix norms cost more than this many times building and reducing its
@@ -572,13 +572,9 @@ class GradSampleModule(nn.Module):
         norms = torch.stack(squares).sum(0).sqrt()
         if defer:
             self._defer_finite(torch.isfinite(norms).all())
-        elif check_finite and not bool(torch.isfinite(norms).all()):
-            bad = (~torch.isfinite(norms)).nonzero().flatten()[:10].tolist()
-            raise ValueError(
-                f"per-example gradients are not finite (NaN or inf) for examples {bad}; clipping them would give "
-                "a wrong update. Check the loss and the learning rate."
-            )
-        factors = _reference.clip_factors(norms, max_grad_norm)
+        elif check_finite:
+            ops.check_finite_norms(norms, name="per-example gradients")
+        factors = _torch_ops.clip_factors(norms, max_grad_norm)
         out = {}
         for params, per_example in materialized:
             out.update(zip(params, (torch.tensordot(factors.to(g.dtype), g, dims=1) for g in per_example)))
@@ -617,11 +613,10 @@ class GradSampleModule(nn.Module):
         if event is not None:
             event.synchronize()
         if not bool(host):
-            raise ValueError(
-                "the previous step's per-example gradients were not finite (NaN or inf), so its clipped sum and the "
-                "update it made are too (checked without a host sync, one step late). Restore the model from a "
-                "checkpoint, and check the loss and the learning rate; set defer_finite_check=False to stop at the "
-                "step itself."
+            raise ops.non_finite_error(
+                "the previous step's per-example gradients had",
+                "its clipped sum and the update it made have them too (checked without a host sync, one step late). "
+                "Restore the model from a checkpoint; defer_finite_check=False stops at the step itself",
             )
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
