@@ -7,7 +7,6 @@ are Opacus's own.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional
 
@@ -25,6 +24,7 @@ from privfast.data_loader import SecureUniformWithReplacementSampler, observe_ba
 from privfast.grad_sample import GradSampleModule
 from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
+from privfast.optim.optimizer import check_privacy_args
 
 
 class _AugmentingCollate:
@@ -36,13 +36,6 @@ class _AugmentingCollate:
     def __call__(self, batch):
         x, y = self.collate(batch)
         return self.augmentation(x, y)
-
-
-def _check_privacy_args(noise_multiplier: float, max_grad_norm: float) -> None:
-    if not (0 <= noise_multiplier < math.inf):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-    if not (0 < max_grad_norm < math.inf):
-        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
 
 
 class PrivacyEngine:
@@ -120,7 +113,7 @@ class PrivacyEngine:
                 DP-SGD cannot train, ``augmult`` disagreeing with ``augmentation``, or microbatches
                 with Poisson sampling (whose batches do not split into whole microbatches).
         """
-        _check_privacy_args(noise_multiplier, max_grad_norm)
+        check_privacy_args(noise_multiplier, max_grad_norm)  # before building anything
         if augmentation is not None:
             if augmult not in (1, augmentation.augmult):
                 raise ValueError(f"augmult={augmult} but the augmentation makes K={augmentation.augmult} rows per example")
@@ -198,9 +191,10 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
     def membership_error_bound(self, delta: float) -> float:
-        """Lower bound on a membership attacker's error ``P_err >= (1 - delta) / (1 + e^eps)``."""
-        eps = self.get_epsilon(delta)
-        return (1 - delta) / (1 + math.exp(eps)) if eps < 700 else 0.0
+        """Lower bound on a membership attacker's error at the epsilon spent so far: :func:`privfast.metrics.dp_perr_bound`."""
+        from privfast import metrics  # scipy and scikit-learn load only when asked
+
+        return metrics.dp_perr_bound(self.get_epsilon(delta), delta)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -18,6 +18,14 @@ from privfast import ops
 from privfast.grad_sample import GradSampleModule
 
 
+def check_privacy_args(noise_multiplier: float, max_grad_norm: float) -> None:
+    """Raise ValueError unless ``0 <= noise_multiplier < inf`` and ``0 < max_grad_norm < inf`` (NaN fails both)."""
+    if not (0 <= noise_multiplier < math.inf):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+    if not (0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+
+
 class DPOptimizer(Optimizer):
     """Clips per-example gradients, sums them, adds Gaussian noise and steps the wrapped optimizer.
 
@@ -47,10 +55,7 @@ class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, *, module: GradSampleModule, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: Optional[int], loss_reduction: str = "mean",
                  generator: Optional[torch.Generator] = None, secure_mode: bool = False, check_finite: bool = True):
-        if not (0 <= noise_multiplier < math.inf):
-            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-        if not (0 < max_grad_norm < math.inf):
-            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+        check_privacy_args(noise_multiplier, max_grad_norm)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if loss_reduction != module.loss_reduction:
