@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model, auditing membership leakage after every epoch")
     train.add_argument("--out", type=Path, required=True, help="run directory: checkpoint.pt and the report")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    train.add_argument("--nproc", type=int, default=1, help="processes of a distributed private run (gloo, CPU)")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="processes of a distributed private run on this machine (gloo, CPU); or use torchrun")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(train)
     train.set_defaults(handler=_train)
@@ -276,11 +277,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     config = _config(args)
-    if args.nproc > 1:
-        from privfast.distributed import launch_training
+    from privfast import launch
 
-        history = launch_training(config, nproc=args.nproc, checkpoint=args.out / "checkpoint.pt",
-                                  resume=args.resume, progress=not args.no_progress)
+    if launch.is_distributed(args.nproc):  # --nproc N, or started by torchrun
+        history = launch.launch_training(config, nproc=args.nproc, checkpoint=args.out / "checkpoint.pt",
+                                         resume=args.resume, progress=not args.no_progress)
     else:
         trainer = Trainer(config, checkpoint=args.out / "checkpoint.pt", progress=not args.no_progress)
         history = trainer.fit(resume=args.resume)
@@ -384,11 +385,11 @@ def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, 
     is_member = torch.arange(len(y)) < len(ym)
     shape = data_shape(Split(x, y))
     make_model = partial(build_model, config, **shape)  # picklable, for the processes of a sharded run
-    if nproc > 1:
-        from privfast.distributed import launch_shadow_models
+    from privfast import launch
 
-        trained = launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed, epochs=epochs,
-                                       progress=False)
+    if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
+        trained = launch.launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed,
+                                              epochs=epochs, progress=False)
     else:
         trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=epochs,
                                       generator=torch.Generator().manual_seed(seed), progress=progress)
@@ -473,10 +474,10 @@ def _search(args: argparse.Namespace) -> int:
         threshold = accuracy_score(init, train.x, train.y, generator=torch.Generator().manual_seed(args.seed))
     options = dict(candidates=args.candidates, acc_threshold=threshold, top_n=args.top, images=args.images,
                    seed=args.seed)
-    if args.nproc > 1:
-        from privfast.distributed import launch_search
+    from privfast import launch
 
-        result = launch_search(semi, init, (train.x, train.y), nproc=args.nproc, **options)
+    if launch.is_distributed(args.nproc):  # --nproc N, or started by torchrun
+        result = launch.launch_search(semi, init, (train.x, train.y), nproc=args.nproc, **options)
     else:
         result = search(semi, init, (train.x, train.y), progress=not args.no_progress, **options)
     print(f"S_acc threshold {threshold:.3f}; lower S_pri is more private")
@@ -594,6 +595,9 @@ def _secret_sharer(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``privfast`` command with ``argv`` (default: the process's arguments); returns the exit status."""
     args = build_parser().parse_args(argv)
+    from privfast.launch import quiet_other_ranks
+
+    quiet_other_ranks()  # under torchrun rank 0 alone prints
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -13,33 +13,25 @@ Why this is the same mechanism as single-process DP-SGD:
   the release carries noise of std sigma*C once, not once per process, and no second collective is
   needed to keep the models identical.
 
-:class:`DistributedContext` plugs into :class:`privfast.trainer.Trainer` (``distributed=``) and
-:func:`launch_training` starts the processes (``privfast train --nproc N``). LiRA's shadow models
-are sharded too: :func:`launch_shadow_models` (``privfast audit --nproc N``), and so are ATS's
-candidate policies: :func:`launch_search` (``privfast search --nproc N``).
+:class:`DistributedContext` plugs into :class:`privfast.trainer.Trainer` (``distributed=``).
+This module is the mechanism only; :mod:`privfast.launch` starts the processes (``--nproc N`` on one
+machine, or ``torchrun``) and runs training, LiRA's shadow models and ATS's search across them.
 """
 
 from __future__ import annotations
 
-import io
-import os
-import socket
-import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from privfast.optim import DPOptimizer, SAM
 from privfast.privacy_engine import PrivacyEngine
 
-__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "launch", "launch_search",
-           "launch_shadow_models", "launch_training"]
+__all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "collective_device"]
 
 
 class DistributedDPOptimizer(DPOptimizer):
@@ -61,7 +53,7 @@ class DistributedDPOptimizer(DPOptimizer):
             raise ValueError("pass the same seeded noise generator to every process (generator=...)")
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first "
-                               "(or use privfast.distributed.launch)")
+                               "(or use privfast.launch.launch, or torchrun)")
         super().__init__(optimizer, **kwargs)
 
     @classmethod
@@ -137,8 +129,15 @@ class _CollateMaybeEmpty:
         return tuple(torch.empty(0, *t.shape, dtype=t.dtype) for t in self.templates)
 
 
+def collective_device() -> torch.device:
+    """Where the default group's collectives take tensors: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _broadcast_int(value: int) -> int:
-    box = torch.tensor([value], dtype=torch.int64)
+    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.broadcast(box, src=0)
     return int(box)
 
@@ -160,7 +159,7 @@ class DistributedContext:
         """The context of the initialized default process group."""
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first "
-                               "(or use privfast.distributed.launch)")
+                               "(or use privfast.launch.launch, or torchrun)")
         return cls(dist.get_rank(), dist.get_world_size())
 
     def make_private(self, engine: PrivacyEngine, *, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -211,167 +210,3 @@ class DistributedContext:
         states: list[Any] = [None] * self.world_size
         dist.all_gather_object(states, torch.get_rng_state())
         return states
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: Sequence, results) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        # As bytes: a tensor put as is travels as a shared-memory handle that its process must still be
-        # alive to hand over, and this process may exit before the launcher reads the queue.
-        buffer = io.BytesIO()
-        torch.save(fn(DistributedContext(rank, world_size), *args), buffer)
-        results.put((rank, True, buffer.getvalue()))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(fn: Callable[..., Any], *args: Any, nproc: int, threads: Optional[int] = None) -> list[Any]:
-    """Run ``fn(context, *args)`` in ``nproc`` new processes joined by a gloo process group (CPU).
-
-    Args:
-        fn: a module-level function (it is pickled to the processes); its first argument is the
-            process's :class:`DistributedContext`.
-        *args: further arguments, picklable.
-        nproc: number of processes, >= 1.
-        threads: torch threads per process; default: the CPU cores shared out.
-
-    Returns:
-        What ``fn`` returned in each process, in rank order.
-
-    Raises:
-        RuntimeError: a process failed (its traceback is in the message).
-    """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, nproc, port, threads, fn, args, results))
-                 for rank in range(nproc)]
-    for process in processes:
-        process.start()
-    outcomes = {}
-    try:
-        while len(outcomes) < nproc:
-            if results.empty():
-                # A process killed outright (out of memory, a signal) reports nothing: do not wait for it.
-                dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in outcomes]
-                if dead:
-                    raise RuntimeError(f"process {dead[0]} of {nproc} died with exit code "
-                                       f"{processes[dead[0]].exitcode} before reporting")
-                time.sleep(0.05)
-                continue
-            rank, ok, value = results.get()
-            if not ok:
-                raise RuntimeError(f"process {rank} of {nproc} failed:\n{value}")
-            outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for process in processes:
-            if process.is_alive() and len(outcomes) < nproc:
-                process.terminate()  # a failed peer would leave the others blocked in a collective
-            process.join()
-    return [outcomes[rank] for rank in range(nproc)]
-
-
-def _train_process(context: DistributedContext, config, checkpoint, resume: bool, progress: bool) -> list[dict]:
-    from privfast.trainer import Trainer
-
-    trainer = Trainer(config, checkpoint=checkpoint, progress=progress and context.rank == 0, distributed=context)
-    return trainer.fit(resume=resume)
-
-
-def launch_training(config, *, nproc: int, checkpoint=None, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Train ``config`` (a private :class:`~privfast.trainer.TrainConfig`) across ``nproc`` processes.
-
-    Rank 0 writes the checkpoint; every process resumes from it with its own RNG state.
-
-    Returns:
-        The per-epoch history (the same in every process).
-    """
-    histories = launch(_train_process, config, checkpoint, resume, progress, nproc=nproc)
-    return histories[0]
-
-
-def _shadow_process(context: DistributedContext, make_model: Callable[[], nn.Module], x: Tensor, y: Tensor,
-                    n_shadows: int, seed: int, recipe: dict) -> tuple[dict, dict, Tensor]:
-    from privfast.attacks.training import train_shadow_models
-
-    # Each process draws its own complementary pairs of halves: every example is IN for exactly
-    # half of each process's shadows, hence for half of all of them, as the online attack needs.
-    generator = torch.Generator().manual_seed(seed * context.world_size + context.rank)
-    shadows = train_shadow_models(make_model, x, y, n_shadows=n_shadows // context.world_size, generator=generator,
-                                  **recipe)
-    return shadows.params, shadows.buffers, shadows.in_mask
-
-
-def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, *, n_shadows: int, nproc: int,
-                         seed: int = 0, **recipe: Any):
-    """LiRA's shadow models sharded across ``nproc`` processes, each training ``n_shadows / nproc`` vectorized.
-
-    Args:
-        make_model: builds a fresh model; picklable (a module-level function or a ``functools.partial`` of one).
-        x: the attacker's population ``[N, ...]``.
-        y: its labels ``[N]``.
-        n_shadows: shadow models S in all; S / nproc must be even (each process trains complementary pairs).
-        nproc: processes.
-        seed: process r draws its splits, initializations and batches from seed ``seed * nproc + r``.
-        **recipe: :func:`privfast.attacks.train_shadow_models`'s training arguments (``epochs``, ``lr``, ...).
-
-    Returns:
-        One :class:`privfast.attacks.training.ShadowModels` holding every process's shadows, in rank order.
-    """
-    from privfast.attacks.training import ShadowModels
-
-    if n_shadows % (2 * nproc):
-        raise ValueError(f"n_shadows={n_shadows} must be a multiple of 2 * nproc = {2 * nproc}: every process trains "
-                         "complementary pairs of halves")
-    parts = launch(_shadow_process, make_model, x, y, n_shadows, seed, recipe, nproc=nproc)
-    params = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
-    buffers = {name: torch.cat([part[1][name] for part in parts]) for name in parts[0][1]}
-    with torch.random.fork_rng(devices=[]):  # the architecture only: leave the caller's RNG alone
-        base = make_model().to("meta")
-    return ShadowModels(base, params, buffers, torch.cat([part[2] for part in parts]))
-
-
-def _search_process(context: DistributedContext, model_semi_trained: nn.Module, model_init: nn.Module, x: Tensor,
-                    y: Tensor, options: dict) -> list:
-    from privfast.search import search
-
-    return search(model_semi_trained, model_init, (x, y), shard=(context.rank, context.world_size), progress=False,
-                  **options).table
-
-
-def launch_search(model_semi_trained: nn.Module, model_init: nn.Module, data, *, nproc: int, top_n: int = 2,
-                  **options: Any):
-    """ATS's policy search with its candidates sharded across ``nproc`` processes (round-robin).
-
-    Every process samples the same candidates and scores its share; since each candidate's random
-    draws are its own, the merged table is the one a single process would score.
-
-    Args:
-        model_semi_trained: network trained for a few epochs (S_pri).
-        model_init: the same architecture at random initialization (S_acc).
-        data: ``(x [N, C, H, W], y [N])``.
-        nproc: processes.
-        top_n: policies kept for the hybrid.
-        **options: :func:`privfast.search.search`'s other keyword arguments (``candidates``,
-            ``acc_threshold``, ``images``, ``seed``, ...).
-
-    Returns:
-        The :class:`privfast.search.SearchResult` of all candidates.
-    """
-    from privfast.search import SearchResult
-
-    tables = launch(_search_process, model_semi_trained, model_init, data[0], data[1], {**options, "top_n": top_n},
-                    nproc=nproc)
-    return SearchResult.from_table([tables[i % nproc][i] for i in range(len(tables[0]))], top_n)

@@ -1,17 +1,23 @@
-"""Distributed DP-SGD: two processes (gloo, CPU) make the same update as one process on the whole
-batch, shard sampling is Poisson sampling of the whole set, a 2-process Trainer run resumes, and LiRA's
-shadow models and ATS's candidate policies shard across processes."""
+"""Distributed DP-SGD: two processes (gloo, CPU; spawned or started by torchrun) make the same update as
+one process on the whole batch, shard sampling is Poisson sampling of the whole set, a 2-process Trainer
+run resumes, and LiRA's shadow models and ATS's candidate policies shard across processes."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from privfast.attacks.training import train_shadow_models
-from privfast.distributed import (DistributedDPOptimizer, PoissonShardSampler, launch, launch_search,
-                                  launch_shadow_models, launch_training)
+from privfast import launch as launcher
+from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler
+from privfast.launch import launch, launch_search, launch_shadow_models, launch_training
 from privfast.grad_sample import GradSampleModule
 from privfast.models import ConvNet
 from privfast.optim import DPOptimizer
@@ -50,21 +56,70 @@ def _two_steps(context, state, x, y, shares):
 
 
 def test_two_processes_make_the_single_process_update():
+    inputs, single = _two_step_case()
+    per_rank = launch(_two_steps, *inputs, nproc=2, threads=1)
+    for rank_params in per_rank:
+        for a, b in zip(rank_params, single):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(per_rank[0][0], inputs[0]["features.0.weight"])  # it did train
+
+
+def _two_step_case():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
     torch.manual_seed(0)
     state = ConvNet(width=4).state_dict()
     shares = [[slice(0, 4), slice(0, 8)], [slice(4, 8), slice(0, 0)]]
-    per_rank = launch(_two_steps, state, x, y, shares, nproc=2, threads=1)
-
     model = _model(state)
     wrapped, optimizer = _optimizer(DPOptimizer, model, len(y))
     for _ in range(2):
         _step(wrapped, optimizer, x, y)
-    for rank_params in per_rank:
-        for a, b in zip(rank_params, model.parameters()):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(per_rank[0][0], state["features.0.weight"])  # it did train
+    return (state, x, y, shares), [p.detach() for p in model.parameters()]
+
+
+TORCHRUN_SCRIPT = """
+import os, torch
+from test_distributed import _two_steps
+from privfast.launch import launch
+per_rank = launch(_two_steps, *torch.load({inputs!r}, weights_only=False))
+torch.save(per_rank, os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_torchrun_two_processes_make_the_single_process_update(tmp_path):
+    """torchrun --nproc_per_node 2 on the CPU: each rank joins torchrun's group (env://, gloo) in launch."""
+    inputs, single = _two_step_case()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "two_steps.py"
+    script.write_text(TORCHRUN_SCRIPT.format(inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in launcher.TORCHRUN_VARIABLES}
+    tests = Path(__file__).resolve().parent  # the script imports this module, and privfast from the checkout
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):  # every rank holds every rank's result, each equal to the single-process model
+        per_rank = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(per_rank) == 2
+        for params in per_rank:
+            for a, b in zip(params, single):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_environment_is_detected_and_excludes_nproc(monkeypatch):
+    for name in launcher.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not launcher.under_torchrun() and not launcher.is_distributed(1) and launcher.is_distributed(2)
+    for name, value in zip(launcher.TORCHRUN_VARIABLES, ("1", "2", "127.0.0.1", "29511")):
+        monkeypatch.setenv(name, value)
+    assert launcher.under_torchrun() and launcher.is_distributed(1)
+    assert launcher.backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    with pytest.raises(ValueError, match="torchrun already started the processes"):
+        launch(_fail_on_rank_one, nproc=2)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
+    launcher.quiet_other_ranks()  # rank 1: its output goes nowhere
+    assert sys.stdout.name == os.devnull
 
 
 def test_shards_partition_the_data_and_sample_at_rate_q():
@@ -127,7 +182,7 @@ def test_shadow_models_sharded_across_two_processes_are_each_ranks_own_vectorize
         for name, value in alone.params.items():
             torch.testing.assert_close(shadows.params[name][2 * rank:2 * rank + 2], value, rtol=1e-4, atol=1e-5)
     assert shadows.logits(x[:5]).shape == (4, 5, 10)  # the merged set attacks like any ShadowModels
-    with pytest.raises(ValueError, match="multiple of 2 \\* nproc"):
+    with pytest.raises(ValueError, match="multiple of 2 \\* processes"):
         launch_shadow_models(make_model, x, y, n_shadows=6, nproc=2, **recipe)
 
 
