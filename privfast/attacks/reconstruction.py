@@ -27,7 +27,9 @@ __all__ = [
     "PRESETS",
     "AttackConfig",
     "Reconstruction",
+    "channel_stats",
     "gradient_distance",
+    "normalize",
     "per_example_gradients",
     "psnr",
     "reconstruct",
@@ -287,10 +289,23 @@ class Reconstruction(NamedTuple):
     cost: Tensor
 
 
-def _stats(value: Union[float, Sequence[float], Tensor, None], default: float, like: Tensor) -> Tensor:
-    """Per-channel mean or std as ``[1, C, 1, 1]``."""
-    value = torch.as_tensor(default if value is None else value, dtype=like.dtype, device=like.device)
-    return value.reshape(1, -1, 1, 1)
+Stats = Union[float, Sequence[float], Tensor, None]
+"""A data-normalization statistic: one value, one per channel, or None (mean 0, std 1)."""
+
+
+def channel_stats(mean: Stats, std: Stats, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as ``[1, C, 1, 1]`` tensors (``C`` may be 1) in ``like``'s dtype and device."""
+    mean_t = torch.as_tensor(0.0 if mean is None else mean, dtype=like.dtype, device=like.device)
+    std_t = torch.as_tensor(1.0 if std is None else std, dtype=like.dtype, device=like.device)
+    return mean_t.reshape(1, -1, 1, 1), std_t.reshape(1, -1, 1, 1)
+
+
+def normalize(x: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
+    """``(x - mean) / std`` for images ``[N, C, H, W]`` with scalar or per-channel statistics; None means 0 and 1."""
+    if mean is None and std is None:
+        return x
+    mean_t, std_t = channel_stats(mean, std, x)
+    return (x - mean_t) / std_t
 
 
 def reconstruct(
@@ -300,8 +315,8 @@ def reconstruct(
     *,
     shape: Sequence[int],
     config: Union[str, AttackConfig] = "adam_cosine",
-    mean: Union[float, Sequence[float], Tensor, None] = None,
-    std: Union[float, Sequence[float], Tensor, None] = None,
+    mean: Stats = None,
+    std: Stats = None,
     start: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
@@ -349,7 +364,7 @@ def reconstruct(
         raise ValueError(f"labels must be [T={n_targets}], got {tuple(labels.shape)}")
 
     like = target_grads[0]
-    mean_t, std_t = _stats(mean, 0.0, like), _stats(std, 1.0, like)
+    mean_t, std_t = channel_stats(mean, std, like)
     low, high = (0 - mean_t) / std_t, (1 - mean_t) / std_t
     rows = config.restarts * n_targets  # restart r of target t is row r * T + t
     if start is None:
