@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "EPSILON_BOUNDS",
+    "LM_SCORES",
     "SCORES",
     "AttackComparison",
     "AuditResult",
@@ -58,6 +59,7 @@ __all__ = [
     "GradientCanary",
     "audit_checkpoint",
     "audit_one_run",
+    "audit_one_run_language_model",
     "audit_white_box",
     "clopper_pearson_bound",
     "clopper_pearson_epsilon",
@@ -728,8 +730,7 @@ SCORES = ("loss", "confidence")
 
 
 def _canary_scores(score: Score, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    from privfast.attacks.lira import logit_confidence
-    from privfast.attacks.training import example_losses, predict_logits
+    from privfast.attacks import example_losses, logit_confidence, predict_logits
 
     if callable(score):
         values = torch.as_tensor(score(model, x, y))
@@ -823,6 +824,91 @@ def audit_one_run(config, *, canaries: int = 256, score: Score = "loss", confide
                        time.perf_counter() - start, {**bound.details, "score": score if isinstance(score, str) else
                                                       getattr(score, "__name__", "custom"),
                                                       "test_accuracy": history[-1]["test_accuracy"],
+                                                      "train_seconds": train_seconds})
+
+
+LM_SCORES = ("calibrated", "log-perplexity")
+"""Canary scores :func:`audit_one_run_language_model` knows by name."""
+
+
+def audit_one_run_language_model(config=None, *, epsilon: float, canaries: int = 256, format: str = "digits",
+                                 score: str = "calibrated", confidence: float = 0.95, seed: int = 0, guesses: Optional[Sequence[int]] = None,
+                                 progress: bool = False) -> AuditResult:
+    """Black-box one-run audit of language-model training with token secrets (Steinke, Nasr and Jagielski, Sec. 7).
+
+    m canaries of one format ("the first number is" + random digits; :func:`~privfast.secret_sharer.secret_canaries`)
+    share their context and differ only in their secrets; each is written into one training window
+    of its own with probability 1/2 (a window is one example, so the bound audits per-example
+    privacy). One model trains through :class:`~privfast.privacy_engine.PrivacyEngine` as
+    :func:`~privfast.secret_sharer.train_language_model` trains it for the Secret Sharer; every canary
+    is scored by minus its secret's log-perplexity after the shared context, and
+    :func:`one_run_bound` turns the scores into a lower bound on epsilon.
+
+    Args:
+        config: the model, corpus and training recipe (:class:`~privfast.secret_sharer.SecretSharerConfig`;
+            its ``epsilons``, ``repeats`` and ``formats`` are not used). Default: its defaults.
+        epsilon: the budget the model trains at (``inf``: non-private, with the config's baseline optimizer).
+        canaries: m; needs m / 2 windows of the training stream, about.
+        format: the canaries' format, a name from :data:`~privfast.secret_sharer.CANARY_FORMATS`.
+        score: ``"calibrated"``: the secret's log-perplexity after another context ("the second
+            number is") minus after its own; ``"log-perplexity"``: minus its log-perplexity after its own.
+        confidence: of the bound.
+        seed: draws the secrets, the coins and the windows (training is seeded by ``config.seed``).
+        guesses: numbers of guesses to try (see :func:`one_run_bound`).
+        progress: training progress bars.
+
+    Returns:
+        :class:`AuditResult` (``details``: the bound's counts, ``test_perplexity``, ``train_seconds``, ``format``).
+
+    Raises:
+        ValueError: a bad ``epsilon`` or ``canaries``, a format the vocabulary cannot write, or a
+            corpus with fewer windows than inserted canaries.
+    """
+    from privfast.attacks.exposure import score_candidates
+    from privfast.secret_sharer import (SecretSharerConfig, build_language_model, perplexity, secret_canaries,
+                                        train_language_model)
+    from privfast.text import load_corpus, plant, windows
+
+    config = config or SecretSharerConfig()
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0 (inf: non-private), got {epsilon}")
+    if canaries < 2:
+        raise ValueError(f"the one-run audit needs at least 2 canaries, got {canaries}")
+    if score not in LM_SCORES:
+        raise ValueError(f"score must be one of {LM_SCORES}, got {score!r}")
+    start = time.perf_counter()
+    corpus = load_corpus(config.corpus, level=config.level, root=config.data_root, min_count=config.min_count)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = secret_canaries(corpus, format=format, count=canaries, generator=generator)
+    inserted = torch.rand(canaries, generator=generator) < 0.5
+    eos = torch.tensor([corpus.vocab.id(corpus.tokenizer.eos)])
+    chosen = [torch.cat([c.sequence, eos]) for c, keep in zip(drawn, inserted.tolist()) if keep]
+    rows = windows(corpus.train, length=config.window)
+    if chosen:
+        rows, _ = plant(rows, chosen, [1] * len(chosen), generator=generator)
+    private = math.isfinite(epsilon)
+    torch.manual_seed(config.seed)
+    model = build_language_model(config, vocab_size=len(corpus.vocab))
+    trained = train_language_model(
+        model, rows, epsilon=epsilon, delta=config.delta, epochs=config.epochs, batch_size=config.batch_size,
+        optimizer=config.optimizer if private else config.baseline_optimizer,
+        lr=config.lr if private else config.baseline_lr, max_grad_norm=config.max_grad_norm, noise_scaled_lr=True,
+        seed=config.seed, progress=progress)
+    train_seconds = time.perf_counter() - start
+    scores = -torch.stack([score_candidates(model.eval(), c, c.secret[None])[0] for c in drawn])
+    if score == "calibrated":
+        # The same secret after another context: what the model thinks of those symbols in that
+        # order regardless of memorization (digit frequencies, learned formats) cancels out.
+        others = secret_canaries(corpus, format=format, count=canaries, generator=generator)
+        scores = scores + torch.stack([score_candidates(model, other, c.secret[None])[0]
+                                       for other, c in zip(others, drawn)])
+    scores = scores.numpy()
+    bound = one_run_bound(scores, inserted.numpy(), delta=config.delta, confidence=confidence, guesses=guesses)
+    test_ppl = perplexity(model, windows(corpus.test, length=config.window))
+    return AuditResult("one-run", float(trained["epsilon"]), bound.epsilon, bound.epsilon, bound.epsilon, confidence,
+                       config.delta, scores[inserted.numpy()], scores[~inserted.numpy()],
+                       time.perf_counter() - start, {**bound.details, "score": score,
+                                                      "format": format, "test_perplexity": test_ppl,
                                                       "train_seconds": train_seconds})
 
 

@@ -64,7 +64,8 @@ from tqdm.auto import tqdm
 
 from privfast._io import atomic_save
 from privfast.attacks.exposure import (ENUMERATION_LIMIT, TokenCanary, candidate_index, enumerate_log_perplexities,
-                                       exposure, exposure_extrapolated, extract, score_candidates)
+                                       exposure, exposure_extrapolated, extract, score_candidates,
+                                       token_canary)
 from privfast.models import LSTMLanguageModel, TransformerLanguageModel
 from privfast.privacy_engine import PrivacyEngine
 from privfast.text import CORPORA, LEVELS, TextCorpus, load_corpus, plant, windows
@@ -81,6 +82,7 @@ __all__ = [
     "make_canaries",
     "perplexity",
     "run_secret_sharer",
+    "secret_canaries",
     "train_language_model",
 ]
 
@@ -276,6 +278,42 @@ def make_canaries(corpus: TextCorpus, *, formats: Sequence[str], repeats: Sequen
                          f"(they would all read as <unk>): {listed}. Use other formats, the other level, or a lower "
                          "min_count")
     return out
+
+
+def secret_canaries(corpus: TextCorpus, *, format: str, count: int, context_tokens: int = 2,
+                    generator: Optional[torch.Generator] = None) -> list[TokenCanary]:
+    """``count`` canaries of one format, each with a context of its own and a random secret.
+
+    The canaries of an audit (:func:`privfast.auditing.audit_one_run_language_model`): the format's
+    text with its ``{tag}`` replaced by ``context_tokens`` random vocabulary tokens ("the <w1> <w2>
+    number is"), then the secret. A context of its own is what lets a model tie one secret, seen in
+    one window, to it: canaries sharing a context compete for the same continuation.
+
+    Args:
+        corpus: gives the tokenizer and vocabulary (checked as :func:`make_canaries` checks them).
+        format: a name from :data:`CANARY_FORMATS`.
+        count: m >= 1 canaries.
+        context_tokens: random tokens in each canary's context (>= 1; the vocabulary's tokens other
+            than <unk> and end of line, uniformly).
+        generator: source of the contexts and the secrets.
+
+    Returns:
+        ``count`` :class:`~privfast.attacks.exposure.TokenCanary` whose prefixes start with the
+        end-of-line token; a training window holds ``canary.sequence`` then end of line.
+    """
+    if count < 1 or context_tokens < 1:
+        raise ValueError(f"count and context_tokens must be >= 1, got {count} and {context_tokens}")
+    checked = make_canaries(corpus, formats=[format], repeats=[1], generator=generator)[0]["canary"]
+    spec = CANARY_FORMATS[format]
+    before, after = spec.text.split("{tag}")
+    eos = corpus.vocab.id(corpus.tokenizer.eos)
+    pool = torch.tensor([i for i in range(len(corpus.vocab)) if i not in (eos, corpus.vocab.unk_id)])
+    head = torch.cat([torch.tensor([eos]), corpus.encode(before)])
+    tail = corpus.encode(after + (" " if corpus.level == "char" else ""))
+    slots, alphabet = len(checked.secret), checked.alphabet
+    return [token_canary(torch.cat([head, pool[torch.randint(0, len(pool), (context_tokens,), generator=generator)],
+                                    tail]), slots=slots, alphabet=alphabet, generator=generator)
+            for _ in range(count)]
 
 
 def _training_rows(corpus: TextCorpus, canaries: list[dict], *, window: int, generator: torch.Generator) -> Tensor:

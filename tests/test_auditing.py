@@ -18,6 +18,7 @@ from privfast import PrivacyEngine
 from privfast.auditing import (
     GradientCanary,
     audit_one_run,
+    audit_one_run_language_model,
     audit_white_box,
     clopper_pearson_bound,
     clopper_pearson_epsilon,
@@ -337,3 +338,43 @@ def test_cli_epsilon_bound_and_rmia(tmp_path, capsys, one_thread):
     assert (tmp_path / "rmia" / "roc.png").exists()
     assert main(["audit", "--epsilon-bound", "one-run"]) == 2  # no checkpoint: a clear error, no traceback
     assert "give one" in capsys.readouterr().err
+
+
+# -- the one-run audit of a language model with token secrets --------------------------------------
+# Big enough for a non-private model to memorize a secret it saw once (width 32 or 4 epochs do not).
+LM_AUDIT = dict(width=64, layers=1, window=16, batch_size=64, epochs=8, lr=4.0, baseline_lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def lm_audits():
+    from privfast.secret_sharer import SecretSharerConfig
+
+    torch.set_num_threads(1)
+    config = SecretSharerConfig(**LM_AUDIT)
+    return {eps: audit_one_run_language_model(config, epsilon=eps, canaries=200) for eps in (math.inf, 1.0)}
+
+
+def test_language_model_one_run_audit_of_non_private_training_is_positive(lm_audits):
+    result = lm_audits[math.inf]
+    assert result.accountant_epsilon == math.inf
+    # Each secret is in one window; a non-private model that memorizes it ranks it above the others
+    # (0.33 measured: one window out of 2,600 leaves a faint trace, and m = 200 limits the bound).
+    assert result.epsilon > 0.2, result.details
+    assert result.in_scores.mean() > result.out_scores.mean()
+    assert len(result.in_scores) + len(result.out_scores) == 200
+
+
+def test_language_model_one_run_audit_of_dp_at_epsilon_1(lm_audits):
+    result = lm_audits[1.0]
+    assert result.accountant_epsilon == pytest.approx(1.0, rel=0.05)
+    assert 0 <= result.epsilon <= 1.0, result.details
+    assert result.details["test_perplexity"] > 1
+
+
+def test_language_model_one_run_audit_bad_input():
+    from privfast.secret_sharer import SecretSharerConfig
+
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        audit_one_run_language_model(SecretSharerConfig(), epsilon=0.0)
+    with pytest.raises(ValueError, match="at least 2 canaries"):
+        audit_one_run_language_model(SecretSharerConfig(), epsilon=1.0, canaries=1)
