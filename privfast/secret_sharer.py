@@ -31,15 +31,15 @@ Design choices (each says why):
 - The vocabulary comes from the clean training split, never from the text with canaries: a
   vocabulary built from private text would itself reveal a rare secret's tokens, outside any
   DP guarantee. So a canary's tokens must already be in it; the error says which are not.
-- Exposure: exact, by scoring every candidate (10^5 for 5 digits), beside the seed's skew-normal
+- Exposure: exact, by scoring every candidate (10^5 for 5 digits), beside the paper's skew-normal
   extrapolation from a random sample of candidates; privfast's rank counts a tied candidate in
   the canary's favour (TF Privacy's counts it against; ties are rare with float losses).
 - epsilon = inf is non-private training (no clipping, no noise), with an optimizer of its own
-  (``baseline_optimizer``), as the seed's Table 3 compares optimizers across rows: on this corpus
+  (``baseline_optimizer``), as the paper's Table 3 compares optimizers across rows: on this corpus
   DP-SGD trains the private models best (RMSProp scales every coordinate by its noise-dominated
-  second moment, so its private steps are mostly noise: in 5 epochs at epsilon 8, test perplexity
-  240 against DP-SGD's 125), while plain SGD at DP-SGD's learning rate is unstable without
-  clipping (172 against RMSProp's 62 non-private).
+  second moment, so its private steps are mostly noise), while plain SGD at DP-SGD's learning
+  rate is unstable without clipping (perplexities: benchmarks/RESULTS.md, "Notes moved from
+  docstrings").
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ CANARY_FORMATS = {
 }
 """The formats a run can insert, by name. The defaults ``digits`` (10^5 candidates) and ``hex``
 (16^4 = 65,536) are ranked exactly in about a second each on a CPU; ``digits6`` (10^6) in several
-seconds; ``digits9`` is the seed's "the random number is 281265017" (10^9 candidates: the
+seconds; ``digits9`` is the paper's "the random number is 281265017" (10^9 candidates: the
 skew-normal extrapolation only)."""
 TAGS = ("first", "second", "third", "last", "next", "same", "other", "new")
 """One word per repeat count, so that the canaries of one format have distinct prefixes."""
@@ -136,7 +136,7 @@ class SecretSharerConfig:
         window: tokens per training example (one window of the stream).
         epochs: passes over the training windows.
         batch_size: expected (Poisson) windows per step of private runs; batch size otherwise.
-        optimizer: optimizer of the private runs: ``sgd`` (DP-SGD), ``rmsprop`` (the seed's
+        optimizer: optimizer of the private runs: ``sgd`` (DP-SGD), ``rmsprop`` (the paper's
             DP-RMSProp) or ``adam``.
         lr: learning rate of the private runs at noise multiplier sigma <= 1; noisier runs take lr / sigma.
         baseline_optimizer: optimizer of the non-private run (epsilon inf).

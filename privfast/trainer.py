@@ -95,7 +95,7 @@ class TrainConfig:
         grad_sample_mode: per-example gradient strategy (see :class:`~privfast.grad_sample.GradSampleModule`).
         attacks: membership attacks of the per-epoch audit (names from :data:`privfast.audit.ATTACKS`).
         audit_examples: members and non-members attacked each (the test set holds the non-members).
-        audit_known: members and non-members the attacker knows, each (seed 000: 100); fewer than
+        audit_known: members and non-members the attacker knows, each (Kaya & Dumitraş, ICML 2021: 100); fewer than
             ``audit_examples`` and than the test set.
         seed: seeds the model, the data order, the augmentations and the noise.
     """

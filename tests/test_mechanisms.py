@@ -1,4 +1,4 @@
-"""The seven augmentation mechanisms of seed 000: label mass, replacement rates, crop and cutout geometry."""
+"""The seven augmentation mechanisms of Kaya & Dumitraş (ICML 2021): label mass, replacement rates, crop and cutout geometry."""
 
 import math
 
@@ -29,7 +29,7 @@ def _batch(b=8, c=1, h=8, w=8, k=10, dtype=torch.float64):
 
 
 def test_label_smoothing_mass():
-    # Seed 000's example: alpha = 0.3 over 3 classes gives 80% / 10% / 10%.
+    # Kaya & Dumitraş's example: alpha = 0.3 over 3 classes gives 80% / 10% / 10%.
     x, targets = _batch(b=3, k=3)
     _, smooth = LabelSmoothing(0.3)(x, targets)
     np.testing.assert_allclose(smooth.numpy(), np.where(np.eye(3) == 1, 0.8, 0.1))
@@ -197,7 +197,7 @@ def _fit_digits(mechanism=None):
 
 @pytest.fixture(scope="module")
 def teacher():
-    return _fit_digits()  # SL distils a teacher trained without augmentation, as in seed 000
+    return _fit_digits()  # SL distils a teacher trained without augmentation, as Kaya & Dumitraş do
 
 
 @pytest.mark.parametrize("build", [

@@ -1,4 +1,7 @@
-"""Self-augmentation (De et al.) and DP-Mix (seed dp-mix.txt, Algorithm 1) as batch transforms.
+"""Self-augmentation (De et al.) and DP-Mix as batch transforms.
+
+DP-Mix is Algorithm 1 of Bao, Pittaluga, Kumar B G and Bindschaedler, "DP-Mix: Mixup-based Data
+Augmentation for Differentially Private Learning" (NeurIPS 2023).
 
 Each turns a batch ``(x [B, C, H, W], y)`` into ``(x [B*K, C, H, W], soft labels [B*K, classes])``
 with the K rows of an example contiguous, which is what the private engine folds before clipping.

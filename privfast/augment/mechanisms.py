@@ -1,4 +1,6 @@
-"""The seven augmentation mechanisms of seed 000 (Kaya & Dumitras, ICML 2021), as batched tensor ops.
+"""The seven augmentation mechanisms of Kaya & Dumitraş, as batched tensor ops.
+
+From "When Does Data Augmentation Help With Membership Inference Attacks?" (ICML 2021), Section 4.1.
 
 Each mechanism has one intensity parameter, named as in the paper:
 
@@ -86,7 +88,7 @@ class SoftLabels(Mechanism):
     """SL: targets become a teacher's tempered posteriors ``softmax(teacher(x) / T)`` (Hinton et al.).
 
     The teacher is trained beforehand without augmentation; large ``T`` flattens the targets
-    (seed 000 uses 1 <= T <= 1000). In private training the teacher must itself be private,
+    (Kaya & Dumitraş use 1 <= T <= 1000). In private training the teacher must itself be private,
     or the soft labels leak the data it saw.
 
     Args:
@@ -112,7 +114,7 @@ class LabelSmoothing(Mechanism):
     """LS: ``targets' = (1 - alpha) * targets + alpha / K`` (Szegedy et al.).
 
     For a one-hot target the true class keeps ``1 - alpha + alpha / K`` and every other class
-    gets ``alpha / K`` (seed 000: alpha = 0.3 over 3 classes gives 80% / 10% / 10%).
+    gets ``alpha / K`` (Kaya & Dumitraş: alpha = 0.3 over 3 classes gives 80% / 10% / 10%).
 
     Args:
         alpha: smoothing mass in [0, 1].
@@ -131,7 +133,7 @@ class DisturbLabel(Mechanism):
     """DL: each example's label is replaced, with probability ``theta``, by a different class (Xie et al.).
 
     The replacement is drawn uniformly among the K - 1 wrong classes, so a fraction ``theta`` of
-    the labels in an iteration is wrong, as seed 000 defines it. The "label" of a soft target is
+    the labels in an iteration is wrong, as Kaya & Dumitraş define it. The "label" of a soft target is
     its arg-max; a replaced row becomes one-hot.
 
     Args:
@@ -159,7 +161,7 @@ class RandomCrop(Mechanism):
     """RC: zero-pad ``P`` pixels on each side, then crop a random H x W window (Simonyan & Zisserman).
 
     Unlike :func:`privfast.ops.augment_batch` (reflect padding, the DP-Mix recipe), this pads with
-    zeros and allows ``P >= H``, as seed 000 does (1 <= P <= 38 on 32 x 32 images).
+    zeros and allows ``P >= H``, as Kaya & Dumitraş do (1 <= P <= 38 on 32 x 32 images).
 
     Args:
         padding: P >= 0.
@@ -209,7 +211,7 @@ class Cutout(Mechanism):
 
 
 class GaussianAugmentation(Mechanism):
-    """GA: add ``N(0, sigma^2 I)`` noise to every image (Cohen et al.); seed 000 uses 0.01 <= sigma^2 <= 0.35.
+    """GA: add ``N(0, sigma^2 I)`` noise to every image (Cohen et al.); Kaya & Dumitraş use 0.01 <= sigma^2 <= 0.35.
 
     Args:
         variance: sigma^2 >= 0 (the paper's intensity is the variance, not the standard deviation).

@@ -24,12 +24,10 @@ from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fol
 
 Conv = Union[nn.Conv1d, nn.Conv2d]
 
-# Measured on CPU (B = 16, K = 16, one thread): below this many input channels per group one group
-# per row is fastest (3 -> 32 channels at 32x32, bench_training's first conv: 18 ms against 21 ms
-# per example; 4 -> 32: 28 against 34 ms); from it on, one run per example (8 -> 32 at 32x32: 35
-# against 39 ms; 32 -> 64 at 16x16: 29 against 54 ms per row, and 38 ms with the examples as the
-# groups of one run, of which 11 ms are the transposed copies that layout needs). With fold 1 the
-# rows are the examples, and one run with a group per row does it without a copy.
+# Below this many input channels per group one weight-gradient run with a group per row is fastest
+# on CPU; from it on, one run per example on its contiguous fold rows, which needs no transposed
+# copies (the timings that set it: benchmarks/RESULTS.md, "Notes moved from docstrings"). With
+# fold 1 the rows are the examples, and one run with a group per row does it without a copy.
 PER_EXAMPLE_MIN_CHANNELS = 8
 
 # Per device type: whether convolution_backward takes the stride-0 placeholder weight (see _weight_gradient).

@@ -1,11 +1,14 @@
-"""SAM (Foret et al., 2021) and its private versions (seed generalization-vs-dp-against-mia.txt, App. B).
+"""SAM (Foret et al., 2021) and its private versions.
+
+As in Liu, Oya & Kerschbaum, "Generalization Techniques Empirically Outperform Differential Privacy
+against Membership Inference" (arXiv:2110.05524, 2021), Appendix B.
 
 DP-SAM privatizes both gradients of a SAM step: the ascent direction ``e = rho * g / ||g||`` is
 computed from the clipped, noised gradient at ``w`` (using the raw batch gradient there would
 make every example's gradient at ``w + e`` depend on the others, which the DP-SGD analysis does
 not cover), and the descent gradient at ``w + e`` is clipped and noised again. Each SAM step is
 therefore two Gaussian releases, and the accountant is stepped twice. With ``noise_multiplier=0``
-it is "SAM with clipping" (no privacy guarantee, the seed's comparison point).
+it is "SAM with clipping" (no privacy guarantee, that paper's comparison point).
 """
 
 from __future__ import annotations
