@@ -1,4 +1,5 @@
-"""The seven augmentation mechanisms of Kaya & Dumitraş (ICML 2021): label mass, replacement rates, crop and cutout geometry."""
+"""Kaya & Dumitraş's seven augmentation mechanisms (ICML 2021): label mass, replacement rates, crop and cutout
+geometry."""
 
 import math
 
