@@ -125,14 +125,17 @@ def _check_tensor_list(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
     return tensors
 
 
-def non_finite_error(what: str, consequence: str = "clipping them would give a wrong update") -> ValueError:
-    """The one error for non-finite (NaN or inf) per-example gradients, wherever they are found.
+def non_finite_error(subject: str, detail: str = "",
+                     consequence: str = "clipping them would give a wrong update") -> ValueError:
+    """The one error for non-finite (NaN or inf) per-example gradients, worded as the kernels word it.
 
     Args:
-        what: whose gradients, ending in a verb, e.g. "grads: examples [3] have".
+        subject: whose gradients, ending in a verb, e.g. "grads has".
+        detail: which examples, e.g. " for examples [3], first in grads[0]".
         consequence: what using them would do.
     """
-    return ValueError(f"{what} non-finite values (NaN or inf); {consequence}. Check the loss and the learning rate.")
+    return ValueError(f"{subject} non-finite values (NaN or inf){detail}; {consequence}. "
+                      "Check the loss and learning rate.")
 
 
 def check_finite_norms(norms: Tensor, grads: Optional[Sequence[Tensor]] = None, *, name: str = "grads") -> None:
@@ -146,13 +149,13 @@ def check_finite_norms(norms: Tensor, grads: Optional[Sequence[Tensor]] = None, 
     bad = (~torch.isfinite(norms)).nonzero().flatten()
     if bad.numel() == 0:
         return
-    shown = bad[:10].tolist()
+    shown = ", ".join(str(b) for b in bad[:10].tolist())
     more = f" and {bad.numel() - 10} more" if bad.numel() > 10 else ""
     where = ""
     if grads is not None:
-        tensor_index = next(i for i, g in enumerate(grads) if not torch.isfinite(g[shown[0]]).all())
-        where = f" (first in {name}[{tensor_index}])"
-    raise non_finite_error(f"{name}: examples {shown}{more}{where} have")
+        first = int(bad[0])
+        where = f", first in {name}[{next(i for i, g in enumerate(grads) if not torch.isfinite(g[first]).all())}]"
+    raise non_finite_error(f"{name} has", f" for examples [{shown}{more}]{where}")
 
 
 # ----------------------------------------------------------------------------------------

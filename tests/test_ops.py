@@ -444,6 +444,23 @@ def test_non_finite_gradients_name_the_examples_and_tensor(device, bad_value):
         ops.clip_accumulate_noise(grads, 1.0, 1.0)
 
 
+def test_fallback_names_non_finite_examples_as_the_kernel_does(monkeypatch):
+    grads = make_grads(12, torch.float64, "cpu")
+    grads[1][11, 0] = float("nan")
+    for b in range(11):
+        grads[2][b].view(-1)[0] = float("inf")
+    message = ops.non_finite_error("grads has", " for examples [0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more], first in "
+                                   "grads[2]")
+    with pytest.raises(ValueError) as kernel:
+        ops.clip_accumulate_noise(grads, 1.0, 1.0)
+    assert str(kernel.value) == str(message)
+    monkeypatch.setattr(ops, "_EXTENSION_ERROR", "simulated: privfast._C not built")
+    monkeypatch.setattr(ops, "_warned_fallback", True)
+    with pytest.raises(ValueError) as fallback:
+        ops.clip_accumulate_noise(grads, 1.0, 1.0)
+    assert str(fallback.value) == str(message)
+
+
 def test_gradsim_bad_input():
     with pytest.raises(ValueError, match="pass index"):
         ops.gradsim([torch.zeros(3, 2)], [torch.zeros(2, 2)])

@@ -614,7 +614,7 @@ class GradSampleModule(nn.Module):
             event.synchronize()
         if not bool(host):
             raise ops.non_finite_error(
-                "the previous step's per-example gradients had",
+                "the previous step's per-example gradients had", "",
                 "its clipped sum and the update it made have them too (checked without a host sync, one step late). "
                 "Restore the model from a checkpoint; defer_finite_check=False stops at the step itself",
             )
