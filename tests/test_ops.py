@@ -1,7 +1,9 @@
 """privfast.ops against the pure-torch references, on every device and float dtype."""
 
+import ast
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -502,6 +504,22 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         ops.per_sample_norms(grads)
     for a, b in zip(with_kernels, fallback):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_self_check_imports_the_oracle():
+    """privfast._reference is the tests' oracle: the library must not compute with it (the self-check compares)."""
+    package = Path(privfast.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "privfast._reference" for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"selfcheck.py"}
 
 
 @pytest.mark.parametrize("batch", BATCHES)
