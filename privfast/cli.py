@@ -20,30 +20,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
 import typing
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from privfast.attacks.exposure import exposure, exposure_extrapolated
-from privfast.attacks.lira import lira
-from privfast.attacks.reconstruction import PRESETS, per_example_gradients, psnr, reconstruct
-from privfast.attacks.training import example_losses, train_classifier, train_shadow_models
-from privfast.audit import ATTACKS, MembershipAudit
+from privfast.attacks.reconstruction import PRESETS
+from privfast.audit import ATTACKS, DEFAULT_ATTACKS, audit_model
 from privfast.auditing import EPSILON_BOUNDS, SCORES, audit_checkpoint, rmia_audit
-from privfast.augment.ats_library import Policy
 from privfast.data import DATASETS, Split, load_dataset
+from privfast.federated import INVERSION_NOTE, invert_gradients
 from privfast.grad_sample.engine import MODES
 from privfast.models import LeNet
-from privfast.reports import format_table, plot_reconstructions, plot_roc, summarize, write_report
-from privfast.search import accuracy_score, search
+from privfast.reports import (ADVANTAGE_NOTE, format_audit, format_table, load_audits, plot_reconstructions, summarize,
+                              write_audit, write_report)
+from privfast.search import ats_search
 from privfast.throughput import FAMILIES, VARIANTS, compare_family, format_markdown, format_rows, run_benchmark
 from privfast.trainer import (METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_canaries, load_data,
                               load_trained)
@@ -154,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one-run: canary images (default 256); white-box: canary directions per step (default 16)")
     audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the epsilon lower bound")
     audit.add_argument("--score", choices=SCORES, default="loss", help="the one-run audit's canary score")
-    audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS),
-                       default=["yeom", "calibrated", "calibrated_per_class", "augmentation_aware"])
+    audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS), default=list(DEFAULT_ATTACKS),
+                       help="threshold attacks (yeom, calibrated and calibrated_per_class share the -loss score)")
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
     audit.add_argument("--known", type=int, default=100, help="members and non-members the attacker knows, each")
     audit.add_argument("--seed", type=int, default=0, help="seeds the attacked subsets and the attacker's knowledge")
@@ -164,11 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--shadow-epochs", type=int, default=20, help="training epochs of each shadow model")
     audit.add_argument("--nproc", type=int, default=1, help="processes the shadow models are sharded across")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
-    audit.add_argument("--out", type=Path, default=None, help="write audit.json, audit.md and roc.png there")
+    audit.add_argument("--out", type=Path, default=None,
+                       help="write audit.json, audit.md and roc.png there (default: beside the checkpoint, where "
+                            "`privfast report` finds them)")
     audit.set_defaults(handler=_audit)
 
     report = commands.add_parser("report", help="one report comparing several trained runs")
-    report.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint.pt files written by `privfast train`")
+    report.add_argument("checkpoints", type=Path, nargs="+",
+                        help="checkpoint.pt files written by `privfast train` (the audits `privfast audit` wrote "
+                             "beside them are included)")
     report.add_argument("--out", type=Path, required=True, help="report directory")
     report.add_argument("--attack", default=None,
                         help="the audited attack of the table (default: one that every run audited)")
@@ -240,6 +240,7 @@ def _write_json(out: Path, name: str, value) -> Path:
 
 def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
     print(format_table(rows))
+    print(ADVANTAGE_NOTE)
     if elapsed is not None:
         print(f"wall time: {elapsed:.1f} s")
 
@@ -296,146 +297,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(path: Path) -> Path:
+    """The run directory of a checkpoint path (or the directory itself)."""
+    return path if path.is_dir() else path.parent
+
+
 def _audit(args: argparse.Namespace) -> int:
-    if args.epsilon_bound is not None or args.attack is not None:
-        return _audit_epsilon_or_rmia(args)
-    if args.checkpoint is None:
-        raise ValueError("a CHECKPOINT is needed (only --attack rmia runs without one)")
-    model, config, history = load_trained(args.checkpoint)
-    train, test = load_data(config)
-    last = history[-1]  # a checkpoint is written after a whole epoch only
-    audit = MembershipAudit(train, test, attacks=args.attacks, max_examples=args.examples, n_known=args.known,
-                            seed=args.seed, epsilon=(lambda: last["epsilon"]) if "epsilon" in last else None,
-                            delta=config.delta)
-    if args.shadows:
-        audit.attacks.update(_lira_attacks(config, audit, shadows=args.shadows, epochs=args.shadow_epochs,
-                                           seed=args.seed, nproc=args.nproc, progress=not args.no_progress))
-    results = {}  # the attacks' full results, for the ROC curves
-    for name, attack in list(audit.attacks.items()):
-        audit.attacks[name] = partial(_keep, attack, results, name)
-    record = audit(model, last["epoch"])
-    print(f"{args.checkpoint}: {config.method}, test accuracy {record['test_accuracy']:.3f}, train accuracy "
-          f"{record['train_accuracy']:.3f}; {len(audit.members[1])} members and {len(audit.nonmembers[1])} "
-          "non-members attacked")
-    rows = {name: summarize([record], attack=name) for name in results}
-    _print_table(rows)
-    canaries = _canary_exposure(model, *load_canaries(args.checkpoint))
-    if canaries is not None:
-        print(f"\ncanary exposure ({canaries['inserted']} canaries inserted {config.canary_repeats} times; "
-              f"ranked among {canaries['references']} candidates never inserted: at most "
-              f"{canaries['max_exposure']:.2f} bits; about 1 bit means not memorized)")
-        print(canaries["table"])
-    if args.out is not None:
-        summary = _write_json(args.out, "audit.json", {
-            "config": config.to_dict(), "record": record, "shadows": args.shadows,
-            "canaries": {k: v for k, v in canaries.items() if k not in ("table", "markdown")} if canaries else None})
-        roc = plot_roc({name: result.summary["roc"] for name, result in results.items()}, args.out / "roc.png")
-        lines = [f"## Membership audit of `{args.checkpoint}` ({config.method}, epoch {last['epoch']})", "",
-                 f"{len(audit.members[1])} members (training examples) and {len(audit.nonmembers[1])} non-members "
-                 f"(test set); LiRA with {args.shadows} shadow models (0: not run).", "",
-                 format_table(rows, markdown=True), "", "![ROC, log-log](roc.png)", ""]
-        if canaries is not None:
-            lines += [f"### Canary exposure (r = {config.canary_repeats}, {canaries['references']} references)", "",
-                      canaries["markdown"], ""]
-        (args.out / "audit.md").write_text("\n".join(lines))
-        print(f"written: {summary}, {args.out / 'audit.md'}, {roc}")
-    return 0
-
-
-def _audit_epsilon_or_rmia(args: argparse.Namespace) -> int:
-    """``--epsilon-bound`` (privfast.auditing.audit_checkpoint) or ``--attack rmia`` (privfast.auditing.rmia_audit)."""
     if args.epsilon_bound is not None and args.attack is not None:
         raise ValueError("give --epsilon-bound or --attack, not both")
+    if args.checkpoint is None and args.attack is None:
+        what = "--epsilon-bound audits the recipe of a CHECKPOINT: give one" if args.epsilon_bound else \
+            "a CHECKPOINT is needed (only --attack rmia runs without one)"
+        raise ValueError(what)
+    out = args.out if args.out is not None or args.checkpoint is None else _run_dir(args.checkpoint)
+    progress = not args.no_progress
+    if args.attack is None and args.epsilon_bound is None:
+        model, config, history = load_trained(args.checkpoint)
+        audit = audit_model(model, config, history, canaries=load_canaries(args.checkpoint), attacks=args.attacks,
+                            examples=args.examples, known=args.known, shadows=args.shadows,
+                            shadow_epochs=args.shadow_epochs, seed=args.seed, nproc=args.nproc, progress=progress)
+        print(f"{args.checkpoint}: {format_audit(audit)}")
+        print("written: " + ", ".join(map(str, write_audit(audit, out, source=str(args.checkpoint)))))
+        return 0
     if args.attack == "rmia":
         result = rmia_audit(args.checkpoint, shadows=args.shadows, shadow_epochs=args.shadow_epochs,
-                            examples=args.examples, seed=args.seed, progress=not args.no_progress)
+                            examples=args.examples, seed=args.seed, progress=progress)
         print(f"{result.details['target']}: {result.details['members']} members, {result.details['nonmembers']} "
               f"non-members, {args.shadows} shadow models (offline a = {result.details['offline_a']})")
     else:
-        if args.checkpoint is None:
-            raise ValueError("--epsilon-bound audits the recipe of a CHECKPOINT: give one")
         result = audit_checkpoint(args.checkpoint, bound=args.epsilon_bound, canaries=args.canaries,
-                                  confidence=args.confidence, score=args.score, seed=args.seed,
-                                  progress=not args.no_progress)
+                                  confidence=args.confidence, score=args.score, seed=args.seed, progress=progress)
         print(f"{args.checkpoint}: {result.details['method']} retrained once with canaries; delta {result.delta:g}")
     print(result.table())
     print(f"wall time: {result.seconds:.1f} s")
-    if args.out is not None:
-        print("written: " + ", ".join(map(str, result.write(args.out))))
+    if out is not None:
+        print("written: " + ", ".join(map(str, result.write(out))))
     return 0
-
-
-def _keep(attack, results: dict, name: str, *args, **kwargs):
-    """Run ``attack`` and keep its :class:`AttackResult` in ``results[name]`` (MembershipAudit keeps numbers only)."""
-    results[name] = attack(*args, **kwargs)
-    return results[name]
-
-
-def _lira_attacks(config: TrainConfig, audit: MembershipAudit, *, shadows: int, epochs: int, seed: int, nproc: int,
-                  progress: bool) -> dict:
-    """LiRA (online and offline) against the audit's members and non-members.
-
-    As in Carlini et al., the attacker trains ``shadows`` models of the target's architecture on
-    random halves of the population it queries: the audited members and non-members together, so
-    that every audited example is IN for half of the shadows and OUT for the other half. With
-    ``nproc > 1`` the shadows are sharded across processes.
-    """
-    (xm, ym), (xn, yn) = audit.members, audit.nonmembers
-    x, y = torch.cat([xm, xn]), torch.cat([ym, yn])
-    is_member = torch.arange(len(y)) < len(ym)
-    shape = data_shape(Split(x, y))
-    make_model = partial(build_model, config, **shape)  # picklable, for the processes of a sharded run
-    from privfast import launch
-
-    if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
-        trained = launch.launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed,
-                                              epochs=epochs, progress=False)
-    else:
-        trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=epochs,
-                                      generator=torch.Generator().manual_seed(seed), progress=progress)
-
-    def attack(model, members, nonmembers, *, generator, online: bool):
-        # Per-example variances need many shadows (the paper: 64+); below that one pooled variance is steadier.
-        return lira(model, trained, x, y, is_member=is_member, online=online, fix_variance=shadows < 64)
-
-    return {"lira_online": partial(attack, online=True), "lira_offline": partial(attack, online=False)}
-
-
-def _extrapolate_exposure(canary_losses: torch.Tensor, reference_losses: torch.Tensor) -> tuple[list, Optional[str]]:
-    """The skew-normal exposures, or NaNs where the fit cannot be made, with the fit's warning or
-    error as a note: an audit reports an untrustworthy extrapolation instead of failing or hiding it."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        try:
-            fitted = exposure_extrapolated(canary_losses, reference_losses).tolist()
-        except ValueError as error:
-            return [math.nan] * len(canary_losses), f"not extrapolated: {error}"
-    notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    return fitted, "; ".join(notes) or None
-
-
-def _canary_exposure(model, canaries: Split, references: Split) -> Optional[dict]:
-    """Rank-based and extrapolated exposure of the inserted canaries, with a text and a Markdown table."""
-    if not len(canaries.y):
-        return None
-    canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
-    ranked = exposure(canary_losses, reference_losses)
-    fitted, fit_note = _extrapolate_exposure(canary_losses, reference_losses)
-    header = ["canary", "label", "loss", "exposure (bits)", "extrapolated (bits)"]
-    body = [[str(i), str(int(label)), f"{loss:.3f}", f"{e:.2f}", f"{f:.2f}"]
-            for i, (label, loss, e, f) in enumerate(zip(canaries.y, canary_losses.tolist(), ranked.tolist(), fitted))]
-    body.append(["mean", "", f"{canary_losses.mean():.3f}", f"{ranked.mean():.2f}", f"{sum(fitted) / len(fitted):.2f}"])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    footnote = [] if fit_note is None else [f"extrapolated exposure unreliable: {fit_note}"]
-    return {
-        "inserted": len(canaries.y), "references": len(references.y), "max_exposure": math.log2(len(references.y) + 1),
-        "losses": canary_losses.tolist(), "exposure": ranked.tolist(), "exposure_extrapolated": fitted,
-        "extrapolation_note": fit_note,
-        "table": "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-                           + footnote),
-        "markdown": "\n".join(["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body]]
-                              + [f"\n*{note}*" for note in footnote]),
-    }
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -443,18 +340,23 @@ def _report(args: argparse.Namespace) -> int:
     if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
         raise ValueError(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
                          "checkpoints (pass --names)")
-    runs, models, data = {}, {}, None
+    runs, models, audits, data = {}, {}, {}, None
     for name, path in zip(names, args.checkpoints):
         model, config, history = load_trained(path)
         runs[name] = {"config": config.to_dict(), "history": history}
         models[name] = model
+        audits[name] = load_audits(_run_dir(path))
         data = data or load_data(config)
     common = [a for a in ATTACKS if all(a in run["history"][-1] for run in runs.values())]
     if args.attack is None and not common:
         raise ValueError("the runs have no audited attack in common; pass --attack")
     attack = args.attack or common[-1]
     _print_table({name: summarize(run["history"], attack=attack) for name, run in runs.items()})
-    path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1])
+    path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1],
+                        audits=audits)
+    for name, found in audits.items():
+        if found:
+            print(f"{name}: audits included ({', '.join(found)})")
     print(f"report: {path}")
     return 0
 
@@ -463,31 +365,15 @@ def _search(args: argparse.Namespace) -> int:
     config = TrainConfig(dataset=args.dataset, data_root=args.data_root, model=args.model, width=args.width,
                          seed=args.seed)
     train, _ = load_data(config)
-    generator = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    semi, init = build_model(config, **data_shape(train)), build_model(config, **data_shape(train))
-    subset = torch.randperm(len(train.y), generator=generator)[:max(1, int(args.semi_fraction * len(train.y)))]
-    train_classifier(semi, train.x[subset], train.y[subset], epochs=args.semi_epochs, generator=generator,
-                     progress=not args.no_progress)
-    threshold = args.acc_threshold
-    if threshold is None:
-        threshold = accuracy_score(init, train.x, train.y, generator=torch.Generator().manual_seed(args.seed))
-    options = dict(candidates=args.candidates, acc_threshold=threshold, top_n=args.top, images=args.images,
-                   seed=args.seed)
-    from privfast import launch
-
-    if launch.is_distributed(args.nproc):  # --nproc N, or started by torchrun
-        result = launch.launch_search(semi, init, (train.x, train.y), nproc=args.nproc, **options)
-    else:
-        result = search(semi, init, (train.x, train.y), progress=not args.no_progress, **options)
-    print(f"S_acc threshold {threshold:.3f}; lower S_pri is more private")
+    result = ats_search(partial(build_model, config, **data_shape(train)), train, candidates=args.candidates,
+                        images=args.images, acc_threshold=args.acc_threshold, top_n=args.top,
+                        semi_fraction=args.semi_fraction, semi_epochs=args.semi_epochs, seed=args.seed,
+                        nproc=args.nproc, progress=not args.no_progress)
+    print(f"S_acc threshold {result.threshold:.3f}; lower S_pri is more private; a policy lists indices of the ATS "
+          "library, its transforms named beside it")
     print(result.format_table(limit=10))
     if args.out is not None:
-        table = [{"policy": str(r.policy), "s_pri": r.privacy, "s_acc": r.accuracy} for r in result.table]
-        selected = [str(p) for p in result.selected]
-        path = _write_json(args.out, "search.json", {"threshold": threshold, "selected": selected,
-                                                     "hybrid": str(result.hybrid), "table": table})
-        print(f"written: {path}")
+        print("written: " + ", ".join(map(str, result.write(args.out))))
     return 0
 
 
@@ -499,39 +385,18 @@ def _invert(args: argparse.Namespace) -> int:
         _, test = load_dataset(args.dataset, root=args.data_root)
         torch.manual_seed(args.seed)
         model = LeNet(**data_shape(test)).eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    x, y = test.x[:args.images], test.y[:args.images]
-    # With a policy, the attack runs on the clean and on the transformed images at once (as ATS's
-    # Fig. 4 compares them): rows [0, N) are clean, [N, 2N) transformed.
-    targets = torch.cat([x, Policy(args.policy)(x, generator=generator)]) if args.policy else x
-    grads = per_example_gradients(model, targets, y.repeat(len(targets) // len(y)))
     overrides = {"tv": args.tv} if args.tv is not None else {}
-    result = reconstruct(model, grads, shape=tuple(x.shape[1:]), config=args.preset, iterations=args.iterations,
-                         generator=generator, progress=not args.no_progress, **overrides)
-    to_shared, to_clean = psnr(result.images, targets), psnr(result.images, x.repeat(len(targets) // len(x), 1, 1, 1))
-    print(f"{args.preset}, {args.iterations} iterations; labels recovered "
-          f"{int((result.labels == y.repeat(len(targets) // len(y))).sum())}/{len(targets)}")
-    cases = {"no defense": slice(0, len(x))}
-    if args.policy:
-        cases[f"policy {args.policy}"] = slice(len(x), 2 * len(x))
-    print(f"{'image':<8} {'defense':<24} {'PSNR vs shared (dB)':>20} {'PSNR vs clean (dB)':>19}")
-    for case, rows in cases.items():
-        for i, (a, b) in enumerate(zip(to_shared[rows].tolist(), to_clean[rows].tolist())):
-            print(f"{i:<8} {case:<24} {a:>20.2f} {b:>19.2f}")
-        print(f"{'mean':<8} {case:<24} {to_shared[rows].mean():>20.2f} {to_clean[rows].mean():>19.2f}")
+    result = invert_gradients(model, Split(test.x[:args.images], test.y[:args.images]), policy=args.policy,
+                              preset=args.preset, iterations=args.iterations, seed=args.seed,
+                              progress=not args.no_progress, **overrides)
+    print(f"{args.preset}, {args.iterations} iterations; labels recovered {result.labels_recovered}/"
+          f"{len(result.shared)}")
+    print(result.format_table())
+    print(INVERSION_NOTE)
     if args.out is not None:
-        grid = {"clean": x, "reconstructed": result.images[cases["no defense"]]}
-        titles = {"reconstructed": [f"{v:.1f} dB" for v in to_clean[cases["no defense"]].tolist()]}
-        if args.policy:
-            defended = cases[f"policy {args.policy}"]
-            grid |= {"transformed": targets[defended], "reconstructed (policy)": result.images[defended]}
-            titles["reconstructed (policy)"] = [f"{v:.1f} dB" for v in to_clean[defended].tolist()]
-        path = plot_reconstructions(grid, args.out / "reconstructions.png", titles=titles)
-        summary = _write_json(args.out, "invert.json", {
-            "preset": args.preset, "iterations": args.iterations, "policy": args.policy,
-            **{case: {"psnr_vs_shared": to_shared[rows].tolist(), "psnr_vs_clean": to_clean[rows].tolist()}
-               for case, rows in cases.items()}})
-        print(f"written: {path}, {summary}")
+        rows, titles = result.grid()
+        path = plot_reconstructions(rows, args.out / "reconstructions.png", titles=titles)
+        print(f"written: {path}, {_write_json(args.out, 'invert.json', result.to_dict())}")
     return 0
 
 

@@ -32,10 +32,10 @@ from privfast.attacks.reconstruction import (
     reconstruct,
     ssim,
 )
-from privfast.attacks.training import train_classifier
 from privfast.augment.ats_library import Policy
-from privfast.search.scores import Stats, accuracy_score, normalize
-from privfast.search.search import SearchResult, search
+from privfast.data import Split
+from privfast.search.scores import Stats, normalize
+from privfast.search.search import SearchResult, ats_search
 
 __all__ = [
     "Defense",
@@ -44,8 +44,11 @@ __all__ = [
     "ServerAttack",
     "add_noise",
     "ats_experiment",
+    "INVERSION_NOTE",
+    "Inversion",
     "evaluate_defenses",
     "format_report",
+    "invert_gradients",
     "prune",
     "split_participants",
 ]
@@ -136,7 +139,8 @@ class Defense:
         if self.noise is not None and self.noise not in _NOISE:
             raise ValueError(f"noise must be None or one of {_NOISE}, got {self.noise!r}")
         if not 0 <= self.prune_ratio <= 1 or self.noise_scale < 0:
-            raise ValueError(f"prune_ratio must be in [0, 1] and noise_scale >= 0, got {self.prune_ratio}, {self.noise_scale}")
+            raise ValueError(f"prune_ratio must be in [0, 1] and noise_scale >= 0, got {self.prune_ratio}, "
+                             f"{self.noise_scale}")
         if self.policy is not None:
             Policy(self.policy)  # fail early on a malformed policy
 
@@ -172,7 +176,8 @@ class Federation:
     Args:
         model: the global model (trained in place). Use GroupNorm or no normalization: the
             participants are vmapped, which BatchNorm's running statistics do not allow.
-        data: ``(x, y)``: training images ``[N, C, H, W]`` in [0, 1] and int64 labels ``[N]``.
+        data: the training :class:`~privfast.data.Split`: images ``[N, C, H, W]`` in [0, 1] and
+            int64 labels ``[N]`` (any pair ``(x, y)``).
         participants: number of participants (10 in ATS), each with ``N // participants`` examples.
         defense: what every participant does to its data and to what it shares.
         algorithm: ``"fedsgd"`` (share a minibatch gradient each round) or ``"fedavg"`` (share
@@ -188,7 +193,7 @@ class Federation:
     def __init__(
         self,
         model: nn.Module,
-        data: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+        data: Split,
         *,
         participants: int = 10,
         defense: Defense = Defense(),
@@ -213,7 +218,7 @@ class Federation:
         self.batch_size, self.lr, self.local_steps = batch_size, lr, local_steps
         self.mean, self.std = mean, std
         self.generator = torch.Generator().manual_seed(seed)
-        x, y = data[0], data[1]
+        x, y = Split(*data)
         self.shares = split_participants(x.shape[0], participants, generator=self.generator)
         self.x, self.y = x, y
         if self.batch_size > self.shares.shape[1]:
@@ -344,8 +349,8 @@ class DefenseReport(NamedTuple):
 
 def evaluate_defenses(
     make_model: Callable[[], nn.Module],
-    train: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
-    test: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+    train: Split,
+    test: Split,
     defenses: Sequence[Defense],
     *,
     rounds: int = 200,
@@ -361,7 +366,7 @@ def evaluate_defenses(
 
     Args:
         make_model: builds the (freshly initialized) global model; called once, then copied.
-        train, test: ``(x, y)`` pairs of images in [0, 1] and labels.
+        train, test: :class:`~privfast.data.Split` s of images in [0, 1] and labels.
         defenses: the defenses to compare (include ``Defense()`` for the undefended baseline).
         rounds: communication rounds per federation.
         attack_images: examples of participant 0 attacked, one shared gradient each.
@@ -384,21 +389,23 @@ def evaluate_defenses(
         fed.train(rounds, progress=progress)
         result = fed.attack(0, images=attack_images, config=attack, progress=progress, **attack_overrides)
         reports.append(DefenseReport(defense.name, float(result.psnr.mean()), float(result.ssim.mean()),
-                                     fed.accuracy(test[0], test[1])))
+                                     fed.accuracy(*Split(*test))))
     return reports
 
 
-def format_report(reports: Sequence[DefenseReport]) -> str:
-    """The reports as a text table (defense, PSNR, SSIM, accuracy %)."""
-    lines = [f"{'defense':<24} {'PSNR':>7} {'SSIM':>6} {'ACC':>7}"]
-    lines += [f"{r.defense:<24} {r.psnr:>7.2f} {r.ssim:>6.3f} {100 * r.accuracy:>6.2f}%" for r in reports]
-    return "\n".join(lines)
+def format_report(reports: Sequence[DefenseReport], *, markdown: bool = False) -> str:
+    """The reports as a table (defense, PSNR and SSIM against the transformed images, accuracy %)."""
+    from privfast.reports import table
+
+    return table(["defense", "PSNR", "SSIM", "ACC"],
+                 [[r.defense, f"{r.psnr:.2f}", f"{r.ssim:.3f}", f"{100 * r.accuracy:.2f}%"] for r in reports],
+                 markdown=markdown)
 
 
 def ats_experiment(
     make_model: Callable[[], nn.Module],
-    train: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
-    test: Union[tuple[Tensor, Tensor], Sequence[Tensor]],
+    train: Split,
+    test: Split,
     *,
     candidates: int = 200,
     images: int = 20,
@@ -416,15 +423,15 @@ def ats_experiment(
 ) -> tuple[SearchResult, list[DefenseReport]]:
     """The whole ATS pipeline: semi-train, search, train collaboratively with the hybrid, attack.
 
-    1. ``M^s``: a model trained on ``semi_fraction`` of ``train`` for ``semi_epochs`` epochs (ATS:
-       10% for 50 epochs); ``M^r``: the same architecture at random initialization.
-    2. :func:`privfast.search.search` over ``candidates`` random policies.
+    1-2. :func:`privfast.search.ats_search`: ``M^s`` trained on ``semi_fraction`` of ``train`` for
+       ``semi_epochs`` epochs (ATS: 10% for 50 epochs), ``M^r`` at random initialization, and the
+       search over ``candidates`` random policies.
     3. :func:`evaluate_defenses` for no defense, the hybrid, each selected policy, and ``baselines``
        (e.g. noise or pruning), every federation from the same initialization.
 
     Args:
         make_model: builds a freshly initialized model (GroupNorm or no normalization).
-        train, test: ``(x, y)`` pairs of images in [0, 1] and labels.
+        train, test: :class:`~privfast.data.Split` s of images in [0, 1] and labels.
         candidates, images, top_n: search settings (see :func:`privfast.search.search`).
         acc_threshold: S_acc filter; default the S_acc of no transformation on ``M^r``, i.e. keep
             the policies that score at least as well as the raw data (the absolute -85 of ATS's
@@ -440,20 +447,134 @@ def ats_experiment(
     Returns:
         ``(search_result, reports)``; ``reports[0]`` is the undefended run, ``reports[1]`` the hybrid.
     """
-    x, y = train[0], train[1]
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    semi = make_model()
-    subset = torch.randperm(x.shape[0], generator=generator)[: max(1, int(semi_fraction * x.shape[0]))]
-    train_classifier(semi, x[subset], y[subset], epochs=semi_epochs, generator=generator, progress=progress)
-    init = make_model()
-    if acc_threshold is None:
-        acc_threshold = accuracy_score(init, x, y, generator=torch.Generator().manual_seed(seed))
-    found = search(semi, init, (x, y), candidates=candidates, acc_threshold=acc_threshold, top_n=top_n,
-                   images=images, seed=seed, progress=progress)
+    found = ats_search(make_model, Split(*train), candidates=candidates, images=images, acc_threshold=acc_threshold,
+                       top_n=top_n, semi_fraction=semi_fraction, semi_epochs=semi_epochs, seed=seed, progress=progress)
     defenses = [Defense(), Defense(f"hybrid {found.hybrid}", policy=str(found.hybrid))]
     defenses += [Defense(str(p), policy=str(p)) for p in found.selected] + list(baselines)
     reports = evaluate_defenses(make_model, train, test, defenses, rounds=rounds, attack_images=attack_images,
                                 seed=seed, progress=progress, federation_kwargs=federation_kwargs,
                                 **attack_overrides)
     return found, reports
+
+
+# ----------------------------------------------------------------------------------------
+# One inversion of shared gradients, without and with a policy (ATS Fig. 4)
+# ----------------------------------------------------------------------------------------
+INVERSION_NOTE = (
+    "'vs shared' compares each reconstruction with the image whose gradient was shared (transformed by the "
+    "policy, when there is one): it measures the defense, since a policy protects only if what the attacker "
+    "rebuilds is unreadable. 'vs clean' compares with the untransformed image and also drops when the policy "
+    "merely changes pixel values (an inverted or shifted digit scores low there yet stays readable), so it "
+    "overstates the defense.")
+"""Which of :class:`Inversion`'s comparisons measures the defense, and why."""
+
+
+@dataclass
+class Inversion:
+    """Reconstructions of images from their per-example gradients, and how close they come.
+
+    Rows ``[0, N)`` attack the clean images; with a policy, rows ``[N, 2N)`` attack the same images
+    transformed by it.
+
+    Attributes:
+        preset: the reconstruction preset.
+        iterations: optimizer steps of the attack.
+        policy: the ATS policy of the defended rows, or None.
+        clean: the clean images ``[N, C, H, W]``.
+        shared: the images whose gradients were shared ``[T, C, H, W]`` (T = N, or 2N with a policy).
+        reconstructed: the attack's images ``[T, C, H, W]``.
+        labels_recovered: rows whose label the attack recovered.
+        psnr_vs_shared, ssim_vs_shared: ``[T]`` against ``shared`` (measures the defense).
+        psnr_vs_clean, ssim_vs_clean: ``[T]`` against the clean images.
+    """
+
+    preset: str
+    iterations: int
+    policy: Optional[str]
+    clean: Tensor
+    shared: Tensor
+    reconstructed: Tensor
+    labels_recovered: int
+    psnr_vs_shared: Tensor
+    ssim_vs_shared: Tensor
+    psnr_vs_clean: Tensor
+    ssim_vs_clean: Tensor
+
+    @property
+    def cases(self) -> dict[str, slice]:
+        """Row ranges by defense: ``"no defense"`` and, with a policy, ``"policy <policy>"``."""
+        n = len(self.clean)
+        return {"no defense": slice(0, n), **({f"policy {self.policy}": slice(n, 2 * n)} if self.policy else {})}
+
+    def format_table(self, *, markdown: bool = False) -> str:
+        """Per image and defense: PSNR and SSIM against the shared and against the clean image, with means."""
+        from privfast.reports import table
+
+        columns = (self.psnr_vs_shared, self.ssim_vs_shared, self.psnr_vs_clean, self.ssim_vs_clean)
+        rows = []
+        for case, index in self.cases.items():
+            values = [column[index] for column in columns]
+            rows += [[str(i), case, *(f"{v[i]:.2f}" if k % 2 == 0 else f"{v[i]:.3f}" for k, v in enumerate(values))]
+                     for i in range(len(values[0]))]
+            rows.append(["mean", case, *(f"{v.mean():.2f}" if k % 2 == 0 else f"{v.mean():.3f}"
+                                         for k, v in enumerate(values))])
+        return table(["image", "defense", "PSNR vs shared (dB)", "SSIM vs shared", "PSNR vs clean (dB)",
+                      "SSIM vs clean"], rows, markdown=markdown, align="llrrrr")
+
+    def grid(self) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+        """Rows and captions for :func:`privfast.reports.plot_reconstructions` (ATS Fig. 4), each
+        reconstruction captioned with its PSNR and SSIM against the shared image."""
+        cases = self.cases
+        rows = {"clean": self.clean, "reconstructed": self.reconstructed[cases["no defense"]]}
+        if self.policy:
+            defended = cases[f"policy {self.policy}"]
+            rows |= {"transformed": self.shared[defended], "reconstructed (policy)": self.reconstructed[defended]}
+        titles = {label: [f"{p:.1f} dB, {s:.2f}" for p, s in zip(self.psnr_vs_shared[index].tolist(),
+                                                                   self.ssim_vs_shared[index].tolist())]
+                  for label, index in (("reconstructed", cases["no defense"]),
+                                       *((("reconstructed (policy)", cases[f"policy {self.policy}"]),)
+                                         if self.policy else ()))}
+        return rows, titles
+
+    def to_dict(self) -> dict:
+        """JSON-ready numbers, per defense."""
+        return {"preset": self.preset, "iterations": self.iterations, "policy": self.policy,
+                "labels_recovered": self.labels_recovered, "measures_the_defense": "vs_shared",
+                **{case: {"psnr_vs_shared": self.psnr_vs_shared[index].tolist(),
+                          "ssim_vs_shared": self.ssim_vs_shared[index].tolist(),
+                          "psnr_vs_clean": self.psnr_vs_clean[index].tolist(),
+                          "ssim_vs_clean": self.ssim_vs_clean[index].tolist()}
+                   for case, index in self.cases.items()}}
+
+
+def invert_gradients(model: nn.Module, images: Split, *, policy: Optional[str] = None, preset: str = "dlg",
+                     iterations: int = 100, seed: int = 0, progress: bool = False, **overrides) -> Inversion:
+    """Reconstruct images from the model's per-example gradients, without and with an ATS policy.
+
+    With a policy, the attack runs on the clean and on the transformed images at once (as ATS's
+    Fig. 4 compares them), labels recovered by the attack.
+
+    Args:
+        model: the attacked model (eval mode for BatchNorm models).
+        images: images ``[N, C, H, W]`` in [0, 1] and their labels ``[N]``.
+        policy: an ATS policy such as ``"3-1-7+43-18-18"``, or None.
+        preset: a reconstruction preset (:data:`privfast.attacks.PRESETS`).
+        iterations: optimizer steps of the attack.
+        seed: seeds the policy's draws and the attack's starts.
+        progress: show the attack's progress bar.
+        **overrides: :class:`~privfast.attacks.AttackConfig` fields, e.g. ``tv=1e-4``.
+
+    Returns:
+        An :class:`Inversion`.
+    """
+    x, y = Split(*images)
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.cat([x, Policy(policy)(x, generator=generator)]) if policy else x
+    repeats = len(shared) // len(x)
+    labels = y.repeat(repeats)
+    result = reconstruct(model, per_example_gradients(model, shared, labels), shape=tuple(x.shape[1:]),
+                         config=preset, iterations=iterations, generator=generator, progress=progress, **overrides)
+    clean = x.repeat(repeats, 1, 1, 1)
+    return Inversion(preset, iterations, policy, x, shared, result.images, int((result.labels == labels).sum()),
+                     psnr(result.images, shared), ssim(result.images, shared), psnr(result.images, clean),
+                     ssim(result.images, clean))

@@ -1,9 +1,9 @@
 """Privacy and utility metrics for membership inference.
 
 Convention: an attack's *score* is higher for "more likely a member"; a *decision* is a boolean
-"predicted member". Rates are fractions in [0, 1] (multiply by 100 for the percentages of the
-seed papers): ``advantage = TPR - FPR = 2 * (Inf - 1/2) = 1 - 2 * P_err`` with ``Inf`` the
-balanced inference accuracy and ``P_err = (FPR + FNR) / 2``.
+"predicted member". Rates are fractions in [0, 1] (multiply by 100 for the papers' percentages):
+``advantage = TPR - FPR = 2 * (Inf - 1/2) = 1 - 2 * P_err`` with ``Inf`` the balanced inference
+accuracy and ``P_err = (FPR + FNR) / 2``.
 
 Every function accepts tensors, numpy arrays or sequences, and works in float64.
 """
@@ -72,9 +72,11 @@ def attack_summary(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> dic
         nonmember_scores: ``[N_n]`` scores of true non-members.
 
     Returns:
-        A dict with ``auc``; ``advantage`` = max over thresholds of TPR - FPR; ``accuracy`` = the
-        best balanced accuracy ``(TPR + TNR) / 2``; ``p_err`` = ``(FPR + FNR) / 2`` at that
-        threshold; ``threshold`` reaching it; ``tpr_at_fpr`` = ``{0.001: ..., 0.01: ...}``, the
+        A dict with ``auc``; ``best_advantage`` = max over thresholds of TPR - FPR, the threshold
+        chosen knowing every label (an upper bound on a threshold attack, not one: see
+        :func:`threshold_metrics` for a decision's advantage); ``accuracy`` = the best balanced
+        accuracy ``(TPR + TNR) / 2``; ``p_err`` = ``(FPR + FNR) / 2`` at that threshold;
+        ``threshold`` reaching it; ``tpr_at_fpr`` = ``{0.001: ..., 0.01: ...}``, the
         highest TPR with FPR at most that level; ``roc`` = ``{"fpr", "tpr", "thresholds"}`` numpy arrays.
     """
     labels, scores = _labelled(member_scores, nonmember_scores)
@@ -83,7 +85,7 @@ def attack_summary(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> dic
     advantage = float(tpr[best] - fpr[best])
     return {
         "auc": float(roc_auc_score(labels, scores)),
-        "advantage": advantage,
+        "best_advantage": advantage,
         "accuracy": 0.5 + advantage / 2,
         "p_err": (1.0 - advantage) / 2,
         "threshold": float(thresholds[best]),
@@ -133,14 +135,17 @@ def dp_perr_bound(epsilon: Union[float, ArrayLike], delta: float) -> Union[float
 
 
 def relative_accuracy_drop(acc: float, base_acc: float) -> float:
-    """RAD of seed 000: ``(base_acc - acc) / base_acc``, the utility a mechanism costs (negative = a gain)."""
+    """RAD (Kaya & Dumitraş, ICML 2021): ``(base_acc - acc) / base_acc``, a mechanism's cost (negative: a gain)."""
     if not base_acc > 0:
         raise ValueError(f"base_acc must be > 0, got {base_acc}")
     return (base_acc - acc) / base_acc
 
 
 def loss_rank_correlation(losses_a: ArrayLike, losses_b: ArrayLike) -> float:
-    """LRC of seed 000: Spearman's rank correlation of two models' losses on the same examples.
+    """LRC: Spearman's rank correlation of two models' losses on the same examples.
+
+    From Kaya & Dumitraş, "When Does Data Augmentation Help With Membership Inference Attacks?"
+    (ICML 2021), Figs. 6-8.
 
     Args:
         losses_a: ``[N]`` per-example losses of model a.
@@ -158,8 +163,8 @@ def loss_rank_correlation(losses_a: ArrayLike, losses_b: ArrayLike) -> float:
 def js_distance(member_losses: ArrayLike, nonmember_losses: ArrayLike, bins: Union[int, ArrayLike] = 100) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between the member and non-member loss histograms.
 
-    Seed 000 (Fig. 1) compares the two histograms as probability distributions; both use the
-    same bins, spanning the union of the losses when ``bins`` is a count.
+    Kaya & Dumitraş (ICML 2021, Fig. 1) compare the two histograms as probability distributions;
+    both use the same bins, spanning the union of the losses when ``bins`` is a count.
 
     Args:
         member_losses: ``[N_m]`` losses on members.
@@ -185,7 +190,10 @@ def js_distance(member_losses: ArrayLike, nonmember_losses: ArrayLike, bins: Uni
 
 
 def outliers(per_run_member_correct: ArrayLike, per_run_nonmember_correct: ArrayLike) -> dict:
-    """Examples an attack got right in every run (seed 001, section V-D), members and non-members apart.
+    """Examples an attack got right in every run, members and non-members apart.
+
+    Liu, Oya & Kerschbaum, "Generalization Techniques Empirically Outperform Differential Privacy
+    against Membership Inference" (arXiv:2110.05524, 2021), Section V-D.
 
     Args:
         per_run_member_correct: bool ``[R, N_m]``: run r's attack called member m a member.

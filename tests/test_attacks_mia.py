@@ -16,8 +16,9 @@ from privfast.attacks import (
     train_classifier,
     yeom,
 )
+from privfast.attacks.common import attack_result, labelled
 from privfast.augment.mechanisms import RandomCrop
-from privfast.data import load_digits
+from privfast.data import Split, load_digits
 from privfast.metrics import loss_rank_correlation, outliers
 
 N_MEMBERS = 200
@@ -64,17 +65,17 @@ def _attack(attack, model, digits, seed=0, **kwargs):
 ])
 def test_threshold_attacks_find_membership_only_when_there_is_some(models, digits, attack, kwargs):
     found = _attack(attack, models["target"], digits, **kwargs)
-    assert found.advantage > 0.1
+    assert found.decision_advantage > 0.1
     assert found.summary["auc"] > 0.58
     null = _attack(attack, models["other"], digits, **kwargs)
-    assert abs(null.advantage) < 0.1
+    assert abs(null.decision_advantage) < 0.1
     assert abs(null.summary["auc"] - 0.5) < 0.06
 
 
 def test_calibrated_at_least_as_strong_as_yeom(models, digits):
-    """Seed 000's trend: the "powerful" attack's advantage is at least Yeom's (averaged over attacker draws)."""
-    yeom_adv = np.mean([_attack(yeom, models["target"], digits, seed=s).advantage for s in range(8)])
-    calibrated_adv = np.mean([_attack(calibrated_threshold, models["target"], digits, seed=s).advantage
+    """Kaya & Dumitraş's trend (ICML 2021): the "powerful" attack's advantage is at least Yeom's (mean over draws)."""
+    yeom_adv = np.mean([_attack(yeom, models["target"], digits, seed=s).decision_advantage for s in range(8)])
+    calibrated_adv = np.mean([_attack(calibrated_threshold, models["target"], digits, seed=s).decision_advantage
                               for s in range(8)])
     assert calibrated_adv >= yeom_adv
 
@@ -101,10 +102,10 @@ def test_salem_nn(models, digits):
     shadow = {"shadow_model": models["shadow"], "shadow_members": digits["shadow_members"],
               "shadow_nonmembers": digits["shadow_nonmembers"]}
     found = salem_nn(models["target"], digits["members"], digits["nonmembers"], **shadow)
-    assert found.advantage > 0.1 and found.summary["auc"] > 0.55  # its scores saturate: many ties
+    assert found.decision_advantage > 0.1 and found.summary["auc"] > 0.55  # its scores saturate: many ties
     assert ((found.member_scores >= 0) & (found.member_scores <= 1)).all()
     null = salem_nn(models["other"], digits["members"], digits["nonmembers"], **shadow)
-    assert abs(null.advantage) < 0.1 and abs(null.summary["auc"] - 0.5) < 0.06
+    assert abs(null.decision_advantage) < 0.1 and abs(null.summary["auc"] - 0.5) < 0.06
 
 
 def test_augmentation_aware(digits):
@@ -117,10 +118,10 @@ def test_augmentation_aware(digits):
     for result in found:
         assert result.info["reduction"] in ("mean", "median", "min", "max", "std")
         assert result.info["known_advantage"][result.info["reduction"]] == max(result.info["known_advantage"].values())
-    assert np.mean([r.advantage for r in found]) > 0.1
+    assert np.mean([r.decision_advantage for r in found]) > 0.1
     assert min(r.summary["auc"] for r in found) > 0.58
     null = [_attack(augmentation_aware, other, digits, seed=s, augment=crop) for s in range(3)]
-    assert abs(np.mean([r.advantage for r in null])) < 0.1
+    assert abs(np.mean([r.decision_advantage for r in null])) < 0.1
     assert max(abs(r.summary["auc"] - 0.5) for r in null) < 0.06
     # The default augmentation (reflect-padded crop + flip through privfast.ops) runs too.
     assert _attack(augmentation_aware, target, digits, draws=4).member_scores.shape == (N_MEMBERS,)
@@ -143,3 +144,25 @@ def test_bad_arguments(models, digits):
         yeom(models["target"], digits["members"][0], digits["nonmembers"])
     with pytest.raises(ValueError, match="int64"):
         yeom(models["target"], (digits["members"][0], digits["members"][1].float()), digits["nonmembers"])
+
+
+def test_decision_and_best_advantages_are_named_apart(models, digits):
+    """The decision's advantage is scored on unknown examples only; the best threshold is chosen
+    after seeing every score and label, so it is at least as large on the same scores."""
+    result = _attack(calibrated_threshold, models["target"], digits)
+    assert result.decision_advantage == result.decision["advantage"]
+    assert result.best_advantage == result.summary["best_advantage"] and "advantage" not in result.summary
+    assert result.best_advantage >= result.decision_advantage - 0.05
+    # Without a decision (LiRA-like scores), there is no decision advantage to report.
+    bare = attack_result(result.member_scores, result.nonmember_scores)
+    assert bare.decision_advantage is None and bare.best_advantage == result.best_advantage
+
+
+@pytest.mark.parametrize("attack", [yeom, calibrated_threshold])
+def test_attack_data_is_checked_and_accepts_any_pair(models, digits, attack):
+    members = Split(*digits["members"])
+    assert isinstance(labelled(tuple(members), "members"), Split)
+    with pytest.raises(ValueError, match="members must be a pair"):
+        attack(models["target"], [members.x, members.y], digits["nonmembers"])
+    with pytest.raises(ValueError, match="nonmembers: y must be int64"):
+        attack(models["target"], members, (digits["nonmembers"][0], digits["nonmembers"][1].float()))

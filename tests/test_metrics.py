@@ -15,7 +15,7 @@ def test_attack_summary_hand_computed():
     # Best threshold 0.6: TPR 2/3, FPR 0 (0.4 -> TPR 1 but FPR 1/2).
     summary = metrics.attack_summary(torch.tensor([0.9, 0.4, 0.6]), [0.5, 0.1])
     assert summary["auc"] == pytest.approx(5 / 6)
-    assert summary["advantage"] == pytest.approx(2 / 3)
+    assert summary["best_advantage"] == pytest.approx(2 / 3)
     assert summary["accuracy"] == pytest.approx(5 / 6)
     assert summary["p_err"] == pytest.approx(1 / 6)
     assert summary["threshold"] == pytest.approx(0.6)
@@ -25,16 +25,16 @@ def test_attack_summary_hand_computed():
 
 def test_attack_summary_separable_and_identical():
     perfect = metrics.attack_summary([3.0, 4.0], [1.0, 2.0])
-    assert (perfect["auc"], perfect["advantage"], perfect["p_err"]) == (1.0, 1.0, 0.0)
+    assert (perfect["auc"], perfect["best_advantage"], perfect["p_err"]) == (1.0, 1.0, 0.0)
     same = metrics.attack_summary(np.zeros(10), np.zeros(7))
-    assert (same["auc"], same["advantage"], same["p_err"]) == (0.5, 0.0, 0.5)
+    assert (same["auc"], same["best_advantage"], same["p_err"]) == (0.5, 0.0, 0.5)
 
 
 def test_attack_summary_ranks_infinite_scores_at_the_ends():
     # inf ties inf (1/2), beats 0 (1); 1 loses to inf (0), beats 0 (1): AUC 2.5 / 4.
     summary = metrics.attack_summary([math.inf, 1.0], [math.inf, 0.0])
     assert summary["auc"] == pytest.approx(0.625)
-    assert metrics.attack_summary([math.inf], [-math.inf])["advantage"] == 1.0
+    assert metrics.attack_summary([math.inf], [-math.inf])["best_advantage"] == 1.0
 
 
 def test_attack_summary_with_ties_matches_mann_whitney_and_its_own_decision():
@@ -47,8 +47,8 @@ def test_attack_summary_with_ties_matches_mann_whitney_and_its_own_decision():
     assert summary["auc"] == pytest.approx((diff > 0).mean() + (diff == 0).mean() / 2)
     advantages = {t: metrics.threshold_metrics(members >= t, nonmembers >= t)["advantage"]
                   for t in np.unique(np.concatenate([members, nonmembers]))}
-    assert summary["advantage"] == pytest.approx(max(advantages.values()))
-    assert advantages[summary["threshold"]] == pytest.approx(summary["advantage"])
+    assert summary["best_advantage"] == pytest.approx(max(advantages.values()))
+    assert advantages[summary["threshold"]] == pytest.approx(summary["best_advantage"])
 
 
 def test_attack_summary_auc_one_half_with_an_advantage():
@@ -59,7 +59,7 @@ def test_attack_summary_auc_one_half_with_an_advantage():
     nonmembers = np.concatenate([members - 100, members + 100])  # half below every member, half above
     summary = metrics.attack_summary(members, nonmembers)
     assert summary["auc"] == pytest.approx(0.5)
-    assert summary["advantage"] == pytest.approx(0.5)
+    assert summary["best_advantage"] == pytest.approx(0.5)
     assert summary["threshold"] == members.min()
 
 
@@ -70,7 +70,7 @@ def test_attack_summary_two_gaussians():
     summary = metrics.attack_summary(rng.normal(d, 1, n), rng.normal(0, 1, n))
     norm = scipy.stats.norm
     assert summary["auc"] == pytest.approx(norm.cdf(d / math.sqrt(2)), abs=0.01)
-    assert summary["advantage"] == pytest.approx(2 * norm.cdf(d / 2) - 1, abs=0.015)
+    assert summary["best_advantage"] == pytest.approx(2 * norm.cdf(d / 2) - 1, abs=0.015)
     assert summary["threshold"] == pytest.approx(d / 2, abs=0.15)
     for level in (0.001, 0.01):
         assert summary["tpr_at_fpr"][level] == pytest.approx(norm.sf(norm.isf(level) - d), abs=0.02)
@@ -87,7 +87,7 @@ def test_threshold_metrics_hand_computed():
 def test_dp_perr_bound():
     assert metrics.dp_perr_bound(0.0, 0.0) == 0.5
     assert metrics.dp_perr_bound(1.0, 0.0) == pytest.approx(1 / (1 + math.e))
-    # Seed 001's reading: eps = 1 ensures P_err >= 0.26; eps = 1e4 is a trivial bound.
+    # Liu, Oya & Kerschbaum's reading (arXiv:2110.05524): eps = 1 ensures P_err >= 0.26; eps = 1e4 is a trivial bound.
     assert 0.26 < metrics.dp_perr_bound(1.0, 1e-5) < 0.27
     assert metrics.dp_perr_bound(1e4, 1e-5) == 0.0
     bounds = metrics.dp_perr_bound(np.array([0.0, 1.0, 8.0]), 0.1)

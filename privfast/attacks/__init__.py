@@ -9,6 +9,7 @@ A LiRA audit of a model trained on a random half of a pool::
     rmia(target, shadows, pool.x, pool.y, is_member=in_target, online=False)   # RMIA on the same shadows
 """
 
+from privfast.attacks.common import AttackResult, example_losses, predict_logits
 from privfast.attacks.exposure import (
     Extraction,
     TokenCanary,
@@ -24,7 +25,7 @@ from privfast.attacks.exposure import (
     token_canary,
 )
 from privfast.attacks.lira import lira, logit_confidence
-from privfast.attacks.mia import AttackResult, augmentation_aware, calibrated_threshold, salem_nn, yeom
+from privfast.attacks.mia import augmentation_aware, calibrated_threshold, salem_nn, yeom
 from privfast.attacks.reconstruction import (
     PRESETS,
     AttackConfig,
@@ -38,13 +39,7 @@ from privfast.attacks.reconstruction import (
     total_variation,
 )
 from privfast.attacks.rmia import rmia, rmia_scores, tune_offline_a
-from privfast.attacks.training import (
-    ShadowModels,
-    example_losses,
-    predict_logits,
-    train_classifier,
-    train_shadow_models,
-)
+from privfast.attacks.training import ShadowModels, train_classifier, train_shadow_models
 
 __all__ = [
     "PRESETS",

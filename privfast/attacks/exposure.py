@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from privfast.attacks.common import eval_mode
 from privfast.data import Split
 
 __all__ = [
@@ -327,23 +328,6 @@ class _Stepper:
         return torch.utils._pytree.tree_map(lambda *s: torch.cat(s, dim), *states)
 
 
-class _Scoring:
-    """Eval mode and no autograd while a model is scored, its training flag restored after."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.training = self.model.training
-        self.grad = torch.no_grad()
-        self.grad.__enter__()
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.training)
-        self.grad.__exit__(*exc)
-
-
 def _check_canary(canary: TokenCanary, vocab_size: Optional[int] = None) -> None:
     if len(canary.prefix) < 1:
         raise ValueError("the canary needs a prefix of at least one token: the context its first slot is "
@@ -396,7 +380,7 @@ def enumerate_log_perplexities(model: torch.nn.Module, canary: TokenCanary, *, c
     stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
     size, slots = len(alphabet), len(canary.secret)
     nodes = sum(size**d for d in range(1, slots))
-    with _Scoring(model), tqdm(total=nodes, desc="candidates", unit="node", disable=not progress, leave=False) as bar:
+    with eval_mode(model), tqdm(total=nodes, desc="candidates", unit="node", disable=not progress, leave=False) as bar:
         log_probs, state = stepper.run(canary.prefix[None], None)
         next_nll = -log_probs[:, -1, alphabet.to(log_probs.device)].double().cpu()  # [A^d, A] at depth d
         costs = torch.zeros(1, dtype=torch.float64)
@@ -458,7 +442,7 @@ def score_candidates(model: torch.nn.Module, canary: TokenCanary, slots: Tensor,
     if slots.dim() != 2 or slots.shape[1] != len(canary.secret):
         raise ValueError(f"slots must be [R, {len(canary.secret)}], got {tuple(slots.shape)}")
     stepper, out = _Stepper(model), []
-    with _Scoring(model):
+    with eval_mode(model):
         log_probs, state = stepper.run(canary.prefix[None], None)
         first = -log_probs[0, -1].double().cpu()  # [V], the first slot's cost
         for start in tqdm(range(0, len(slots), batch_size), desc="candidates", disable=not progress, leave=False):
@@ -538,7 +522,7 @@ def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int 
     order = itertools.count()  # breaks cost ties by insertion, never comparing the tuples
     found: list[tuple[float, tuple]] = []
     expansions = 0
-    with _Scoring(model), tqdm(total=max_expansions, desc="extraction", unit="node", disable=not progress,
+    with eval_mode(model), tqdm(total=max_expansions, desc="extraction", unit="node", disable=not progress,
                                leave=False) as bar:
         log_probs, state = stepper.run(canary.prefix[None], None)
         bank = [state]  # states of the nodes run so far, one entry per model call; a node points at (entry, row)

@@ -16,13 +16,13 @@ are averaged, as in the reference implementation.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from privfast.attacks.mia import AttackResult, _result
-from privfast.attacks.training import EVAL_BATCH, ShadowModels, _check_data, predict_logits
+from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, check_pool, predict_logits,
+                                     query_views, score_queries)
+from privfast.attacks.training import ShadowModels
 
 __all__ = ["lira", "logit_confidence"]
 
@@ -45,12 +45,6 @@ def logit_confidence(logits: Tensor, labels: Tensor) -> Tensor:
     true = logits.gather(-1, labels[..., None]).squeeze(-1)
     others = logits.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
     return true - others
-
-
-def _query_confidences(logits_fn: Callable[[Tensor], Tensor], queries: list[Tensor], y: Tensor) -> Tensor:
-    """Confidences ``[..., N, Q]`` of ``logits_fn``'s logits ``[..., N, K]`` on each of the Q queries."""
-    return torch.stack([logit_confidence(logits, y.to(logits.device).expand(logits.shape[:-1]))
-                        for logits in map(logits_fn, queries)], dim=-1).cpu()
 
 
 def _fit(phi: Tensor, mask: Tensor, fix_variance: bool) -> tuple[Tensor, Tensor]:
@@ -101,16 +95,12 @@ def lira(
         :class:`AttackResult` with the likelihood-ratio scores (no fixed decision: LiRA is read at
         a chosen FPR, see ``summary["tpr_at_fpr"]``); ``info["online"]`` says which variant ran.
     """
-    _check_data(x, y, "pool")
-    if shadows.in_mask.shape[1] != len(y):
-        raise ValueError(f"the shadows were trained on a pool of {shadows.in_mask.shape[1]} examples but x has "
-                         f"{len(y)}; pass the same pool, in the same order")
-    is_member = torch.as_tensor(is_member, dtype=torch.bool).cpu()
-    if is_member.shape != y.shape or is_member.all() or not is_member.any():
-        raise ValueError(f"is_member must be bool [N={len(y)}] with both members and non-members")
-    queries = [x, torch.flip(x, dims=[-1])] if mirror else [x]
-    target = _query_confidences(partial(predict_logits, model, batch_size=batch_size), queries, y)  # [N, Q]
-    shadow_phi = _query_confidences(partial(shadows.logits, batch_size=batch_size), queries, y)  # [S, N, Q]
+    is_member = check_pool(shadows.in_mask, x, y, is_member)
+    queries = query_views(x, mirror)
+    target = score_queries(partial(predict_logits, model, batch_size=batch_size), queries, y,
+                           logit_confidence)  # [N, Q]
+    shadow_phi = score_queries(partial(shadows.logits, batch_size=batch_size), queries, y,
+                               logit_confidence)  # [S, N, Q]
     in_mask = shadows.in_mask.cpu()
     mu_out, sigma_out = _fit(shadow_phi, ~in_mask, fix_variance)
     if online:
@@ -119,4 +109,4 @@ def lira(
     else:
         per_query = torch.special.log_ndtr((target - mu_out) / sigma_out)
     scores = per_query.mean(-1)
-    return _result(scores[is_member], scores[~is_member], info={"online": online})
+    return attack_result(scores[is_member], scores[~is_member], info={"online": online})

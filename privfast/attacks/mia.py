@@ -2,15 +2,19 @@
 
 Every attack scores *all* the given members and non-members (higher = more likely a member) and
 returns an :class:`AttackResult`. The attacks that need attacker knowledge (N known members, and
-non-members for the calibrated ones) draw it at random from the given sets, as seed 000 does
+non-members for the calibrated ones) draw it at random from the given sets, as Kaya & Dumitraş
+("When Does Data Augmentation Help With Membership Inference Attacks?", ICML 2021) do
 (N = 100 out of 5,000 + 5,000). Known examples are scored too, so scores line up with the input
 order across runs (what :func:`privfast.metrics.outliers` needs), but the metrics of an attack's
-decision leave them out.
+decision (``decision_advantage``) leave them out; ``summary["best_advantage"]`` is the best
+threshold chosen after seeing every score and label, known examples included: an upper bound.
+
+yeom, calibrated_threshold and calibrated_threshold(per_class=True) share one score, ``-loss``:
+one ROC curve and one AUC; they differ only in the threshold they decide with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -18,82 +22,19 @@ import torch
 from torch import Tensor, nn
 
 from privfast import ops
-from privfast.attacks.training import EVAL_BATCH, _check_data, example_losses, predict_logits
+from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, example_losses, labelled,
+                                     predict_logits)
 from privfast.augment.mechanisms import Mechanism
-from privfast.metrics import attack_summary, threshold_metrics
+from privfast.data import Split
+from privfast.metrics import attack_summary
 
 __all__ = [
     "REDUCTIONS",
-    "AttackResult",
     "augmentation_aware",
     "calibrated_threshold",
     "salem_nn",
     "yeom",
 ]
-
-
-Data = tuple[Tensor, Tensor]
-"""A labelled set ``(x [N, ...], y [N])``, e.g. a :class:`privfast.data.Split`."""
-
-
-@dataclass
-class AttackResult:
-    """Per-example scores of one attack and what they achieve.
-
-    Attributes:
-        member_scores: ``[N_m]`` scores of the members, in input order (higher = "member").
-        nonmember_scores: ``[N_n]`` scores of the non-members.
-        summary: :func:`privfast.metrics.attack_summary` of the scores (AUC, best advantage, TPR@FPR, ROC).
-        member_pred: bool ``[N_m]``, the attack's own decision when it has one (a calibrated
-            threshold), else None.
-        nonmember_pred: bool ``[N_n]``, likewise.
-        decision: :func:`privfast.metrics.threshold_metrics` of that decision (Inf, Adv, FPR, FNR,
-            P_err) on the examples the attacker did not know, or None.
-        info: attack-specific details (the threshold, the chosen reduction, ...).
-    """
-
-    member_scores: Tensor
-    nonmember_scores: Tensor
-    summary: dict
-    member_pred: Optional[Tensor] = None
-    nonmember_pred: Optional[Tensor] = None
-    decision: Optional[dict] = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def advantage(self) -> float:
-        """The advantage of the attack's own decision when it has one, else the best over thresholds."""
-        return (self.decision or self.summary)["advantage"]
-
-
-def _result(member_scores: Tensor, nonmember_scores: Tensor, *, member_threshold=None, nonmember_threshold=None,
-            known: tuple[Tensor, Tensor] = (), info: Optional[dict] = None) -> AttackResult:
-    """Score summary, plus the decision "score >= threshold" when a threshold is given (scalar or per example).
-
-    ``known`` holds the indices of the members and non-members the attacker calibrated on; they
-    get a decision too but are left out of its metrics, which would otherwise flatter the attack.
-    """
-    member_scores, nonmember_scores = member_scores.detach().cpu(), nonmember_scores.detach().cpu()
-    result = AttackResult(member_scores, nonmember_scores, attack_summary(member_scores, nonmember_scores),
-                          info=info or {})
-    if member_threshold is not None:
-        result.member_pred = member_scores >= member_threshold
-        result.nonmember_pred = nonmember_scores >= nonmember_threshold
-        unseen = [torch.ones(len(pred), dtype=torch.bool) for pred in (result.member_pred, result.nonmember_pred)]
-        for mask, index in zip(unseen, known):
-            mask[index] = False
-        result.decision = threshold_metrics(result.member_pred[unseen[0]], result.nonmember_pred[unseen[1]])
-    return result
-
-
-def _unpack(data: Data, name: str) -> tuple[Tensor, Tensor]:
-    if not isinstance(data, tuple) or len(data) != 2:
-        raise ValueError(f"{name} must be a pair (x [N, ...], y [N]) such as a privfast.data.Split")
-    x, y = data
-    _check_data(x, y, name)
-    if len(y) == 0:
-        raise ValueError(f"{name} is empty")
-    return x, y
 
 
 def _known(n: int, n_known: int, name: str, generator: Optional[torch.Generator]) -> Tensor:
@@ -109,12 +50,12 @@ def _best_threshold(member_scores: Tensor, nonmember_scores: Tensor) -> float:
     return attack_summary(member_scores, nonmember_scores)["threshold"]
 
 
-def _losses(model: nn.Module, members: Data, nonmembers: Data, batch_size: int) -> tuple[Tensor, Tensor]:
-    return (example_losses(model, *_unpack(members, "members"), batch_size=batch_size).cpu(),
-            example_losses(model, *_unpack(nonmembers, "nonmembers"), batch_size=batch_size).cpu())
+def _losses(model: nn.Module, members: Split, nonmembers: Split, batch_size: int) -> tuple[Tensor, Tensor]:
+    return (example_losses(model, *labelled(members, "members"), batch_size=batch_size).cpu(),
+            example_losses(model, *labelled(nonmembers, "nonmembers"), batch_size=batch_size).cpu())
 
 
-def yeom(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 100,
+def yeom(model: nn.Module, members: Split, nonmembers: Split, *, n_known: int = 100,
          generator: Optional[torch.Generator] = None, batch_size: int = EVAL_BATCH) -> AttackResult:
     """Yeom et al.'s threshold attack: member iff loss <= the mean loss of ``n_known`` known members.
 
@@ -122,7 +63,7 @@ def yeom(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 10
         model: the target classifier.
         members: its training examples to test, ``(x [N_m, ...], y [N_m])``.
         nonmembers: examples it did not see, ``(x [N_n, ...], y [N_n])``.
-        n_known: N, the members the attacker knows (seed 000: 100).
+        n_known: N, the members the attacker knows (Kaya & Dumitraş: 100).
         generator: draws the known members.
         batch_size: rows per forward pass.
 
@@ -132,8 +73,8 @@ def yeom(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 10
     member_losses, nonmember_losses = _losses(model, members, nonmembers, batch_size)
     known = _known(len(member_losses), n_known, "members", generator)
     threshold = member_losses[known].mean()
-    return _result(-member_losses, -nonmember_losses, member_threshold=-threshold, nonmember_threshold=-threshold,
-                   known=(known,), info={"threshold": float(threshold)})
+    return attack_result(-member_losses, -nonmember_losses, member_threshold=-threshold,
+                         nonmember_threshold=-threshold, known=(known,), info={"threshold": float(threshold)})
 
 
 def _known_pair(n_members: int, n_nonmembers: int, n_known: int, generator: Optional[torch.Generator]
@@ -149,8 +90,8 @@ def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor
     overall = _best_threshold(member_scores[known_m], nonmember_scores[known_n])
     info = {**(info or {}), "threshold": overall}
     if member_labels is None:
-        return _result(member_scores, nonmember_scores, member_threshold=overall, nonmember_threshold=overall,
-                       known=(known_m, known_n), info=info)
+        return attack_result(member_scores, nonmember_scores, member_threshold=overall,
+                             nonmember_threshold=overall, known=(known_m, known_n), info=info)
     num_classes = int(max(member_labels.max(), nonmember_labels.max())) + 1
     per_class = torch.full((num_classes,), overall, dtype=torch.float64)
     for c in range(num_classes):  # a loop over classes, each a vectorized threshold search
@@ -158,15 +99,16 @@ def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor
         if len(in_m) and len(in_n):  # a class the attacker has no examples of keeps the overall threshold
             per_class[c] = _best_threshold(member_scores[in_m], nonmember_scores[in_n])
     info["class_thresholds"] = per_class
-    return _result(member_scores, nonmember_scores, member_threshold=per_class[member_labels].to(member_scores.dtype),
-                   nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype), known=(known_m, known_n),
-                   info=info)
+    return attack_result(member_scores, nonmember_scores,
+                         member_threshold=per_class[member_labels].to(member_scores.dtype),
+                         nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype),
+                         known=(known_m, known_n), info=info)
 
 
-def calibrated_threshold(model: nn.Module, members: Data, nonmembers: Data, *, n_known: int = 100,
+def calibrated_threshold(model: nn.Module, members: Split, nonmembers: Split, *, n_known: int = 100,
                          per_class: bool = False, generator: Optional[torch.Generator] = None,
                          batch_size: int = EVAL_BATCH) -> AttackResult:
-    """Seed 000's "powerful" attack: the loss threshold with the best accuracy on N known members and N non-members.
+    """The "powerful" attack of Kaya & Dumitraş: the loss threshold most accurate on N known members and N non-members.
 
     The search is exact: every threshold between the 2N known losses is tried (the reference sweeps
     mean ± k·std on a grid). With ``per_class`` (Song & Mittal), each class gets the threshold that is
@@ -177,7 +119,7 @@ def calibrated_threshold(model: nn.Module, members: Data, nonmembers: Data, *, n
         model: the target classifier.
         members: its training examples to test, ``(x [N_m, ...], y [N_m])``.
         nonmembers: examples it did not see, ``(x [N_n, ...], y [N_n])``.
-        n_known: N, the known members and known non-members (seed 000: 100 each).
+        n_known: N, the known members and known non-members (Kaya & Dumitraş: 100 each).
         per_class: one threshold per class.
         generator: draws the known examples.
         batch_size: rows per forward pass.
@@ -200,8 +142,8 @@ def _top3_posteriors(model: nn.Module, x: Tensor, batch_size: int) -> np.ndarray
     return probs.topk(3, dim=1).values.double().cpu().numpy()
 
 
-def salem_nn(model: nn.Module, members: Data, nonmembers: Data, *, shadow_model: nn.Module, shadow_members: Data,
-             shadow_nonmembers: Data, hidden: int = 64, seed: int = 0, batch_size: int = EVAL_BATCH) -> AttackResult:
+def salem_nn(model: nn.Module, members: Split, nonmembers: Split, *, shadow_model: nn.Module, shadow_members: Split,
+             shadow_nonmembers: Split, hidden: int = 64, seed: int = 0, batch_size: int = EVAL_BATCH) -> AttackResult:
     """Salem et al.'s attack: an MLP on the sorted top-3 posteriors, trained on one shadow model.
 
     The shadow model is trained by the attacker, with the target's recipe, on ``shadow_members``
@@ -225,7 +167,7 @@ def salem_nn(model: nn.Module, members: Data, nonmembers: Data, *, shadow_model:
     """
     from sklearn.neural_network import MLPClassifier
 
-    features = [_top3_posteriors(net, _unpack(data, name)[0], batch_size) for net, data, name in (
+    features = [_top3_posteriors(net, labelled(data, name)[0], batch_size) for net, data, name in (
         (shadow_model, shadow_members, "shadow_members"), (shadow_model, shadow_nonmembers, "shadow_nonmembers"),
         (model, members, "members"), (model, nonmembers, "nonmembers"))]
     # Equal numbers of shadow members and non-members, so that the attack model learns no prior.
@@ -235,8 +177,8 @@ def salem_nn(model: nn.Module, members: Data, nonmembers: Data, *, shadow_model:
     labels = np.concatenate([np.ones(size), np.zeros(size)])
     attack = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=1000, random_state=seed).fit(train, labels)
     member_scores, nonmember_scores = (torch.from_numpy(attack.predict_proba(f)[:, 1]) for f in features[2:])
-    return _result(member_scores, nonmember_scores, member_threshold=0.5, nonmember_threshold=0.5,
-                   info={"attack_model": attack})
+    return attack_result(member_scores, nonmember_scores, member_threshold=0.5, nonmember_threshold=0.5,
+                         info={"attack_model": attack})
 
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -267,7 +209,7 @@ def _crop_and_flip(x: Tensor, *, generator: Optional[torch.Generator]) -> Tensor
     return ops.augment_batch(x, 1, crop_padding=min(4, min(x.shape[-2:]) - 1), flip=True, generator=generator)
 
 
-def augmentation_aware(model: nn.Module, members: Data, nonmembers: Data, *, draws: int = 20,
+def augmentation_aware(model: nn.Module, members: Split, nonmembers: Split, *, draws: int = 20,
                        augment: Union[Mechanism, Callable[..., Tensor]] = _crop_and_flip, n_known: int = 100,
                        generator: Optional[torch.Generator] = None, batch_size: int = EVAL_BATCH) -> AttackResult:
     """The augmentation-aware attack: losses under ``draws`` augmentations, reduced by the best statistic.
@@ -279,7 +221,7 @@ def augmentation_aware(model: nn.Module, members: Data, nonmembers: Data, *, dra
     Args:
         model: the target classifier.
         members, nonmembers: as in :func:`yeom`.
-        draws: augmentations per example (seed 000: 20).
+        draws: augmentations per example (Kaya & Dumitraş: 20).
         augment: the training-time augmentation: a :class:`~privfast.augment.mechanisms.Mechanism`
             (its image part is used), or ``augment(x [B, ...], generator=...) -> [B, ...]`` drawing one
             augmentation per row. Default: reflect-padded random crop (padding 4) and flip.
@@ -294,11 +236,11 @@ def augmentation_aware(model: nn.Module, members: Data, nonmembers: Data, *, dra
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     member_losses, nonmember_losses = (
-        _augmented_losses(model, *_unpack(data, name), draws, augment, generator, batch_size)
+        _augmented_losses(model, *labelled(data, name), draws, augment, generator, batch_size)
         for data, name in ((members, "members"), (nonmembers, "nonmembers")))
     known_m, known_n = _known_pair(len(member_losses), len(nonmember_losses), n_known, generator)
     known_advantage = {
-        name: attack_summary(-reduce(member_losses[known_m]), -reduce(nonmember_losses[known_n]))["advantage"]
+        name: attack_summary(-reduce(member_losses[known_m]), -reduce(nonmember_losses[known_n]))["best_advantage"]
         for name, reduce in REDUCTIONS.items()}
     best = max(known_advantage, key=known_advantage.get)
     return _calibrated(-REDUCTIONS[best](member_losses), -REDUCTIONS[best](nonmember_losses), known_m, known_n,

@@ -30,8 +30,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-from privfast.attacks.mia import AttackResult, _result
-from privfast.attacks.training import EVAL_BATCH, ShadowModels, _check_data, predict_logits
+from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, check_data, check_pool,
+                                     predict_logits, query_views, score_queries)
+from privfast.attacks.training import ShadowModels
 
 __all__ = ["A_GRID", "reference_probability", "rmia", "rmia_scores", "true_class_log_probability", "tune_offline_a"]
 
@@ -123,10 +124,13 @@ def rmia_scores(target: Tensor, reference: Tensor, in_mask: Optional[Tensor], po
     return (counts.double() / ordered.shape[1]).mean(0)
 
 
+def _true_class_probability(logits: Tensor, labels: Tensor) -> Tensor:
+    return true_class_log_probability(logits, labels).exp()
+
+
 def _per_query(logits_fn, queries: list[Tensor], y: Tensor) -> Tensor:
     """``p(y | query)`` ``[..., N, Q]`` from ``logits_fn``'s logits ``[..., N, K]`` per query, float64, on the CPU."""
-    return torch.stack([true_class_log_probability(logits, y.to(logits.device).expand(logits.shape[:-1])).exp()
-                        for logits in map(logits_fn, queries)], dim=-1).cpu()
+    return score_queries(logits_fn, queries, y, _true_class_probability)
 
 
 def _probabilities(model: nn.Module, shadows: ShadowModels, queries: list[Tensor], y: Tensor,
@@ -134,10 +138,6 @@ def _probabilities(model: nn.Module, shadows: ShadowModels, queries: list[Tensor
     """``p(y | query)`` of the target ``[N, Q]`` and of the shadows ``[S, N, Q]``."""
     return (_per_query(partial(predict_logits, model, batch_size=batch_size), queries, y),
             _shadow_probabilities(shadows, queries, y, batch_size))
-
-
-def _queries(x: Tensor, mirror: bool) -> list[Tensor]:
-    return [x, torch.flip(x, dims=[-1])] if mirror else [x]
 
 
 def _tune(reference: Tensor, in_mask: Tensor, pop_reference: Tensor, pop_in_mask: Optional[Tensor],
@@ -162,7 +162,7 @@ def _population(shadows: ShadowModels, x: Tensor, y: Tensor, population) -> tupl
     if population is None:
         return x, y, shadows.in_mask.cpu()
     px, py = population
-    _check_data(px, py, "population")
+    check_data(px, py, "population")
     return px, py, None
 
 
@@ -186,10 +186,10 @@ def tune_offline_a(shadows: ShadowModels, x: Tensor, y: Tensor, *, population=No
     Returns:
         ``(best a, {a: AUC})``.
     """
-    _check_data(x, y, "pool")
+    check_data(x, y, "pool")
     px, py, pop_mask = _population(shadows, x, y, population)
-    reference = _shadow_probabilities(shadows, _queries(x, mirror), y, batch_size)
-    pop_reference = _shadow_probabilities(shadows, _queries(px, mirror), py, batch_size)
+    reference = _shadow_probabilities(shadows, query_views(x, mirror), y, batch_size)
+    pop_reference = _shadow_probabilities(shadows, query_views(px, mirror), py, batch_size)
     return _tune(reference, shadows.in_mask.cpu(), pop_reference, pop_mask, grid, gamma)
 
 
@@ -233,19 +233,13 @@ def rmia(
         :class:`AttackResult` (no fixed decision; read it at a chosen FPR); ``info``: ``online``,
         ``offline_a`` (the value used, or None online), ``a_auc`` (the tuning curve, when tuned), ``gamma``.
     """
-    _check_data(x, y, "pool")
-    if shadows.in_mask.shape[1] != len(y):
-        raise ValueError(f"the shadows were trained on a pool of {shadows.in_mask.shape[1]} examples but x has "
-                         f"{len(y)}; pass the same pool, in the same order")
-    is_member = torch.as_tensor(is_member, dtype=torch.bool).cpu()
-    if is_member.shape != y.shape or is_member.all() or not is_member.any():
-        raise ValueError(f"is_member must be bool [N={len(y)}] with both members and non-members")
+    is_member = check_pool(shadows.in_mask, x, y, is_member)
     px, py, pop_mask = _population(shadows, x, y, population)
-    target, reference = _probabilities(model, shadows, _queries(x, mirror), y, batch_size)
+    target, reference = _probabilities(model, shadows, query_views(x, mirror), y, batch_size)
     if population is None:
         pop_target, pop_reference = target, reference
     else:
-        pop_target, pop_reference = _probabilities(model, shadows, _queries(px, mirror), py, batch_size)
+        pop_target, pop_reference = _probabilities(model, shadows, query_views(px, mirror), py, batch_size)
     in_mask = shadows.in_mask.cpu()
     needs_a = not online or population is not None
     a_auc = None
@@ -253,5 +247,5 @@ def rmia(
         offline_a, a_auc = _tune(reference, in_mask, pop_reference, pop_mask, A_GRID, gamma)
     scores = rmia_scores(target, reference, in_mask, pop_target, pop_reference, pop_mask, online=online,
                          offline_a=offline_a if needs_a else None, gamma=gamma)
-    return _result(scores[is_member], scores[~is_member], info={
+    return attack_result(scores[is_member], scores[~is_member], info={
         "online": online, "offline_a": offline_a if needs_a else None, "a_auc": a_auc, "gamma": gamma})

@@ -1,15 +1,15 @@
-"""Plain (non-private) training of target and shadow models, and batched inference.
+"""Plain (non-private) training of target and shadow models.
 
 The attacks need models trained by a known recipe: the target of an experiment, the shadow
 models of LiRA and of Salem et al.'s attack. :func:`train_classifier` trains one model with Adam
-(seed 000's optimizer); :func:`train_shadow_models` trains many with the same recipe at once,
+(the optimizer of Kaya & Dumitraş, "When Does Data Augmentation Help With Membership Inference
+Attacks?", ICML 2021); :func:`train_shadow_models` trains many with the same recipe at once,
 stacked with :func:`torch.func.stack_module_state` and run under :func:`torch.func.vmap`, so
 16 shadow models cost one batched pass per step instead of 16.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -20,50 +20,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["ShadowModels", "example_losses", "predict_logits", "train_classifier", "train_shadow_models"]
+from privfast.attacks.common import EVAL_BATCH, check_data, predict_logits
 
-EVAL_BATCH = 2048
-"""Rows per forward pass when only predicting; inference memory is small."""
-
-
-def _check_data(x: Tensor, y: Tensor, name: str = "data") -> None:
-    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"{name}: x must be a float tensor [N, ...], got {getattr(x, 'shape', type(x))}")
-    if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
-        raise ValueError(f"{name}: y must be int64 labels [N={x.shape[0]}], got "
-                         f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """``model.eval()`` without gradients inside the block; the previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def predict_logits(model: nn.Module, x: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
-    """Logits ``[N, K]`` of ``model`` on ``x [N, ...]`` (moved to the model's device chunk by chunk), in eval mode
-    and without gradients."""
-    device = next(model.parameters(), x).device
-    with _eval_mode(model):
-        return torch.cat([model(chunk.to(device)) for chunk in x.split(batch_size)]) if len(x) else model(x.to(device))
-
-
-def example_losses(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = EVAL_BATCH) -> Tensor:
-    """Per-example cross-entropy losses ``[N]`` of ``model`` on ``(x [N, ...], y [N])``, in eval mode."""
-    _check_data(x, y)
-    logits = predict_logits(model, x, batch_size=batch_size)
-    return F.cross_entropy(logits, y.to(logits.device), reduction="none")
+__all__ = ["ShadowModels", "train_classifier", "train_shadow_models"]
 
 
 def _adam(params: Iterable[Tensor], *, lr: float, weight_decay: float) -> torch.optim.Adam:
-    """The recipe's optimizer. The fused kernel updates each (stacked) tensor in one pass: 25x faster
-    than the per-op loop on 16 stacked CPU models, where the loop made Adam half of a step."""
+    """The recipe's optimizer. The fused kernel updates each (stacked) tensor in one pass; on 16 stacked
+    CPU models the per-op loop made Adam half of a step (figures: benchmarks/RESULTS.md, "Notes moved
+    from docstrings")."""
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -117,7 +82,7 @@ def train_classifier(
         epochs: passes over the data.
         lr: Adam learning rate.
         batch_size: examples per step (the last step of an epoch may be smaller).
-        weight_decay: L2 coefficient (seed 000 uses 1e-6).
+        weight_decay: L2 coefficient (Kaya & Dumitraş use 1e-6).
         mechanism: a :class:`privfast.augment.mechanisms.Mechanism` applied to every batch, or None.
         callbacks: called as ``callback(model, epoch)`` after each epoch (e.g.
             :class:`privfast.audit.MembershipAudit`); the model is left in train mode after.
@@ -127,7 +92,7 @@ def train_classifier(
     Returns:
         ``model``, trained.
     """
-    _check_data(x, y)
+    check_data(x, y)
     device = next(model.parameters()).device
     optimizer = _adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     callbacks = list(callbacks)
@@ -231,12 +196,13 @@ def train_shadow_models(
 
     Note:
         On CPU with glibc's malloc, every step frees the S models' stacked activations (10-20 MB
-        for 16 small CNNs), which glibc hands back to the kernel and the next step faults back in:
-        about 15-30% of the time of a small model's run. A process-wide allocator setting removes
+        for 16 small CNNs), which glibc hands back to the kernel and the next step faults back in,
+        a sizeable share of a small model's run (benchmarks/RESULTS.md, "LiRA shadow training", has
+        the page-fault counts and timings). A process-wide allocator setting removes
         it, e.g. ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` in the
         environment (both are needed), or jemalloc / tcmalloc preloaded as PyTorch recommends for CPU.
     """
-    _check_data(x, y)
+    check_data(x, y)
     if n_shadows < 2 or n_shadows % 2:
         raise ValueError(f"n_shadows must be even and >= 2 (halves come in complementary pairs), got {n_shadows}")
     if len(y) < 2:

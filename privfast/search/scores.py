@@ -14,41 +14,20 @@ backward pass.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from privfast import ops
-from privfast.attacks.reconstruction import per_example_gradients
+from privfast.attacks.common import eval_mode
+from privfast.attacks.reconstruction import Stats, normalize, per_example_gradients  # normalize: re-exported
 from privfast.augment.ats_library import Policy
 
 __all__ = ["accuracy_score", "normalize", "privacy_score"]
 
-Stats = Union[float, Sequence[float], Tensor, None]
 PolicyLike = Union[Policy, str, None]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode (as both scores require) and restore its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def normalize(x: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
-    """``(x - mean) / std`` with scalar or per-channel statistics; None means 0 and 1."""
-    if mean is None and std is None:
-        return x
-    mean = torch.as_tensor(0.0 if mean is None else mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    std = torch.as_tensor(1.0 if std is None else std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
-    return (x - mean) / std
 
 
 def _as_policy(policy: PolicyLike) -> Optional[Policy]:
@@ -161,7 +140,7 @@ def privacy_score(
         start = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     elif start.shape != x.shape:
         raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
-    with eval_mode(model):
+    with eval_mode(model, no_grad=False):
         return gradsim_curve_area(model, normalize(transformed, mean, std), y, normalize(start, mean, std),
                                   bins=bins, per_layer=per_layer, chunk_size=chunk_size, progress=progress)
 
@@ -232,6 +211,6 @@ def accuracy_score(
     images = x[index.flatten()]
     images = policy(images, generator=generator) if policy is not None else images
     images = normalize(images, mean, std).detach().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model, no_grad=False), torch.enable_grad():
         (jacobian,) = torch.autograd.grad(model(images).sum(), images)
     return float(jacobian_score(jacobian.view(batches, index.shape[1], -1)).mean())
