@@ -122,6 +122,19 @@ def test_torchrun_environment_is_detected_and_excludes_nproc(monkeypatch):
     assert sys.stdout.name == os.devnull
 
 
+def test_the_mechanism_imports_no_launcher_job():
+    """distributed.py is the DP mechanism: the trainer, attacks, search and launchers sit above it."""
+    import ast
+
+    import privfast.distributed
+
+    tree = ast.parse(Path(privfast.distributed.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    above = ("privfast.trainer", "privfast.attacks", "privfast.search", "privfast.launch", "privfast.cli")
+    assert not {m for m in imported if m and m.startswith(above)}
+
+
 def test_shards_partition_the_data_and_sample_at_rate_q():
     samplers = [PoissonShardSampler(1000, sample_rate=0.1, rank=r, world_size=3, seed=5,
                                     generator=torch.Generator().manual_seed(r)) for r in range(3)]
