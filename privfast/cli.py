@@ -22,7 +22,6 @@ import dataclasses
 import json
 import re
 import sys
-import time
 import typing
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,9 @@ from privfast.audit import ATTACKS, DEFAULT_ATTACKS, audit_model
 from privfast.auditing import EPSILON_BOUNDS, SCORES, audit_checkpoint, rmia_audit
 from privfast.data import DATASETS, Split, load_dataset
 from privfast.federated import INVERSION_NOTE, invert_gradients
+from privfast.demo import DEMO_RUNS as DEMO_RUNS_BY_DATASET
+from privfast.demo import DEMO_TRAIN_EXAMPLES as DEMO_TRAIN_EXAMPLES_BY_DATASET
+from privfast.demo import run_demo
 from privfast.grad_sample.engine import MODES
 from privfast.models import LeNet
 from privfast.reports import (ADVANTAGE_NOTE, format_audit, format_table, load_audits, plot_reconstructions, summarize,
@@ -46,24 +48,9 @@ from privfast.trainer import (METHODS, MODELS, TrainConfig, Trainer, build_model
 
 __all__ = ["DEMO_RUNS", "DEMO_TRAIN_EXAMPLES", "build_parser", "main"]
 
-DEMO_RUNS = {
-    # The three training algorithms of the demo, on the same data and model (digits, ConvNet).
-    # Non-private: small batches and many steps, so that it fits its training set as a real model
-    # does; the private runs spend epsilon = 8 at delta = 1e-5.
-    "non-private": dict(method="nonprivate", epochs=60, batch_size=32, lr=0.05),
-    "DP-SGD": dict(method="dp-sgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
-    # Crops of 8x8 digits are coarse and flips change the digit: no flips, and K_base = 4 crops
-    # (one seed on all 1,257 digits: 0.835 test accuracy with K_base = 4, 0.776 with K_base = 2).
-    "DP-Mix": dict(method="dp-mix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, augmult=4, k_self=2,
-                   flip=False),
-}
-DEMO_TRAIN_EXAMPLES = 300
-"""Digits the demo trains on. On all 1,257 no model leaks measurably (non-private calibrated AUC
-0.507); on 300 the non-private model fits its training set and leaks, the seeds' trend: over
-seeds 0-2, calibrated advantage +0.185..+0.203 (AUC 0.557..0.580) non-private, +0.023..+0.073
-DP-SGD and -0.022..+0.010 DP-Mix at epsilon 8 (standard error 0.043). The price: test accuracy
-0.97 non-private, 0.53..0.69 DP-SGD and 0.29..0.46 DP-Mix, whose crops and mixes need more data."""
-DEMO_ATTACK = "calibrated"
+# The demo lives in privfast.demo (runs per data set); the digits runs stay importable from here.
+DEMO_RUNS = DEMO_RUNS_BY_DATASET["digits"]
+DEMO_TRAIN_EXAMPLES = DEMO_TRAIN_EXAMPLES_BY_DATASET["digits"]
 _CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "grad_sample_mode": MODES,
             "attacks": tuple(ATTACKS)}
 
@@ -115,13 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="non-private vs DP-SGD vs DP-Mix on digits: accuracy, epsilon, attacks")
+    demo = commands.add_parser("demo", help="non-private vs DP-SGD vs DP-Mix: accuracy, epsilon, membership attacks")
+    demo.add_argument("--dataset", choices=sorted(DEMO_RUNS_BY_DATASET), default="digits",
+                      help="digits (bundled, ~20 s) or cifar10 (needs --data-root; a few minutes on 2 cores)")
+    demo.add_argument("--data-root", default=None, help="directory holding cifar-10-batches-py (--dataset cifar10)")
     demo.add_argument("--out", type=Path, default=Path("privfast-demo"), help="report directory")
     demo.add_argument("--epochs-scale", type=float, default=1.0,
                       help="multiply every run's epochs by this (e.g. 0.2 for a smoke test)")
-    demo.add_argument("--train-examples", type=int, default=DEMO_TRAIN_EXAMPLES,
-                      help=f"train on this many digits (default: {DEMO_TRAIN_EXAMPLES}, few enough for the non-private "
-                           "model to overfit and leak; 1,257 is all)")
+    demo.add_argument("--train-examples", type=int, default=None,
+                      help="training images (default: " + ", ".join(
+                          f"{k} {v}" for k, v in DEMO_TRAIN_EXAMPLES_BY_DATASET.items()) + "; few enough for the "
+                           "non-private model to overfit and leak)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the models, the data order, the noise and the audit")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
@@ -247,32 +238,13 @@ def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
 
 # -- commands ---------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    runs, models, data = {}, {}, None
-    for name, overrides in DEMO_RUNS.items():
-        epochs = max(1, round(overrides["epochs"] * args.epochs_scale))
-        config = TrainConfig(**{**overrides, "epochs": epochs, "attacks": ("yeom", DEMO_ATTACK),
-                                "train_examples": args.train_examples, "seed": args.seed})
-        data = data or load_data(config)
-        trainer = Trainer(config, data=data, progress=not args.no_progress)
-        runs[name] = {"config": config.to_dict(), "history": trainer.fit()}
-        models[name] = trainer.model.eval()
-    elapsed = time.perf_counter() - start
-    rows = {name: summarize(run["history"], attack=DEMO_ATTACK) for name, run in runs.items()}
-    # The attack's decision is scored on the examples the attacker did not know; at worst (rates of
-    # 1/2) the standard error of TPR - FPR is sqrt(1/4n_m + 1/4n_n).
-    members, nonmembers = trainer.audit.members[1], trainer.audit.nonmembers[1]
-    n_m, n_n = len(members) - config.audit_known, len(nonmembers) - config.audit_known
-    noise = (f"Advantage is scored on {n_m} members and {n_n} non-members: its standard error is up to "
-             f"{(0.25 / n_m + 0.25 / n_n) ** 0.5:.3f}, so smaller differences between runs are noise.")
-    print(f"\nprivfast demo: {len(data[0].y)} training digits, ConvNet, seed {args.seed}, membership attack "
-          f"`{DEMO_ATTACK}` (members: training set; non-members: test set)")
-    _print_table(rows, elapsed)
-    print(noise)
-    path = write_report(args.out, runs, attack=DEMO_ATTACK, models=models, members=data[0], nonmembers=data[1],
-                        title="privfast demo: non-private vs DP-SGD vs DP-Mix",
-                        notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s). {noise}"])
-    print(f"report: {path}")
+    result = run_demo(dataset=args.dataset, data_root=args.data_root, out=args.out, epochs_scale=args.epochs_scale,
+                      train_examples=args.train_examples, seed=args.seed, progress=not args.no_progress)
+    print("\n" + result.header)
+    _print_table(result.rows, result.elapsed)
+    for note in result.notes:
+        print(note)
+    print(f"report: {result.report}")
     return 0
 
 
