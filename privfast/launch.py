@@ -132,7 +132,7 @@ def _in_torchrun(fn: Callable[..., Any], args: Sequence) -> list[Any]:
     joined_here = not dist.is_initialized()
     if joined_here:
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process on each node
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process on each node
         dist.init_process_group(backend(), init_method="env://")
     try:
         context = DistributedContext.current()

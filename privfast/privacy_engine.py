@@ -191,7 +191,7 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta)
 
     def membership_error_bound(self, delta: float) -> float:
-        """Lower bound on a membership attacker's error at the epsilon spent so far: :func:`privfast.metrics.dp_perr_bound`."""
+        """Lower bound on a membership attacker's error at the epsilon spent so far (:func:`metrics.dp_perr_bound`)."""
         from privfast import metrics  # scipy and scikit-learn load only when asked
 
         return metrics.dp_perr_bound(self.get_epsilon(delta), delta)
