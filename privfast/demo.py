@@ -53,7 +53,7 @@ DEMO_RUNS = {
 """Per data set, the three runs of the demo (TrainConfig fields), on the same data and model."""
 DEMO_TRAIN_EXAMPLES = {"digits": 300, "cifar10": 1000}
 """Training images per data set: few enough that the non-private model fits its training set and
-leaks (on all 1,257 digits no model leaks measurably), so that the demo shows the seeds' trend,
+leaks (on all 1,257 digits no model leaks measurably), so that the demo shows the papers' trend,
 DP-SGD and DP-Mix at epsilon 8 leaking far less at a cost in test accuracy. The measured figures:
 benchmarks/RESULTS.md, "Notes moved from docstrings" (digits) and "Seeds' claims on CIFAR-10"."""
 DEMO_WIDTH = {"digits": 16, "cifar10": 16}
@@ -86,7 +86,8 @@ class DemoResult:
 
 
 def _expectations(rows: dict, standard_error: float, dataset: str) -> dict:
-    """Per run, the seeds' prediction at this scale and whether the measurement agrees."""
+    """Per run, what the papers (Kaya & Dumitraş, ICML 2021; Bao et al., DP-Mix, NeurIPS 2023) predict at this
+    scale and whether the measurement agrees."""
     adv = {name: row["decision_advantage"] if "decision_advantage" in row else row["advantage"]
            for name, row in rows.items()}
     acc = {name: row["test_accuracy"] for name, row in rows.items()}
