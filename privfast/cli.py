@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--shadows", type=int, default=16,
                        help="LiRA shadow models, even (0: no LiRA); trained together, vectorized")
     audit.add_argument("--shadow-epochs", type=int, default=20, help="training epochs of each shadow model")
-    audit.add_argument("--nproc", type=int, default=1, help="processes the shadow models are sharded across")
+    audit.add_argument("--nproc", type=int, default=1,
+                       help="processes the shadow models are sharded across (on this machine; or use torchrun)")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
     audit.add_argument("--out", type=Path, default=None,
                        help="write audit.json, audit.md and roc.png there (default: beside the checkpoint, where "
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="S_acc filter (default: the S_acc of the untransformed data)")
     search.add_argument("--semi-fraction", type=float, default=0.1, help="training data of the semi-trained model")
     search.add_argument("--semi-epochs", type=int, default=20, help="epochs of the semi-trained model (ATS: 50)")
-    search.add_argument("--nproc", type=int, default=1, help="processes the candidate policies are sharded across")
+    search.add_argument("--nproc", type=int, default=1,
+                        help="processes the candidate policies are sharded across (on this machine; or use torchrun)")
     search.set_defaults(handler=_search)
 
     invert = commands.add_parser("invert", help="reconstruct training images from their gradients (and measure PSNR)")
