@@ -117,7 +117,12 @@ def test_search_writes_ranked_policies_and_a_disjoint_hybrid(tmp_path, capsys):
     by_policy = {r["policy"]: r["s_pri"] for r in found["table"]}
     assert by_policy[found["selected"][0]] == kept[0]  # the best S_pri (lowest) is selected first
     assert found["hybrid"].split("+") == found["selected"]
-    assert "hybrid:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "hybrid:" in out
+    # Each printed policy has its transforms' names beside its indices, and a Markdown table is written.
+    best = found["selected"][0]
+    assert any(line.split()[:1] == [best] and found["transforms"][best] in line for line in out.splitlines())
+    assert f"| {best} | {found['transforms'][best]} |" in (tmp_path / "search.md").read_text()
 
 
 def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
@@ -125,11 +130,13 @@ def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "labels recovered" in out and "PSNR vs clean" in out
+    assert "SSIM vs shared" in out and "SSIM vs clean" in out and "measures the defense" in out
     result = json.loads((tmp_path / "invert.json").read_text())
     for case in ("no defense", "policy 3"):  # ATS Fig. 4: the same images attacked without and with the defense
         assert len(result[case]["psnr_vs_clean"]) == 2 and all(v > 0 for v in result[case]["psnr_vs_shared"])
     # Without a defense the shared image is the clean one.
     assert result["no defense"]["psnr_vs_shared"] == result["no defense"]["psnr_vs_clean"]
+    assert len(result["policy 3"]["ssim_vs_shared"]) == 2 and result["measures_the_defense"] == "vs_shared"
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
 
 
@@ -144,3 +151,19 @@ def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
         assert row["min_s"] > 0 and row["examples_per_s"] == pytest.approx(4 / row["min_s"])
         assert row["vs_nonprivate"] == pytest.approx(row["min_s"] / rows[3 * (row["k"] - 1)]["min_s"])
     assert "Opacus / this" in capsys.readouterr().out
+
+
+def test_audit_writes_beside_the_checkpoint_and_report_includes_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]) == 0
+    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated", "calibrated_per_class",
+                 "--examples", "48", "--known", "16", "--shadows", "0"]) == 0
+    out = capsys.readouterr().out
+    # Both advantages, named apart and explained; the threshold attacks' shared score is said.
+    assert "decision advantage" in out and "best-threshold advantage" in out and "after seeing every score" in out
+    assert "yeom, calibrated, calibrated_per_class score every example alike" in out
+    assert (run / "audit.json").exists() and (run / "roc.png").exists()  # beside the checkpoint: no --out
+    assert main(["report", str(run / "checkpoint.pt"), "--out", str(tmp_path / "report")]) == 0
+    assert "run: audits included (membership)" in capsys.readouterr().out
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### run: membership attacks" in text and "| calibrated_per_class |" in text

@@ -6,14 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privfast.data import load_digits
+from privfast.data import Split, load_digits
 from privfast.federated import (
+    INVERSION_NOTE,
     Defense,
     Federation,
     add_noise,
     ats_experiment,
     evaluate_defenses,
     format_report,
+    invert_gradients,
     prune,
     split_participants,
 )
@@ -192,3 +194,27 @@ def test_ats_experiment_runs_the_whole_pipeline(digits):
     names = [r.defense for r in reports]
     assert names == ["none", f"hybrid {found.hybrid}", *[str(p) for p in found.selected], "prune 70%"]
     assert all(0 <= r.accuracy <= 1 for r in reports)
+
+
+def test_invert_gradients_scores_against_the_shared_and_the_clean_images(digits):
+    _, test = digits
+    images = Split(test.x[:2], test.y[:2])
+    # Policy 0 inverts the colours: the digit stays readable, so the attack rebuilds the shared
+    # (inverted) image well while the comparison with the clean one would call it a defense.
+    result = invert_gradients(_dlg_lenet(), images, policy="0", iterations=100, tv=0.0)
+    assert set(result.cases) == {"no defense", "policy 0"} and result.shared.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(result.shared[2:], 1 - images.x)
+    defended = result.cases["policy 0"]
+    assert bool((result.psnr_vs_shared[defended] > 30).all()) and bool((result.ssim_vs_shared[defended] > 0.9).all())
+    assert bool((result.psnr_vs_clean[defended] < 10).all()) and bool((result.ssim_vs_clean[defended] < 0.2).all())
+    undefended = result.cases["no defense"]
+    assert torch.equal(result.psnr_vs_shared[undefended], result.psnr_vs_clean[undefended])
+    values = result.to_dict()
+    assert values["measures_the_defense"] == "vs_shared" and len(values["policy 0"]["ssim_vs_clean"]) == 2
+    text = result.format_table()
+    assert "SSIM vs shared" in text and "SSIM vs clean" in text and len(text.splitlines()) == 1 + 2 * 3
+    assert "measures the defense" in INVERSION_NOTE
+    rows, titles = result.grid()
+    assert list(rows) == ["clean", "reconstructed", "transformed", "reconstructed (policy)"]
+    assert titles["reconstructed (policy)"][0].endswith(f"{result.ssim_vs_shared[2]:.2f}")
+    assert list(invert_gradients(_dlg_lenet(), images, iterations=1).cases) == ["no defense"]

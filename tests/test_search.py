@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from privfast.augment.ats_library import Policy
 from privfast.data import load_digits
 from privfast.models import ConvNet, LeNet
-from privfast.search import accuracy_score, privacy_score, search
+from privfast.search import accuracy_score, ats_search, describe_policy, privacy_score, search
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,3 +145,34 @@ def test_search_checks_its_arguments(digits):
     model = _model(cls=LeNet, width=4)
     with pytest.raises(ValueError, match="exceeds"):
         search(model, model, (digits.x, digits.y), candidates=60, max_len=1, acc_threshold=0.0)
+
+
+def test_policies_are_named_by_their_transforms():
+    assert describe_policy("3-1") == "translate_x 0.4532 > contrast 0.3333"
+    assert describe_policy("0+8-11") == "invert | autocontrast > posterize 6"  # one sub-policy drawn per image
+    assert describe_policy("") == "identity"
+
+
+def test_ats_search_semi_trains_sets_the_threshold_and_writes_json_and_markdown(digits, tmp_path):
+    import json
+
+    data = (digits.x[:120].float(), digits.y[:120])
+    result = ats_search(lambda: LeNet(width=4), data, candidates=6, images=2, semi_epochs=1, seed=0, progress=False)
+    assert result.threshold is not None and len(result.table) == 6
+    kept = [r for r in result.table if not math.isnan(r.privacy)]
+    assert all(r.accuracy >= result.threshold for r in kept)  # the default filter keeps policies at least as good
+    text = result.format_table()
+    first = sorted(kept, key=lambda r: r.privacy)[0]
+    assert any(line.split()[0] == str(first.policy) and describe_policy(first.policy) in line
+               for line in text.splitlines())
+    assert f"hybrid: {result.hybrid} ({describe_policy(result.hybrid)})" in text
+    json_path, markdown_path = result.write(tmp_path)
+    values = json.loads(json_path.read_text())
+    assert values["threshold"] == result.threshold and values["hybrid"] == str(result.hybrid)
+    assert values["table"][0]["transforms"] == describe_policy(result.table[0].policy)
+    markdown = markdown_path.read_text()
+    assert "| policy | transforms | S_pri | S_acc |" in markdown and "| --- | --- | ---: | ---: |" in markdown
+    assert markdown.count("\n| ") == 2 + 6  # header, rule and every candidate
+    fixed = ats_search(lambda: LeNet(width=4), data, candidates=6, images=2, semi_epochs=1, acc_threshold=1e9,
+                       progress=False)
+    assert fixed.threshold == 1e9 and fixed.selected == [] and all(math.isnan(r.privacy) for r in fixed.table)
