@@ -48,6 +48,8 @@ import scipy.stats
 import torch
 from torch import Tensor, nn
 
+from privfast.reports import table
+
 __all__ = [
     "EPSILON_BOUNDS",
     "LM_SCORES",
@@ -683,7 +685,7 @@ class AuditResult:
         """The rows of :meth:`rows` as aligned text or Markdown."""
         header = ["audit", "accountant eps", "empirical eps", "kind", "trials"]
         body = [[r["audit"], f"{r['accountant']:.3f}", r["empirical"], r["kind"], r["trials"]] for r in self.rows()]
-        return _format_table(header, body, markdown=markdown)
+        return table(header, body, markdown=markdown, align="l" * len(header))
 
     def plot(self, path, *, bins: int = 40):
         """Histogram of the canaries' scores with and without the canary (PNG at ``path``); returns the path."""
@@ -715,13 +717,6 @@ class AuditResult:
         values = dataclasses.asdict(self)
         values["in_scores"], values["out_scores"] = self.in_scores.tolist(), self.out_scores.tolist()
         return values
-
-
-def _format_table(header: list[str], body: list[list[str]], *, markdown: bool) -> str:
-    if markdown:
-        return "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *body])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
 
 
 Score = Union[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]
@@ -1089,7 +1084,7 @@ class AttackComparison:
                  f"a = {r.info['offline_a']}" if r.info.get("offline_a") is not None else ""]
                 for name, r in self.results.items()]
         body += [[name, "-", "-", "-", f"not run: {why}"] for name, why in self.details.get("skipped", {}).items()]
-        return _format_table(header, body, markdown=markdown)
+        return table(header, body, markdown=markdown, align="l" * len(header))
 
     def write(self, out) -> list:
         """Write ``rmia.json``, ``rmia.md`` and the log-log ROC ``roc.png`` under ``out``; returns the paths."""

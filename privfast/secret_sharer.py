@@ -654,11 +654,9 @@ def _table(config: SecretSharerConfig, records: list[dict], *, markdown: bool) -
             exact, fitted = _mean_exposure(record, r, "exposure"), _mean_exposure(record, r, "exposure_extrapolated")
             cells.append(f"{exact:.1f} ({fitted:.1f})" if not math.isnan(exact) else f"({fitted:.1f})")
         body.append(cells)
-    if markdown:
-        lines = [header, ["---"] * 2 + ["---:"] * (len(header) - 2), *body]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *body])
+    from privfast.reports import table
+
+    return table(header, body, markdown=markdown, align="ll" + "r" * (len(header) - 2))
 
 
 def _plots(out: Path, config: SecretSharerConfig, records: list[dict]) -> dict[str, Path]:

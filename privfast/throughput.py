@@ -220,9 +220,9 @@ def format_rows(rows: Sequence[dict]) -> str:
     body = [(str(r["k"]), r["variant"], f"{1e3 * r['min_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
              f"{r['examples_per_s']:.0f}", _ratio(r.get("vs_nonprivate")), _ratio(r.get("opacus_over_this")))
             for r in rows]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in (header, *body))
+    from privfast.reports import table
+
+    return table(header, body, align="rl" + "r" * (len(header) - 2))
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -411,14 +411,17 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def format_markdown(rows: Sequence[dict]) -> str:
     """Rows of :func:`compare_family` as a Markdown table."""
-    lines = ["| family | K | variant | min ms | median ms | x non-private | fastest Opacus / this | peak MB | "
-             "peak / non-private |", "|---|---|---|---|---|---|---|---|---|"]
+    from privfast.reports import table
+
+    header = ["family", "K", "variant", "min ms", "median ms", "x non-private", "fastest Opacus / this", "peak MB",
+              "peak / non-private"]
+    body = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['k']} | {r['variant']} | n/a: {r['error']} | | | | | |")
+            body.append([r["family"], r["k"], r["variant"], f"n/a: {r['error']}", *[""] * 5])
             continue
         peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}"
-        lines.append(f"| {r['family']} | {r['k']} | {r['variant']} | {1e3 * r['min_s']:.1f} | {1e3 * r['median_s']:.1f} | "
-                     f"{_ratio(r.get('vs_nonprivate'))} | {_ratio(r.get('opacus_best_over_this'))} | {peak} | "
-                     f"{_ratio(r.get('peak_vs_nonprivate'))} |")
-    return "\n".join(lines)
+        body.append([r["family"], r["k"], r["variant"], f"{1e3 * r['min_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
+                     _ratio(r.get("vs_nonprivate")), _ratio(r.get("opacus_best_over_this")), peak,
+                     _ratio(r.get("peak_vs_nonprivate"))])
+    return table(header, body, markdown=True, align="lrl" + "r" * 6)
