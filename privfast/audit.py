@@ -364,6 +364,7 @@ def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, ep
     example is IN for half of the shadows and OUT for the other half. With ``nproc > 1``, or under
     torchrun, the shadows are sharded across processes.
     """
+    from privfast import launch
     from privfast.attacks.lira import lira
     from privfast.attacks.training import train_shadow_models
     from privfast.trainer import build_model, data_shape
@@ -371,8 +372,6 @@ def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, ep
     x, y = torch.cat([members.x, nonmembers.x]), torch.cat([members.y, nonmembers.y])
     is_member = torch.arange(len(y)) < len(members.y)
     make_model = partial(build_model, config, **data_shape(Split(x, y)))  # picklable, for a sharded run
-    from privfast import launch
-
     if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
         trained = launch.launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed,
                                               epochs=epochs, progress=False)

@@ -256,7 +256,11 @@ def _audit_section(audits: Mapping[str, Mapping[str, dict]]) -> list[str]:
     lines = ["## Audits", "", "Written by `privfast audit` next to each run's checkpoint.", ""]
     for name, found in audits.items():
         if "membership" in found:
-            lines += [f"### {name}: membership attacks", "", format_audit(found["membership"], markdown=True), ""]
+            try:
+                text = format_audit(found["membership"], markdown=True)
+            except (KeyError, TypeError):  # an audit.json of an older privfast lacks some fields
+                text = f"*{AUDIT_FILES['membership']} was written by an older privfast: run `privfast audit` again.*"
+            lines += [f"### {name}: membership attacks", "", text, ""]
     bounds = [[name, found["epsilon"]["method"], f"{found['epsilon']['accountant_epsilon']:.3f}",
                f"{found['epsilon']['epsilon']:.3f} [{found['epsilon']['epsilon_low']:.3f}, "
                f"{found['epsilon']['epsilon_high']:.3f}]", f"{100 * found['epsilon']['confidence']:g}%"]

@@ -290,6 +290,9 @@ def test_report_includes_the_audits_written_next_to_the_checkpoint(tmp_path):
     assert "| DP-SGD | rmia_online | 0.610 | 0.003 | 0.030 |" in text and "Canary exposure" in text
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results["DP-SGD"]["audits"]["membership"]["shadows"] == 4 and "audits" not in results["non-private"]
+    (run / "audit.json").write_text(json.dumps({"record": AUDIT["record"], "shadows": 4, "canaries": None}))
+    old = write_report(tmp_path / "old", RUNS, attack="calibrated", audits={"DP-SGD": load_audits(run)}).read_text()
+    assert "written by an older privfast" in old
     (run / "rmia.json").write_text("{truncated")
     with pytest.raises(ValueError, match="rmia.json: not a readable audit"):
         load_audits(run)
