@@ -323,7 +323,7 @@ class Trainer:
         model: the plain model (not the per-example gradient wrapper).
         engine: the :class:`~privfast.privacy_engine.PrivacyEngine` of a private run, else None.
         history: one record per epoch: ``epoch``, ``train_loss``, ``test_accuracy``,
-            ``train_accuracy``, one dict per attack (``auc``, ``advantage``, ``p_err``,
+            ``train_accuracy``, one dict per attack (``auc``, ``decision_advantage``, ``p_err``,
             ``best_advantage``, ``tpr_at_fpr``), ``steps`` (optimizer steps so far), and for
             private runs ``epsilon``, ``dp_perr_bound`` (the lower bound
             ``(1 - delta) / (1 + e^epsilon)`` on P_err) and ``noise_multiplier`` (sigma).
