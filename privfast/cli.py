@@ -413,7 +413,8 @@ def _add_secret_sharer(commands) -> None:
         hint = hints[field.name]
         many = typing.get_origin(hint) is tuple
         kind = next(t for t in typing.get_args(hint) if t is not type(None)) if many or typing.get_args(hint) else hint
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind, nargs="+" if many else None,
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
+                            nargs="+" if many else None,
                             default=argparse.SUPPRESS, help=f"{lines.get(field.name, '')} (default: "
                             f"{' '.join(map(str, field.default)) if many else field.default})")
     parser.set_defaults(handler=_secret_sharer)

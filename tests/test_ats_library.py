@@ -158,7 +158,8 @@ def test_ops_match_pil_when_it_is_installed():
     for t in (0.4532, -0.1007):
         check(L.translate_x(x, t), pil.transform(pil.size, Image.AFFINE, (1, 0, t * 16, 0, 1, 0), fillcolor=0))
         check(L.translate_y(x, t), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, t * 16), fillcolor=0))
-    check(L.shear_y(x, 0.1667), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.1667, 1, 0), Image.BILINEAR, fillcolor=0))
+    check(L.shear_y(x, 0.1667),
+          pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.1667, 1, 0), Image.BILINEAR, fillcolor=0))
 
 
 def test_policy_parsing_and_formatting():
@@ -178,7 +179,9 @@ def test_policy_applies_its_entries_in_order():
     x = _images(n=5)
     out = L.Policy("3-1-7")(x, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
-    expected = L.apply_transform(L.apply_transform(L.apply_transform(x, 3, generator=g), 1, generator=g), 7, generator=g)
+    expected = x
+    for index in (3, 1, 7):
+        expected = L.apply_transform(expected, index, generator=g)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(L.Policy("")(x), x)
 

@@ -43,8 +43,10 @@ def test_per_example_gradients_equal_one_backward_per_example(digits, dtype):
 
 def test_gradient_distances_match_their_formulas():
     g = torch.Generator().manual_seed(0)
-    grads = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)]
-    targets = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)]
+    grads = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+             torch.randn(3, 7, generator=g, dtype=torch.float64)]
+    targets = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+               torch.randn(3, 7, generator=g, dtype=torch.float64)]
     flat_g = torch.cat([t.flatten(1) for t in grads], 1)
     flat_t = torch.cat([t.flatten(1) for t in targets], 1)
     torch.testing.assert_close(R.gradient_distance(grads, targets, "cosine"), 1 - ops.gradsim(grads, targets))
@@ -71,7 +73,7 @@ def test_total_variation_psnr_and_ssim():
 
 def test_ssim_on_one_window_equals_the_weighted_statistics():
     g = torch.Generator().manual_seed(2)
-    a, b = torch.rand(1, 1, 7, 7, generator=g, dtype=torch.float64), torch.rand(1, 1, 7, 7, generator=g, dtype=torch.float64)
+    a, b = (torch.rand(1, 1, 7, 7, generator=g, dtype=torch.float64) for _ in range(2))
     coords = np.arange(7) - 3.0
     w = np.exp(-coords ** 2 / (2 * 1.5 ** 2))
     w = np.outer(w, w) / np.outer(w, w).sum()

@@ -140,7 +140,8 @@ def test_fedavg_averages_the_local_models(digits):
 def test_collaborative_training_learns_digits(digits, algorithm):
     train, test = digits
     torch.manual_seed(0)
-    fed = Federation(ConvNet(width=8), train, algorithm=algorithm, batch_size=16, lr=0.1 if algorithm == "fedsgd" else 0.3)
+    fed = Federation(ConvNet(width=8), train, algorithm=algorithm, batch_size=16,
+                     lr=0.1 if algorithm == "fedsgd" else 0.3)
     before = fed.accuracy(*test)
     fed.train(40, progress=False)
     assert fed.accuracy(*test) > max(0.8, before + 0.5)

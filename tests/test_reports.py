@@ -33,7 +33,8 @@ from privfast.reports import (
 
 
 def _record(epoch, accuracy, advantage, epsilon=None):
-    record = {"epoch": epoch, "steps": 10 * epoch, "test_accuracy": accuracy, "train_accuracy": accuracy + 0.05, "train_loss": 1.0 / epoch,
+    record = {"epoch": epoch, "steps": 10 * epoch, "test_accuracy": accuracy, "train_accuracy": accuracy + 0.05,
+              "train_loss": 1.0 / epoch,
               "calibrated": {"auc": 0.5 + advantage / 2, "decision_advantage": advantage, "p_err": (1 - advantage) / 2,
                              "best_advantage": advantage + 0.1, "tpr_at_fpr": {0.001: 0.0, 0.01: advantage / 4}}}
     if epsilon is not None:

@@ -89,7 +89,8 @@ def query_views(x: Tensor, mirror: bool) -> list[Tensor]:
 
 def score_queries(logits_fn: Callable[[Tensor], Tensor], queries: list[Tensor], y: Tensor,
                   score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """``score(logits, labels)`` ``[..., N, Q]`` on the CPU, for ``logits_fn``'s logits ``[..., N, K]`` of each query."""
+    """``score(logits, labels)`` ``[..., N, Q]`` on the CPU, for ``logits_fn``'s logits ``[..., N, K]`` of each
+    query."""
     return torch.stack([score(logits, y.to(logits.device).expand(logits.shape[:-1]))
                         for logits in map(logits_fn, queries)], dim=-1).cpu()
 

@@ -163,7 +163,8 @@ def total_variation(x: Tensor) -> Tensor:
 
 def _check_pair(x: Tensor, reference: Tensor) -> None:
     if x.shape != reference.shape or x.dim() != 4:
-        raise ValueError(f"expected two image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and {tuple(reference.shape)}")
+        raise ValueError(f"expected two image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(reference.shape)}")
 
 
 def psnr(x: Tensor, reference: Tensor, *, data_range: float = 1.0) -> Tensor:
@@ -264,7 +265,8 @@ class AttackConfig:
 
 PRESETS: dict[str, AttackConfig] = {
     # The six attacks ATS evaluates ("optimizer+distance"), as inversefed configures them.
-    "lbfgs_l2": AttackConfig(cost="l2", optimizer="lbfgs", lr=1.0, iterations=300, signed=False, tv=0.0, lr_decay=False),
+    "lbfgs_l2": AttackConfig(cost="l2", optimizer="lbfgs", lr=1.0, iterations=300, signed=False, tv=0.0,
+                             lr_decay=False),
     "adam_cosine": AttackConfig(),
     "lbfgs_cosine": AttackConfig(optimizer="lbfgs", lr=1.0, iterations=300, signed=False, lr_decay=False),
     "adam_l1": AttackConfig(cost="l1"),
@@ -357,7 +359,8 @@ def reconstruct(
         raise ValueError(f"target_grads has {len(target_grads)} tensors but the model has {len(params)} trainable ones")
     for t, (name, p) in zip(target_grads, params.items()):
         if t.shape[1:] != p.shape or t.shape[0] != n_targets:
-            raise ValueError(f"target gradient for {name} is {tuple(t.shape)}; expected [T={n_targets}, *{tuple(p.shape)}]")
+            raise ValueError(f"target gradient for {name} is {tuple(t.shape)}; expected "
+                             f"[T={n_targets}, *{tuple(p.shape)}]")
     if labels is None:
         labels = recover_labels(model, target_grads)
     if labels.shape != (n_targets,):
