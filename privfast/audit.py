@@ -36,7 +36,7 @@ from privfast.attacks.mia import augmentation_aware, calibrated_threshold, yeom
 from privfast.data import Split
 from privfast.metrics import dp_perr_bound
 
-__all__ = ["ATTACKS", "DEFAULT_ATTACKS", "SHARED_SCORES", "CanaryExposure", "MembershipAudit", "ModelAudit",
+__all__ = ["ATTACKS", "DEFAULT_ATTACKS", "CanaryExposure", "MembershipAudit", "ModelAudit",
            "audit_model", "canary_exposure", "extrapolate_exposure"]
 
 Attack = Callable[..., AttackResult]
@@ -51,12 +51,9 @@ ATTACKS: dict[str, Attack] = {
 """Attacks :class:`MembershipAudit` knows by name."""
 
 DEFAULT_ATTACKS = ("yeom", "calibrated", "calibrated_per_class", "augmentation_aware")
-"""The attacks :func:`audit_model` runs unless told otherwise."""
-
-SHARED_SCORES = {"-loss": ("yeom", "calibrated", "calibrated_per_class")}
-"""Attacks of :data:`ATTACKS` that score examples alike (one ROC curve, one AUC) and differ only in
-their threshold, hence in their decision."""
-
+"""The attacks :func:`audit_model` runs unless told otherwise. yeom, calibrated and
+calibrated_per_class score examples alike (``-loss``: one ROC curve, one AUC) and differ only in
+their threshold; :meth:`ModelAudit.shared_scores` finds such groups from the scores themselves."""
 
 def _subset(data, limit: int, generator: torch.Generator) -> Split:
     x, y = data
