@@ -16,7 +16,10 @@ from torch import Tensor
 
 
 class Split(NamedTuple):
-    """Images ``x [N, 1, size, size]`` in [0, 1] and labels ``y [N]`` (int64)."""
+    """A labelled data set: inputs ``x [N, ...]`` (images ``[N, C, H, W]`` in [0, 1] from the loaders
+    here) and int64 labels ``y [N]``. The one type of labelled data across privfast: the attacks,
+    the audit, the search and the federation take it, and any ``(x, y)`` pair converts with
+    ``Split(*pair)``."""
 
     x: Tensor
     y: Tensor
