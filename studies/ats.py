@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                     f"pruning {args.prune:.0%}": invert(Policy(""), lambda g: prune(g, ratio=args.prune)),
                     f"ATS hybrid {hybrid}": invert(hybrid)}
         accs = {}
-        for name, mechanism in (("no defense", PolicyAugmentation(Policy(""))), ("ATS hybrid", PolicyAugmentation(hybrid))):
+        for name, policy in (("no defense", Policy("")), ("ATS hybrid", hybrid)):
+            mechanism = PolicyAugmentation(policy)
             torch.manual_seed(seed)
             model = ResNet20(width=args.width)
             train_classifier(model, *train, epochs=args.acc_epochs, mechanism=mechanism,

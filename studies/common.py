@@ -38,7 +38,7 @@ def base_parser(description: str, *, seeds: Sequence[int] = (0, 1)) -> argparse.
     parser.add_argument("--data-root", default=os.environ.get("PRIVFAST_CIFAR10_ROOT"),
                         help="directory holding cifar-10-batches-py (default: $PRIVFAST_CIFAR10_ROOT)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON, Markdown and plots")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one run per seed (>= 2 for a spread)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one run per seed (>= 2: a spread)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     return parser
 

@@ -90,9 +90,11 @@ def main(argv=None) -> int:
         return fmt([r[key] for r in runs if r["method"] == method and r["epsilon"] == epsilon], spec)
 
     header = ["method"] + [f"eps {e:g}: test acc" for e in args.epsilons] + ["sigma", "steps"]
+    def sigma(method, epsilon):
+        return mean_std(r["noise_multiplier"] for r in runs if r["method"] == method and r["epsilon"] == epsilon)[0]
+
     rows = [[m] + [cell(m, e) for e in args.epsilons]
-            + [", ".join(f"{mean_std(r['noise_multiplier'] for r in runs if r['method'] == m and r['epsilon'] == e)[0]:.2f}"
-                         for e in args.epsilons),
+            + [", ".join(f"{sigma(m, e):.2f}" for e in args.epsilons),
                str(next(r["steps"] for r in runs if r["method"] == m))] for m in args.methods]
     notes = []
     for epsilon in args.epsilons:

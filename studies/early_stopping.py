@@ -94,12 +94,14 @@ def main(argv=None) -> int:
         ok = [e for e in range(args.epochs) if perrs[e] >= dp_perr[0]]
         best = max(ok, key=lambda e: accs[e]) if ok else None
         summary_rows.append([name, fmt(series(name, "test_accuracy")[-1]), fmt(series(name, "p_err")[-1]),
-                             "-" if best is None else f"epoch {best + 1}: acc {accs[best]:.3f}, P_err {perrs[best]:.3f}"])
+                             "-" if best is None else
+                             f"epoch {best + 1}: acc {accs[best]:.3f}, P_err {perrs[best]:.3f}"])
         verdicts[name] = None if best is None else accs[best]
     # Beyond noise: the early stop must beat DP-SGD's mean accuracy by more than its spread over seeds.
     better = [n for n in ("non-private", "SAM") if verdicts[n] is not None and verdicts[n] > dp_acc[0] + dp_acc[1]]
     notes = [
-        f"DP-SGD at epsilon {args.epsilon:g}: the DP bound on P_err is {dp_bound:.4f}; its measured calibrated P_err is "
+        f"DP-SGD at epsilon {args.epsilon:g}: the DP bound on P_err is {dp_bound:.4f}; its measured calibrated P_err "
+        "is "
         f"{dp_perr[0]:.3f} ± {dp_perr[1]:.3f} at test accuracy {dp_acc[0]:.3f} ± {dp_acc[1]:.3f}.",
         ("Claim holds at this scale: stopped early at an epoch whose P_err is at least DP-SGD's, "
          f"{' and '.join(better)} reach{'es' if len(better) == 1 else ''} higher test accuracy than DP-SGD's final "
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
     plot = plot_curves({f"{n} (seed {args.seeds[0]})": histories[n][0] for n in methods},
                        args.out / "early_stopping.png", attack=ATTACK)
     scaled = (f"ConvNet width {args.width} from scratch (paper: pretrained ResNet50); {args.train} members, "
-              f"{args.test} test images as non-members, {args.audit_examples} + {args.audit_examples} attacked per epoch "
+              f"{args.test} test images as non-members, {args.audit_examples} + {args.audit_examples} attacked per "
+              "epoch "
               f"(paper: 5,000 + 5,000); {args.epochs} epochs; attack: calibrated threshold (100 known) and Yeom; "
               f"no Salem NN attack; {len(args.seeds)} seeds.")
     write_outputs(args.out, "early_stopping",

@@ -69,9 +69,11 @@ def main(argv=None) -> int:
                 test_acc = float((model(nonmembers.x).argmax(1) == nonmembers.y).double().mean())
                 train_acc = float((model(members.x).argmax(1) == members.y).double().mean())
             results.append({"mechanism": name, "seed": seed, "test_accuracy": test_acc, "train_accuracy": train_acc,
-                            "adv_std": std.decision_advantage, "adv_pow": pow_.decision_advantage, "auc_pow": pow_.summary["auc"],
+                            "adv_std": std.decision_advantage, "adv_pow": pow_.decision_advantage,
+                            "auc_pow": pow_.summary["auc"],
                             "seconds": time.perf_counter() - t0})
-            print(f"seed {seed} {name:5s} acc {test_acc:.3f} (train {train_acc:.3f}) Adv_std {std.decision_advantage:+.3f} "
+            print(f"seed {seed} {name:5s} acc {test_acc:.3f} (train {train_acc:.3f}) "
+                  f"Adv_std {std.decision_advantage:+.3f} "
                   f"Adv_pow {pow_.decision_advantage:+.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         lrcs.append(lrc_matrix(models, members))
 
