@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from privfast.augment.ats_library import Policy
 from privfast.data import load_digits
 from privfast.models import ConvNet, LeNet
-from privfast.search import accuracy_score, ats_search, describe_policy, privacy_score, search
+from privfast.search import accuracy_score, ats_search, crop_and_flip, describe_policy, privacy_score, search
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,3 +176,32 @@ def test_ats_search_semi_trains_sets_the_threshold_and_writes_json_and_markdown(
     fixed = ats_search(lambda: LeNet(width=4), data, candidates=6, images=2, semi_epochs=1, acc_threshold=1e9,
                        progress=False)
     assert fixed.threshold == 1e9 and fixed.selected == [] and all(math.isnan(r.privacy) for r in fixed.table)
+
+
+def test_crop_and_flip_takes_a_zero_padded_window_mirrored_or_not(digits):
+    x = digits.x[:6]
+    out = crop_and_flip(x, padding=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = F.pad(x, (2, 2, 2, 2))
+    for n in range(len(x)):
+        windows = [padded[n, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1)) for w in windows)
+
+
+def test_privacy_score_and_search_augment_like_the_reference_before_the_policy(digits):
+    # The reference's augmented evaluation: RandomCrop(padding 4) and a random flip, then the policy.
+    model = _model(cls=LeNet, width=6)
+    x, y = digits.x[:3], digits.y[:3]
+    start = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    augmented = privacy_score(model, x, y, policy="0-8", start=start, bins=4, augment=True,
+                              generator=torch.Generator().manual_seed(5))
+    expected = privacy_score(model, crop_and_flip(x, generator=torch.Generator().manual_seed(5)), y, policy="0-8",
+                             start=start, bins=4)
+    torch.testing.assert_close(augmented, expected)
+    assert not torch.allclose(augmented, privacy_score(model, x, y, policy="0-8", start=start, bins=4))
+    semi, init = _model(seed=0, cls=LeNet, width=4), _model(seed=1, cls=LeNet, width=4)
+    kwargs = dict(candidates=4, acc_threshold=-math.inf, images=3, bins=4, batches=2, progress=False)
+    plain = search(semi, init, (digits.x[:100], digits.y[:100]), **kwargs)
+    crops = search(semi, init, (digits.x[:100], digits.y[:100]), augment=True, **kwargs)
+    assert [r.policy for r in crops.table] == [r.policy for r in plain.table]  # the same candidates, other images
+    assert any(a.privacy != pytest.approx(b.privacy) for a, b in zip(crops.table, plain.table))

@@ -24,8 +24,9 @@ from privfast import ops
 from privfast.attacks.common import eval_mode
 from privfast.attacks.reconstruction import Stats, normalize, per_example_gradients  # normalize: re-exported
 from privfast.augment.ats_library import Policy
+from privfast.augment.mechanisms import RandomCrop
 
-__all__ = ["accuracy_score", "normalize", "privacy_score"]
+__all__ = ["accuracy_score", "crop_and_flip", "normalize", "privacy_score"]
 
 PolicyLike = Union[Policy, str, None]
 
@@ -101,6 +102,7 @@ def privacy_score(
     chunk_size: int = 256,
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    augment: bool = False,
 ) -> Tensor:
     """S_pri of each image: the area under its GradSim curve (ATS Eq. 7, trapezoid rule).
 
@@ -127,6 +129,8 @@ def privacy_score(
             ``chunk_size`` per-example gradients).
         generator: source of the policy's draws and of the random start.
         progress: show a progress bar over the gradient chunks (for large models or many images).
+        augment: apply :func:`crop_and_flip` before the policy, as the reference's augmented
+            evaluation does (RandomCrop(32, padding 4) and a random flip).
 
     Returns:
         ``[N]`` scores, each in [-1, 1].
@@ -135,6 +139,8 @@ def privacy_score(
     if bins < 1 or chunk_size < 1:
         raise ValueError(f"bins and chunk_size must be >= 1, got bins={bins}, chunk_size={chunk_size}")
     policy = _as_policy(policy)
+    if augment:
+        x = crop_and_flip(x, generator=generator)
     transformed = policy(x, generator=generator) if policy is not None else x
     if start is None:
         start = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -143,6 +149,26 @@ def privacy_score(
     with eval_mode(model, no_grad=False):
         return gradsim_curve_area(model, normalize(transformed, mean, std), y, normalize(start, mean, std),
                                   bins=bins, per_layer=per_layer, chunk_size=chunk_size, progress=progress)
+
+
+def crop_and_flip(x: Tensor, *, padding: int = 4, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random crop of each image after zero-padding ``padding`` pixels, mirrored with probability 1/2.
+
+    The reference ATS code's augmented mode applies this (torchvision's RandomCrop(32, padding=4)
+    and RandomHorizontalFlip) before the policy, when it scores and attacks.
+
+    Args:
+        x: images ``[N, C, H, W]`` in [0, 1].
+        padding: zero padding on each side before the H x W crop.
+        generator: source of the crop offsets and the flips.
+
+    Returns:
+        ``[N, C, H, W]`` images.
+    """
+    cropped, _ = RandomCrop(padding)(x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device),
+                                     generator=generator)
+    mirror = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(mirror[:, None, None, None], cropped.flip(-1), cropped)
 
 
 def one_per_class(y: Tensor, batches: int, *, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from privfast.attacks.common import eval_mode
 from privfast.augment.ats_library import LIBRARY, Policy, random_policy
 from privfast.data import Split
-from privfast.search.scores import Stats, accuracy_score, gradsim_curve_area, normalize
+from privfast.search.scores import Stats, accuracy_score, crop_and_flip, gradsim_curve_area, normalize
 
 __all__ = ["PolicyScore", "SearchResult", "ats_search", "describe_policy", "search"]
 
@@ -133,6 +133,7 @@ def search(
     std: Stats = None,
     chunk_size: int = 512,
     seed: int = 0,
+    augment: bool = False,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> SearchResult:
@@ -162,6 +163,9 @@ def search(
         mean, std: data normalization.
         chunk_size: per-example gradients per vmapped call.
         seed: seed of every random draw (policies, images, starts, signs).
+        augment: score the policies on :func:`~privfast.search.scores.crop_and_flip` of the images
+            (the reference's augmented evaluation: RandomCrop(32, padding 4) and a random flip
+            before the policy), one draw per image shared by every policy.
         shard: ``(rank, world_size)``: score only candidates ``i`` with ``i % world_size == rank``
             and leave the others' scores NaN, for processes that split the search
             (:func:`privfast.launch.launch_search`); each candidate's draws are its own, so
@@ -186,6 +190,8 @@ def search(
     subset = torch.randperm(x.shape[0], generator=generator)[:images]
     x_pri, y_pri = x[subset], y[subset]
     start = normalize(torch.rand(x_pri.shape, generator=generator, dtype=x.dtype).to(x.device), mean, std)
+    if augment:  # one crop and flip per image, shared by every policy; its own stream leaves the candidates as they are
+        x_pri = crop_and_flip(x_pri, generator=torch.Generator().manual_seed(seed + 1))
 
     policies: list[Policy] = []
     seen: set[Policy] = set()
