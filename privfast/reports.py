@@ -311,12 +311,14 @@ def _integer_epochs(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _legend_outside(fig, handles=None, labels=None) -> None:
-    """One figure legend right of the axes, in columns of at most 20 entries."""
+def _legend_outside(fig, handles=None, labels=None, *, below: bool = False) -> None:
+    """One figure legend outside the axes: right of them in columns of at most 20 entries, or
+    below them (for a few long entries, which would squeeze the axes beside them)."""
     if handles is None:
         handles, labels = fig.axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize="small", ncols=math.ceil(len(handles) / 20))
+        fig.legend(handles, labels, loc="outside lower center" if below else "outside right upper", fontsize="small",
+                   ncols=1 if below else math.ceil(len(handles) / 20))
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -420,7 +422,7 @@ def plot_epsilon(runs: Mapping[str, Sequence[dict]], path: str | os.PathLike) ->
 
 def roc_figure(rocs: Mapping[str, Mapping[str, Sequence[float]]]):
     """The figure of :func:`plot_roc`."""
-    fig, axes = _figure(1, 1, (7.5, 5))
+    fig, axes = _figure(1, 1, (6.5, 6.5))
     ax = axes[0][0]
     curves: list[tuple[list[str], np.ndarray, np.ndarray]] = []
     for name, roc in rocs.items():  # attacks with the same ROC (the same score) share one curve
@@ -442,7 +444,7 @@ def roc_figure(rocs: Mapping[str, Mapping[str, Sequence[float]]]):
     ax.plot([floor, 1], [floor, 1], "k:", label="chance")
     ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
            title="membership attacks (log-log ROC)")
-    _legend_outside(fig)
+    _legend_outside(fig, below=True)
     return fig
 
 

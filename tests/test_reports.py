@@ -184,19 +184,20 @@ def _inside_the_canvas(fig):
     assert width <= 2000 and height <= 1400, (width, height)
 
 
-def _legend_right_of_the_axes(fig):
+def _legend_outside_the_axes(fig, below=False):
     fig.draw_without_rendering()  # runs the constrained layout
     legend = fig.legends[0].get_window_extent()
     for ax in fig.axes:
         if ax.get_visible():
-            assert legend.x0 >= ax.get_window_extent().x1 - 1
+            box = ax.get_window_extent()
+            assert legend.y1 <= box.y0 + 1 if below else legend.x0 >= box.x1 - 1
 
 
 @pytest.mark.parametrize("n", [1, 12])
 def test_curves_stay_readable_from_1_to_12_runs(n):
     fig = curves_figure(_runs(n), attack="calibrated")
     _inside_the_canvas(fig)
-    _legend_right_of_the_axes(fig)
+    _legend_outside_the_axes(fig)
     assert not any(ax.get_legend() for ax in fig.axes)  # no legend over the data
     labels = fig.legends[0].get_texts()
     assert [t.get_text() for t in labels][:n] == list(_runs(n))
@@ -212,7 +213,7 @@ def test_curves_stay_readable_from_1_to_12_runs(n):
 def test_epsilon_figure_shows_runs_that_spend_the_same_epsilon(n):
     fig = epsilon_figure(_runs(n + 1))  # run 0 is non-private and left out
     _inside_the_canvas(fig)
-    _legend_right_of_the_axes(fig)
+    _legend_outside_the_axes(fig)
     lines = fig.axes[0].get_lines()
     assert len(lines) == n
     styles = {(line.get_marker(), line.get_linestyle(), line.get_color()) for line in lines}
@@ -228,7 +229,7 @@ def test_loss_histograms_wrap_into_a_labelled_grid(n):
     models = {f"model {i}": MLP(4, 3, hidden=(4,)) for i in range(n)}
     fig, distances = loss_histogram_figure(models, members, members)
     _inside_the_canvas(fig)
-    _legend_right_of_the_axes(fig)
+    _legend_outside_the_axes(fig)
     shown = [ax for ax in fig.axes if ax.get_visible()]
     assert len(shown) == n and len(distances) == n
     rows, cols = shown[0].get_subplotspec().get_geometry()[:2]
@@ -241,7 +242,8 @@ def test_roc_legend_gives_auc_and_low_fpr_tpr_and_merges_shared_scores():
     fpr = [0.0, 0.001, 0.01, 0.1, 1.0]
     loss_roc = {"fpr": fpr, "tpr": [0.0, 0.02, 0.05, 0.3, 1.0]}
     fig = roc_figure({"yeom": loss_roc, "calibrated": dict(loss_roc), "lira_online": {"fpr": fpr, "tpr": fpr}})
-    _legend_right_of_the_axes(fig)
+    _legend_outside_the_axes(fig, below=True)  # long entries go below, where they do not squeeze the axes
+    assert fig.axes[0].get_window_extent().width > 0.6 * fig.bbox.width
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(labels) == 3  # one curve for the two attacks of the same score, LiRA, chance
     auc = sum((b - a) * (c + d) / 2 for a, b, c, d in zip(fpr, fpr[1:], loss_roc["tpr"], loss_roc["tpr"][1:]))
