@@ -14,8 +14,9 @@ Everything is privfast's: :class:`~privfast.models.ResNet20` (GroupNorm), traine
 :func:`privfast.attacks.reconstruction.reconstruct` on :func:`per_example_gradients`;
 :func:`privfast.federated.add_noise` and :func:`privfast.federated.prune` as the baselines. The
 reference's augmented evaluation applies RandomCrop(32, padding 4) and a random flip before the
-policy; ``privacy_score`` and ``search`` take no such option, so this study applies crop + flip
-(:class:`~privfast.augment.mechanisms.RandomCrop` and a mirror) to the images it passes them.
+policy: :func:`privfast.search.crop_and_flip` draws them once per image, and the same cropped
+images are scored (S_pri) and attacked (``privacy_score(augment=True)`` and ``search(augment=True)``
+apply it themselves).
 
 Scaled down for a 2-core CPU: ResNet20 semi-trained 2 epochs on 1,000 images (the reference
 semi-trains on CIFAR-100), 6 random policies (+ identity) instead of ~1,500 candidates, S_pri
@@ -38,17 +39,10 @@ from scipy.stats import pearsonr, spearmanr
 from privfast.attacks import train_classifier
 from privfast.attacks.reconstruction import per_example_gradients, psnr, reconstruct, ssim
 from privfast.augment.ats_library import Policy, random_policy
-from privfast.augment.mechanisms import Mechanism, RandomCrop
+from privfast.augment.mechanisms import Mechanism
 from privfast.federated import add_noise, prune
 from privfast.models import ResNet20
-from privfast.search import accuracy_score, privacy_score
-
-
-def crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The reference's evaluation transform before the policy: RandomCrop(32, padding 4), random mirror."""
-    cropped, _ = RandomCrop(4)(x, torch.zeros(len(x), 1), generator=generator)
-    mirror = torch.rand(len(x), generator=generator) < 0.5
-    return torch.where(mirror[:, None, None, None], cropped.flip(-1), cropped)
+from privfast.search import accuracy_score, crop_and_flip, privacy_score
 
 
 class PolicyAugmentation(Mechanism):
@@ -58,7 +52,7 @@ class PolicyAugmentation(Mechanism):
         self.policy = policy
 
     def _apply(self, x, targets, generator):
-        return self.policy(crop_flip(x, generator), generator=generator), targets
+        return self.policy(crop_and_flip(x, generator=generator), generator=generator), targets
 
 
 def accuracy(model, data) -> float:
@@ -95,7 +89,7 @@ def main(argv=None) -> int:
         train_classifier(semi, *train, epochs=args.semi_epochs, generator=generator)
         semi.eval()
         pick = torch.randperm(len(train.y), generator=generator)[:args.scored]
-        x_scored, y_scored = crop_flip(train.x[pick], generator), train.y[pick]
+        x_scored, y_scored = crop_and_flip(train.x[pick], generator=generator), train.y[pick]
         x_att, y_att = x_scored[:args.attacked], y_scored[:args.attacked]
         s_start = torch.rand(x_scored.shape, generator=generator)
         policies = [Policy("")]
