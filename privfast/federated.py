@@ -7,7 +7,10 @@ a few local steps). The server is honest but curious: it follows the protocol an
 gradient-inversion attack on what a participant shares. A participant can defend by transforming
 its data with an ATS policy, adding Gaussian or Laplacian noise to what it shares, or pruning it
 per layer; :func:`evaluate_defenses` trains and attacks once per defense and reports PSNR and
-accuracy side by side, like the paper's Table 3.
+accuracy side by side, like the paper's Table 3. :func:`invert_gradients` inverts one model's
+per-example gradients without and with a policy (the paper's Fig. 4) and scores the
+reconstructions against the shared (transformed) images, which measures the defense, and against
+the clean ones.
 
 All participants are simulated in batched passes: ``torch.func.vmap`` over participants of the
 gradient of each one's minibatch loss (FedSGD), or of each one's local copy (FedAvg).
