@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
     audit.add_argument("--out", type=Path, default=None,
                        help="write audit.json, audit.md and roc.png there (default: beside the checkpoint, where "
-                            "`privfast report` finds them)")
+                            "`privfast report` finds them; --attack rmia: its rmia/ folder there)")
     audit.set_defaults(handler=_audit)
 
     report = commands.add_parser("report", help="one report comparing several trained runs")
@@ -305,6 +305,8 @@ def _audit(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"wall time: {result.seconds:.1f} s")
     if out is not None:
+        # RMIA's own roc.png goes in a folder of its own unless told where, beside the membership audit's.
+        out = out / "rmia" if args.attack == "rmia" and args.out is None else out
         print("written: " + ", ".join(map(str, result.write(out))))
     return 0
 

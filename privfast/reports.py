@@ -63,8 +63,10 @@ ADVANTAGE_NOTE = (
     "not an attack).")
 """What the two advantages of :data:`COLUMNS` measure; printed under every table that shows them."""
 
-AUDIT_FILES = {"membership": "audit.json", "epsilon": "epsilon_audit.json", "rmia": "rmia.json"}
-"""The files ``privfast audit`` writes next to a checkpoint, by kind, which :func:`load_audits` reads."""
+AUDIT_FILES = {"membership": ("audit.json",), "epsilon": ("epsilon_audit.json",),
+               "rmia": ("rmia/rmia.json", "rmia.json")}
+"""The files ``privfast audit`` writes next to a checkpoint, by kind (RMIA in a folder of its own,
+as its ``roc.png`` would replace the membership audit's), which :func:`load_audits` reads."""
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 _LINESTYLES = ("-", "--", "-.", ":")
@@ -241,9 +243,9 @@ def write_audit(audit: "ModelAudit", out: str | os.PathLike, *, source: Optional
 def load_audits(run_dir: str | os.PathLike) -> dict[str, dict]:
     """The audits ``privfast audit`` wrote in ``run_dir`` (:data:`AUDIT_FILES`), by kind; those absent are left out."""
     found = {}
-    for kind, name in AUDIT_FILES.items():
-        path = Path(run_dir) / name
-        if path.is_file():
+    for kind, names in AUDIT_FILES.items():
+        path = next((Path(run_dir) / name for name in names if (Path(run_dir) / name).is_file()), None)
+        if path is not None:
             try:
                 found[kind] = json.loads(path.read_text())
             except (OSError, ValueError) as error:
@@ -259,7 +261,7 @@ def _audit_section(audits: Mapping[str, Mapping[str, dict]]) -> list[str]:
             try:
                 text = format_audit(found["membership"], markdown=True)
             except (KeyError, TypeError):  # an audit.json of an older privfast lacks some fields
-                text = f"*{AUDIT_FILES['membership']} was written by an older privfast: run `privfast audit` again.*"
+                text = "*audit.json was written by an older privfast: run `privfast audit` again.*"
             lines += [f"### {name}: membership attacks", "", text, ""]
     bounds = [[name, found["epsilon"]["method"], f"{found['epsilon']['accountant_epsilon']:.3f}",
                f"{found['epsilon']['epsilon']:.3f} [{found['epsilon']['epsilon_low']:.3f}, "

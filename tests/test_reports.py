@@ -282,7 +282,8 @@ def test_report_includes_the_audits_written_next_to_the_checkpoint(tmp_path):
     (run / "epsilon_audit.json").write_text(json.dumps({
         "method": "one-run", "accountant_epsilon": 1.5, "epsilon": 0.4, "epsilon_low": 0.4, "epsilon_high": 0.4,
         "confidence": 0.95}))
-    (run / "rmia.json").write_text(json.dumps({"results": {"rmia_online": {"auc": 0.61, "tpr_at_fpr": {
+    (run / "rmia").mkdir()  # privfast audit --attack rmia writes its own roc.png there
+    (run / "rmia" / "rmia.json").write_text(json.dumps({"results": {"rmia_online": {"auc": 0.61, "tpr_at_fpr": {
         "0.001": 0.003, "0.01": 0.03}}}}))
     audits = load_audits(run)
     assert sorted(audits) == ["epsilon", "membership", "rmia"]
@@ -296,7 +297,7 @@ def test_report_includes_the_audits_written_next_to_the_checkpoint(tmp_path):
     (run / "audit.json").write_text(json.dumps({"record": AUDIT["record"], "shadows": 4, "canaries": None}))
     old = write_report(tmp_path / "old", RUNS, attack="calibrated", audits={"DP-SGD": load_audits(run)}).read_text()
     assert "written by an older privfast" in old
-    (run / "rmia.json").write_text("{truncated")
+    (run / "rmia" / "rmia.json").write_text("{truncated")
     with pytest.raises(ValueError, match="rmia.json: not a readable audit"):
         load_audits(run)
     assert "## Audits" not in write_report(tmp_path / "plain", RUNS, attack="calibrated").read_text()
