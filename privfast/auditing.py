@@ -999,34 +999,75 @@ EPSILON_BOUNDS = ("one-run", "white-box")
 
 
 def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, confidence: float = 0.95,
-                     score: Score = "loss", seed: int = 0, progress: bool = False) -> AuditResult:
-    """Audit the recipe of a ``privfast train`` checkpoint: train it again once, with canaries.
+                     score: Optional[Score] = None, seed: int = 0, epsilon: Optional[float] = None,
+                     progress: bool = False) -> AuditResult:
+    """Audit the recipe of a ``privfast train`` checkpoint or of a ``privfast secret-sharer`` run: train it again once.
 
     Args:
         checkpoint: a checkpoint written by :class:`~privfast.trainer.Trainer` (its configuration
-            is the recipe; its own model is not the one audited: canaries must be in from the start).
-        bound: ``"one-run"`` (:func:`audit_one_run`) or ``"white-box"`` (:func:`audit_white_box`).
+            is the recipe; its own model is not the one audited: canaries must be in from the start),
+            or the directory of a Secret Sharer run (its ``config.json``: the language-model recipe,
+            audited with token secrets by :func:`audit_one_run_language_model`).
+        bound: ``"one-run"`` (:func:`audit_one_run`) or ``"white-box"`` (:func:`audit_white_box`;
+            image recipes only).
         canaries: m (one-run, default 256) or c per release (white-box, default 16).
         confidence: of the bound or interval.
-        score: the one-run audit's canary score.
+        score: the one-run audit's canary score (default ``"loss"`` for images, ``"calibrated"`` for text).
         seed: seeds the canaries.
+        epsilon: a Secret Sharer run's budget to audit (default: the smallest of its epsilons).
         progress: show progress bars.
 
     Returns:
-        :class:`AuditResult`; ``details["checkpoint_epsilon"]`` is the epsilon the checkpoint recorded.
+        :class:`AuditResult`; ``details["checkpoint_epsilon"]`` is the epsilon the checkpoint recorded
+        (for a Secret Sharer run: the budget audited).
     """
-    from privfast.trainer import load_trained
+    from pathlib import Path
 
     if bound not in EPSILON_BOUNDS:
         raise ValueError(f"bound must be one of {EPSILON_BOUNDS}, got {bound!r}")
+    run_config = Path(checkpoint) / "config.json"
+    if run_config.is_file():
+        return _audit_secret_sharer_run(run_config, bound=bound, canaries=canaries, confidence=confidence,
+                                        score=score, seed=seed, epsilon=epsilon, progress=progress)
+    if epsilon is not None:
+        raise ValueError("epsilon chooses among a Secret Sharer run's budgets; a training checkpoint has one")
+    from privfast.trainer import load_trained
+
     _, config, history = load_trained(checkpoint)
     if bound == "one-run":
-        result = audit_one_run(config, canaries=canaries or 256, score=score, confidence=confidence, seed=seed,
-                               progress=progress)
+        result = audit_one_run(config, canaries=canaries or 256, score=score or "loss", confidence=confidence,
+                               seed=seed, progress=progress)
     else:
         result = audit_white_box(config, canaries=canaries or 16, confidence=confidence, seed=seed, progress=progress)
     result.details["checkpoint_epsilon"] = history[-1].get("epsilon", math.inf)
     result.details["method"] = config.method
+    return result
+
+
+def _audit_secret_sharer_run(path, *, bound: str, canaries: Optional[int], confidence: float,
+                             score: Optional[Score], seed: int, epsilon: Optional[float], progress: bool) -> AuditResult:
+    import json
+
+    from privfast.secret_sharer import SecretSharerConfig
+
+    try:
+        config = SecretSharerConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} is not a Secret Sharer run's configuration: {error}") from None
+    if bound != "one-run":
+        raise ValueError(f"a Secret Sharer run ({path.parent}) is audited with --epsilon-bound one-run (token "
+                         "secrets); the white-box audit takes a `privfast train` checkpoint")
+    if score is not None and (callable(score) or score not in LM_SCORES):
+        raise ValueError(f"a language model's canary score is one of {LM_SCORES}, got {score!r}")
+    epsilon = min(config.epsilons) if epsilon is None else float(epsilon)
+    if epsilon not in config.epsilons:
+        raise ValueError(f"epsilon {epsilon:g} is not one of the run's epsilons {list(config.epsilons)}")
+    result = audit_one_run_language_model(config, epsilon=epsilon, canaries=canaries or 256,
+                                          score=score or "calibrated", confidence=confidence, seed=seed,
+                                          progress=progress)
+    result.details["checkpoint_epsilon"] = epsilon
+    optimizer = config.optimizer if math.isfinite(epsilon) else config.baseline_optimizer
+    result.details["method"] = f"{config.model} language model ({optimizer})"
     return result
 
 

@@ -31,7 +31,7 @@ import torch
 
 from privfast.attacks.reconstruction import PRESETS
 from privfast.audit import ATTACKS, DEFAULT_ATTACKS, audit_model
-from privfast.auditing import EPSILON_BOUNDS, SCORES, audit_checkpoint, rmia_audit
+from privfast.auditing import EPSILON_BOUNDS, LM_SCORES, SCORES, audit_checkpoint, rmia_audit
 from privfast.data import DATASETS, Split, load_dataset
 from privfast.federated import INVERSION_NOTE, invert_gradients
 from privfast.demo import DEMO_RUNS as DEMO_RUNS_BY_DATASET
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="attack a trained model (membership inference: LiRA, calibrated "
                                 "threshold, Yeom; canary exposure) and print the metrics")
     audit.add_argument("checkpoint", type=Path, nargs="?", default=None,
-                       help="a checkpoint.pt written by `privfast train` (optional with --attack rmia)")
+                       help="a checkpoint.pt written by `privfast train` (optional with --attack rmia), or with "
+                            "--epsilon-bound one-run the directory of a `privfast secret-sharer` run")
     audit.add_argument("--epsilon-bound", choices=EPSILON_BOUNDS, default=None,
                        help="retrain the checkpoint's recipe once with canaries and print the accountant's epsilon "
                             "beside an empirical lower bound: one-run (black box, mislabelled images) or white-box "
@@ -140,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=None,
                        help="one-run: canary images (default 256); white-box: canary directions per step (default 16)")
     audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the epsilon lower bound")
-    audit.add_argument("--score", choices=SCORES, default="loss", help="the one-run audit's canary score")
+    audit.add_argument("--score", choices=SCORES + LM_SCORES, default=None,
+                       help="the one-run audit's canary score (default: loss for images, calibrated for a Secret "
+                            "Sharer run's token secrets)")
+    audit.add_argument("--epsilon", type=float, default=None,
+                       help="--epsilon-bound one-run of a Secret Sharer run directory: the budget to audit (default: "
+                            "its smallest)")
     audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS), default=list(DEFAULT_ATTACKS),
                        help="threshold attacks (yeom, calibrated and calibrated_per_class share the -loss score)")
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
@@ -300,7 +306,8 @@ def _audit(args: argparse.Namespace) -> int:
               f"non-members, {args.shadows} shadow models (offline a = {result.details['offline_a']})")
     else:
         result = audit_checkpoint(args.checkpoint, bound=args.epsilon_bound, canaries=args.canaries,
-                                  confidence=args.confidence, score=args.score, seed=args.seed, progress=progress)
+                                  confidence=args.confidence, score=args.score, seed=args.seed, epsilon=args.epsilon,
+                                  progress=progress)
         print(f"{args.checkpoint}: {result.details['method']} retrained once with canaries; delta {result.delta:g}")
     print(result.table())
     print(f"wall time: {result.seconds:.1f} s")

@@ -378,3 +378,27 @@ def test_language_model_one_run_audit_bad_input():
         audit_one_run_language_model(SecretSharerConfig(), epsilon=0.0)
     with pytest.raises(ValueError, match="at least 2 canaries"):
         audit_one_run_language_model(SecretSharerConfig(), epsilon=1.0, canaries=1)
+
+
+def test_cli_audits_a_secret_sharer_run_with_token_secrets(tmp_path, capsys, one_thread):
+    import json
+    import re
+
+    from privfast.cli import main
+    from privfast.secret_sharer import SecretSharerConfig
+
+    run = tmp_path / "ss"
+    run.mkdir()
+    config = SecretSharerConfig(epsilons=(math.inf, 4.0), width=8, layers=1, window=16, epochs=1, batch_size=256)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    assert main(["audit", str(run), "--epsilon-bound", "one-run", "--canaries", "40", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "lstm language model (sgd)" in out and "40 canaries" in out
+    # The smallest budget of the run is the one audited; its accountant's epsilon is in the table.
+    assert re.search(r"one-run \(black box\), whole run\s+(3\.9\d|4\.0\d)", out), out
+    written = json.loads((run / "epsilon_audit.json").read_text())
+    assert written["accountant_epsilon"] == pytest.approx(4.0, rel=0.05) and written["details"]["canaries"] == 40
+    assert main(["audit", str(run), "--epsilon-bound", "white-box"]) == 2
+    assert "one-run (token secrets)" in capsys.readouterr().err
+    assert main(["audit", str(run), "--epsilon-bound", "one-run", "--epsilon", "2"]) == 2
+    assert "not one of the run's epsilons" in capsys.readouterr().err
