@@ -91,19 +91,6 @@ PF_HOST_DEVICE double uniform53(uint32_t high_word, uint32_t low_word) {
   return add(mul(high, 67108864.0), low);  // high * 2^26 + low, exact below 2^53
 }
 
-// Exact split u = m * 2^e with m in [0.5, 1), for a normal (not subnormal) double u > 0; what
-// frexp does, without libm. The uniforms here are >= 2^-53, never subnormal.
-PF_HOST_DEVICE double frexp_unit(double u, int* exponent) {
-  union {
-    double d;
-    uint64_t i;
-  } bits;
-  bits.d = u;
-  *exponent = static_cast<int>((bits.i >> 52) & 0x7FF) - 1022;
-  bits.i = (bits.i & ~(static_cast<uint64_t>(0x7FF) << 52)) | (static_cast<uint64_t>(1022) << 52);
-  return bits.d;
-}
-
 // Horner evaluation of sum_i c[i] * x2^i, highest term first.
 template <int N>
 PF_HOST_DEVICE double horner(double x2, const double (&c)[N]) {
@@ -118,20 +105,34 @@ PF_HOST_DEVICE double horner(double x2, const double (&c)[N]) {
 }
 
 // log(u) for u in (0, 1]: exponent times ln 2, plus 2*atanh(s) for the mantissa.
+//
+// u = m * 2^e with m in [sqrt(1/2), sqrt(2)), taken apart in its bits (what frexp does, without
+// libm; the uniforms here are >= 2^-53, never subnormal). Every choice is an integer select on the
+// bits and the exponent becomes a double through the bits of 2^52 + e, not an int conversion: GCC
+// turns a select between two floating-point computations back into a branch that it will not
+// if-convert (without -fno-trapping-math), and AVX2 has no 64-bit int -> double, so either would
+// keep loops of draws from vectorizing.
 PF_HOST_DEVICE double log_unit(double u) {
   constexpr double kSqrtHalf = 0.7071067811865476;  // repr(math.sqrt(0.5)), as the reference uses
   constexpr double kLn2 = 0.6931471805599453;  // repr(math.log(2.0))
+  constexpr double kTwoPow52 = 4503599627370496.0;
+  constexpr uint64_t kExponentBits = static_cast<uint64_t>(0x7FF) << 52;
   constexpr double kSeries[14] = {1.0,        1.0 / 3.0,  1.0 / 5.0,  1.0 / 7.0,  1.0 / 9.0,
                                   1.0 / 11.0, 1.0 / 13.0, 1.0 / 15.0, 1.0 / 17.0, 1.0 / 19.0,
                                   1.0 / 21.0, 1.0 / 23.0, 1.0 / 25.0, 1.0 / 27.0};
-  int exponent;
-  const double m = frexp_unit(u, &exponent);
-  const bool low = m < kSqrtHalf;  // selects, not branches, so that loops of draws vectorize
-  const double mantissa = low ? mul(m, 2.0) : m;
-  exponent -= low ? 1 : 0;
-  const double s = sub(mantissa, 1.0) / add(mantissa, 1.0);
+  union {
+    double d;
+    uint64_t i;
+  } bits, mantissa, biased;
+  bits.d = u;
+  mantissa.i = (bits.i & ~kExponentBits) | (static_cast<uint64_t>(1022) << 52);  // in [0.5, 1)
+  const uint64_t low = mantissa.d < kSqrtHalf ? 1 : 0;
+  mantissa.i |= low << 52;  // exponent field 1022 -> 1023: the mantissa times 2, into [sqrt(1/2), 1)
+  biased.i = (static_cast<uint64_t>(0x433) << 52) | (((bits.i >> 52) & 0x7FF) - low);
+  const double exponent = sub(sub(biased.d, kTwoPow52), 1022.0);  // exact: small integers
+  const double s = sub(mantissa.d, 1.0) / add(mantissa.d, 1.0);
   const double series = horner(mul(s, s), kSeries);
-  return add(mul(static_cast<double>(exponent), kLn2), mul(mul(2.0, s), series));
+  return add(mul(exponent, kLn2), mul(mul(2.0, s), series));
 }
 
 // (sin 2*pi*v, cos 2*pi*v) for v in [0, 1): quadrant, then Taylor series on [-pi/4, pi/4).
