@@ -19,12 +19,12 @@ import time
 import torch
 
 from privfast.auditing import audit_one_run, audit_white_box, rmia_audit
-from privfast.trainer import TrainConfig
+from privfast.config import TrainConfig
 
 RECIPES = {
     "dp-sgd": dict(method="dp-sgd"),
     # DP-Mix as in `privfast demo`: K_base = 4 crops without flips, K_self = 2 mixups.
-    "dp-mix": dict(method="dp-mix", augmult=4, k_self=2, flip=False),
+    "dp-mix": dict(method="dp-mix", k_base=4, k_self=2, flip=False),
 }
 
 

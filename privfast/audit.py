@@ -364,7 +364,8 @@ def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, ep
     from privfast import launch
     from privfast.attacks.lira import lira
     from privfast.attacks.training import train_shadow_models
-    from privfast.trainer import build_model, data_shape
+    from privfast.data import data_shape
+    from privfast.models import build_model
 
     x, y = torch.cat([members.x, nonmembers.x]), torch.cat([members.y, nonmembers.y])
     is_member = torch.arange(len(y)) < len(members.y)
@@ -394,9 +395,9 @@ def audit_model(model: nn.Module, config, history: Sequence[dict], *,
 
     Args:
         model: the trained model.
-        config: the run's :class:`~privfast.trainer.TrainConfig`.
+        config: the run's :class:`~privfast.config.TrainConfig`.
         history: the run's per-epoch records (the last one gives the epoch and epsilon).
-        canaries: ``(inserted, references)`` as :func:`privfast.trainer.load_canaries` returns
+        canaries: ``(inserted, references)`` as :func:`privfast.canaries.load_canaries` returns
             them, or None.
         attacks: names from :data:`ATTACKS`.
         examples: members and non-members attacked, each.
@@ -414,7 +415,7 @@ def audit_model(model: nn.Module, config, history: Sequence[dict], *,
     if not history:
         raise ValueError("the run has no epoch recorded; train at least one epoch first")
     if data is None:
-        from privfast.trainer import load_data
+        from privfast.data import load_data
 
         data = load_data(config)
     last = history[-1]  # a checkpoint is written after a whole epoch only

@@ -22,7 +22,7 @@ Audits wired into training:
 
 - :func:`audit_one_run` (black box): m mislabelled canary images, each inserted with probability
   1/2, one training run through :class:`~privfast.privacy_engine.PrivacyEngine` (any method of
-  :class:`~privfast.trainer.TrainConfig`), canaries scored by an attack, :func:`one_run_bound`;
+  :class:`~privfast.config.TrainConfig`), canaries scored by an attack, :func:`one_run_bound`;
 - :func:`audit_white_box`: :class:`GradientCanary` makes the private optimizer add, at every release,
   canary gradients of norm C along fixed orthonormal random directions, each with probability 1/2,
   before the noise (the real clipped-sum, noise and scale path of every ``grad_sample_mode``, K > 1
@@ -785,21 +785,21 @@ def audit_one_run(config, *, canaries: int = 256, score: Score = "loss", confide
     final model scores every canary and :func:`one_run_bound` turns the scores into a lower bound.
 
     Args:
-        config: the :class:`~privfast.trainer.TrainConfig` to audit.
+        config: the :class:`~privfast.config.TrainConfig` to audit.
         canaries: m, drawn from the test split (the rest stays the test set).
         score: ``"loss"`` (-cross-entropy on the wrong label), ``"confidence"`` (LiRA's logit-scaled
             confidence), or any ``score(model, x [m, ...], y [m]) -> [m]`` (higher = "included").
         confidence: of the bound.
         seed: draws the canaries and the coins (the training itself is seeded by ``config.seed``).
-        data: ``(train, test)`` splits; default: :func:`~privfast.trainer.load_data` of ``config``.
+        data: ``(train, test)`` splits; default: :func:`~privfast.data.load_data` of ``config``.
         guesses: numbers of guesses to try (see :func:`one_run_bound`).
         progress: show training progress bars.
 
     Returns:
         :class:`AuditResult` (``details``: the bound's counts, ``test_accuracy``, ``train_seconds``).
     """
-    from privfast.data import Split
-    from privfast.trainer import Trainer, data_shape, load_data
+    from privfast.data import Split, data_shape, load_data
+    from privfast.trainer import Trainer
 
     start = time.perf_counter()
     train, test = data if data is not None else load_data(config)
@@ -949,11 +949,11 @@ def audit_white_box(config, *, canaries: int = 16, confidence: float = 0.95, see
       (which the canaries do not test), not a lower bound; its interval comes from mu's.
 
     Args:
-        config: a private :class:`~privfast.trainer.TrainConfig`.
+        config: a private :class:`~privfast.config.TrainConfig`.
         canaries: c per release (orthonormal directions).
         confidence: two-sided level of the intervals.
         seed: seeds the directions and coins.
-        data: ``(train, test)`` splits; default: :func:`~privfast.trainer.load_data` of ``config``.
+        data: ``(train, test)`` splits; default: :func:`~privfast.data.load_data` of ``config``.
         subtract_known: subtract the batch's own (known) projection from the statistic.
         progress: show training progress bars.
 
@@ -1031,7 +1031,7 @@ def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, 
                                         score=score, seed=seed, epsilon=epsilon, progress=progress)
     if epsilon is not None:
         raise ValueError("epsilon chooses among a Secret Sharer run's budgets; a training checkpoint has one")
-    from privfast.trainer import load_trained
+    from privfast.checkpoint import load_trained
 
     _, config, history = load_trained(checkpoint)
     if bound == "one-run":
@@ -1175,7 +1175,10 @@ def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, e
 
     from privfast.attacks import lira, rmia
     from privfast.attacks.training import train_classifier, train_shadow_models
-    from privfast.trainer import TrainConfig, build_model, data_shape, load_data, load_trained
+    from privfast.checkpoint import load_trained
+    from privfast.config import TrainConfig
+    from privfast.data import data_shape, load_data
+    from privfast.models import build_model
 
     start = time.perf_counter()
     if examples < 2:

@@ -1,8 +1,8 @@
 """The ``privfast`` command: train privately, attack, compare, report.
 
     privfast demo                                    # non-private vs DP-SGD vs DP-Mix on 300 digits, ~20 s
-    privfast train --method dp-mix --augmult 2 --k-self 2 --target-epsilon 8 --out runs/dpmix
-    privfast train ... --out runs/dpmix --resume     # go on from runs/dpmix/checkpoint.pt
+    privfast train --method dp-mix --k-base 2 --k-self 2 --target-epsilon 8 --out runs/dpmix
+    privfast train --out runs/dpmix --resume         # go on with the run in runs/dpmix (its saved flags)
     privfast train ... --nproc 2                     # DP training across 2 processes
     privfast train ... --canaries 10 --canary-repeats 4   # insert canaries, for `audit` to measure exposure
     privfast audit runs/dpmix/checkpoint.pt --shadows 16   # LiRA, calibrated threshold, Yeom, canary exposure
@@ -18,9 +18,11 @@ Every command that trains or attacks writes its numbers as JSON and Markdown, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
+import shlex
 import sys
 import typing
 from functools import partial
@@ -32,19 +34,22 @@ import torch
 from privfast.attacks.reconstruction import PRESETS
 from privfast.audit import ATTACKS, DEFAULT_ATTACKS, audit_model
 from privfast.auditing import EPSILON_BOUNDS, LM_SCORES, SCORES, audit_checkpoint, rmia_audit
-from privfast.data import DATASETS, Split, load_dataset
+from privfast.canaries import load_canaries
+from privfast.checkpoint import (CHECKPOINT_NAME, CheckpointError, RunLock, check_overwrite, load_trained,
+                                 read_checkpoint)
+from privfast.config import METHODS, TrainConfig, check_resume, flag
+from privfast.data import DATASET_AUGMENTATION, DATASETS, Split, data_shape, load_data, load_dataset
 from privfast.federated import INVERSION_NOTE, invert_gradients
 from privfast.demo import DEMO_RUNS as DEMO_RUNS_BY_DATASET
 from privfast.demo import DEMO_TRAIN_EXAMPLES as DEMO_TRAIN_EXAMPLES_BY_DATASET
 from privfast.demo import run_demo
 from privfast.grad_sample.engine import MODES
-from privfast.models import LeNet
+from privfast.models import MODELS, LeNet, build_model
 from privfast.reports import (ADVANTAGE_NOTE, format_audit, format_table, load_audits, plot_reconstructions, summarize,
                               write_audit, write_report)
 from privfast.search import ats_search
 from privfast.throughput import FAMILIES, VARIANTS, compare_family, format_markdown, format_rows, run_benchmark
-from privfast.trainer import (METHODS, MODELS, TrainConfig, Trainer, build_model, data_shape, load_canaries, load_data,
-                              load_trained)
+from privfast.trainer import Trainer, TrainingInterrupted
 
 __all__ = ["DEMO_RUNS", "DEMO_TRAIN_EXAMPLES", "build_parser", "main"]
 
@@ -70,29 +75,54 @@ def _field_help() -> dict[str, str]:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field; flags not given keep the field's default."""
+    """One ``--flag`` per :class:`TrainConfig` field; flags not given keep the field's default (with
+    ``--resume``: the run's value). An optional field takes ``none`` to unset it."""
     helps = _field_help()
     hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("training configuration (privfast.trainer.TrainConfig)")
+    group = parser.add_argument_group("training configuration (privfast.config.TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kwargs = dict(dest=field.name, default=argparse.SUPPRESS,
-                      help=f"{helps.get(field.name, '')} (default: {field.default})")
         hint = hints[field.name]
+        optional = type(None) in typing.get_args(hint)
+        hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
+        if field.name in ("crop_padding", "flip"):
+            default = "per data set: " + ", ".join(f"{name} {values[field.name]}"
+                                                   for name, values in DATASET_AUGMENTATION.items())
+        else:
+            default = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        kwargs = dict(dest=field.name, default=argparse.SUPPRESS,
+                      help=f"{helps.get(field.name, '')} (default: {'none' if default is None else default})")
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+")
             hint = typing.get_args(hint)[0]
-        else:
-            hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # Optional[T] -> T
-        group.add_argument(flag, type=hint, choices=_CHOICES.get(field.name), **kwargs)
+        group.add_argument(flag(field.name), type=_or_none(hint) if optional else hint,
+                           choices=_CHOICES.get(field.name), **kwargs)
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
+def _or_none(kind: type):
+    """``kind`` for argparse, or None for ``none`` (an optional field unset, e.g. ``--target-epsilon none``)."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value"
+    return parse
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The configuration fields given as flags (the others were left out of ``args``)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _renamed(new: str) -> type[argparse.Action]:
+    """The action of a flag renamed ``new``: say so, instead of argparse's "unrecognized arguments"."""
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is now {new}")
+
+    return Renamed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,11 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     train = commands.add_parser("train", help="train one model, auditing membership leakage after every epoch")
-    train.add_argument("--out", type=Path, required=True, help="run directory: checkpoint.pt and the report")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    train.add_argument("--nproc", type=int, default=1,
-                       help="processes of a distributed private run on this machine (gloo, CPU); or use torchrun")
+    train.add_argument("--out", type=Path, required=True,
+                       help="run directory: checkpoint.pt and the report (refused if it holds a run, unless --resume "
+                            "or --overwrite)")
+    runs = train.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true",
+                      help="continue the run in OUT (if any) with its saved configuration; flags given are changes "
+                           "(--epochs, --data-root; the noise may not change)")
+    runs.add_argument("--overwrite", action="store_true", help="replace the run in OUT by a new one")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="processes of a distributed private run on this machine (gloo, CPU; default: 1, or the "
+                            "run's with --resume); or use torchrun")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--augmult", action=_renamed("--k-base (K_base; K = k_base + k_self + k_diff)"),
+                       help=argparse.SUPPRESS)
     _add_config_flags(train)
     train.set_defaults(handler=_train)
 
@@ -257,15 +296,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = _config(args)
     from privfast import launch
 
-    if launch.is_distributed(args.nproc):  # --nproc N, or started by torchrun
-        history = launch.launch_training(config, nproc=args.nproc, checkpoint=args.out / "checkpoint.pt",
-                                         resume=args.resume, progress=not args.no_progress)
-    else:
-        trainer = Trainer(config, checkpoint=args.out / "checkpoint.pt", progress=not args.no_progress)
-        history = trainer.fit(resume=args.resume)
+    checkpoint, given = args.out / CHECKPOINT_NAME, _given(args)
+    # From reading the run to its last checkpoint, no other writer (under torchrun rank 0 speaks for all).
+    with RunLock(checkpoint) if launch.is_rank_zero() else contextlib.nullcontext():
+        stored = read_checkpoint(checkpoint) if args.resume and checkpoint.exists() else None
+        if stored is None:
+            check_overwrite(checkpoint, resume=args.resume, overwrite=args.overwrite)
+            config = TrainConfig(**given)
+        else:
+            previous = TrainConfig.from_dict(stored["config"])
+            config = TrainConfig.from_dict({**previous.to_dict(), **given})
+            check_resume(previous, config)
+        nproc = args.nproc or (stored["world_size"] if stored and not launch.under_torchrun() else 1)
+        try:
+            if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
+                history = launch.launch_training(config, nproc=nproc, checkpoint=checkpoint, resume=args.resume,
+                                                 overwrite=args.overwrite, progress=not args.no_progress)
+            else:
+                trainer = Trainer(config, checkpoint=checkpoint, progress=not args.no_progress)
+                history = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+        except KeyboardInterrupt as stop:
+            return _train_stopped(args, stop, checkpoint, given, nproc)
     attack = config.attacks[-1] if config.attacks else None
     if attack is None:
         print(f"test accuracy {history[-1]['test_accuracy']:.3f} (no attack audited)")
@@ -275,6 +328,36 @@ def _train(args: argparse.Namespace) -> int:
                  title=f"privfast train: {config.method}")
     print(f"checkpoint: {args.out / 'checkpoint.pt'}\nreport: {args.out / 'report.md'}")
     return 0
+
+
+def _train_stopped(args: argparse.Namespace, stop: KeyboardInterrupt, checkpoint: Path, given: dict,
+                   nproc: int) -> int:
+    """Ctrl-C: what was saved, and the one command line that goes on (exit status 130, as a shell's)."""
+    if isinstance(stop, TrainingInterrupted):
+        print(f"\n{stop}")
+    else:  # across processes, stopped at once: the last completed epoch is what is saved
+        print(f"\ntraining stopped; {'its last completed epoch is' if checkpoint.exists() else 'nothing is'} saved")
+    from privfast.launch import under_torchrun
+
+    words = ["train", "--out", str(args.out), "--resume"]
+    if not checkpoint.exists():  # no saved configuration to read: repeat it
+        words[-1:] = [*_as_flags(given), "--resume"]
+        words += ["--nproc", str(nproc)] if nproc > 1 else []
+    start = "torchrun [this run's options] -m privfast.cli" if under_torchrun() else "privfast"
+    print(f"continue with: {start} {shlex.join(words)}")
+    return 130
+
+
+def _as_flags(config: dict) -> list[str]:
+    """``privfast train`` flags giving the configuration fields ``config``."""
+    words = []
+    for name, value in config.items():
+        if isinstance(value, bool):
+            words.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            values = value if isinstance(value, (tuple, list)) else [value]
+            words += [flag(name), *("none" if v is None else str(v) for v in values)]
+    return words
 
 
 def _run_dir(path: Path) -> Path:
@@ -319,7 +402,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    names = args.names or [path.parent.name for path in args.checkpoints]
+    names = args.names or [_run_dir(path).name for path in args.checkpoints]
     if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
         raise ValueError(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
                          "checkpoints (pass --names)")
@@ -451,7 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: say what, without a traceback
+    except KeyboardInterrupt:  # what a command saved it has said (train prints how to go on)
+        print(f"\nprivfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    # Bad input, an unreadable or busy checkpoint: say which and why, without a traceback.
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"privfast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,9 @@
-"""Bundled data. The embedded default is scikit-learn's digits (1,797 8x8 grey images, 10
-classes), which ships inside scikit-learn: nothing is downloaded."""
+"""Data sets, and the data of a training run.
+
+The embedded default is scikit-learn's digits (1,797 8x8 grey images, 10 classes), which ships
+inside scikit-learn: nothing is downloaded. :func:`load_dataset` reads the others by name;
+:func:`load_data` and :func:`load_pool` cut a :class:`~privfast.config.TrainConfig`'s splits from them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,14 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from privfast.config import TrainConfig
 
 
 class Split(NamedTuple):
@@ -59,6 +66,21 @@ def load_digits(*, size: int = 8, test_fraction: float = 0.3, seed: int = 0,
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "synthetic")
 """Names :func:`load_dataset` knows."""
+
+DATASET_AUGMENTATION = {
+    # Random crops padded by an eighth of the image side: 1 pixel of the 8x8 digits (4 would move a
+    # digit half out of the frame), 4 of 32x32 CIFAR (the usual CIFAR recipe, e.g. De et al., 2022,
+    # "Unlocking high-accuracy differentially private image classification through scale").
+    # Horizontal flips only where a mirror image keeps its label: not digits (a mirrored 2, 3 or 7
+    # is no digit) and not the synthetic set (its class templates are not mirror symmetric).
+    "digits": {"crop_padding": 1, "flip": False},
+    "cifar10": {"crop_padding": 4, "flip": True},
+    "cifar100": {"crop_padding": 4, "flip": True},
+    "fashion-mnist": {"crop_padding": 3, "flip": True},
+    "synthetic": {"crop_padding": 4, "flip": False},
+}
+"""The self-augmentations that suit each data set: ``crop_padding`` and ``flip`` of
+:class:`~privfast.config.TrainConfig` when they are not given."""
 
 _CIFAR_LAYOUT = {
     # name -> (archive, folder inside it, training files, test file, label key)
@@ -262,3 +284,36 @@ def load_dataset(name: str, *, root: Optional[str | os.PathLike] = None, **kwarg
     if name == "fashion-mnist":
         return load_fashion_mnist(root, **kwargs)
     return load_cifar(root, num_classes=100 if name == "cifar100" else 10, **kwargs)
+
+
+# -- the data of a training run -----------------------------------------------------------------
+def load_data(config: TrainConfig) -> tuple[Split, Split]:
+    """The ``(train, test)`` splits of ``config``: its data set, cut to ``train_examples``.
+
+    The private training set excludes dp-mix-diff's public pool (:func:`load_pool`) and the
+    canaries (:func:`privfast.canaries.make_canaries`), which the :class:`~privfast.trainer.Trainer` appends.
+    """
+    train, test = load_dataset(config.dataset, root=config.data_root)
+    pool = config.pool_examples if config.method == "dp-mix-diff" else 0
+    available = len(train.y) - pool
+    wanted = available if config.train_examples is None else config.train_examples
+    if wanted > available or available < 2:
+        less = f" less the {pool} of the public pool (--pool-examples)" if pool else ""
+        raise ValueError(f"--train-examples {wanted} but {config.dataset} has {len(train.y)} training examples{less}")
+    return Split(train.x[:wanted], train.y[:wanted]), test
+
+
+def load_pool(config: TrainConfig) -> Split:
+    """dp-mix-diff's public pool: the last ``pool_examples`` rows of the training split.
+
+    They are disjoint from the private training set (its first rows, :func:`load_data`) and from
+    the test split (the audited non-members), so they stand for public data of the same domain.
+    """
+    train, _ = load_dataset(config.dataset, root=config.data_root)
+    return Split(train.x[-config.pool_examples:], train.y[-config.pool_examples:])
+
+
+def data_shape(*splits: Split) -> dict:
+    """``in_channels``, ``image_size`` and ``num_classes`` of images ``[N, C, H, W]`` with labels ``[N]``."""
+    num_classes = int(max(split.y.max() for split in splits)) + 1
+    return {"in_channels": splits[0].x.shape[1], "image_size": splits[0].x.shape[-1], "num_classes": num_classes}

@@ -26,8 +26,10 @@ from typing import Optional
 
 import torch
 
+from privfast.config import TrainConfig
+from privfast.data import load_data
 from privfast.reports import summarize, write_report
-from privfast.trainer import TrainConfig, Trainer, load_data
+from privfast.trainer import Trainer
 
 __all__ = ["DEMO_ATTACK", "DEMO_RUNS", "DEMO_TRAIN_EXAMPLES", "DEMO_WIDTH", "DemoResult", "RESULTS_POINTER", "run_demo"]
 
@@ -39,7 +41,7 @@ DEMO_RUNS = {
         "DP-SGD": dict(method="dp-sgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
         # Crops of 8x8 digits are coarse and flips change the digit: no flips, 1-pixel crops, and K_base = 4
         # crops (2 leave the mixups little variety; benchmarks/RESULTS.md, "Notes moved from docstrings").
-        "DP-Mix": dict(method="dp-mix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, augmult=4, k_self=2,
+        "DP-Mix": dict(method="dp-mix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, k_base=4, k_self=2,
                        flip=False, crop_padding=1),
     },
     "cifar10": {
@@ -47,7 +49,7 @@ DEMO_RUNS = {
         # lr 0.25: at lr 1.0 (momentum 0.9) the augmented runs were unstable on CIFAR-10 (RESULTS.md, follow-up 2).
         "non-private": dict(method="nonprivate", epochs=20, batch_size=64, lr=0.05),
         "DP-SGD": dict(method="dp-sgd", epochs=4, batch_size=100, lr=0.25, target_epsilon=8.0),
-        "DP-Mix": dict(method="dp-mix", epochs=4, batch_size=100, lr=0.25, target_epsilon=8.0, augmult=2, k_self=1,
+        "DP-Mix": dict(method="dp-mix", epochs=4, batch_size=100, lr=0.25, target_epsilon=8.0, k_base=2, k_self=1,
                        flip=True, crop_padding=4),
     },
 }

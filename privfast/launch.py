@@ -18,6 +18,7 @@ pays for none of it; the mechanism imports none of these.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -34,8 +35,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from privfast.distributed import DistributedContext
 
-__all__ = ["backend", "is_distributed", "launch", "launch_search", "launch_shadow_models", "launch_training",
-           "quiet_other_ranks", "under_torchrun"]
+__all__ = ["backend", "is_distributed", "is_rank_zero", "launch", "launch_search", "launch_shadow_models",
+           "launch_training", "quiet_other_ranks", "under_torchrun"]
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """The environment torchrun (and any ``env://`` launcher) gives each process."""
@@ -44,6 +45,12 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def under_torchrun() -> bool:
     """True when this process was started by torchrun (or another launcher setting the ``env://`` variables)."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for the run: rank 0 under torchrun, or any process otherwise (a
+    spawning launcher, or a single-process run)."""
+    return not under_torchrun() or int(os.environ["RANK"]) == 0
 
 
 def is_distributed(nproc: int) -> bool:
@@ -182,28 +189,40 @@ def _rank_zero_goes_on() -> None:
         raise SystemExit(0)
 
 
-def _train_process(context: DistributedContext, config, checkpoint, resume: bool, progress: bool) -> list[dict]:
+def _train_process(context: DistributedContext, config, checkpoint, resume: bool, overwrite: bool,
+                   progress: bool) -> list[dict]:
     from privfast.trainer import Trainer
 
     trainer = Trainer(config, checkpoint=checkpoint, progress=progress and context.rank == 0, distributed=context)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite)
 
 
-def launch_training(config, *, nproc: int = 1, checkpoint=None, resume: bool = False,
+def launch_training(config, *, nproc: int = 1, checkpoint=None, resume: bool = False, overwrite: bool = False,
                     progress: bool = True) -> list[dict]:
-    """Train ``config`` (a private :class:`~privfast.trainer.TrainConfig`) across processes.
+    """Train ``config`` (a private :class:`~privfast.config.TrainConfig`) across processes.
+
+    The launching process (under torchrun, rank 0) holds the checkpoint's
+    :class:`~privfast.checkpoint.RunLock` meanwhile; a checkpoint holding a run is refused unless
+    ``resume`` or ``overwrite``, as by :meth:`privfast.trainer.Trainer.fit`. Ctrl-C stops every
+    process at once: the last completed epoch stays saved.
 
     Args:
         config: the run.
         nproc: processes to spawn on this machine (ignored as 1 under torchrun, which sets the number).
         checkpoint: the checkpoint path; rank 0 writes it, every process resumes from it with its own RNG state.
         resume: continue the run in ``checkpoint``.
+        overwrite: replace the run in ``checkpoint`` by a new one.
         progress: show rank 0's progress bar.
 
     Returns:
         The per-epoch history (the same in every process); under torchrun, on rank 0 only.
     """
-    histories = launch(_train_process, config, checkpoint, resume, progress, nproc=nproc)
+    from privfast.checkpoint import RunLock, check_overwrite
+
+    with RunLock(checkpoint) if checkpoint is not None and is_rank_zero() else contextlib.nullcontext():
+        if checkpoint is not None:
+            check_overwrite(checkpoint, resume=resume, overwrite=overwrite)
+        histories = launch(_train_process, config, checkpoint, resume, overwrite, progress, nproc=nproc)
     _rank_zero_goes_on()
     return histories[0]
 

@@ -5,8 +5,16 @@ experiment (:mod:`privfast.secret_sharer`)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from privfast.config import TrainConfig
+
+MODELS = ("convnet", "mlp", "wrn16-4", "resnet20")
+"""The image classifiers :func:`build_model` makes (``TrainConfig.model``, ``privfast train --model``)."""
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -293,3 +301,17 @@ class TransformerLanguageModel(nn.Module):
         positions = torch.arange(t, device=ids.device).expand(n, t).contiguous()
         x = self.drop(self.embed(ids) + self.pos(positions))
         return self.head(self.norm(self.blocks(x)))
+
+
+def build_model(config: TrainConfig, *, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """The model ``config.model`` (one of :data:`MODELS`) for images ``[B, in_channels, image_size, image_size]``."""
+    if config.model == "convnet":
+        return ConvNet(in_channels=in_channels, num_classes=num_classes, width=config.width, image_size=image_size,
+                       groups=min(8, config.width))
+    if config.model == "mlp":
+        return MLP(in_channels * image_size**2, num_classes, hidden=(config.width,))
+    if config.model == "wrn16-4":
+        return WideResNet(depth=16, widen=4, num_classes=num_classes, in_channels=in_channels)
+    if config.model == "resnet20":
+        return ResNet20(num_classes=num_classes, in_channels=in_channels)
+    raise ValueError(f"--model must be one of {', '.join(MODELS)}; got {config.model!r}")

@@ -50,7 +50,7 @@ def cifar_subsets(root, *, train: int, test: int, pool: int = 0) -> tuple[Split,
     rows would all be airplanes: the test images are a fixed random subset instead.
 
     The pool is the last ``pool`` rows of the training split (never trained on privately, disjoint
-    from the test split), as :func:`privfast.trainer.load_pool` takes it.
+    from the test split), as :func:`privfast.data.load_pool` takes it.
     """
     if root is None:
         raise SystemExit("no CIFAR-10: pass --data-root DIR (python ../shared/data/make_cifar10.py DIR writes it)")

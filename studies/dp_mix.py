@@ -26,7 +26,8 @@ import time
 import torch
 from common import base_parser, cifar_subsets, fmt, markdown_table, mean_std, write_outputs
 
-from privfast.trainer import TrainConfig, Trainer
+from privfast.config import TrainConfig
+from privfast.trainer import Trainer
 
 METHODS = ("DP-SGD", "Self-Aug", "DP-Mix_Self", "DP-Mix_Diff")
 
@@ -34,9 +35,9 @@ METHODS = ("DP-SGD", "Self-Aug", "DP-Mix_Self", "DP-Mix_Diff")
 def method_config(name: str, *, k_base: int, k_self: int, k_diff: int) -> dict:
     """The :class:`TrainConfig` fields of one of :data:`METHODS`."""
     return {"DP-SGD": dict(method="dp-sgd"),
-            "Self-Aug": dict(method="self-aug", augmult=k_base),
-            "DP-Mix_Self": dict(method="dp-mix", augmult=k_base, k_self=k_self),
-            "DP-Mix_Diff": dict(method="dp-mix-diff", augmult=k_base, k_self=k_self, k_diff=k_diff)}[name]
+            "Self-Aug": dict(method="self-aug", k_base=k_base),
+            "DP-Mix_Self": dict(method="dp-mix", k_base=k_base, k_self=k_self),
+            "DP-Mix_Diff": dict(method="dp-mix-diff", k_base=k_base, k_self=k_self, k_diff=k_diff)}[name]
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,9 @@ import time
 import torch
 from common import base_parser, cifar_subsets, fmt, markdown_table, mean_std, write_outputs
 
+from privfast.config import TrainConfig
 from privfast.reports import plot_curves
-from privfast.trainer import TrainConfig, Trainer
+from privfast.trainer import Trainer
 
 ATTACK = "calibrated"
 

@@ -119,7 +119,9 @@ def test_the_audit_keeps_every_attack_result_of_its_last_call():
 
 @pytest.fixture(scope="module")
 def trained_run():
-    from privfast.trainer import TrainConfig, build_model, data_shape, load_data
+    from privfast.config import TrainConfig
+    from privfast.data import data_shape, load_data
+    from privfast.models import build_model
 
     config = TrainConfig(method="nonprivate", model="mlp", width=32, train_examples=96, canary_repeats=4)
     train, test = load_data(config)

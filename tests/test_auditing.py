@@ -31,7 +31,7 @@ from privfast.auditing import (
     one_run_epsilon,
     one_run_p_value,
 )
-from privfast.trainer import TrainConfig
+from privfast.config import TrainConfig
 
 DELTA = 1e-5
 

@@ -1,16 +1,22 @@
 """The privfast command: demo, train (with resume), audit and report, and its error messages."""
 
+import itertools
 import json
 import math
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from privfast.cli import DEMO_RUNS, main
+from privfast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-examples", "96", "--width", "4", "--batch-size", "24", "--audit-examples", "48",
@@ -42,22 +48,26 @@ def test_train_resume_audit_and_report(tmp_path, capsys):
     flags = ["train", "--out", str(run), "--method", "dp-sgd", "--noise-multiplier", "1.5", "--no-progress", *TINY]
     assert main([*flags, "--epochs", "1"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=False)["history"][-1]["epoch"] == 1
-    assert main([*flags, "--epochs", "2", "--resume"]) == 0
+    # --resume reads the saved configuration: the flags given are the changes (here, more epochs).
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert [r["epoch"] for r in checkpoint["history"]] == [1, 2]
     assert checkpoint["config"]["noise_multiplier"] == 1.5 and (run / "report.md").exists()
     capsys.readouterr()
 
-    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
+    # audit, report and invert take the run directory for its checkpoint.
+    assert main(["audit", str(run), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
                  "--known", "20", "--shadows", "0", "--out", str(tmp_path / "audit")]) == 0
     out = capsys.readouterr().out
     assert "yeom" in out and "calibrated_per_class" in out and "dp-sgd" in out and "canary" not in out
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["record"]["epsilon"] == checkpoint["history"][-1]["epsilon"] and audit["canaries"] is None
 
-    assert main(["report", str(run / "checkpoint.pt"), "--out", str(tmp_path / "report")]) == 0
-    assert "| run |" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| run |" in report and "| run " in report.split("| run |", 1)[1]  # named after its directory
     assert (tmp_path / "report" / "losses.png").exists()
+    assert main(["invert", "--checkpoint", str(run), "--images", "1", "--iterations", "2", "--no-progress"]) == 0
 
 
 def test_audit_runs_lira_and_measures_inserted_canaries(tmp_path, capsys):
@@ -89,7 +99,7 @@ def test_audit_runs_lira_and_measures_inserted_canaries(tmp_path, capsys):
 
 def test_errors_say_what_was_wrong(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--method", "dp-mix", "--no-progress"]) == 2
-    assert "k_self >= 1" in capsys.readouterr().err
+    assert "--k-self >= 1" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--dataset", "cifar10", "--data-root", str(tmp_path)]) == 2
     assert "data_batch_1" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "missing.pt")]) == 2
@@ -167,3 +177,150 @@ def test_audit_writes_beside_the_checkpoint_and_report_includes_it(tmp_path, cap
     assert "run: audits included (membership)" in capsys.readouterr().out
     text = (tmp_path / "report" / "report.md").read_text()
     assert "### run: membership attacks" in text and "| calibrated_per_class |" in text
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_train_never_replaces_a_run_by_accident(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]
+    assert main(flags) == 0
+    capsys.readouterr()
+    assert main([*flags, "--lr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"privfast train: error: {run} already holds a run (nonprivate, 1 of 1 epochs): --resume continues "
+                   "it, --overwrite replaces it\n")
+    assert main([*flags, "--lr", "0.2", "--overwrite"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["config"]["lr"] == 0.2
+    with pytest.raises(SystemExit):
+        main([*flags, "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / "checkpoint.pt.lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process holds the run
+    assert main(["train", "--out", str(run), "--no-progress", *TINY]) == 2
+    assert capsys.readouterr().err == (f"privfast train: error: {run} is in use: process {os.getppid()} is training "
+                                       f"into it (lock file {lock}; delete it if that process is gone)\n")
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_resume_takes_changes_and_names_the_flags_it_refuses(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--out", run, "--method", "dp-sgd", "--target-epsilon", "4", "--epochs", "1", "--no-progress",
+                 *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--lr", "0.01"]) == 2
+    assert capsys.readouterr().err == ("privfast train: error: cannot change --lr 0.1 -> 0.01 on resume: only --epochs "
+                                       "and --data-root may change. For a new run give another --out directory (or "
+                                       "--overwrite this one)\n")
+    # More epochs at the same target need other noise: the message says what to do, and that works.
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--target-epsilon 4 chose for --epochs 1; --epochs 2 at --target-epsilon 4 needs" in err
+    go_on = re.search(r"resume with (--target-epsilon none --noise-multiplier \S+)\n", err).group(1).split()
+    assert main(["train", "--out", run, "--resume", "--epochs", "2", *go_on, "--no-progress"]) == 0
+    checkpoint = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
+    assert [r["epoch"] for r in checkpoint["history"]] == [1, 2] and checkpoint["config"]["target_epsilon"] is None
+    assert checkpoint["history"][1]["noise_multiplier"] == checkpoint["history"][0]["noise_multiplier"]
+
+
+def test_ctrl_c_saves_and_prints_the_command_that_goes_on(tmp_path, capsys, monkeypatch):
+    flags = ["--method", "dp-mix", "--k-base", "2", "--k-self", "1", "--epochs", "2", "--no-progress", *TINY]
+    assert main(["train", "--out", str(tmp_path / "whole"), *flags]) == 0
+    original, calls = Trainer._step, itertools.count(1)
+
+    def step(self, x, y):  # Ctrl-C as the 6th step begins: step 2 of epoch 2 (4 steps an epoch)
+        if next(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, y)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), *flags]) == 130
+    out, err = capsys.readouterr()
+    assert f"training stopped after step 2 of 4 of epoch 2; saved in {run / 'checkpoint.pt'}" in out
+    assert out.splitlines()[-1] == f"continue with: privfast train --out {run} --resume"
+    assert "Traceback" not in err and not (run / "checkpoint.pt.lock").exists()
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert main(out.splitlines()[-1].split()[3:] + ["--no-progress"]) == 0  # after "continue with: privfast"
+    whole, resumed = (torch.load(path / "checkpoint.pt", weights_only=False) for path in (tmp_path / "whole", run))
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert [r["epsilon"] for r in whole["history"]] == [r["epsilon"] for r in resumed["history"]]
+
+
+def test_ctrl_c_in_a_real_run_and_a_second_writer_meanwhile(tmp_path, capsys):
+    run = tmp_path / "run"
+    # With progress bars and a target epsilon, into a pipe: the log a redirected run leaves.
+    process = subprocess.Popen([sys.executable, "-m", "privfast.cli", "train", "--out", str(run), "--method", "dp-sgd",
+                                "--target-epsilon", "8", "--epochs", "200", *TINY], cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "checkpoint.pt").exists(), process.communicate(timeout=5)
+        assert main(["train", "--out", str(run), "--no-progress", *TINY]) == 2
+        assert f"{run} is in use: process {process.pid} is training into it" in capsys.readouterr().err
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Optimal order" not in err and "\x1b[A" not in err
+    assert re.search(r"\d+(\.\d+)?(epoch/s|s/epoch)", err)  # the bar over epochs says its unit
+    assert out.splitlines()[-1] == f"continue with: privfast train --out {run} --resume"
+    assert not (run / "checkpoint.pt.lock").exists()
+
+
+def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    for argv in (["audit", str(run), "--shadows", "0"], ["audit", str(run / "checkpoint.pt"), "--shadows", "0"],
+                 ["report", str(run), "--out", str(tmp_path / "report")],
+                 ["invert", "--checkpoint", str(run), "--no-progress"], ["train", "--out", str(run), "--resume"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"privfast {argv[0]}: error: {run / 'checkpoint.pt'} cannot be read: truncated or "
+                              "corrupted") and err.count("\n") == 1, err
+    assert main(["train", "--out", str(run)]) == 2
+    assert "already holds a run (an unreadable checkpoint.pt): --resume continues it, --overwrite replaces it" in \
+        capsys.readouterr().err
+
+
+def test_the_renamed_augmult_flag_says_its_new_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--method", "dp-mix", "--augmult", "8", "--k-self", "8"])
+    assert "--augmult is now --k-base (K_base; K = k_base + k_self + k_diff)" in capsys.readouterr().err
+
+
+def test_the_shadow_model_bar_says_its_unit(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(run), "--attacks", "yeom", "--examples", "48", "--known", "16", "--shadows", "4",
+                 "--shadow-epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"4 shadow models.*(epoch/s|s/epoch)", err) and "\x1b[A" not in err
+
+
+def test_train_under_torchrun_locks_once_and_resumes_with_its_saved_flags(tmp_path):
+    # Two ranks on one machine: rank 0 holds the run's lock for both (the other rank must not be refused).
+    run = tmp_path / "run"
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "privfast.cli", "train", "--out", str(run), "--no-progress"]
+    for flags in (["--method", "dp-sgd", "--epochs", "1", *TINY], ["--resume", "--epochs", "2"]):
+        done = subprocess.run([*torchrun, *flags], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and [r["epoch"] for r in checkpoint["history"]] == [1, 2]
+    assert not (run / "checkpoint.pt.lock").exists()

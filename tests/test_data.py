@@ -1,6 +1,8 @@
 """Data loaders: CIFAR pickle batches and Fashion-MNIST IDX files written in their standard formats,
-synthetic CIFAR-shaped data, and the errors that name the missing files."""
+synthetic CIFAR-shaped data, and the errors that name the missing files; a training run's data
+(its cut of the training set, the public pool) and each data set's augmentation defaults."""
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -10,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from privfast.config import TrainConfig
 from privfast.data import (
+    DATASET_AUGMENTATION,
+    DATASETS,
     DatasetNotFoundError,
+    data_shape,
     load_cifar,
+    load_data,
     load_dataset,
     load_fashion_mnist,
+    load_pool,
     read_idx,
     synthetic_cifar,
 )
@@ -121,6 +129,28 @@ def test_load_dataset_dispatches_and_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet")
 
+
+
+def test_a_runs_data_is_the_first_rows_and_its_pool_the_last():
+    config = TrainConfig(train_examples=100, method="dp-mix-diff", k_base=2, k_self=1, k_diff=1, pool_examples=30)
+    (train, test), pool = load_data(config), load_pool(config)
+    full, full_test = load_dataset("digits")
+    assert torch.equal(train.x, full.x[:100]) and torch.equal(pool.x, full.x[-30:]) and torch.equal(test.y, full_test.y)
+    assert data_shape(train, test) == {"in_channels": 1, "image_size": 8, "num_classes": 10}
+    assert len(load_data(dataclasses.replace(config, train_examples=None))[0].y) == len(full.y) - 30
+    with pytest.raises(ValueError, match=rf"--train-examples 1600 but digits has {len(full.y)} training examples less "
+                                         r"the 30 of the public pool \(--pool-examples\)"):
+        load_data(dataclasses.replace(config, train_examples=1600))
+
+
+def test_augmentation_defaults_pad_crops_by_an_eighth_of_the_side_and_flip_only_symmetric_classes():
+    sides = {"digits": 8, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28, "synthetic": 32}
+    assert set(DATASET_AUGMENTATION) == set(DATASETS) == set(sides)
+    assert load_dataset("digits")[0].x.shape[-1] == 8
+    assert load_dataset("synthetic", n_train=1, n_test=1)[0].x.shape[-1] == 32
+    for name, side in sides.items():
+        assert DATASET_AUGMENTATION[name]["crop_padding"] == side // 8
+    assert [name for name in DATASETS if DATASET_AUGMENTATION[name]["flip"]] == ["cifar10", "cifar100", "fashion-mnist"]
 
 # Real CIFAR-10 (JPEG-derived, in the standard layout): .ci/run writes it from the shared archive and sets this.
 CIFAR10_ROOT = os.environ.get("PRIVFAST_CIFAR10_ROOT")

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from privfast.attacks.training import train_shadow_models
 from privfast import launch as launcher
+from privfast.config import TrainConfig
 from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler
 from privfast.launch import launch, launch_search, launch_shadow_models, launch_training
 from privfast.grad_sample import GradSampleModule
 from privfast.models import ConvNet
 from privfast.optim import DPOptimizer
 from privfast.search import search
-from privfast.trainer import TrainConfig, Trainer
+from privfast.trainer import Trainer
 
 NOISE_SEED = 11
 

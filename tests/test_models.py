@@ -1,13 +1,17 @@
-"""The language models: shapes, causality, incremental steps, and their private step against a naive loop."""
+"""The image classifiers of a training run (build_model); the language models: shapes, causality,
+incremental steps, and their private step against a naive loop."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from privfast.models import LSTMLanguageModel, TransformerLanguageModel
+from privfast.config import TrainConfig
+from privfast.models import MODELS as IMAGE_MODELS
+from privfast.models import LSTMLanguageModel, TransformerLanguageModel, build_model
 from privfast.privacy_engine import PrivacyEngine
 
 V = 13
@@ -22,6 +26,17 @@ def _transformer():
 
 
 MODELS = {"lstm": _lstm, "transformer": _transformer}
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_build_model_makes_each_image_classifier(name, one_thread):
+    model = build_model(TrainConfig(model=name, width=4), in_channels=3, image_size=32, num_classes=7)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_build_model_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match="--model must be one of convnet, mlp, wrn16-4, resnet20; got 'vgg'"):
+        build_model(SimpleNamespace(model="vgg", width=4), in_channels=1, image_size=8, num_classes=10)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

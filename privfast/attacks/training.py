@@ -44,7 +44,7 @@ def _train_loop(step: Callable[[Tensor], None], index: Tensor, *, epochs: int, b
     """Run ``step(batch_index [S, b])`` over ``epochs`` shuffled passes of ``index [S, n]``."""
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
-    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         order = _epoch_order(index, generator)
         for start in range(0, order.shape[1], batch_size):
             step(order[:, start:start + batch_size])
