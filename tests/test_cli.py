@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from privfast.cli import DEMO_RUNS, main
+from privfast.cli import main
+from privfast.commands import DEMO_RUNS
 from privfast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,3 +325,23 @@ def test_train_under_torchrun_locks_once_and_resumes_with_its_saved_flags(tmp_pa
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and [r["epoch"] for r in checkpoint["history"]] == [1, 2]
     assert not (run / "checkpoint.pt.lock").exists()
+
+
+def test_help_without_a_command_loads_neither_torch_nor_the_library():
+    # `privfast --help` answers from privfast.cli alone (the issue: 4 s to start before).
+    import subprocess
+    import sys
+
+    code = ("import sys; from privfast.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "loaded = [m for m in ('torch', 'privfast.commands', 'scipy', 'opacus') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "secret-sharer" in done.stdout and "--threads" in done.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "COMMAND" in capsys.readouterr().err

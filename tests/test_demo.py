@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from privfast import cli
+from privfast import cli, commands
 from privfast.demo import DEMO_RUNS, RESULTS_POINTER, DemoResult, run_demo
 
 CIFAR10_ROOT = os.environ.get("PRIVFAST_CIFAR10_ROOT")
@@ -58,7 +58,7 @@ def test_cli_demo_only_parses_calls_and_prints(tmp_path, monkeypatch, capsys):
         return DemoResult(rows={"non-private": row}, runs={}, expectations={}, notes=["a note"],
                           report=tmp_path / "report.md", header="the header")
 
-    monkeypatch.setattr(cli, "run_demo", fake)
+    monkeypatch.setattr(commands, "run_demo", fake)
     assert cli.main(["demo", "--dataset", "cifar10", "--data-root", "/data", "--out", str(tmp_path), "--seed", "3",
                      "--no-progress"]) == 0
     assert calls == [dict(dataset="cifar10", data_root="/data", out=tmp_path, epochs_scale=1.0, train_examples=None,
