@@ -56,7 +56,9 @@ def _resolve_cuda() -> tuple[bool, str]:
         return False, f"torch {torch.__version__} has no CUDA"
     if CUDA_TOOLKIT is None:
         if _flag("PRIVFAST_FORCE_CUDA"):
-            raise SystemExit(f"PRIVFAST_FORCE_CUDA=1 but no CUDA toolkit was found ({CUDA_TOOLKIT_FOUND}; set CUDA_HOME)")
+            raise SystemExit(
+                f"PRIVFAST_FORCE_CUDA=1 but no CUDA toolkit was found ({CUDA_TOOLKIT_FOUND}; set CUDA_HOME)"
+            )
         return False, f"no CUDA toolkit: {CUDA_TOOLKIT_FOUND} (set CUDA_HOME)"
     if _flag("PRIVFAST_FORCE_CUDA"):
         return True, "PRIVFAST_FORCE_CUDA=1"
@@ -87,8 +89,11 @@ def _extension():
         return cpp_extension.CppExtension("privfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     release = torch_build.nvcc_release(CUDA_TOOLKIT)
-    print(f"privfast build: CPU + CUDA for archs {archs} ({reason}); {std.upper()} ({std_how}); "
-          f"CUDA toolkit {CUDA_TOOLKIT} (nvcc {release}, found by {CUDA_TOOLKIT_FOUND}) for torch's CUDA {torch.version.cuda}")
+    print(
+        f"privfast build: CPU + CUDA for archs {archs} ({reason}); {std.upper()} ({std_how}); "
+        f"CUDA toolkit {CUDA_TOOLKIT} (nvcc {release}, found by {CUDA_TOOLKIT_FOUND}) for torch's CUDA "
+        f"{torch.version.cuda}"
+    )
     return cpp_extension.CUDAExtension(
         "privfast._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),

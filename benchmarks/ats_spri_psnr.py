@@ -39,8 +39,9 @@ def main() -> None:
     semi = ConvNet(width=args.width, image_size=args.size)
     subset = torch.randperm(len(x), generator=generator)[: len(x) // 10]
     train_classifier(semi, x[subset], y[subset], epochs=50, generator=generator)
-    trained = train_classifier(ConvNet(width=args.width, image_size=args.size), x, y, epochs=10,
-                               generator=generator).eval()
+    trained = train_classifier(
+        ConvNet(width=args.width, image_size=args.size), x, y, epochs=10, generator=generator
+    ).eval()
     scored = torch.randperm(len(x), generator=generator)[:20]
     attacked = scored[:8]
     start = torch.rand(x[scored].shape, generator=generator)
@@ -53,23 +54,40 @@ def main() -> None:
 
     rows = []
     for policy in tqdm(policies, desc="policies"):
-        s_pri = privacy_score(semi, x[scored], y[scored], policy=policy, start=start,
-                              generator=torch.Generator().manual_seed(1)).mean()
+        s_pri = privacy_score(
+            semi, x[scored], y[scored], policy=policy, start=start, generator=torch.Generator().manual_seed(1)
+        ).mean()
         target = policy(x[attacked], generator=torch.Generator().manual_seed(2))
         shared = per_example_gradients(trained, target, y[attacked])
-        rec = reconstruct(trained, shared, y[attacked], shape=target.shape[1:], config="adam_cosine",
-                          iterations=args.iterations, tv=0.0, generator=torch.Generator().manual_seed(3),
-                          progress=False)
-        rows.append((str(policy) or "none", float(s_pri), float(psnr(rec.images, target).mean()),
-                     float(ssim(rec.images, target).mean())))
+        rec = reconstruct(
+            trained,
+            shared,
+            y[attacked],
+            shape=target.shape[1:],
+            config="adam_cosine",
+            iterations=args.iterations,
+            tv=0.0,
+            generator=torch.Generator().manual_seed(3),
+            progress=False,
+        )
+        rows.append(
+            (
+                str(policy) or "none",
+                float(s_pri),
+                float(psnr(rec.images, target).mean()),
+                float(ssim(rec.images, target).mean()),
+            )
+        )
 
     print(f"{'policy':<12} {'S_pri':>6} {'PSNR':>6} {'SSIM':>6}")
     for name, s_pri, p, s in sorted(rows, key=lambda r: r[1]):
         print(f"{name:<12} {s_pri:6.3f} {p:6.2f} {s:6.3f}")
     table = np.array([r[1:] for r in rows])
     for column, metric in ((1, "PSNR"), (2, "SSIM")):
-        print(f"S_pri vs {metric}: Pearson {pearsonr(table[:, 0], table[:, column])[0]:+.3f}, "
-              f"Spearman {spearmanr(table[:, 0], table[:, column])[0]:+.3f} over {len(rows)} policies")
+        print(
+            f"S_pri vs {metric}: Pearson {pearsonr(table[:, 0], table[:, column])[0]:+.3f}, "
+            f"Spearman {spearmanr(table[:, 0], table[:, column])[0]:+.3f} over {len(rows)} policies"
+        )
 
 
 if __name__ == "__main__":

@@ -33,22 +33,28 @@ def _cell(value: float) -> str:
 
 
 def audit_rows(epsilons, methods, *, epochs: int, seed: int) -> list[str]:
-    lines = ["| method | target eps | accountant eps | white-box, one release: accountant / measured [95% CI] "
-             "| same, batch's projection kept | white-box, whole run: measured [95% CI] | one-run lower bound (95%) "
-             "| test acc. | time white-box / one-run (s) |", "|" + " --- |" * 9]
+    lines = [
+        "| method | target eps | accountant eps | white-box, one release: accountant / measured [95% CI] "
+        "| same, batch's projection kept | white-box, whole run: measured [95% CI] | one-run lower bound (95%) "
+        "| test acc. | time white-box / one-run (s) |",
+        "|" + " --- |" * 9,
+    ]
     runs = [(m, e) for m in methods for e in epsilons] + [("nonprivate", None)]
     for method, epsilon in runs:
         if method == "nonprivate":
             config = TrainConfig(method="nonprivate", epochs=epochs, batch_size=32, lr=0.05, seed=seed)
         else:
-            config = TrainConfig(epochs=epochs, batch_size=128, lr=1.0, target_epsilon=epsilon, seed=seed,
-                                 **RECIPES[method])
+            config = TrainConfig(
+                epochs=epochs, batch_size=128, lr=1.0, target_epsilon=epsilon, seed=seed, **RECIPES[method]
+            )
         one_run = audit_one_run(config, canaries=256, seed=seed)
         if config.private:
             white = audit_white_box(config, canaries=16, seed=seed)
             step = white.details["per_release"]
-            step_cell = (f"{white.details['per_release_accountant_epsilon']:.2f} / {step['epsilon']:.2f} "
-                         f"[{step['epsilon_low']:.2f}, {step['epsilon_high']:.2f}]")
+            step_cell = (
+                f"{white.details['per_release_accountant_epsilon']:.2f} / {step['epsilon']:.2f} "
+                f"[{step['epsilon_low']:.2f}, {step['epsilon_high']:.2f}]"
+            )
             kept = white.details["per_release_batch_kept"]
             kept_cell = f"{kept['epsilon']:.2f} [{kept['epsilon_low']:.2f}, {kept['epsilon_high']:.2f}]"
             run_cell = f"{white.epsilon:.2f} [{white.epsilon_low:.2f}, {white.epsilon_high:.2f}]"
@@ -57,9 +63,11 @@ def audit_rows(epsilons, methods, *, epochs: int, seed: int) -> list[str]:
             step_cell = kept_cell = run_cell = "n/a (no noise)"
             accountant, times = math.inf, f"- / {one_run.seconds:.0f}"
         d = one_run.details
-        line = (f"| {method} | {epsilon if epsilon is not None else '-'} | {_cell(accountant)} | {step_cell} | "
-                f"{kept_cell} | {run_cell} | {one_run.epsilon:.2f} ({d['correct']}/{d['guesses']} right) | "
-                f"{d['test_accuracy']:.3f} | {times} |")
+        line = (
+            f"| {method} | {epsilon if epsilon is not None else '-'} | {_cell(accountant)} | {step_cell} | "
+            f"{kept_cell} | {run_cell} | {one_run.epsilon:.2f} ({d['correct']}/{d['guesses']} right) | "
+            f"{d['test_accuracy']:.3f} | {times} |"
+        )
         print(line, flush=True)
         lines.append(line)
     return lines
@@ -71,8 +79,10 @@ def rmia_rows(shadow_counts, *, epochs: int, examples: int, seed: int) -> list[s
         result = rmia_audit(shadows=shadows, shadow_epochs=epochs, examples=examples, seed=seed)
         for name, r in result.results.items():
             a = result.details["offline_a"] if name == "rmia_offline" else ""
-            line = (f"| {shadows} | {name} | {r.summary['auc']:.3f} | {r.summary['tpr_at_fpr'][0.001]:.3f} | "
-                    f"{r.summary['tpr_at_fpr'][0.01]:.3f} | {a} | {result.seconds:.0f} |")
+            line = (
+                f"| {shadows} | {name} | {r.summary['auc']:.3f} | {r.summary['tpr_at_fpr'][0.001]:.3f} | "
+                f"{r.summary['tpr_at_fpr'][0.01]:.3f} | {a} | {result.seconds:.0f} |"
+            )
             print(line, flush=True)
             lines.append(line)
     return lines

@@ -71,9 +71,9 @@ def test_privacy_score_loop(benchmark, digits, model_name):
 def test_privacy_score_batched(benchmark, digits, model_name):
     model, x, y = _model(model_name), digits.x[:IMAGES], digits.y[:IMAGES]
     start = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
-    result = benchmark.pedantic(privacy_score, args=(model, x, y),
-                                kwargs=dict(start=start, bins=BINS),
-                                rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(
+        privacy_score, args=(model, x, y), kwargs=dict(start=start, bins=BINS), rounds=5, warmup_rounds=1
+    )
     assert result.shape == (IMAGES,)
 
 
@@ -85,8 +85,9 @@ def _targets(digits):
 
 
 def _attack(model, grads, y, start):
-    return reconstruct(model, grads, y, shape=(1, 8, 8), config="adam_cosine", iterations=ITERATIONS,
-                       start=start, progress=False)
+    return reconstruct(
+        model, grads, y, shape=(1, 8, 8), config="adam_cosine", iterations=ITERATIONS, start=start, progress=False
+    )
 
 
 @pytest.mark.benchmark(group="reconstruction")
@@ -94,8 +95,12 @@ def test_reconstruction_sequential(benchmark, digits):
     model, grads, y, start = _targets(digits)
 
     def sequential():
-        return torch.cat([_attack(model, [g[t:t + 1] for g in grads], y[t:t + 1], start[t:t + 1]).images
-                          for t in range(TARGETS)])
+        return torch.cat(
+            [
+                _attack(model, [g[t : t + 1] for g in grads], y[t : t + 1], start[t : t + 1]).images
+                for t in range(TARGETS)
+            ]
+        )
 
     images = benchmark.pedantic(sequential, rounds=3, warmup_rounds=1)
     torch.testing.assert_close(images, _attack(model, grads, y, start).images, rtol=1e-4, atol=1e-4)

@@ -77,26 +77,33 @@ def test_language_model_step(benchmark, model):
     benchmark.pedantic(run, rounds=1, iterations=1)
     tokens = x.numel()
     base = timings["non-private"]["min_s"]
-    rows = {v: {**t, "tokens_per_s": tokens / t["min_s"], "vs_nonprivate": t["min_s"] / base}
-            for v, t in timings.items()}
+    rows = {
+        v: {**t, "tokens_per_s": tokens / t["min_s"], "vs_nonprivate": t["min_s"] / base} for v, t in timings.items()
+    }
     for opacus in ("opacus", "opacus-ghost"):
         for row in rows.values():
             if opacus in timings:
                 row[f"{opacus}_over_this"] = timings[opacus]["min_s"] / row["min_s"]
-    benchmark.extra_info.update(model=model, batch=BATCH, length=LENGTH, vocab=vocab, threads=THREADS, rows=rows,
-                                errors=errors)
+    benchmark.extra_info.update(
+        model=model, batch=BATCH, length=LENGTH, vocab=vocab, threads=THREADS, rows=rows, errors=errors
+    )
     assert {"non-private", "privfast-auto"} <= set(rows)
 
 
 def _table(path: str) -> str:
-    lines = ["| model | variant | min step (ms) | median (ms) | tokens/s | x non-private | Opacus hooks / this | "
-             "Opacus ghost / this |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | variant | min step (ms) | median (ms) | tokens/s | x non-private | Opacus hooks / this | "
+        "Opacus ghost / this |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for bench in json.load(open(path))["benchmarks"]:
         info = bench["extra_info"]
         for variant, row in info["rows"].items():
             cells = [f"{row[k]:.2f}" if k in row else "-" for k in ("opacus_over_this", "opacus-ghost_over_this")]
-            lines.append(f"| {info['model']} | {variant} | {1e3 * row['min_s']:.0f} | {1e3 * row['median_s']:.0f} | "
-                         f"{row['tokens_per_s']:,.0f} | {row['vs_nonprivate']:.2f} | {cells[0]} | {cells[1]} |")
+            lines.append(
+                f"| {info['model']} | {variant} | {1e3 * row['min_s']:.0f} | {1e3 * row['median_s']:.0f} | "
+                f"{row['tokens_per_s']:,.0f} | {row['vs_nonprivate']:.2f} | {cells[0]} | {cells[1]} |"
+            )
         for variant, error in info["errors"].items():
             lines.append(f"| {info['model']} | {variant} | fails: {error} | | | | | |")
     return "\n".join(lines)

@@ -72,8 +72,9 @@ def _train_sequential(make_model, x, y, n_models, device):
 
 
 def _train_vectorized(make_model, x, y, device):
-    train_shadow_models(make_model, x, y, n_shadows=N_SHADOWS, generator=torch.Generator().manual_seed(0),
-                        progress=False, **RECIPE)
+    train_shadow_models(
+        make_model, x, y, n_shadows=N_SHADOWS, generator=torch.Generator().manual_seed(0), progress=False, **RECIPE
+    )
     _sync(device)
 
 

@@ -84,7 +84,7 @@ def eager_augment(x, params, padding):
     rows = torch.arange(height, device=x.device)
     cols = torch.arange(width, device=x.device)
     oy, ox = params.crop_offsets[..., 0], params.crop_offsets[..., 1]
-    src_rows = (oy[..., None] + rows)  # [B, k, H]
+    src_rows = oy[..., None] + rows  # [B, k, H]
     src_cols = torch.where(params.flips[..., None], width - 1 - cols, cols) + ox[..., None]  # [B, k, W]
     flat = (src_rows[..., :, None] * padded.shape[-1] + src_cols[..., None, :]).reshape(batch, 1, -1)
     crops = padded.reshape(batch, channels, -1).gather(2, flat.expand(-1, channels, -1))

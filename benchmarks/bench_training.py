@@ -77,15 +77,22 @@ def test_training_step(benchmark, k):
             times[variant].append(time.perf_counter() - start)
 
     benchmark.pedantic(one_round, rounds=8 if k == 16 else 15, iterations=1)  # steps already warm
-    benchmark.extra_info.update(k=k, batch=BATCH, threads=THREADS, peak_bytes=peaks,
-                                min_s={v: min(t) for v, t in times.items()},
-                                median_s={v: statistics.median(t) for v, t in times.items()})
+    benchmark.extra_info.update(
+        k=k,
+        batch=BATCH,
+        threads=THREADS,
+        peak_bytes=peaks,
+        min_s={v: min(t) for v, t in times.items()},
+        median_s={v: statistics.median(t) for v, t in times.items()},
+    )
 
 
 def _table(path: str) -> str:
     """Markdown table of step time (fastest round) and peak memory, as ratios to non-private and Opacus."""
-    lines = ["| K | variant | min step (ms) | median (ms) | x non-private | Opacus / this | peak MB | peak / non-private |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| K | variant | min step (ms) | median (ms) | x non-private | Opacus / this | peak MB | peak / non-private |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for bench in sorted(json.load(open(path))["benchmarks"], key=lambda b: b["extra_info"]["k"]):
         info = bench["extra_info"]
         fastest, median, peaks = info["min_s"], info["median_s"], info["peak_bytes"]

@@ -21,8 +21,13 @@ def model_rows() -> list[dict]:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -32,7 +37,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     from privfast.throughput import format_markdown
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}"
+    )
     terminalreporter.write_sep("=", "private training step: privfast vs Opacus vs non-private")
     terminalreporter.write_line(f"machine: {machine}; commit {_commit()}")
     terminalreporter.write_line(format_markdown(_ROWS))

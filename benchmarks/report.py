@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into a Markdown table of fused vs eager, with ratios and GB/s.
 
-    python benchmarks/report.py bench_ops.json
+python benchmarks/report.py bench_ops.json
 """
 
 import json
@@ -16,8 +16,10 @@ def main(path: str) -> None:
         impl = bench["params"].get("impl")
         if impl:
             groups[bench["group"]][impl] = bench
-    print(f"Machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
-          f"{data['machine_info'].get('cpu', {}).get('count', '?')} logical CPUs; torch threads as default.\n")
+    print(
+        f"Machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
+        f"{data['machine_info'].get('cpu', {}).get('count', '?')} logical CPUs; torch threads as default.\n"
+    )
     print("| case | fused (ms, median) | eager (ms, median) | eager / fused | fused GB/s |")
     print("|---|---:|---:|---:|---:|")
     for group in sorted(groups):

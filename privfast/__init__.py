@@ -12,13 +12,38 @@ from typing import Any
 
 # Everything loads on first use (PEP 562): `import privfast` and `privfast --help` stay fast, and a
 # user of the engine does not pay for scikit-learn, matplotlib or the attacks.
-_SUBMODULES = ("attacks", "audit", "auditing", "augment", "canaries", "checkpoint", "config", "data", "federated",
-               "grad_sample", "metrics", "models", "ops", "optim", "reports", "search", "secret_sharer", "text",
-               "throughput", "trainer")
+_SUBMODULES = (
+    "attacks",
+    "audit",
+    "auditing",
+    "augment",
+    "canaries",
+    "checkpoint",
+    "config",
+    "data",
+    "federated",
+    "grad_sample",
+    "metrics",
+    "models",
+    "ops",
+    "optim",
+    "reports",
+    "search",
+    "secret_sharer",
+    "text",
+    "throughput",
+    "trainer",
+)
 _NAMES = {
-    "DPMix": "privfast.augment", "SelfAug": "privfast.augment", "DPOptimizer": "privfast.optim", "SAM": "privfast.optim",
-    "GradSampleModule": "privfast.grad_sample", "MembershipAudit": "privfast.audit", "PrivacyEngine":
-    "privfast.privacy_engine", "TrainConfig": "privfast.config", "Trainer": "privfast.trainer",
+    "DPMix": "privfast.augment",
+    "SelfAug": "privfast.augment",
+    "DPOptimizer": "privfast.optim",
+    "SAM": "privfast.optim",
+    "GradSampleModule": "privfast.grad_sample",
+    "MembershipAudit": "privfast.audit",
+    "PrivacyEngine": "privfast.privacy_engine",
+    "TrainConfig": "privfast.config",
+    "Trainer": "privfast.trainer",
     "has_extension": "privfast.ops",
 }
 

@@ -121,7 +121,7 @@ def augment_batch(x: Tensor, params, padding: int, extra: Optional[Tensor]) -> T
     per_example = []
     acc_dtype = accumulate_dtype(x.dtype)
     for b in range(batch):
-        base = crops[b * k:(b + 1) * k] + (list(extra[b]) if extra is not None else [])
+        base = crops[b * k : (b + 1) * k] + (list(extra[b]) if extra is not None else [])
         mixes = []
         for m in range(params.mix_pairs.shape[1]):
             p, q = (int(v) for v in params.mix_pairs[b, m])

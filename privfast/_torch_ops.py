@@ -156,8 +156,12 @@ def philox_normal(seed: int, offset: int, numel: int, start: int = 0) -> Tensor:
     elements = np.arange(start, start + numel, dtype=np.uint64)
     groups = elements >> np.uint64(1)
     counter = np.stack(
-        [groups & _MASK32, groups >> np.uint64(32),
-         np.full_like(groups, offset & 0xFFFFFFFF), np.full_like(groups, offset >> 32)],
+        [
+            groups & _MASK32,
+            groups >> np.uint64(32),
+            np.full_like(groups, offset & 0xFFFFFFFF),
+            np.full_like(groups, offset >> 32),
+        ],
         axis=1,
     )
     words = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
@@ -238,7 +242,6 @@ def augment_batch(x: Tensor, params: AugmentParams, padding: int, extra: Optiona
     then ``extra[b]``, then ``lam * S[p] + (1 - lam) * S[q]`` for each mixup pair of rows of S.
     """
     batch, channels, height, width = x.shape
-    k = params.flips.shape[1]
     rows = torch.arange(height, device=x.device)
     cols = torch.arange(width, device=x.device)
     src_rows = _reflect(rows + params.crop_offsets[..., :1] - padding, height)  # [B, k, H]

@@ -36,8 +36,16 @@ from privfast.attacks.mia import augmentation_aware, calibrated_threshold, yeom
 from privfast.data import Split
 from privfast.metrics import dp_perr_bound
 
-__all__ = ["ATTACKS", "DEFAULT_ATTACKS", "CanaryExposure", "MembershipAudit", "ModelAudit",
-           "audit_model", "canary_exposure", "extrapolate_exposure"]
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_ATTACKS",
+    "CanaryExposure",
+    "MembershipAudit",
+    "ModelAudit",
+    "audit_model",
+    "canary_exposure",
+    "extrapolate_exposure",
+]
 
 Attack = Callable[..., AttackResult]
 """``attack(model, members, nonmembers, *, generator=...) -> AttackResult``."""
@@ -54,6 +62,7 @@ DEFAULT_ATTACKS = ("yeom", "calibrated", "calibrated_per_class", "augmentation_a
 """The attacks :func:`audit_model` runs unless told otherwise. yeom, calibrated and
 calibrated_per_class score examples alike (``-loss``: one ROC curve, one AUC) and differ only in
 their threshold; :meth:`ModelAudit.shared_scores` finds such groups from the scores themselves."""
+
 
 def _subset(data, limit: int, generator: torch.Generator) -> Split:
     x, y = data
@@ -133,13 +142,17 @@ class MembershipAudit:
         if not isinstance(attacks, Mapping):
             unknown = [name for name in attacks if name not in ATTACKS]
             if unknown:
-                raise ValueError(f"unknown attacks {unknown}; expected names from {sorted(ATTACKS)} or a mapping "
-                                 "name -> attack callable")
+                raise ValueError(
+                    f"unknown attacks {unknown}; expected names from {sorted(ATTACKS)} or a mapping "
+                    "name -> attack callable"
+                )
             smallest = min(len(self.members[1]), len(self.nonmembers[1]))
             if attacks and smallest <= n_known:
-                raise ValueError(f"the attacked sets hold {len(self.members[1])} members and "
-                                 f"{len(self.nonmembers[1])} non-members, but the attacker knows n_known={n_known} "
-                                 f"of each and attacks the rest; lower n_known below {smallest} or give more examples")
+                raise ValueError(
+                    f"the attacked sets hold {len(self.members[1])} members and "
+                    f"{len(self.nonmembers[1])} non-members, but the attacker knows n_known={n_known} "
+                    f"of each and attacks the rest; lower n_known below {smallest} or give more examples"
+                )
             attacks = {name: partial(ATTACKS[name], n_known=n_known) for name in attacks}
         self.test = test if test is not None else nonmembers
         self.attacks = dict(attacks)
@@ -276,14 +289,22 @@ class CanaryExposure:
         return math.log2(self.references + 1)
 
     def to_dict(self) -> dict:
-        return {"inserted": self.inserted, "references": self.references, "repeats": self.repeats,
-                "max_exposure": self.max_exposure, "labels": self.labels, "losses": self.losses,
-                "exposure": self.exposure, "exposure_extrapolated": self.extrapolated,
-                "extrapolation_note": self.note}
+        return {
+            "inserted": self.inserted,
+            "references": self.references,
+            "repeats": self.repeats,
+            "max_exposure": self.max_exposure,
+            "labels": self.labels,
+            "losses": self.losses,
+            "exposure": self.exposure,
+            "exposure_extrapolated": self.extrapolated,
+            "extrapolation_note": self.note,
+        }
 
 
-def canary_exposure(model: nn.Module, canaries: Split, references: Split, *, repeats: int = 1
-                    ) -> Optional[CanaryExposure]:
+def canary_exposure(
+    model: nn.Module, canaries: Split, references: Split, *, repeats: int = 1
+) -> Optional[CanaryExposure]:
     """Rank-based and extrapolated exposure of inserted canaries; None when none were inserted.
 
     Args:
@@ -296,8 +317,15 @@ def canary_exposure(model: nn.Module, canaries: Split, references: Split, *, rep
         return None
     canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
     fitted, note = extrapolate_exposure(canary_losses, reference_losses)
-    return CanaryExposure([int(label) for label in canaries.y], canary_losses.tolist(),
-                          exposure(canary_losses, reference_losses).tolist(), fitted, len(references.y), repeats, note)
+    return CanaryExposure(
+        [int(label) for label in canaries.y],
+        canary_losses.tolist(),
+        exposure(canary_losses, reference_losses).tolist(),
+        fitted,
+        len(references.y),
+        repeats,
+        note,
+    )
 
 
 @dataclass
@@ -335,8 +363,9 @@ class ModelAudit:
         for name, result in self.results.items():
             for group in groups:
                 first = self.results[group[0]]
-                if torch.equal(first.member_scores, result.member_scores) and \
-                        torch.equal(first.nonmember_scores, result.nonmember_scores):
+                if torch.equal(first.member_scores, result.member_scores) and torch.equal(
+                    first.nonmember_scores, result.nonmember_scores
+                ):
                     group.append(name)
                     break
             else:
@@ -345,14 +374,23 @@ class ModelAudit:
 
     def to_dict(self) -> dict:
         """JSON-ready numbers (no scores); ``privfast report`` reads them back from ``audit.json``."""
-        return {"method": self.method, "epoch": self.epoch, "config": self.config, "record": self.record,
-                "members": self.members, "nonmembers": self.nonmembers, "known": self.known,
-                "shadows": self.shadows, "shared_scores": self.shared_scores(),
-                "canaries": None if self.canaries is None else self.canaries.to_dict()}
+        return {
+            "method": self.method,
+            "epoch": self.epoch,
+            "config": self.config,
+            "record": self.record,
+            "members": self.members,
+            "nonmembers": self.nonmembers,
+            "known": self.known,
+            "shadows": self.shadows,
+            "shared_scores": self.shared_scores(),
+            "canaries": None if self.canaries is None else self.canaries.to_dict(),
+        }
 
 
-def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, epochs: int, seed: int, nproc: int,
-                  progress: bool) -> dict[str, Attack]:
+def _lira_attacks(
+    config, members: Split, nonmembers: Split, *, shadows: int, epochs: int, seed: int, nproc: int, progress: bool
+) -> dict[str, Attack]:
     """LiRA (online and offline) against the audited members and non-members.
 
     As in Carlini et al. ("Membership inference attacks from first principles", S&P 2022), the
@@ -371,11 +409,19 @@ def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, ep
     is_member = torch.arange(len(y)) < len(members.y)
     make_model = partial(build_model, config, **data_shape(Split(x, y)))  # picklable, for a sharded run
     if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
-        trained = launch.launch_shadow_models(make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed,
-                                              epochs=epochs, progress=False)
+        trained = launch.launch_shadow_models(
+            make_model, x, y, n_shadows=shadows, nproc=nproc, seed=seed, epochs=epochs, progress=False
+        )
     else:
-        trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=epochs,
-                                      generator=torch.Generator().manual_seed(seed), progress=progress)
+        trained = train_shadow_models(
+            make_model,
+            x,
+            y,
+            n_shadows=shadows,
+            epochs=epochs,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )
 
     def attack(model, members, nonmembers, *, generator, online: bool):
         # Per-example variances need many shadows (the paper: 64+); below that one pooled variance is steadier.
@@ -384,10 +430,22 @@ def _lira_attacks(config, members: Split, nonmembers: Split, *, shadows: int, ep
     return {"lira_online": partial(attack, online=True), "lira_offline": partial(attack, online=False)}
 
 
-def audit_model(model: nn.Module, config, history: Sequence[dict], *,
-                canaries: Optional[tuple[Split, Split]] = None, attacks: Sequence[str] = DEFAULT_ATTACKS,
-                examples: int = 1000, known: int = 100, shadows: int = 16, shadow_epochs: int = 20, seed: int = 0,
-                nproc: int = 1, progress: bool = False, data: Optional[tuple[Split, Split]] = None) -> ModelAudit:
+def audit_model(
+    model: nn.Module,
+    config,
+    history: Sequence[dict],
+    *,
+    canaries: Optional[tuple[Split, Split]] = None,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    examples: int = 1000,
+    known: int = 100,
+    shadows: int = 16,
+    shadow_epochs: int = 20,
+    seed: int = 0,
+    nproc: int = 1,
+    progress: bool = False,
+    data: Optional[tuple[Split, Split]] = None,
+) -> ModelAudit:
     """Attack one model trained by :class:`privfast.trainer.Trainer`: threshold attacks, LiRA, canary exposure.
 
     Members are the run's training examples, non-members its test split; up to ``examples`` of
@@ -419,12 +477,39 @@ def audit_model(model: nn.Module, config, history: Sequence[dict], *,
 
         data = load_data(config)
     last = history[-1]  # a checkpoint is written after a whole epoch only
-    audit = MembershipAudit(*data, attacks=attacks, max_examples=examples, n_known=known, seed=seed,
-                            epsilon=(lambda: last["epsilon"]) if "epsilon" in last else None, delta=config.delta)
+    audit = MembershipAudit(
+        *data,
+        attacks=attacks,
+        max_examples=examples,
+        n_known=known,
+        seed=seed,
+        epsilon=(lambda: last["epsilon"]) if "epsilon" in last else None,
+        delta=config.delta,
+    )
     if shadows:
-        audit.attacks.update(_lira_attacks(config, audit.members, audit.nonmembers, shadows=shadows,
-                                           epochs=shadow_epochs, seed=seed, nproc=nproc, progress=progress))
+        audit.attacks.update(
+            _lira_attacks(
+                config,
+                audit.members,
+                audit.nonmembers,
+                shadows=shadows,
+                epochs=shadow_epochs,
+                seed=seed,
+                nproc=nproc,
+                progress=progress,
+            )
+        )
     record = audit(model, last["epoch"])
     exposure_ = None if canaries is None else canary_exposure(model, *canaries, repeats=config.canary_repeats)
-    return ModelAudit(config.method, last["epoch"], config.to_dict(), record, dict(audit.results),
-                      len(audit.members.y), len(audit.nonmembers.y), known, shadows, exposure_)
+    return ModelAudit(
+        config.method,
+        last["epoch"],
+        config.to_dict(),
+        record,
+        dict(audit.results),
+        len(audit.members.y),
+        len(audit.nonmembers.y),
+        known,
+        shadows,
+        exposure_,
+    )

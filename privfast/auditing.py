@@ -173,8 +173,16 @@ def epsilon_from_error_rates(fpr: ArrayLike, fnr: ArrayLike, *, delta: float) ->
     return np.maximum(eps, 0.0)
 
 
-def clopper_pearson_epsilon(*, false_positives: ArrayLike, negatives: int, false_negatives: ArrayLike, positives: int,
-                            delta: float, confidence: float = 0.95, comparisons: int = 1) -> np.ndarray:
+def clopper_pearson_epsilon(
+    *,
+    false_positives: ArrayLike,
+    negatives: int,
+    false_negatives: ArrayLike,
+    positives: int,
+    delta: float,
+    confidence: float = 0.95,
+    comparisons: int = 1,
+) -> np.ndarray:
     """Lower bound on epsilon from an attack's errors at one threshold (or several, corrected).
 
     Both error rates are replaced by their one-sided Clopper-Pearson upper bounds and put in
@@ -204,8 +212,14 @@ def clopper_pearson_epsilon(*, false_positives: ArrayLike, negatives: int, false
     return epsilon_from_error_rates(fpr, fnr, delta=delta)
 
 
-def clopper_pearson_bound(in_scores: ArrayLike, out_scores: ArrayLike, *, delta: float, confidence: float = 0.95,
-                          thresholds: Optional[ArrayLike] = None) -> EpsilonBound:
+def clopper_pearson_bound(
+    in_scores: ArrayLike,
+    out_scores: ArrayLike,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    thresholds: Optional[ArrayLike] = None,
+) -> EpsilonBound:
     """Clopper-Pearson lower bound on epsilon, maximised over the thresholds "IN iff score >= t".
 
     Multiple comparisons: with T thresholds each rate bound is taken at ``(1 - confidence) / (2T)``
@@ -235,26 +249,47 @@ def clopper_pearson_bound(in_scores: ArrayLike, out_scores: ArrayLike, *, delta:
     outside_sorted, inside_sorted = np.sort(outside), np.sort(inside)
     false_positives = len(outside) - np.searchsorted(outside_sorted, candidates, side="left")  # OUT with score >= t
     false_negatives = np.searchsorted(inside_sorted, candidates, side="left")  # IN with score < t
-    eps = clopper_pearson_epsilon(false_positives=false_positives, negatives=len(outside),
-                                  false_negatives=false_negatives, positives=len(inside), delta=delta,
-                                  confidence=confidence, comparisons=len(candidates))
+    eps = clopper_pearson_epsilon(
+        false_positives=false_positives,
+        negatives=len(outside),
+        false_negatives=false_negatives,
+        positives=len(inside),
+        delta=delta,
+        confidence=confidence,
+        comparisons=len(candidates),
+    )
     best = int(np.argmax(eps))
-    return EpsilonBound(float(eps[best]), confidence, delta, "clopper-pearson", {
-        "threshold": float(candidates[best]), "fpr": float(false_positives[best] / len(outside)),
-        "fnr": float(false_negatives[best] / len(inside)), "comparisons": len(candidates),
-        "in_trials": len(inside), "out_trials": len(outside)})
+    return EpsilonBound(
+        float(eps[best]),
+        confidence,
+        delta,
+        "clopper-pearson",
+        {
+            "threshold": float(candidates[best]),
+            "fpr": float(false_positives[best] / len(outside)),
+            "fnr": float(false_negatives[best] / len(inside)),
+            "comparisons": len(candidates),
+            "in_trials": len(inside),
+            "out_trials": len(outside),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # One training run (Steinke, Nasr and Jagielski, NeurIPS 2023)
 # ------------------------------------------------------------------------------------------------
 def _check_counts(canaries: int, guesses: int, correct: int) -> None:
-    if not (isinstance(canaries, (int, np.integer)) and isinstance(guesses, (int, np.integer))
-            and isinstance(correct, (int, np.integer))):
+    if not (
+        isinstance(canaries, (int, np.integer))
+        and isinstance(guesses, (int, np.integer))
+        and isinstance(correct, (int, np.integer))
+    ):
         raise ValueError(f"canaries, guesses and correct must be integers, got {canaries!r}, {guesses!r}, {correct!r}")
     if not 0 <= correct <= guesses <= canaries or canaries < 1:
-        raise ValueError(f"need 0 <= correct <= guesses <= canaries and canaries >= 1, got correct={correct}, "
-                         f"guesses={guesses}, canaries={canaries}")
+        raise ValueError(
+            f"need 0 <= correct <= guesses <= canaries and canaries >= 1, got correct={correct}, "
+            f"guesses={guesses}, canaries={canaries}"
+        )
 
 
 def one_run_p_value(*, canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
@@ -323,8 +358,14 @@ def _guess_grid(canaries: int) -> list[int]:
     return [r for r in grid if r <= canaries] or [canaries]
 
 
-def one_run_bound(scores: ArrayLike, inserted: ArrayLike, *, delta: float, confidence: float = 0.95,
-                  guesses: Optional[Sequence[int]] = None) -> EpsilonBound:
+def one_run_bound(
+    scores: ArrayLike,
+    inserted: ArrayLike,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    guesses: Optional[Sequence[int]] = None,
+) -> EpsilonBound:
     """One-run lower bound on epsilon from canary scores (Steinke, Nasr and Jagielski, NeurIPS 2023).
 
     For each number of guesses r the attacker guesses IN for the ``ceil(r / 2)`` highest scores
@@ -356,14 +397,25 @@ def one_run_bound(scores: ArrayLike, inserted: ArrayLike, *, delta: float, confi
     best = None
     for r in grid:
         k_plus, k_minus = (r + 1) // 2, r // 2
-        correct = int(included[order[:k_plus]].sum()) + int((~included[order[m - k_minus:]]).sum() if k_minus else 0)
+        correct = int(included[order[:k_plus]].sum()) + int((~included[order[m - k_minus :]]).sum() if k_minus else 0)
         eps = one_run_epsilon(canaries=m, guesses=r, correct=correct, delta=delta, confidence=level)
         if best is None or eps > best[0]:
             best = (eps, r, k_plus, k_minus, correct)
     eps, r, k_plus, k_minus, correct = best
-    return EpsilonBound(eps, confidence, delta, "one-run", {
-        "canaries": m, "guesses": r, "k_plus": k_plus, "k_minus": k_minus, "correct": correct,
-        "comparisons": len(grid)})
+    return EpsilonBound(
+        eps,
+        confidence,
+        delta,
+        "one-run",
+        {
+            "canaries": m,
+            "guesses": r,
+            "k_plus": k_plus,
+            "k_minus": k_minus,
+            "correct": correct,
+            "comparisons": len(grid),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,8 +510,7 @@ def _noncentrality_interval(t: float, df: float, confidence: float) -> tuple[flo
     return solve(1 - tail), solve(tail)
 
 
-def gdp_estimate(in_scores: ArrayLike, out_scores: ArrayLike, *, delta: float,
-                 confidence: float = 0.95) -> GDPEstimate:
+def gdp_estimate(in_scores: ArrayLike, out_scores: ArrayLike, *, delta: float, confidence: float = 0.95) -> GDPEstimate:
     """Gaussian-DP estimate of the mechanism behind a canary statistic (Nasr et al., USENIX Security 2023).
 
     Under mu-GDP with a Gaussian statistic of equal variance under both hypotheses (the white-box
@@ -496,11 +547,25 @@ def gdp_estimate(in_scores: ArrayLike, out_scores: ArrayLike, *, delta: float,
     mu_low, mu_high = nc_low / scale, nc_high / scale
     eps_low = 0.0 if mu_low <= 0 <= mu_high else gdp_epsilon(min(abs(mu_low), abs(mu_high)), delta)
     eps_high = gdp_epsilon(max(abs(mu_low), abs(mu_high)), delta)
-    return GDPEstimate(float(mu), float(mu_low), float(mu_high), gdp_epsilon(abs(mu), delta), eps_low, eps_high,
-                       confidence, delta, {
-                           "mean_in": float(inside.mean()), "mean_out": float(outside.mean()),
-                           "std_in": float(inside.std(ddof=1)), "std_out": float(outside.std(ddof=1)), "std": std,
-                           "n_in": n_in, "n_out": n_out})
+    return GDPEstimate(
+        float(mu),
+        float(mu_low),
+        float(mu_high),
+        gdp_epsilon(abs(mu), delta),
+        eps_low,
+        eps_high,
+        confidence,
+        delta,
+        {
+            "mean_in": float(inside.mean()),
+            "mean_out": float(outside.mean()),
+            "std_in": float(inside.std(ddof=1)),
+            "std_out": float(outside.std(ddof=1)),
+            "std": std,
+            "n_in": n_in,
+            "n_out": n_out,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,17 +601,20 @@ class GradientCanary:
         claimed_mu: ``1 / accounting_noise_multiplier`` of the optimizer at the last release.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], *, canaries: int = 1,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self, params: Sequence[nn.Parameter], *, canaries: int = 1, generator: Optional[torch.Generator] = None
+    ):
         params = [p for p in params if p.requires_grad]
         dim = sum(p.numel() for p in params)
         if not params:
             raise ValueError("no trainable parameters to place gradient canaries on")
         if not 1 <= canaries <= dim:
-            raise ValueError(f"canaries must be in [1, {dim}] (orthonormal directions in the parameter space), "
-                             f"got {canaries}")
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(
-            int(torch.randint(0, 2**62, ())))
+            raise ValueError(
+                f"canaries must be in [1, {dim}] (orthonormal directions in the parameter space), got {canaries}"
+            )
+        self.generator = (
+            generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        )
         gaussian = torch.randn(dim, canaries, generator=self.generator, dtype=torch.float64)
         # Orthonormal columns: a random rotation's first c axes, uniformly distributed directions.
         basis = torch.linalg.qr(gaussian).Q if canaries > 1 else gaussian / gaussian.norm()
@@ -666,19 +734,31 @@ class AuditResult:
         pct = f"{100 * self.confidence:g}%"
         if self.method == "one-run":
             d = self.details
-            return [{"audit": "one-run (black box), whole run", "accountant": self.accountant_epsilon,
-                     "empirical": f"{self.epsilon:.3f}", "kind": f"lower bound, {pct} confidence",
-                     "trials": f"{d['canaries']} canaries, {d['correct']}/{d['guesses']} guesses right"}]
+            return [
+                {
+                    "audit": "one-run (black box), whole run",
+                    "accountant": self.accountant_epsilon,
+                    "empirical": f"{self.epsilon:.3f}",
+                    "kind": f"lower bound, {pct} confidence",
+                    "trials": f"{d['canaries']} canaries, {d['correct']}/{d['guesses']} guesses right",
+                }
+            ]
         step = self.details["per_release"]
         return [
-            {"audit": "white-box, one release", "accountant": self.details["per_release_accountant_epsilon"],
-             "empirical": f"{step['epsilon']:.3f} [{step['epsilon_low']:.3f}, {step['epsilon_high']:.3f}]",
-             "kind": f"GDP estimate [{pct} CI]", "trials": f"{step['details']['n_in'] + step['details']['n_out']} "
-                                                          f"canary releases (mu {step['mu']:.3f})"},
-            {"audit": "white-box, whole run", "accountant": self.accountant_epsilon,
-             "empirical": f"{self.epsilon:.3f} [{self.epsilon_low:.3f}, {self.epsilon_high:.3f}]",
-             "kind": f"accountant at the measured noise [{pct} CI]",
-             "trials": f"claimed mu {self.details['claimed_mu']:.3f} per release"},
+            {
+                "audit": "white-box, one release",
+                "accountant": self.details["per_release_accountant_epsilon"],
+                "empirical": f"{step['epsilon']:.3f} [{step['epsilon_low']:.3f}, {step['epsilon_high']:.3f}]",
+                "kind": f"GDP estimate [{pct} CI]",
+                "trials": f"{step['details']['n_in'] + step['details']['n_out']} canary releases (mu {step['mu']:.3f})",
+            },
+            {
+                "audit": "white-box, whole run",
+                "accountant": self.accountant_epsilon,
+                "empirical": f"{self.epsilon:.3f} [{self.epsilon_low:.3f}, {self.epsilon_high:.3f}]",
+                "kind": f"accountant at the measured noise [{pct} CI]",
+                "trials": f"claimed mu {self.details['claimed_mu']:.3f} per release",
+            },
         ]
 
     def table(self, *, markdown: bool = False) -> str:
@@ -698,10 +778,18 @@ class AuditResult:
         both = np.concatenate([self.in_scores, self.out_scores])
         finite = both[np.isfinite(both)]
         edges = np.histogram_bin_edges(finite, bins=bins) if finite.size else bins
-        ax.hist(np.clip(self.out_scores, finite.min(), finite.max()) if finite.size else self.out_scores, bins=edges,
-                alpha=0.6, label=f"canary out ({len(self.out_scores)})")
-        ax.hist(np.clip(self.in_scores, finite.min(), finite.max()) if finite.size else self.in_scores, bins=edges,
-                alpha=0.6, label=f"canary in ({len(self.in_scores)})")
+        ax.hist(
+            np.clip(self.out_scores, finite.min(), finite.max()) if finite.size else self.out_scores,
+            bins=edges,
+            alpha=0.6,
+            label=f"canary out ({len(self.out_scores)})",
+        )
+        ax.hist(
+            np.clip(self.in_scores, finite.min(), finite.max()) if finite.size else self.in_scores,
+            bins=edges,
+            alpha=0.6,
+            label=f"canary in ({len(self.in_scores)})",
+        )
         what = "canary score" if self.method == "one-run" else "update projection on the canary (units of C)"
         ax.set_xlabel(what)
         ax.set_ylabel("count")
@@ -765,8 +853,9 @@ def mislabelled_canaries(data, *, canaries: int, num_classes: int, generator: to
 
     x, y = data
     if not 1 <= canaries < len(y):
-        raise ValueError(f"canaries must be in [1, {len(y) - 1}] (taken from {len(y)} held-out examples), "
-                         f"got {canaries}")
+        raise ValueError(
+            f"canaries must be in [1, {len(y) - 1}] (taken from {len(y)} held-out examples), got {canaries}"
+        )
     if num_classes < 2:
         raise ValueError("mislabelled canaries need at least 2 classes")
     order = torch.randperm(len(y), generator=generator)
@@ -775,8 +864,17 @@ def mislabelled_canaries(data, *, canaries: int, num_classes: int, generator: to
     return Split(x[chosen], (y[chosen] + shift) % num_classes), Split(x[rest], y[rest])
 
 
-def audit_one_run(config, *, canaries: int = 256, score: Score = "loss", confidence: float = 0.95, seed: int = 0,
-                  data=None, guesses: Optional[Sequence[int]] = None, progress: bool = False) -> AuditResult:
+def audit_one_run(
+    config,
+    *,
+    canaries: int = 256,
+    score: Score = "loss",
+    confidence: float = 0.95,
+    seed: int = 0,
+    data=None,
+    guesses: Optional[Sequence[int]] = None,
+    progress: bool = False,
+) -> AuditResult:
     """Black-box one-run audit of a training recipe (Steinke, Nasr and Jagielski, NeurIPS 2023, Sec. 7).
 
     m mislabelled test images (:func:`mislabelled_canaries`) are each added to the training set with
@@ -814,21 +912,42 @@ def audit_one_run(config, *, canaries: int = 256, score: Score = "loss", confide
     scores = _canary_scores(score, trainer.model.eval(), canary.x, canary.y).numpy()
     bound = one_run_bound(scores, inserted.numpy(), delta=config.delta, confidence=confidence, guesses=guesses)
     accountant = history[-1].get("epsilon", math.inf)
-    return AuditResult("one-run", float(accountant), bound.epsilon, bound.epsilon, bound.epsilon, confidence,
-                       config.delta, scores[inserted.numpy()], scores[~inserted.numpy()],
-                       time.perf_counter() - start, {**bound.details, "score": score if isinstance(score, str) else
-                                                      getattr(score, "__name__", "custom"),
-                                                      "test_accuracy": history[-1]["test_accuracy"],
-                                                      "train_seconds": train_seconds})
+    return AuditResult(
+        "one-run",
+        float(accountant),
+        bound.epsilon,
+        bound.epsilon,
+        bound.epsilon,
+        confidence,
+        config.delta,
+        scores[inserted.numpy()],
+        scores[~inserted.numpy()],
+        time.perf_counter() - start,
+        {
+            **bound.details,
+            "score": score if isinstance(score, str) else getattr(score, "__name__", "custom"),
+            "test_accuracy": history[-1]["test_accuracy"],
+            "train_seconds": train_seconds,
+        },
+    )
 
 
 LM_SCORES = ("calibrated", "log-perplexity")
 """Canary scores :func:`audit_one_run_language_model` knows by name."""
 
 
-def audit_one_run_language_model(config=None, *, epsilon: float, canaries: int = 256, format: str = "digits",
-                                 score: str = "calibrated", confidence: float = 0.95, seed: int = 0, guesses: Optional[Sequence[int]] = None,
-                                 progress: bool = False) -> AuditResult:
+def audit_one_run_language_model(
+    config=None,
+    *,
+    epsilon: float,
+    canaries: int = 256,
+    format: str = "digits",
+    score: str = "calibrated",
+    confidence: float = 0.95,
+    seed: int = 0,
+    guesses: Optional[Sequence[int]] = None,
+    progress: bool = False,
+) -> AuditResult:
     """Black-box one-run audit of language-model training with token secrets (Steinke, Nasr and Jagielski, Sec. 7).
 
     m canaries of one format ("the first number is" + random digits; :func:`~privfast.secret_sharer.secret_canaries`)
@@ -860,8 +979,13 @@ def audit_one_run_language_model(config=None, *, epsilon: float, canaries: int =
             corpus with fewer windows than inserted canaries.
     """
     from privfast.attacks.exposure import score_candidates
-    from privfast.secret_sharer import (SecretSharerConfig, build_language_model, perplexity, secret_canaries,
-                                        train_language_model)
+    from privfast.secret_sharer import (
+        SecretSharerConfig,
+        build_language_model,
+        perplexity,
+        secret_canaries,
+        train_language_model,
+    )
     from privfast.text import load_corpus, plant, windows
 
     config = config or SecretSharerConfig()
@@ -885,26 +1009,50 @@ def audit_one_run_language_model(config=None, *, epsilon: float, canaries: int =
     torch.manual_seed(config.seed)
     model = build_language_model(config, vocab_size=len(corpus.vocab))
     trained = train_language_model(
-        model, rows, epsilon=epsilon, delta=config.delta, epochs=config.epochs, batch_size=config.batch_size,
+        model,
+        rows,
+        epsilon=epsilon,
+        delta=config.delta,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
         optimizer=config.optimizer if private else config.baseline_optimizer,
-        lr=config.lr if private else config.baseline_lr, max_grad_norm=config.max_grad_norm, noise_scaled_lr=True,
-        seed=config.seed, progress=progress)
+        lr=config.lr if private else config.baseline_lr,
+        max_grad_norm=config.max_grad_norm,
+        noise_scaled_lr=True,
+        seed=config.seed,
+        progress=progress,
+    )
     train_seconds = time.perf_counter() - start
     scores = -torch.stack([score_candidates(model.eval(), c, c.secret[None])[0] for c in drawn])
     if score == "calibrated":
         # The same secret after another context: what the model thinks of those symbols in that
         # order regardless of memorization (digit frequencies, learned formats) cancels out.
         others = secret_canaries(corpus, format=format, count=canaries, generator=generator)
-        scores = scores + torch.stack([score_candidates(model, other, c.secret[None])[0]
-                                       for other, c in zip(others, drawn)])
+        scores = scores + torch.stack(
+            [score_candidates(model, other, c.secret[None])[0] for other, c in zip(others, drawn)]
+        )
     scores = scores.numpy()
     bound = one_run_bound(scores, inserted.numpy(), delta=config.delta, confidence=confidence, guesses=guesses)
     test_ppl = perplexity(model, windows(corpus.test, length=config.window))
-    return AuditResult("one-run", float(trained["epsilon"]), bound.epsilon, bound.epsilon, bound.epsilon, confidence,
-                       config.delta, scores[inserted.numpy()], scores[~inserted.numpy()],
-                       time.perf_counter() - start, {**bound.details, "score": score,
-                                                      "format": format, "test_perplexity": test_ppl,
-                                                      "train_seconds": train_seconds})
+    return AuditResult(
+        "one-run",
+        float(trained["epsilon"]),
+        bound.epsilon,
+        bound.epsilon,
+        bound.epsilon,
+        confidence,
+        config.delta,
+        scores[inserted.numpy()],
+        scores[~inserted.numpy()],
+        time.perf_counter() - start,
+        {
+            **bound.details,
+            "score": score,
+            "format": format,
+            "test_perplexity": test_ppl,
+            "train_seconds": train_seconds,
+        },
+    )
 
 
 def _epsilon_at_noise(accountant, factor: float, delta: float) -> float:
@@ -933,8 +1081,16 @@ def _epsilon_at_noise(accountant, factor: float, delta: float) -> float:
     return math.inf
 
 
-def audit_white_box(config, *, canaries: int = 16, confidence: float = 0.95, seed: int = 0, data=None,
-                    subtract_known: bool = True, progress: bool = False) -> AuditResult:
+def audit_white_box(
+    config,
+    *,
+    canaries: int = 16,
+    confidence: float = 0.95,
+    seed: int = 0,
+    data=None,
+    subtract_known: bool = True,
+    progress: bool = False,
+) -> AuditResult:
     """White-box audit of a private training recipe with :class:`GradientCanary` (Nasr et al., USENIX Security 2023).
 
     The recipe trains once with c gradient canaries attached to its private optimizer; every
@@ -968,39 +1124,67 @@ def audit_white_box(config, *, canaries: int = 16, confidence: float = 0.95, see
     from privfast.trainer import Trainer
 
     if not config.private:
-        raise ValueError(f"the white-box audit instruments the private optimizer; method {config.method!r} has none "
-                         "(audit it with the one-run audit)")
+        raise ValueError(
+            f"the white-box audit instruments the private optimizer; method {config.method!r} has none "
+            "(audit it with the one-run audit)"
+        )
     start = time.perf_counter()
     trainer = Trainer(_audit_config(config), data=data, progress=progress)
-    canary = GradientCanary(trainer.optimizer.params, canaries=canaries,
-                            generator=torch.Generator().manual_seed(seed)).attach(trainer.optimizer)
+    canary = GradientCanary(
+        trainer.optimizer.params, canaries=canaries, generator=torch.Generator().manual_seed(seed)
+    ).attach(trainer.optimizer)
     history = trainer.fit()
     if math.isinf(canary.claimed_mu):
         raise ValueError("the run adds no noise (noise_multiplier 0): its epsilon is infinite, nothing to estimate")
     step = canary.estimate(delta=config.delta, confidence=confidence, subtract_known=subtract_known)
     claimed = canary.claimed_mu
-    run = [_epsilon_at_noise(trainer.engine.accountant, claimed / abs(mu) if mu else math.inf, config.delta)
-           for mu in (step.mu, step.mu_low if step.mu_low > 0 else 0.0, step.mu_high)]
+    run = [
+        _epsilon_at_noise(trainer.engine.accountant, claimed / abs(mu) if mu else math.inf, config.delta)
+        for mu in (step.mu, step.mu_low if step.mu_low > 0 else 0.0, step.mu_high)
+    ]
     values, inserted = canary.statistic(subtract_known=subtract_known), canary.inserted
-    return AuditResult("white-box", float(history[-1]["epsilon"]), run[0], run[1], run[2], confidence, config.delta,
-                       values[inserted].numpy(), values[~inserted].numpy(), time.perf_counter() - start, {
-                           "per_release": dataclasses.asdict(step),
-                           # With the batch's own projection left in: what a white-box adversary who does
-                           # not subtract it sees (lower; the gap is the clipped sum's share of the variance).
-                           "per_release_batch_kept": dataclasses.asdict(canary.estimate(
-                               delta=config.delta, confidence=confidence, subtract_known=False)),
-                           "per_release_accountant_epsilon": gdp_epsilon(claimed, config.delta),
-                           "claimed_mu": claimed, "releases": canary.releases, "canaries": canaries,
-                           "test_accuracy": history[-1]["test_accuracy"]})
+    return AuditResult(
+        "white-box",
+        float(history[-1]["epsilon"]),
+        run[0],
+        run[1],
+        run[2],
+        confidence,
+        config.delta,
+        values[inserted].numpy(),
+        values[~inserted].numpy(),
+        time.perf_counter() - start,
+        {
+            "per_release": dataclasses.asdict(step),
+            # With the batch's own projection left in: what a white-box adversary who does
+            # not subtract it sees (lower; the gap is the clipped sum's share of the variance).
+            "per_release_batch_kept": dataclasses.asdict(
+                canary.estimate(delta=config.delta, confidence=confidence, subtract_known=False)
+            ),
+            "per_release_accountant_epsilon": gdp_epsilon(claimed, config.delta),
+            "claimed_mu": claimed,
+            "releases": canary.releases,
+            "canaries": canaries,
+            "test_accuracy": history[-1]["test_accuracy"],
+        },
+    )
 
 
 EPSILON_BOUNDS = ("one-run", "white-box")
 """The audits :func:`audit_checkpoint` runs."""
 
 
-def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, confidence: float = 0.95,
-                     score: Optional[Score] = None, seed: int = 0, epsilon: Optional[float] = None,
-                     progress: bool = False) -> AuditResult:
+def audit_checkpoint(
+    checkpoint,
+    *,
+    bound: str,
+    canaries: Optional[int] = None,
+    confidence: float = 0.95,
+    score: Optional[Score] = None,
+    seed: int = 0,
+    epsilon: Optional[float] = None,
+    progress: bool = False,
+) -> AuditResult:
     """Audit the recipe of a ``privfast train`` checkpoint or of a ``privfast secret-sharer`` run: train it again once.
 
     Args:
@@ -1027,16 +1211,25 @@ def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, 
         raise ValueError(f"bound must be one of {EPSILON_BOUNDS}, got {bound!r}")
     run_config = Path(checkpoint) / "config.json"
     if run_config.is_file():
-        return _audit_secret_sharer_run(run_config, bound=bound, canaries=canaries, confidence=confidence,
-                                        score=score, seed=seed, epsilon=epsilon, progress=progress)
+        return _audit_secret_sharer_run(
+            run_config,
+            bound=bound,
+            canaries=canaries,
+            confidence=confidence,
+            score=score,
+            seed=seed,
+            epsilon=epsilon,
+            progress=progress,
+        )
     if epsilon is not None:
         raise ValueError("epsilon chooses among a Secret Sharer run's budgets; a training checkpoint has one")
     from privfast.checkpoint import load_trained
 
     _, config, history = load_trained(checkpoint)
     if bound == "one-run":
-        result = audit_one_run(config, canaries=canaries or 256, score=score or "loss", confidence=confidence,
-                               seed=seed, progress=progress)
+        result = audit_one_run(
+            config, canaries=canaries or 256, score=score or "loss", confidence=confidence, seed=seed, progress=progress
+        )
     else:
         result = audit_white_box(config, canaries=canaries or 16, confidence=confidence, seed=seed, progress=progress)
     result.details["checkpoint_epsilon"] = history[-1].get("epsilon", math.inf)
@@ -1044,8 +1237,17 @@ def audit_checkpoint(checkpoint, *, bound: str, canaries: Optional[int] = None, 
     return result
 
 
-def _audit_secret_sharer_run(path, *, bound: str, canaries: Optional[int], confidence: float,
-                             score: Optional[Score], seed: int, epsilon: Optional[float], progress: bool) -> AuditResult:
+def _audit_secret_sharer_run(
+    path,
+    *,
+    bound: str,
+    canaries: Optional[int],
+    confidence: float,
+    score: Optional[Score],
+    seed: int,
+    epsilon: Optional[float],
+    progress: bool,
+) -> AuditResult:
     import json
 
     from privfast.secret_sharer import SecretSharerConfig
@@ -1055,16 +1257,24 @@ def _audit_secret_sharer_run(path, *, bound: str, canaries: Optional[int], confi
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{path} is not a Secret Sharer run's configuration: {error}") from None
     if bound != "one-run":
-        raise ValueError(f"a Secret Sharer run ({path.parent}) is audited with --epsilon-bound one-run (token "
-                         "secrets); the white-box audit takes a `privfast train` checkpoint")
+        raise ValueError(
+            f"a Secret Sharer run ({path.parent}) is audited with --epsilon-bound one-run (token "
+            "secrets); the white-box audit takes a `privfast train` checkpoint"
+        )
     if score is not None and (callable(score) or score not in LM_SCORES):
         raise ValueError(f"a language model's canary score is one of {LM_SCORES}, got {score!r}")
     epsilon = min(config.epsilons) if epsilon is None else float(epsilon)
     if epsilon not in config.epsilons:
         raise ValueError(f"epsilon {epsilon:g} is not one of the run's epsilons {list(config.epsilons)}")
-    result = audit_one_run_language_model(config, epsilon=epsilon, canaries=canaries or 256,
-                                          score=score or "calibrated", confidence=confidence, seed=seed,
-                                          progress=progress)
+    result = audit_one_run_language_model(
+        config,
+        epsilon=epsilon,
+        canaries=canaries or 256,
+        score=score or "calibrated",
+        confidence=confidence,
+        seed=seed,
+        progress=progress,
+    )
     result.details["checkpoint_epsilon"] = epsilon
     optimizer = config.optimizer if math.isfinite(epsilon) else config.baseline_optimizer
     result.details["method"] = f"{config.model} language model ({optimizer})"
@@ -1087,11 +1297,21 @@ def _write_audit(self: AuditResult, out) -> list:
     """Write ``epsilon_audit.json``, ``epsilon_audit.md`` and ``canary_scores.png`` under ``out``; returns the paths."""
     from pathlib import Path
 
-    text = "\n".join([f"## Privacy audit: {self.method}", "", self.table(markdown=True), "",
-                      f"delta {self.delta:g}; wall time {self.seconds:.1f} s.", "",
-                      "![canary score distributions](canary_scores.png)", ""])
-    return _write_outputs(out, "epsilon_audit", self.to_dict(), text,
-                          lambda: self.plot(Path(out) / "canary_scores.png"))
+    text = "\n".join(
+        [
+            f"## Privacy audit: {self.method}",
+            "",
+            self.table(markdown=True),
+            "",
+            f"delta {self.delta:g}; wall time {self.seconds:.1f} s.",
+            "",
+            "![canary score distributions](canary_scores.png)",
+            "",
+        ]
+    )
+    return _write_outputs(
+        out, "epsilon_audit", self.to_dict(), text, lambda: self.plot(Path(out) / "canary_scores.png")
+    )
 
 
 AuditResult.write = _write_audit
@@ -1120,10 +1340,16 @@ class AttackComparison:
     def table(self, *, markdown: bool = False) -> str:
         """AUC and TPR at 0.1% and 1% FPR of every attack."""
         header = ["attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "note"]
-        body = [[name, f"{r.summary['auc']:.3f}", f"{r.summary['tpr_at_fpr'][0.001]:.3f}",
-                 f"{r.summary['tpr_at_fpr'][0.01]:.3f}",
-                 f"a = {r.info['offline_a']}" if r.info.get("offline_a") is not None else ""]
-                for name, r in self.results.items()]
+        body = [
+            [
+                name,
+                f"{r.summary['auc']:.3f}",
+                f"{r.summary['tpr_at_fpr'][0.001]:.3f}",
+                f"{r.summary['tpr_at_fpr'][0.01]:.3f}",
+                f"a = {r.info['offline_a']}" if r.info.get("offline_a") is not None else "",
+            ]
+            for name, r in self.results.items()
+        ]
         body += [[name, "-", "-", "-", f"not run: {why}"] for name, why in self.details.get("skipped", {}).items()]
         return table(header, body, markdown=markdown, align="l" * len(header))
 
@@ -1133,20 +1359,48 @@ class AttackComparison:
 
         from privfast.reports import plot_roc
 
-        values = {"shadows": self.shadows, "seconds": self.seconds, "details": self.details,
-                  "results": {name: {k: v for k, v in r.summary.items() if k != "roc"} | {"info": r.info}
-                              for name, r in self.results.items()}}
-        text = "\n".join([f"## RMIA and LiRA on the same {self.shadows} shadow models", "",
-                          f"{self.details['members']} members and {self.details['nonmembers']} non-members; "
-                          f"offline a = {self.details['offline_a']}.", "", self.table(markdown=True), "",
-                          "![ROC, log-log](roc.png)", ""])
-        return _write_outputs(out, "rmia", values, text, lambda: plot_roc(
-            {name: r.summary["roc"] for name, r in self.results.items()}, Path(out) / "roc.png"))
+        values = {
+            "shadows": self.shadows,
+            "seconds": self.seconds,
+            "details": self.details,
+            "results": {
+                name: {k: v for k, v in r.summary.items() if k != "roc"} | {"info": r.info}
+                for name, r in self.results.items()
+            },
+        }
+        text = "\n".join(
+            [
+                f"## RMIA and LiRA on the same {self.shadows} shadow models",
+                "",
+                f"{self.details['members']} members and {self.details['nonmembers']} non-members; "
+                f"offline a = {self.details['offline_a']}.",
+                "",
+                self.table(markdown=True),
+                "",
+                "![ROC, log-log](roc.png)",
+                "",
+            ]
+        )
+        return _write_outputs(
+            out,
+            "rmia",
+            values,
+            text,
+            lambda: plot_roc({name: r.summary["roc"] for name, r in self.results.items()}, Path(out) / "roc.png"),
+        )
 
 
-def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, examples: int = 500,
-               gamma: float = 1.0, offline_a: Optional[float] = None, seed: int = 0,
-               progress: bool = False) -> AttackComparison:
+def rmia_audit(
+    checkpoint=None,
+    *,
+    shadows: int = 16,
+    shadow_epochs: int = 20,
+    examples: int = 500,
+    gamma: float = 1.0,
+    offline_a: Optional[float] = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> AttackComparison:
     """RMIA (online and offline) and LiRA (online and offline) against one model, on the same shadow models.
 
     With a checkpoint, members are the model's training examples and non-members its test split
@@ -1188,15 +1442,16 @@ def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, e
         config = TrainConfig(attacks=())
         train, test = load_data(config)
         examples = min(examples, len(train.y) // 2)  # the pool of 2 * examples must fit in the training split
-        pool = torch.randperm(len(train.y), generator=generator)[:2 * examples]
+        pool = torch.randperm(len(train.y), generator=generator)[: 2 * examples]
         x, y = train.x[pool], train.y[pool]
         is_member = torch.zeros(len(y), dtype=torch.bool)
         is_member[torch.randperm(len(y), generator=generator)[:examples]] = True
         make_model = partial(build_model, config, **data_shape(train, test))
         with torch.random.fork_rng(devices=[]):  # a seeded initialization without touching the caller's RNG
             torch.manual_seed(seed)
-            model = train_classifier(make_model(), x[is_member], y[is_member], epochs=shadow_epochs,
-                                     generator=generator, progress=progress).eval()
+            model = train_classifier(
+                make_model(), x[is_member], y[is_member], epochs=shadow_epochs, generator=generator, progress=progress
+            ).eval()
         source = f"ConvNet trained on {examples} of {2 * examples} pool digits (Adam, {shadow_epochs} epochs)"
     else:
         model, config, _ = load_trained(checkpoint)
@@ -1206,26 +1461,46 @@ def rmia_audit(checkpoint=None, *, shadows: int = 16, shadow_epochs: int = 20, e
         x, y = torch.cat([train.x[members], test.x[nonmembers]]), torch.cat([train.y[members], test.y[nonmembers]])
         is_member = torch.arange(len(y)) < len(members)
         make_model = partial(build_model, config, **data_shape(train, test))
-    trained = train_shadow_models(make_model, x, y, n_shadows=shadows, epochs=shadow_epochs, generator=generator,
-                                  progress=progress)
+    trained = train_shadow_models(
+        make_model, x, y, n_shadows=shadows, epochs=shadow_epochs, generator=generator, progress=progress
+    )
     results, skipped = {}, {}
     for online in (True, False):
         kind = "online" if online else "offline"
         # Tuning a attacks shadow 0 with the others' OUT halves: with complementary pairs that needs 4 shadows.
         if online or offline_a is not None or shadows >= 4:
-            results[f"rmia_{kind}"] = rmia(model, trained, x, y, is_member=is_member, online=online, gamma=gamma,
-                                           offline_a=None if online else offline_a)
+            results[f"rmia_{kind}"] = rmia(
+                model,
+                trained,
+                x,
+                y,
+                is_member=is_member,
+                online=online,
+                gamma=gamma,
+                offline_a=None if online else offline_a,
+            )
         else:
             skipped[f"rmia_{kind}"] = "tuning a needs >= 4 shadows: pass offline_a"
         if shadows >= 4:
-            results[f"lira_{kind}"] = lira(model, trained, x, y, is_member=is_member, online=online,
-                                           fix_variance=shadows < 64)
+            results[f"lira_{kind}"] = lira(
+                model, trained, x, y, is_member=is_member, online=online, fix_variance=shadows < 64
+            )
         else:
             skipped[f"lira_{kind}"] = "LiRA fits IN and OUT Gaussians: needs >= 4 shadows"
     order = ("rmia_online", "lira_online", "rmia_offline", "lira_offline")
     results = {name: results[name] for name in order if name in results}
     offline = results.get("rmia_offline")
-    return AttackComparison(results, shadows, time.perf_counter() - start, {
-        "members": int(is_member.sum()), "nonmembers": int((~is_member).sum()), "target": source,
-        "offline_a": offline.info["offline_a"] if offline is not None else None, "gamma": gamma, "skipped": skipped,
-        "method": config.method if checkpoint is not None else "nonprivate"})
+    return AttackComparison(
+        results,
+        shadows,
+        time.perf_counter() - start,
+        {
+            "members": int(is_member.sum()),
+            "nonmembers": int((~is_member).sum()),
+            "target": source,
+            "offline_a": offline.info["offline_a"] if offline is not None else None,
+            "gamma": gamma,
+            "skipped": skipped,
+            "method": config.method if checkpoint is not None else "nonprivate",
+        },
+    )

@@ -38,8 +38,20 @@ from torch import nn
 from privfast._io import atomic_save
 from privfast.config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "TRAINING_STATE", "CheckpointError", "RunInUseError", "RunLock",
-           "check_overwrite", "checkpoint_file", "describe", "load_trained", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "TRAINING_STATE",
+    "CheckpointError",
+    "RunInUseError",
+    "RunLock",
+    "check_overwrite",
+    "checkpoint_file",
+    "describe",
+    "load_trained",
+    "read_checkpoint",
+    "write_checkpoint",
+]
 
 CHECKPOINT_FORMAT = 3
 """2: hyphenated method names, canaries, SAM's base optimizer state; 3: ``k_base`` (format 2's
@@ -87,16 +99,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(file, weights_only=False)
     except Exception as error:  # unpickling fails in many ways: EOFError, RuntimeError, UnpicklingError...
-        raise CheckpointError(f"{file} cannot be read: truncated or corrupted, or not a checkpoint "
-                              f"({_reason(error)})") from error
+        raise CheckpointError(
+            f"{file} cannot be read: truncated or corrupted, or not a checkpoint ({_reason(error)})"
+        ) from error
     if not isinstance(checkpoint, dict) or "format" not in checkpoint or "config" not in checkpoint:
-        raise CheckpointError(f"{file} is not a privfast training checkpoint (format {CHECKPOINT_FORMAT}); it was not "
-                              "written by `privfast train`")
+        raise CheckpointError(
+            f"{file} is not a privfast training checkpoint (format {CHECKPOINT_FORMAT}); it was not "
+            "written by `privfast train`"
+        )
     if checkpoint["format"] not in _READABLE:
         newer = " (written by a newer privfast)" if checkpoint["format"] > CHECKPOINT_FORMAT else ""
         readable = ", ".join(map(str, _READABLE))
-        raise CheckpointError(f"{file} has checkpoint format {checkpoint['format']}{newer}; this privfast reads "
-                              f"formats {readable}")
+        raise CheckpointError(
+            f"{file} has checkpoint format {checkpoint['format']}{newer}; this privfast reads formats {readable}"
+        )
     checkpoint = _migrate(checkpoint)
     missing = [key for key in _REQUIRED if key not in checkpoint]
     if missing:
@@ -104,8 +120,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         TrainConfig.from_dict(checkpoint["config"])
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{file} holds an invalid training configuration ({' '.join(str(error).split())})") \
-            from error
+        raise CheckpointError(
+            f"{file} holds an invalid training configuration ({' '.join(str(error).split())})"
+        ) from error
     return checkpoint
 
 
@@ -114,8 +131,12 @@ def _migrate(checkpoint: dict) -> dict:
         config = dict(checkpoint["config"])
         config["k_base"] = config.pop("augmult", 1)
         history = checkpoint.get("history") or []
-        checkpoint = {**checkpoint, "format": 3, "config": config,
-                      "noise_multiplier": history[-1].get("noise_multiplier") if history else None}
+        checkpoint = {
+            **checkpoint,
+            "format": 3,
+            "config": config,
+            "noise_multiplier": history[-1].get("noise_multiplier") if history else None,
+        }
     return checkpoint
 
 
@@ -170,14 +191,17 @@ def load_trained(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig, list[
     checkpoint = read_checkpoint(file)
     config = TrainConfig.from_dict(checkpoint["config"])
     if checkpoint["model"] is None:
-        raise CheckpointError(f"{file} holds no trained model yet: the run stopped in its first epoch (go on with "
-                              f"`privfast train --out {file.parent} --resume`)")
+        raise CheckpointError(
+            f"{file} holds no trained model yet: the run stopped in its first epoch (go on with "
+            f"`privfast train --out {file.parent} --resume`)"
+        )
     model = build_model(config, **data_shape(*load_data(config)))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise CheckpointError(f"{file} holds weights that do not fit its configuration's {config.model} "
-                              f"({_reason(error)})") from error
+        raise CheckpointError(
+            f"{file} holds weights that do not fit its configuration's {config.model} ({_reason(error)})"
+        ) from error
     return model.eval(), config, checkpoint["history"]
 
 
@@ -228,8 +252,10 @@ class RunLock:
             return
         pid, host = owner
         if pid <= 0:
-            raise RunInUseError(f"{self.run} is in use: its lock file {self.path} names no process (delete it if no "
-                                "training runs there)")
+            raise RunInUseError(
+                f"{self.run} is in use: its lock file {self.path} names no process (delete it if no "
+                "training runs there)"
+            )
         if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
             # Not us (we would hold it in _held), so the process that wrote it is gone.
             warnings.warn(f"{self.path}: taking over the lock of process {pid}, which no longer runs", stacklevel=3)
@@ -239,8 +265,10 @@ class RunLock:
                 pass
             return
         where = "" if host == socket.gethostname() else f" on {host}"
-        raise RunInUseError(f"{self.run} is in use: process {pid}{where} is training into it (lock file {self.path}; "
-                            "delete it if that process is gone)")
+        raise RunInUseError(
+            f"{self.run} is in use: process {pid}{where} is training into it (lock file {self.path}; "
+            "delete it if that process is gone)"
+        )
 
     def __exit__(self, *exc) -> None:
         key = str(self.path)

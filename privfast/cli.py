@@ -30,21 +30,22 @@ COMMANDS = {
     "demo": "non-private vs DP-SGD vs DP-Mix: accuracy, epsilon, membership attacks",
     "train": "train one model, auditing membership leakage after every epoch",
     "audit": "attack a trained model (membership inference: LiRA, calibrated threshold, Yeom; canary exposure; "
-             "empirical epsilon bounds; RMIA) and print the metrics",
+    "empirical epsilon bounds; RMIA) and print the metrics",
     "report": "one report comparing several trained runs",
     "search": "ATS search for transformation policies against gradient inversion",
     "invert": "reconstruct training images from their gradients (and measure PSNR and SSIM)",
     "bench": "training-step time: non-private vs privfast's modes vs Opacus",
     "secret-sharer": "the Secret Sharer: language models trained at several epsilon on text with inserted canaries; "
-                     "exposure (exact and extrapolated) and extraction",
+    "exposure (exact and extrapolated) and extraction",
 }
 """Every sub-command and its one-line help (the sub-commands' flags are in :mod:`privfast.commands`)."""
 
 
 def top_level_parser(*, with_commands: bool = True) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The parser's top level: the global flags, and (``with_commands``) one empty sub-parser per command."""
-    parser = argparse.ArgumentParser(prog="privfast", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="privfast", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items() if with_commands else ():

@@ -21,22 +21,36 @@ from typing import Optional, Sequence
 import torch
 
 from privfast.attacks.reconstruction import PRESETS
-from privfast.cli import COMMANDS, top_level_parser
 from privfast.audit import ATTACKS, DEFAULT_ATTACKS, audit_model
 from privfast.auditing import EPSILON_BOUNDS, LM_SCORES, SCORES, audit_checkpoint, rmia_audit
 from privfast.canaries import load_canaries
-from privfast.checkpoint import (CHECKPOINT_NAME, CheckpointError, RunLock, check_overwrite, load_trained,
-                                 read_checkpoint)
+from privfast.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    RunLock,
+    check_overwrite,
+    load_trained,
+    read_checkpoint,
+)
+from privfast.cli import COMMANDS, top_level_parser
 from privfast.config import METHODS, TrainConfig, check_resume, flag
 from privfast.data import DATASET_AUGMENTATION, DATASETS, Split, data_shape, load_data, load_dataset
-from privfast.federated import INVERSION_NOTE, invert_gradients
 from privfast.demo import DEMO_RUNS as DEMO_RUNS_BY_DATASET
 from privfast.demo import DEMO_TRAIN_EXAMPLES as DEMO_TRAIN_EXAMPLES_BY_DATASET
 from privfast.demo import run_demo
+from privfast.federated import INVERSION_NOTE, invert_gradients
 from privfast.grad_sample.engine import MODES
 from privfast.models import MODELS, LeNet, build_model
-from privfast.reports import (ADVANTAGE_NOTE, format_audit, format_table, load_audits, plot_reconstructions, summarize,
-                              write_audit, write_report)
+from privfast.reports import (
+    ADVANTAGE_NOTE,
+    format_audit,
+    format_table,
+    load_audits,
+    plot_reconstructions,
+    summarize,
+    write_audit,
+    write_report,
+)
 from privfast.search import ats_search
 from privfast.throughput import FAMILIES, VARIANTS, compare_family, format_markdown, format_rows, run_benchmark
 from privfast.trainer import Trainer, TrainingInterrupted
@@ -46,8 +60,13 @@ __all__ = ["DEMO_RUNS", "DEMO_TRAIN_EXAMPLES", "build_parser", "main"]
 # The demo lives in privfast.demo (runs per data set); the digits runs stay importable from here.
 DEMO_RUNS = DEMO_RUNS_BY_DATASET["digits"]
 DEMO_TRAIN_EXAMPLES = DEMO_TRAIN_EXAMPLES_BY_DATASET["digits"]
-_CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "grad_sample_mode": MODES,
-            "attacks": tuple(ATTACKS)}
+_CHOICES = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "method": METHODS,
+    "grad_sample_mode": MODES,
+    "attacks": tuple(ATTACKS),
+}
 
 
 def _field_help() -> dict[str, str]:
@@ -75,24 +94,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         optional = type(None) in typing.get_args(hint)
         hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
         if field.name in ("crop_padding", "flip"):
-            default = "per data set: " + ", ".join(f"{name} {values[field.name]}"
-                                                   for name, values in DATASET_AUGMENTATION.items())
+            default = "per data set: " + ", ".join(
+                f"{name} {values[field.name]}" for name, values in DATASET_AUGMENTATION.items()
+            )
         else:
             default = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
-        kwargs = dict(dest=field.name, default=argparse.SUPPRESS,
-                      help=f"{helps.get(field.name, '')} (default: {'none' if default is None else default})")
+        kwargs = dict(
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            help=f"{helps.get(field.name, '')} (default: {'none' if default is None else default})",
+        )
         if hint is bool:
             group.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+")
             hint = typing.get_args(hint)[0]
-        group.add_argument(flag(field.name), type=_or_none(hint) if optional else hint,
-                           choices=_CHOICES.get(field.name), **kwargs)
+        group.add_argument(
+            flag(field.name), type=_or_none(hint) if optional else hint, choices=_CHOICES.get(field.name), **kwargs
+        )
 
 
 def _or_none(kind: type):
     """``kind`` for argparse, or None for ``none`` (an optional field unset, e.g. ``--target-epsilon none``)."""
+
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
 
@@ -108,6 +133,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 def _renamed(new: str) -> type[argparse.Action]:
     """The action of a flag renamed ``new``: say so, instead of argparse's "unrecognized arguments"."""
+
     class Renamed(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             parser.error(f"{option_string} is now {new}")
@@ -120,81 +146,148 @@ def build_parser() -> argparse.ArgumentParser:
     parser, commands = top_level_parser(with_commands=False)
 
     demo = commands.add_parser("demo", help=COMMANDS["demo"])
-    demo.add_argument("--dataset", choices=sorted(DEMO_RUNS_BY_DATASET), default="digits",
-                      help="digits (bundled, ~20 s) or cifar10 (needs --data-root; a few minutes on 2 cores)")
+    demo.add_argument(
+        "--dataset",
+        choices=sorted(DEMO_RUNS_BY_DATASET),
+        default="digits",
+        help="digits (bundled, ~20 s) or cifar10 (needs --data-root; a few minutes on 2 cores)",
+    )
     demo.add_argument("--data-root", default=None, help="directory holding cifar-10-batches-py (--dataset cifar10)")
     demo.add_argument("--out", type=Path, default=Path("privfast-demo"), help="report directory")
-    demo.add_argument("--epochs-scale", type=float, default=1.0,
-                      help="multiply every run's epochs by this (e.g. 0.2 for a smoke test)")
-    demo.add_argument("--train-examples", type=int, default=None,
-                      help="training images (default: " + ", ".join(
-                          f"{k} {v}" for k, v in DEMO_TRAIN_EXAMPLES_BY_DATASET.items()) + "; few enough for the "
-                           "non-private model to overfit and leak)")
+    demo.add_argument(
+        "--epochs-scale",
+        type=float,
+        default=1.0,
+        help="multiply every run's epochs by this (e.g. 0.2 for a smoke test)",
+    )
+    demo.add_argument(
+        "--train-examples",
+        type=int,
+        default=None,
+        help="training images (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEMO_TRAIN_EXAMPLES_BY_DATASET.items())
+        + "; few enough for the "
+        "non-private model to overfit and leak)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seeds the models, the data order, the noise and the audit")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
 
     train = commands.add_parser("train", help=COMMANDS["train"])
-    train.add_argument("--out", type=Path, required=True,
-                       help="run directory: checkpoint.pt and the report (refused if it holds a run, unless --resume "
-                            "or --overwrite)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run directory: checkpoint.pt and the report (refused if it holds a run, unless --resume or --overwrite)",
+    )
     runs = train.add_mutually_exclusive_group()
-    runs.add_argument("--resume", action="store_true",
-                      help="continue the run in OUT (if any) with its saved configuration; flags given are changes "
-                           "(--epochs, --data-root; the noise may not change)")
+    runs.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT (if any) with its saved configuration; flags given are changes "
+        "(--epochs, --data-root; the noise may not change)",
+    )
     runs.add_argument("--overwrite", action="store_true", help="replace the run in OUT by a new one")
-    train.add_argument("--nproc", type=int, default=None,
-                       help="processes of a distributed private run on this machine (gloo, CPU; default: 1, or the "
-                            "run's with --resume); or use torchrun")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes of a distributed private run on this machine (gloo, CPU; default: 1, or the "
+        "run's with --resume); or use torchrun",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--augmult", action=_renamed("--k-base (K_base; K = k_base + k_self + k_diff)"),
-                       help=argparse.SUPPRESS)
+    train.add_argument(
+        "--augmult", action=_renamed("--k-base (K_base; K = k_base + k_self + k_diff)"), help=argparse.SUPPRESS
+    )
     _add_config_flags(train)
     train.set_defaults(handler=_train)
 
     audit = commands.add_parser("audit", help=COMMANDS["audit"])
-    audit.add_argument("checkpoint", type=Path, nargs="?", default=None,
-                       help="a checkpoint.pt written by `privfast train` (optional with --attack rmia), or with "
-                            "--epsilon-bound one-run the directory of a `privfast secret-sharer` run")
-    audit.add_argument("--epsilon-bound", choices=EPSILON_BOUNDS, default=None,
-                       help="retrain the checkpoint's recipe once with canaries and print the accountant's epsilon "
-                            "beside an empirical lower bound: one-run (black box, mislabelled images) or white-box "
-                            "(gradient canaries in the private optimizer)")
-    audit.add_argument("--attack", choices=("rmia",), default=None,
-                       help="rmia: RMIA and LiRA, online and offline, on the same --shadows shadow models (without a "
-                            "checkpoint: a ConvNet trained on half of a pool of digits)")
-    audit.add_argument("--canaries", type=int, default=None,
-                       help="one-run: canary images (default 256); white-box: canary directions per step (default 16)")
+    audit.add_argument(
+        "checkpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="a checkpoint.pt written by `privfast train` (optional with --attack rmia), or with "
+        "--epsilon-bound one-run the directory of a `privfast secret-sharer` run",
+    )
+    audit.add_argument(
+        "--epsilon-bound",
+        choices=EPSILON_BOUNDS,
+        default=None,
+        help="retrain the checkpoint's recipe once with canaries and print the accountant's epsilon "
+        "beside an empirical lower bound: one-run (black box, mislabelled images) or white-box "
+        "(gradient canaries in the private optimizer)",
+    )
+    audit.add_argument(
+        "--attack",
+        choices=("rmia",),
+        default=None,
+        help="rmia: RMIA and LiRA, online and offline, on the same --shadows shadow models (without a "
+        "checkpoint: a ConvNet trained on half of a pool of digits)",
+    )
+    audit.add_argument(
+        "--canaries",
+        type=int,
+        default=None,
+        help="one-run: canary images (default 256); white-box: canary directions per step (default 16)",
+    )
     audit.add_argument("--confidence", type=float, default=0.95, help="confidence of the epsilon lower bound")
-    audit.add_argument("--score", choices=SCORES + LM_SCORES, default=None,
-                       help="the one-run audit's canary score (default: loss for images, calibrated for a Secret "
-                            "Sharer run's token secrets)")
-    audit.add_argument("--epsilon", type=float, default=None,
-                       help="--epsilon-bound one-run of a Secret Sharer run directory: the budget to audit (default: "
-                            "its smallest)")
-    audit.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS), default=list(DEFAULT_ATTACKS),
-                       help="threshold attacks (yeom, calibrated and calibrated_per_class share the -loss score)")
+    audit.add_argument(
+        "--score",
+        choices=SCORES + LM_SCORES,
+        default=None,
+        help="the one-run audit's canary score (default: loss for images, calibrated for a Secret "
+        "Sharer run's token secrets)",
+    )
+    audit.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="--epsilon-bound one-run of a Secret Sharer run directory: the budget to audit (default: its smallest)",
+    )
+    audit.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=tuple(ATTACKS),
+        default=list(DEFAULT_ATTACKS),
+        help="threshold attacks (yeom, calibrated and calibrated_per_class share the -loss score)",
+    )
     audit.add_argument("--examples", type=int, default=1000, help="members and non-members attacked, each")
     audit.add_argument("--known", type=int, default=100, help="members and non-members the attacker knows, each")
     audit.add_argument("--seed", type=int, default=0, help="seeds the attacked subsets and the attacker's knowledge")
-    audit.add_argument("--shadows", type=int, default=16,
-                       help="LiRA shadow models, even (0: no LiRA); trained together, vectorized")
+    audit.add_argument(
+        "--shadows", type=int, default=16, help="LiRA shadow models, even (0: no LiRA); trained together, vectorized"
+    )
     audit.add_argument("--shadow-epochs", type=int, default=20, help="training epochs of each shadow model")
-    audit.add_argument("--nproc", type=int, default=1,
-                       help="processes the shadow models are sharded across (on this machine; or use torchrun)")
+    audit.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes the shadow models are sharded across (on this machine; or use torchrun)",
+    )
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
-    audit.add_argument("--out", type=Path, default=None,
-                       help="write audit.json, audit.md and roc.png there (default: beside the checkpoint, where "
-                            "`privfast report` finds them; --attack rmia: its rmia/ folder there)")
+    audit.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write audit.json, audit.md and roc.png there (default: beside the checkpoint, where "
+        "`privfast report` finds them; --attack rmia: its rmia/ folder there)",
+    )
     audit.set_defaults(handler=_audit)
 
     report = commands.add_parser("report", help=COMMANDS["report"])
-    report.add_argument("checkpoints", type=Path, nargs="+",
-                        help="checkpoint.pt files written by `privfast train` (the audits `privfast audit` wrote "
-                             "beside them are included)")
+    report.add_argument(
+        "checkpoints",
+        type=Path,
+        nargs="+",
+        help="checkpoint.pt files written by `privfast train` (the audits `privfast audit` wrote "
+        "beside them are included)",
+    )
     report.add_argument("--out", type=Path, required=True, help="report directory")
-    report.add_argument("--attack", default=None,
-                        help="the audited attack of the table (default: one that every run audited)")
+    report.add_argument(
+        "--attack", default=None, help="the audited attack of the table (default: one that every run audited)"
+    )
     report.add_argument("--names", nargs="+", default=None, help="run names (default: the run directories' names)")
     report.set_defaults(handler=_report)
 
@@ -205,33 +298,47 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--candidates", type=int, default=60, help="random policies scored (ATS: 1,500)")
     search.add_argument("--images", type=int, default=10, help="images S_pri is averaged over (ATS: 100)")
     search.add_argument("--top", type=int, default=2, help="policies kept for the hybrid")
-    search.add_argument("--acc-threshold", type=float, default=None,
-                        help="S_acc filter (default: the S_acc of the untransformed data)")
+    search.add_argument(
+        "--acc-threshold", type=float, default=None, help="S_acc filter (default: the S_acc of the untransformed data)"
+    )
     search.add_argument("--semi-fraction", type=float, default=0.1, help="training data of the semi-trained model")
     search.add_argument("--semi-epochs", type=int, default=20, help="epochs of the semi-trained model (ATS: 50)")
-    search.add_argument("--nproc", type=int, default=1,
-                        help="processes the candidate policies are sharded across (on this machine; or use torchrun)")
+    search.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes the candidate policies are sharded across (on this machine; or use torchrun)",
+    )
     search.set_defaults(handler=_search)
 
     invert = commands.add_parser("invert", help=COMMANDS["invert"])
     _add_data_flags(invert)
-    invert.add_argument("--checkpoint", type=Path, default=None,
-                        help="attack this `privfast train` model on its own data set (default: a fresh LeNet on "
-                             "--dataset, DLG's setting)")
+    invert.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="attack this `privfast train` model on its own data set (default: a fresh LeNet on "
+        "--dataset, DLG's setting)",
+    )
     invert.add_argument("--images", type=int, default=4, help="test images whose gradients are inverted")
     # DLG (L-BFGS on the L2 gradient distance) recovers 8x8 digits from a LeNet's gradient within
     # 100 steps (about 44 dB); the 4,800 signed-Adam steps of inverting gradients are for larger images.
     invert.add_argument("--preset", default="dlg", choices=sorted(PRESETS), help="attack configuration")
     invert.add_argument("--iterations", type=int, default=100, help="optimizer steps of the attack")
-    invert.add_argument("--tv", type=float, default=None, help="weight of the total-variation prior (default: "
-                        "the preset's)")
+    invert.add_argument(
+        "--tv", type=float, default=None, help="weight of the total-variation prior (default: the preset's)"
+    )
     invert.add_argument("--policy", default=None, help="ATS defense applied before the gradient, e.g. 3-1-7+43-18-18")
     invert.set_defaults(handler=_invert)
 
     bench = commands.add_parser("bench", help=COMMANDS["bench"])
-    bench.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                       help="a benchmark model family (cnn, wrn16-4, lstm-lm, transformer): every variant, the "
-                            "same-update check, time and peak memory (make bench runs them all)")
+    bench.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default=None,
+        help="a benchmark model family (cnn, wrn16-4, lstm-lm, transformer): every variant, the "
+        "same-update check, time and peak memory (make bench runs them all)",
+    )
     bench.add_argument("--model", choices=MODELS, default="convnet")
     bench.add_argument("--width", type=int, default=32, help="ConvNet channels / MLP hidden units")
     bench.add_argument("--channels", type=int, default=3)
@@ -271,8 +378,15 @@ def _print_table(rows: dict, elapsed: Optional[float] = None) -> None:
 
 # -- commands ---------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    result = run_demo(dataset=args.dataset, data_root=args.data_root, out=args.out, epochs_scale=args.epochs_scale,
-                      train_examples=args.train_examples, seed=args.seed, progress=not args.no_progress)
+    result = run_demo(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        out=args.out,
+        epochs_scale=args.epochs_scale,
+        train_examples=args.train_examples,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     print("\n" + result.header)
     _print_table(result.rows, result.elapsed)
     for note in result.notes:
@@ -298,8 +412,14 @@ def _train(args: argparse.Namespace) -> int:
         nproc = args.nproc or (stored["world_size"] if stored and not launch.under_torchrun() else 1)
         try:
             if launch.is_distributed(nproc):  # --nproc N, or started by torchrun
-                history = launch.launch_training(config, nproc=nproc, checkpoint=checkpoint, resume=args.resume,
-                                                 overwrite=args.overwrite, progress=not args.no_progress)
+                history = launch.launch_training(
+                    config,
+                    nproc=nproc,
+                    checkpoint=checkpoint,
+                    resume=args.resume,
+                    overwrite=args.overwrite,
+                    progress=not args.no_progress,
+                )
             else:
                 trainer = Trainer(config, checkpoint=checkpoint, progress=not args.no_progress)
                 history = trainer.fit(resume=args.resume, overwrite=args.overwrite)
@@ -310,14 +430,17 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test accuracy {history[-1]['test_accuracy']:.3f} (no attack audited)")
         return 0
     _print_table({config.method: summarize(history, attack=attack)})
-    write_report(args.out, {config.method: {"config": config.to_dict(), "history": history}}, attack=attack,
-                 title=f"privfast train: {config.method}")
+    write_report(
+        args.out,
+        {config.method: {"config": config.to_dict(), "history": history}},
+        attack=attack,
+        title=f"privfast train: {config.method}",
+    )
     print(f"checkpoint: {args.out / 'checkpoint.pt'}\nreport: {args.out / 'report.md'}")
     return 0
 
 
-def _train_stopped(args: argparse.Namespace, stop: KeyboardInterrupt, checkpoint: Path, given: dict,
-                   nproc: int) -> int:
+def _train_stopped(args: argparse.Namespace, stop: KeyboardInterrupt, checkpoint: Path, given: dict, nproc: int) -> int:
     """Ctrl-C: what was saved, and the one command line that goes on (exit status 130, as a shell's)."""
     if isinstance(stop, TrainingInterrupted):
         print(f"\n{stop}")
@@ -355,28 +478,57 @@ def _audit(args: argparse.Namespace) -> int:
     if args.epsilon_bound is not None and args.attack is not None:
         raise ValueError("give --epsilon-bound or --attack, not both")
     if args.checkpoint is None and args.attack is None:
-        what = "--epsilon-bound audits the recipe of a CHECKPOINT: give one" if args.epsilon_bound else \
-            "a CHECKPOINT is needed (only --attack rmia runs without one)"
+        what = (
+            "--epsilon-bound audits the recipe of a CHECKPOINT: give one"
+            if args.epsilon_bound
+            else "a CHECKPOINT is needed (only --attack rmia runs without one)"
+        )
         raise ValueError(what)
     out = args.out if args.out is not None or args.checkpoint is None else _run_dir(args.checkpoint)
     progress = not args.no_progress
     if args.attack is None and args.epsilon_bound is None:
         model, config, history = load_trained(args.checkpoint)
-        audit = audit_model(model, config, history, canaries=load_canaries(args.checkpoint), attacks=args.attacks,
-                            examples=args.examples, known=args.known, shadows=args.shadows,
-                            shadow_epochs=args.shadow_epochs, seed=args.seed, nproc=args.nproc, progress=progress)
+        audit = audit_model(
+            model,
+            config,
+            history,
+            canaries=load_canaries(args.checkpoint),
+            attacks=args.attacks,
+            examples=args.examples,
+            known=args.known,
+            shadows=args.shadows,
+            shadow_epochs=args.shadow_epochs,
+            seed=args.seed,
+            nproc=args.nproc,
+            progress=progress,
+        )
         print(f"{args.checkpoint}: {format_audit(audit)}")
         print("written: " + ", ".join(map(str, write_audit(audit, out, source=str(args.checkpoint)))))
         return 0
     if args.attack == "rmia":
-        result = rmia_audit(args.checkpoint, shadows=args.shadows, shadow_epochs=args.shadow_epochs,
-                            examples=args.examples, seed=args.seed, progress=progress)
-        print(f"{result.details['target']}: {result.details['members']} members, {result.details['nonmembers']} "
-              f"non-members, {args.shadows} shadow models (offline a = {result.details['offline_a']})")
+        result = rmia_audit(
+            args.checkpoint,
+            shadows=args.shadows,
+            shadow_epochs=args.shadow_epochs,
+            examples=args.examples,
+            seed=args.seed,
+            progress=progress,
+        )
+        print(
+            f"{result.details['target']}: {result.details['members']} members, {result.details['nonmembers']} "
+            f"non-members, {args.shadows} shadow models (offline a = {result.details['offline_a']})"
+        )
     else:
-        result = audit_checkpoint(args.checkpoint, bound=args.epsilon_bound, canaries=args.canaries,
-                                  confidence=args.confidence, score=args.score, seed=args.seed, epsilon=args.epsilon,
-                                  progress=progress)
+        result = audit_checkpoint(
+            args.checkpoint,
+            bound=args.epsilon_bound,
+            canaries=args.canaries,
+            confidence=args.confidence,
+            score=args.score,
+            seed=args.seed,
+            epsilon=args.epsilon,
+            progress=progress,
+        )
         print(f"{args.checkpoint}: {result.details['method']} retrained once with canaries; delta {result.delta:g}")
     print(result.table())
     print(f"wall time: {result.seconds:.1f} s")
@@ -390,8 +542,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     names = args.names or [_run_dir(path).name for path in args.checkpoints]
     if len(names) != len(args.checkpoints) or len(set(names)) != len(names):
-        raise ValueError(f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
-                         "checkpoints (pass --names)")
+        raise ValueError(
+            f"need one distinct name per checkpoint, got names {names} for {len(args.checkpoints)} "
+            "checkpoints (pass --names)"
+        )
     runs, models, audits, data = {}, {}, {}, None
     for name, path in zip(names, args.checkpoints):
         model, config, history = load_trained(path)
@@ -404,8 +558,9 @@ def _report(args: argparse.Namespace) -> int:
         raise ValueError("the runs have no audited attack in common; pass --attack")
     attack = args.attack or common[-1]
     _print_table({name: summarize(run["history"], attack=attack) for name, run in runs.items()})
-    path = write_report(args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1],
-                        audits=audits)
+    path = write_report(
+        args.out, runs, attack=attack, models=models, members=data[0], nonmembers=data[1], audits=audits
+    )
     for name, found in audits.items():
         if found:
             print(f"{name}: audits included ({', '.join(found)})")
@@ -414,15 +569,27 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    config = TrainConfig(dataset=args.dataset, data_root=args.data_root, model=args.model, width=args.width,
-                         seed=args.seed)
+    config = TrainConfig(
+        dataset=args.dataset, data_root=args.data_root, model=args.model, width=args.width, seed=args.seed
+    )
     train, _ = load_data(config)
-    result = ats_search(partial(build_model, config, **data_shape(train)), train, candidates=args.candidates,
-                        images=args.images, acc_threshold=args.acc_threshold, top_n=args.top,
-                        semi_fraction=args.semi_fraction, semi_epochs=args.semi_epochs, seed=args.seed,
-                        nproc=args.nproc, progress=not args.no_progress)
-    print(f"S_acc threshold {result.threshold:.3f}; lower S_pri is more private; a policy lists indices of the ATS "
-          "library, its transforms named beside it")
+    result = ats_search(
+        partial(build_model, config, **data_shape(train)),
+        train,
+        candidates=args.candidates,
+        images=args.images,
+        acc_threshold=args.acc_threshold,
+        top_n=args.top,
+        semi_fraction=args.semi_fraction,
+        semi_epochs=args.semi_epochs,
+        seed=args.seed,
+        nproc=args.nproc,
+        progress=not args.no_progress,
+    )
+    print(
+        f"S_acc threshold {result.threshold:.3f}; lower S_pri is more private; a policy lists indices of the ATS "
+        "library, its transforms named beside it"
+    )
     print(result.format_table(limit=10))
     if args.out is not None:
         print("written: " + ", ".join(map(str, result.write(args.out))))
@@ -438,11 +605,19 @@ def _invert(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = LeNet(**data_shape(test)).eval()
     overrides = {"tv": args.tv} if args.tv is not None else {}
-    result = invert_gradients(model, Split(test.x[:args.images], test.y[:args.images]), policy=args.policy,
-                              preset=args.preset, iterations=args.iterations, seed=args.seed,
-                              progress=not args.no_progress, **overrides)
-    print(f"{args.preset}, {args.iterations} iterations; labels recovered {result.labels_recovered}/"
-          f"{len(result.shared)}")
+    result = invert_gradients(
+        model,
+        Split(test.x[: args.images], test.y[: args.images]),
+        policy=args.policy,
+        preset=args.preset,
+        iterations=args.iterations,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **overrides,
+    )
+    print(
+        f"{args.preset}, {args.iterations} iterations; labels recovered {result.labels_recovered}/{len(result.shared)}"
+    )
     print(result.format_table())
     print(INVERSION_NOTE)
     if args.out is not None:
@@ -462,11 +637,20 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     config = TrainConfig(model=args.model, width=args.width)
     shape = {"in_channels": args.channels, "image_size": args.image_size, "num_classes": args.classes}
-    rows = run_benchmark(lambda: build_model(config, **shape), (args.channels, args.image_size, args.image_size),
-                         num_classes=args.classes, batch_size=args.batch, augmults=args.k, variants=args.variants,
-                         rounds=args.rounds, progress=not args.no_progress)
-    print(f"{args.model}, B={args.batch}, input {args.channels}x{args.image_size}x{args.image_size}, "
-          f"{torch.get_num_threads()} thread(s)")
+    rows = run_benchmark(
+        lambda: build_model(config, **shape),
+        (args.channels, args.image_size, args.image_size),
+        num_classes=args.classes,
+        batch_size=args.batch,
+        augmults=args.k,
+        variants=args.variants,
+        rounds=args.rounds,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{args.model}, B={args.batch}, input {args.channels}x{args.image_size}x{args.image_size}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     print(format_rows(rows))
     if args.out is not None:
         print(f"written: {_write_json(args.out, 'bench.json', rows)}")
@@ -483,17 +667,23 @@ def _add_secret_sharer(commands) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Each attribute's docstring entry (continuation lines included), Sphinx markup removed.
     entries = re.findall(r"\n {8}(\w+): (.*(?:\n {12}.*)*)", SecretSharerConfig.__doc__ or "")
-    lines = {k: re.sub(r"\s+", " ", re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", v.replace("``", "")))
-             for k, v in entries}
+    lines = {
+        k: re.sub(r"\s+", " ", re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", v.replace("``", ""))) for k, v in entries
+    }
     hints = typing.get_type_hints(SecretSharerConfig)
     for field in dataclasses.fields(SecretSharerConfig):
         hint = hints[field.name]
         many = typing.get_origin(hint) is tuple
         kind = next(t for t in typing.get_args(hint) if t is not type(None)) if many or typing.get_args(hint) else hint
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                            nargs="+" if many else None,
-                            default=argparse.SUPPRESS, help=f"{lines.get(field.name, '')} (default: "
-                            f"{' '.join(map(str, field.default)) if many else field.default})")
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=kind,
+            nargs="+" if many else None,
+            default=argparse.SUPPRESS,
+            help=f"{lines.get(field.name, '')} (default: "
+            f"{' '.join(map(str, field.default)) if many else field.default})",
+        )
     parser.set_defaults(handler=_secret_sharer)
 
 

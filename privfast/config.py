@@ -131,31 +131,42 @@ class TrainConfig:
         for name, choices in (("dataset", DATASETS), ("model", MODELS), ("method", METHODS)):
             if getattr(self, name) not in choices:
                 problems.append(f"{flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        small = [f"{flag(name)} {getattr(self, name)}" for name in ("epochs", "batch_size", "width", "audit_examples")
-                 if getattr(self, name) < 1]
+        small = [
+            f"{flag(name)} {getattr(self, name)}"
+            for name in ("epochs", "batch_size", "width", "audit_examples")
+            if getattr(self, name) < 1
+        ]
         if small:
-            problems.append("--epochs, --batch-size, --width and --audit-examples must be >= 1; got "
-                            + ", ".join(small))
+            problems.append(
+                "--epochs, --batch-size, --width and --audit-examples must be >= 1; got " + ", ".join(small)
+            )
         if self.train_examples is not None and self.train_examples < 2:
             problems.append(f"--train-examples must be >= 2 (or none: all); got {self.train_examples}")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0; got {self.lr}")
         if self.k_base < 1 or self.k_self < 0 or self.k_diff < 0 or (self.crop_padding or 0) < 0:
-            problems.append(f"need --k-base >= 1, --k-self >= 0, --k-diff >= 0, --crop-padding >= 0; got "
-                            f"{self.k_base}, {self.k_self}, {self.k_diff}, {self.crop_padding}")
+            problems.append(
+                f"need --k-base >= 1, --k-self >= 0, --k-diff >= 0, --crop-padding >= 0; got "
+                f"{self.k_base}, {self.k_self}, {self.k_diff}, {self.crop_padding}"
+            )
         if self.method in MIXING and self.k_self < 1:
             problems.append(f"{method} mixes self-augmentations: give --k-self >= 1 (e.g. --k-base 2 --k-self 2)")
         if self.method not in MIXING and self.k_self:
-            problems.append(f"--k-self {self.k_self} applies to --method {' and '.join(MIXING)} only, not "
-                            f"{self.method}")
+            problems.append(
+                f"--k-self {self.k_self} applies to --method {' and '.join(MIXING)} only, not {self.method}"
+            )
         if (self.method == "dp-mix-diff") != (self.k_diff > 0):
-            problems.append(f"--k-diff >= 1 goes with --method dp-mix-diff and only with it; got --k-diff "
-                            f"{self.k_diff} with {method}")
+            problems.append(
+                f"--k-diff >= 1 goes with --method dp-mix-diff and only with it; got --k-diff "
+                f"{self.k_diff} with {method}"
+            )
         if self.method == "dp-mix-diff" and self.pool_examples < 1:
             problems.append(f"--pool-examples must be >= 1; got {self.pool_examples}")
         if self.method == "self-aug" and self.k_base < 2:
-            problems.append("--method self-aug averages --k-base >= 2 self-augmentations per example (--k-base 1 is "
-                            "--method dp-sgd)")
+            problems.append(
+                "--method self-aug averages --k-base >= 2 self-augmentations per example (--k-base 1 is "
+                "--method dp-sgd)"
+            )
         if self.method == "dp-sgd" and self.k_base > 1:
             problems.append(f"--method dp-sgd takes no --k-base (got {self.k_base}); use --method self-aug")
         if not self.private and (self.k_base > 1 or self.target_epsilon is not None):
@@ -163,16 +174,19 @@ class TrainConfig:
         if self.method in ("sam", "dp-sam") and not self.rho > 0:
             problems.append(f"--rho must be > 0; got {self.rho}")
         if self.canaries < 0 or self.canary_repeats < 1:
-            problems.append(f"need --canaries >= 0 and --canary-repeats >= 1; got {self.canaries}, "
-                            f"{self.canary_repeats}")
+            problems.append(
+                f"need --canaries >= 0 and --canary-repeats >= 1; got {self.canaries}, {self.canary_repeats}"
+            )
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             problems.append(f"--target-epsilon must be > 0; got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             problems.append(f"--delta must be in (0, 1); got {self.delta}")
         if self.attacks and not 0 <= self.audit_known < self.audit_examples:
-            problems.append(f"--audit-known {self.audit_known} must be >= 0 and below --audit-examples "
-                            f"{self.audit_examples}: the attacker knows that many members and non-members and "
-                            "is scored on the rest")
+            problems.append(
+                f"--audit-known {self.audit_known} must be >= 0 and below --audit-examples "
+                f"{self.audit_examples}: the attacker knows that many members and non-members and "
+                "is scored on the rest"
+            )
         return problems
 
     @property
@@ -194,8 +208,15 @@ class TrainConfig:
         from privfast.augment import DPMix, SelfAug
 
         if self.method in MIXING:
-            return DPMix(self.k_base, self.k_self, self.k_diff, pool=tuple(pool) if self.k_diff else None,
-                         crop_padding=self.crop_padding, flip=self.flip, num_classes=num_classes)
+            return DPMix(
+                self.k_base,
+                self.k_self,
+                self.k_diff,
+                pool=tuple(pool) if self.k_diff else None,
+                crop_padding=self.crop_padding,
+                flip=self.flip,
+                num_classes=num_classes,
+            )
         if self.k_base > 1:
             return SelfAug(self.k_base, crop_padding=self.crop_padding, flip=self.flip, num_classes=num_classes)
         return None
@@ -223,12 +244,17 @@ def check_resume(stored: TrainConfig, current: TrainConfig) -> None:
         ValueError: naming the flags that changed, their values and what to do instead.
     """
     before, after = stored.to_dict(), current.to_dict()
-    changed = [name for name in before
-               if name not in (*RESUMABLE, "noise_multiplier", "target_epsilon") and before[name] != after[name]]
+    changed = [
+        name
+        for name in before
+        if name not in (*RESUMABLE, "noise_multiplier", "target_epsilon") and before[name] != after[name]
+    ]
     if changed:
         diff = ", ".join(f"{flag(name)} {_spelled(before[name])} -> {_spelled(after[name])}" for name in changed)
-        raise ValueError(f"cannot change {diff} on resume: only {' and '.join(map(flag, RESUMABLE))} may change. "
-                         "For a new run give another --out directory (or --overwrite this one)")
+        raise ValueError(
+            f"cannot change {diff} on resume: only {' and '.join(map(flag, RESUMABLE))} may change. "
+            "For a new run give another --out directory (or --overwrite this one)"
+        )
 
 
 def _spelled(value) -> str:

@@ -32,8 +32,9 @@ class Split(NamedTuple):
     y: Tensor
 
 
-def load_digits(*, size: int = 8, test_fraction: float = 0.3, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[Split, Split]:
+def load_digits(
+    *, size: int = 8, test_fraction: float = 0.3, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Split, Split]:
     """The digits data as a (train, test) pair of fixed, stratification-free random splits.
 
     Args:
@@ -84,16 +85,27 @@ DATASET_AUGMENTATION = {
 
 _CIFAR_LAYOUT = {
     # name -> (archive, folder inside it, training files, test file, label key)
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                "test_batch", b"labels"),
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        b"labels",
+    ),
     "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], "test", b"fine_labels"),
 }
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -102,8 +114,9 @@ class DatasetNotFoundError(FileNotFoundError):
 
 def _missing(name: str, where: Path, expected: list[str], hint: str) -> DatasetNotFoundError:
     listed = "\n  ".join(expected)
-    return DatasetNotFoundError(f"{name} not found under {where}: expected the files\n  {listed}\n{hint} "
-                                "(privfast never downloads data)")
+    return DatasetNotFoundError(
+        f"{name} not found under {where}: expected the files\n  {listed}\n{hint} (privfast never downloads data)"
+    )
 
 
 def _images(array: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -116,8 +129,9 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="bytes")
 
 
-def load_cifar(root: str | os.PathLike, *, num_classes: int = 10,
-               dtype: torch.dtype = torch.float32) -> tuple[Split, Split]:
+def load_cifar(
+    root: str | os.PathLike, *, num_classes: int = 10, dtype: torch.dtype = torch.float32
+) -> tuple[Split, Split]:
     """CIFAR-10 or CIFAR-100 from the "python version" pickle batches.
 
     Args:
@@ -141,20 +155,22 @@ def load_cifar(root: str | os.PathLike, *, num_classes: int = 10,
     base = root if root.name == folder else root / folder
     files = [base / f for f in (*train_files, test_file)]
     if not all(f.is_file() for f in files):
-        raise _missing(name.upper(), root, [str(f) for f in files],
-                       f"Extract {archive} there")
+        raise _missing(name.upper(), root, [str(f) for f in files], f"Extract {archive} there")
 
     def read(paths: list[Path]) -> Split:
         batches = [_unpickle(p) for p in paths]
         for p, b in zip(paths, batches):
             if b"data" not in b or label_key not in b:
-                raise ValueError(f"{p} is not a CIFAR python batch: expected keys b'data' and {label_key!r}, "
-                                 f"got {sorted(b)}")
+                raise ValueError(
+                    f"{p} is not a CIFAR python batch: expected keys b'data' and {label_key!r}, got {sorted(b)}"
+                )
         data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
         labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-            raise ValueError(f"CIFAR batches under {base} hold data {data.shape} and {len(labels)} labels; expected "
-                             "[N, 3072] uint8 rows (3 x 32 x 32, channel-major) and N labels")
+            raise ValueError(
+                f"CIFAR batches under {base} hold data {data.shape} and {len(labels)} labels; expected "
+                "[N, 3072] uint8 rows (3 x 32 x 32, channel-major) and N labels"
+            )
         return Split(_images(data.reshape(-1, 3, 32, 32), dtype), torch.from_numpy(labels))
 
     return read(files[:-1]), read(files[-1:])
@@ -172,13 +188,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file: expected the magic bytes 00 00 <type> <ndim>, got {raw[:4]!r}")
     ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    body = raw[4 + 4 * ndim:]
+    body = raw[4 + 4 * ndim :]
     if len(body) != dtype.itemsize * int(np.prod(shape)):
         expected = dtype.itemsize * int(np.prod(shape))
-        raise ValueError(f"{path}: the header promises shape {shape} of {dtype} ({expected} bytes) but {len(body)} "
-                         "bytes follow")
+        raise ValueError(
+            f"{path}: the header promises shape {shape} of {dtype} ({expected} bytes) but {len(body)} bytes follow"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
@@ -210,15 +227,24 @@ def load_fashion_mnist(root: str | os.PathLike, *, dtype: torch.dtype = torch.fl
             raise _missing("Fashion-MNIST", root, expected, "Put the four files of the Fashion-MNIST release there")
         images, labels = read_idx(image_path), read_idx(label_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"Fashion-MNIST {part}: expected images [N, H, W] and labels [N], got {images.shape} "
-                             f"and {labels.shape}")
+            raise ValueError(
+                f"Fashion-MNIST {part}: expected images [N, H, W] and labels [N], got {images.shape} and {labels.shape}"
+            )
         splits.append(Split(_images(images[:, None], dtype), torch.tensor(labels, dtype=torch.int64)))
     return splits[0], splits[1]
 
 
-def synthetic_cifar(*, n_train: int = 2000, n_test: int = 1000, num_classes: int = 10, size: int = 32,
-                    separation: float = 0.05, noise: float = 0.25, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> tuple[Split, Split]:
+def synthetic_cifar(
+    *,
+    n_train: int = 2000,
+    n_test: int = 1000,
+    num_classes: int = 10,
+    size: int = 32,
+    separation: float = 0.05,
+    noise: float = 0.25,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Split, Split]:
     """CIFAR-shaped synthetic data, learnable but not trivially: faint class templates plus noise.
 
     Each class has a random low-frequency RGB template (a 4x4 pattern upsampled) of contrast
@@ -242,8 +268,10 @@ def synthetic_cifar(*, n_train: int = 2000, n_test: int = 1000, num_classes: int
         ``(train, test)`` :class:`Split` s with images ``[N, 3, size, size]`` in [0, 1].
     """
     if n_train < 1 or n_test < 1 or num_classes < 2 or size < 4 or noise < 0 or not 0 < separation <= 1:
-        raise ValueError(f"need n_train, n_test >= 1, num_classes >= 2, size >= 4, noise >= 0, 0 < separation <= 1; "
-                         f"got {n_train}, {n_test}, {num_classes}, {size}, {noise}, {separation}")
+        raise ValueError(
+            f"need n_train, n_test >= 1, num_classes >= 2, size >= 4, noise >= 0, 0 < separation <= 1; "
+            f"got {n_train}, {n_test}, {num_classes}, {size}, {noise}, {separation}"
+        )
     g = torch.Generator().manual_seed(seed)
     templates = torch.rand(num_classes, 3, 4, 4, generator=g, dtype=torch.float64)
     patterns = torch.nn.functional.interpolate(templates, size=(size, size), mode="bicubic", align_corners=False)
@@ -279,8 +307,9 @@ def load_dataset(name: str, *, root: Optional[str | os.PathLike] = None, **kwarg
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if root is None:
-        raise ValueError(f"{name} is read from files: pass root=<directory holding them> (--data-root on the "
-                         "command line)")
+        raise ValueError(
+            f"{name} is read from files: pass root=<directory holding them> (--data-root on the command line)"
+        )
     if name == "fashion-mnist":
         return load_fashion_mnist(root, **kwargs)
     return load_cifar(root, num_classes=100 if name == "cifar100" else 10, **kwargs)
@@ -310,7 +339,7 @@ def load_pool(config: TrainConfig) -> Split:
     the test split (the audited non-members), so they stand for public data of the same domain.
     """
     train, _ = load_dataset(config.dataset, root=config.data_root)
-    return Split(train.x[-config.pool_examples:], train.y[-config.pool_examples:])
+    return Split(train.x[-config.pool_examples :], train.y[-config.pool_examples :])
 
 
 def data_shape(*splits: Split) -> dict:

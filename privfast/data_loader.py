@@ -42,11 +42,16 @@ def rebuild_data_loader(loader: DataLoader, *, collate_fn=None, batch_sampler=No
     """A new loader over ``loader``'s dataset with every setting kept but the given ones (a
     DataLoader refuses to have its batch sampler or collate function replaced in place)."""
     return DataLoader(
-        loader.dataset, batch_sampler=loader.batch_sampler if batch_sampler is None else batch_sampler,
-        num_workers=loader.num_workers, collate_fn=loader.collate_fn if collate_fn is None else collate_fn,
-        pin_memory=loader.pin_memory, timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator, prefetch_factor=loader.prefetch_factor,
+        loader.dataset,
+        batch_sampler=loader.batch_sampler if batch_sampler is None else batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn if collate_fn is None else collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
     )
 

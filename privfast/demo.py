@@ -41,16 +41,34 @@ DEMO_RUNS = {
         "DP-SGD": dict(method="dp-sgd", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0),
         # Crops of 8x8 digits are coarse and flips change the digit: no flips, 1-pixel crops, and K_base = 4
         # crops (2 leave the mixups little variety; benchmarks/RESULTS.md, "Notes moved from docstrings").
-        "DP-Mix": dict(method="dp-mix", epochs=15, batch_size=128, lr=1.0, target_epsilon=8.0, k_base=4, k_self=2,
-                       flip=False, crop_padding=1),
+        "DP-Mix": dict(
+            method="dp-mix",
+            epochs=15,
+            batch_size=128,
+            lr=1.0,
+            target_epsilon=8.0,
+            k_base=4,
+            k_self=2,
+            flip=False,
+            crop_padding=1,
+        ),
     },
     "cifar10": {
         # CPU-sized: 1,000 images, a ConvNet of width 16; 4-pixel crops and flips as on CIFAR-10 in the seed.
         # lr 0.25: at lr 1.0 (momentum 0.9) the augmented runs were unstable on CIFAR-10 (RESULTS.md, follow-up 2).
         "non-private": dict(method="nonprivate", epochs=20, batch_size=64, lr=0.05),
         "DP-SGD": dict(method="dp-sgd", epochs=4, batch_size=100, lr=0.25, target_epsilon=8.0),
-        "DP-Mix": dict(method="dp-mix", epochs=4, batch_size=100, lr=0.25, target_epsilon=8.0, k_base=2, k_self=1,
-                       flip=True, crop_padding=4),
+        "DP-Mix": dict(
+            method="dp-mix",
+            epochs=4,
+            batch_size=100,
+            lr=0.25,
+            target_epsilon=8.0,
+            k_base=2,
+            k_self=1,
+            flip=True,
+            crop_padding=4,
+        ),
     },
 }
 """Per data set, the three runs of the demo (TrainConfig fields), on the same data and model."""
@@ -61,7 +79,7 @@ DP-SGD and DP-Mix at epsilon 8 leaking far less at a cost in test accuracy. The 
 benchmarks/RESULTS.md, "Notes moved from docstrings" (digits) and "Seeds' claims on CIFAR-10"."""
 DEMO_WIDTH = {"digits": 16, "cifar10": 16}
 DEMO_ATTACK = "calibrated"
-RESULTS_POINTER = "benchmarks/RESULTS.md, section \"Seeds' claims on CIFAR-10\" (python studies/dp_mix.py)"
+RESULTS_POINTER = 'benchmarks/RESULTS.md, section "Seeds\' claims on CIFAR-10" (python studies/dp_mix.py)'
 _DESCRIPTION = {"digits": "8x8 digits", "cifar10": "CIFAR-10 images"}
 
 
@@ -91,27 +109,43 @@ class DemoResult:
 def _expectations(rows: dict, standard_error: float, dataset: str) -> dict:
     """Per run, what the papers (Kaya & Dumitraş, ICML 2021; Bao et al., DP-Mix, NeurIPS 2023) predict at this
     scale and whether the measurement agrees."""
-    adv = {name: row["decision_advantage"] if "decision_advantage" in row else row["advantage"]
-           for name, row in rows.items()}
+    adv = {
+        name: row["decision_advantage"] if "decision_advantage" in row else row["advantage"]
+        for name, row in rows.items()
+    }
     acc = {name: row["test_accuracy"] for name, row in rows.items()}
     leak = adv["non-private"] - max(adv["DP-SGD"], adv["DP-Mix"])
     mix_vs_sgd = acc["DP-Mix"] - acc["DP-SGD"]
     return {
-        "non-private": ("leaks: its advantage exceeds the DP runs' by more than 2 standard errors",
-                        "holds" if leak > 2 * standard_error else "does not hold"),
-        "DP-SGD": ("advantage within 2 standard errors of 0 at epsilon 8, accuracy below non-private",
-                   "holds" if abs(adv["DP-SGD"]) <= 2 * standard_error and acc["DP-SGD"] < acc["non-private"]
-                   else "does not hold"),
-        "DP-Mix": ("DP-Mix >= DP-SGD in accuracy needs the seed's scale (K = 16, thousands of steps on 32x32 "
-                   f"images); at this scale a loss is expected (measured {mix_vs_sgd:+.3f}); "
-                   f"the CIFAR-10 measurement: {RESULTS_POINTER}",
-                   "as expected (not the method's verdict)" if mix_vs_sgd < 0 else "DP-Mix >= DP-SGD here"),
+        "non-private": (
+            "leaks: its advantage exceeds the DP runs' by more than 2 standard errors",
+            "holds" if leak > 2 * standard_error else "does not hold",
+        ),
+        "DP-SGD": (
+            "advantage within 2 standard errors of 0 at epsilon 8, accuracy below non-private",
+            "holds"
+            if abs(adv["DP-SGD"]) <= 2 * standard_error and acc["DP-SGD"] < acc["non-private"]
+            else "does not hold",
+        ),
+        "DP-Mix": (
+            "DP-Mix >= DP-SGD in accuracy needs the seed's scale (K = 16, thousands of steps on 32x32 "
+            f"images); at this scale a loss is expected (measured {mix_vs_sgd:+.3f}); "
+            f"the CIFAR-10 measurement: {RESULTS_POINTER}",
+            "as expected (not the method's verdict)" if mix_vs_sgd < 0 else "DP-Mix >= DP-SGD here",
+        ),
     }
 
 
-def run_demo(*, dataset: str = "digits", data_root: Optional[str | os.PathLike] = None,
-             out: str | os.PathLike = "privfast-demo", epochs_scale: float = 1.0,
-             train_examples: Optional[int] = None, seed: int = 0, progress: bool = True) -> DemoResult:
+def run_demo(
+    *,
+    dataset: str = "digits",
+    data_root: Optional[str | os.PathLike] = None,
+    out: str | os.PathLike = "privfast-demo",
+    epochs_scale: float = 1.0,
+    train_examples: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
     """Train non-private, DP-SGD and DP-Mix on the same data, audit each epoch, and write the report.
 
     Args:
@@ -133,16 +167,27 @@ def run_demo(*, dataset: str = "digits", data_root: Optional[str | os.PathLike] 
     if dataset not in DEMO_RUNS:
         raise ValueError(f"the demo runs on {sorted(DEMO_RUNS)}, got {dataset!r}")
     if dataset == "cifar10" and data_root is None:
-        raise ValueError("the CIFAR-10 demo needs data_root, the directory holding cifar-10-batches-py "
-                         "(python ../shared/data/make_cifar10.py DIR writes it)")
+        raise ValueError(
+            "the CIFAR-10 demo needs data_root, the directory holding cifar-10-batches-py "
+            "(python ../shared/data/make_cifar10.py DIR writes it)"
+        )
     train_examples = DEMO_TRAIN_EXAMPLES[dataset] if train_examples is None else train_examples
     start = time.perf_counter()
     runs, models, data, config, trainer = {}, {}, None, None, None
     for name, overrides in DEMO_RUNS[dataset].items():
         epochs = max(1, round(overrides["epochs"] * epochs_scale))
-        config = TrainConfig(**{**overrides, "epochs": epochs, "attacks": ("yeom", DEMO_ATTACK), "dataset": dataset,
-                                "data_root": None if data_root is None else str(data_root),
-                                "width": DEMO_WIDTH[dataset], "train_examples": train_examples, "seed": seed})
+        config = TrainConfig(
+            **{
+                **overrides,
+                "epochs": epochs,
+                "attacks": ("yeom", DEMO_ATTACK),
+                "dataset": dataset,
+                "data_root": None if data_root is None else str(data_root),
+                "width": DEMO_WIDTH[dataset],
+                "train_examples": train_examples,
+                "seed": seed,
+            }
+        )
         data = data or load_data(config)
         trainer = Trainer(config, data=data, progress=progress)
         runs[name] = {"config": config.to_dict(), "history": trainer.fit()}
@@ -154,15 +199,28 @@ def run_demo(*, dataset: str = "digits", data_root: Optional[str | os.PathLike] 
     members, nonmembers = trainer.audit.members[1], trainer.audit.nonmembers[1]
     n_m, n_n = len(members) - config.audit_known, len(nonmembers) - config.audit_known
     standard_error = (0.25 / n_m + 0.25 / n_n) ** 0.5
-    noise = (f"Advantage is scored on {n_m} members and {n_n} non-members: its standard error is up to "
-             f"{standard_error:.3f}, so smaller differences between runs are noise.")
+    noise = (
+        f"Advantage is scored on {n_m} members and {n_n} non-members: its standard error is up to "
+        f"{standard_error:.3f}, so smaller differences between runs are noise."
+    )
     expectations = _expectations(rows, standard_error, dataset)
-    notes = [noise] + [f"{name}: the seeds predict {what} -> {verdict}." for name, (what, verdict) in
-                       expectations.items()]
-    header = (f"privfast demo: {len(data[0].y)} training {_DESCRIPTION[dataset]}, ConvNet, seed {seed}, membership "
-              f"attack `{DEMO_ATTACK}` (members: training set; non-members: test set)")
-    report = write_report(out, runs, attack=DEMO_ATTACK, models=models, members=data[0], nonmembers=data[1],
-                          title=f"privfast demo ({dataset}): non-private vs DP-SGD vs DP-Mix",
-                          notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s)."] + notes)
-    return DemoResult(rows=rows, runs=runs, expectations=expectations, notes=notes, report=report, elapsed=elapsed,
-                      header=header)
+    notes = [noise] + [
+        f"{name}: the seeds predict {what} -> {verdict}." for name, (what, verdict) in expectations.items()
+    ]
+    header = (
+        f"privfast demo: {len(data[0].y)} training {_DESCRIPTION[dataset]}, ConvNet, seed {seed}, membership "
+        f"attack `{DEMO_ATTACK}` (members: training set; non-members: test set)"
+    )
+    report = write_report(
+        out,
+        runs,
+        attack=DEMO_ATTACK,
+        models=models,
+        members=data[0],
+        nonmembers=data[1],
+        title=f"privfast demo ({dataset}): non-private vs DP-SGD vs DP-Mix",
+        notes=[f"Wall time {elapsed:.1f} s on {torch.get_num_threads()} thread(s)."] + notes,
+    )
+    return DemoResult(
+        rows=rows, runs=runs, expectations=expectations, notes=notes, report=report, elapsed=elapsed, header=header
+    )

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from privfast.optim import DPOptimizer, SAM
+from privfast.optim import SAM, DPOptimizer
 from privfast.privacy_engine import PrivacyEngine
 
 __all__ = ["DistributedContext", "DistributedDPOptimizer", "PoissonShardSampler", "collective_device"]
@@ -47,23 +47,32 @@ class DistributedDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer, **kwargs):
         if kwargs.get("secure_mode"):
-            raise ValueError("secure_mode draws different noise in each process; distributed DP-SGD needs the same "
-                             "seeded noise generator in every process")
+            raise ValueError(
+                "secure_mode draws different noise in each process; distributed DP-SGD needs the same "
+                "seeded noise generator in every process"
+            )
         if kwargs.get("generator") is None:
             raise ValueError("pass the same seeded noise generator to every process (generator=...)")
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first "
-                               "(or use privfast.launch.launch, or torchrun)")
+            raise RuntimeError(
+                "torch.distributed is not initialized: call dist.init_process_group first "
+                "(or use privfast.launch.launch, or torchrun)"
+            )
         super().__init__(optimizer, **kwargs)
 
     @classmethod
     def wrap(cls, optimizer: DPOptimizer) -> "DistributedDPOptimizer":
         """The distributed version of a :class:`~privfast.optim.DPOptimizer` (same settings and step hook)."""
         distributed = cls(
-            optimizer.original_optimizer, module=optimizer.module, noise_multiplier=optimizer.noise_multiplier,
-            max_grad_norm=optimizer.max_grad_norm, expected_batch_size=optimizer.expected_batch_size,
-            loss_reduction=optimizer.loss_reduction, generator=optimizer.generator,
-            secure_mode=optimizer.secure_mode, check_finite=optimizer.check_finite,
+            optimizer.original_optimizer,
+            module=optimizer.module,
+            noise_multiplier=optimizer.noise_multiplier,
+            max_grad_norm=optimizer.max_grad_norm,
+            expected_batch_size=optimizer.expected_batch_size,
+            loss_reduction=optimizer.loss_reduction,
+            generator=optimizer.generator,
+            secure_mode=optimizer.secure_mode,
+            check_finite=optimizer.check_finite,
         )
         distributed.step_hook = optimizer.step_hook
         return distributed
@@ -94,8 +103,16 @@ class PoissonShardSampler(Sampler[list[int]]):
             differ across processes.
     """
 
-    def __init__(self, num_examples: int, *, sample_rate: float, rank: int, world_size: int, seed: int = 0,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        sample_rate: float,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        generator: Optional[torch.Generator] = None,
+    ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not 0 <= rank < world_size:
@@ -158,13 +175,24 @@ class DistributedContext:
     def current(cls) -> "DistributedContext":
         """The context of the initialized default process group."""
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first "
-                               "(or use privfast.launch.launch, or torchrun)")
+            raise RuntimeError(
+                "torch.distributed is not initialized: call dist.init_process_group first "
+                "(or use privfast.launch.launch, or torchrun)"
+            )
         return cls(dist.get_rank(), dist.get_world_size())
 
-    def make_private(self, engine: PrivacyEngine, *, module: nn.Module, optimizer: torch.optim.Optimizer,
-                     data_loader: DataLoader, max_grad_norm: float, augmult: int = 1, grad_sample_mode: str = "auto",
-                     **privacy: float) -> tuple[nn.Module, DistributedDPOptimizer, DataLoader]:
+    def make_private(
+        self,
+        engine: PrivacyEngine,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        max_grad_norm: float,
+        augmult: int = 1,
+        grad_sample_mode: str = "auto",
+        **privacy: float,
+    ) -> tuple[nn.Module, DistributedDPOptimizer, DataLoader]:
         """As :meth:`PrivacyEngine.make_private`, for this process's part of a distributed run.
 
         Call it in every process with the same arguments. Rank 0's initial weights are copied to
@@ -195,13 +223,20 @@ class DistributedContext:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.rank)
         make_private = engine.make_private_with_epsilon if "target_epsilon" in privacy else engine.make_private
         model, private_optimizer, _ = make_private(
-            module=module, optimizer=optimizer, data_loader=data_loader, max_grad_norm=max_grad_norm, augmult=augmult,
-            poisson_sampling=False, grad_sample_mode=grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(noise_seed), **privacy,
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            max_grad_norm=max_grad_norm,
+            augmult=augmult,
+            poisson_sampling=False,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(noise_seed),
+            **privacy,
         )
         dataset = data_loader.dataset
-        sampler = PoissonShardSampler(len(dataset), sample_rate=1 / len(data_loader), rank=self.rank,
-                                      world_size=self.world_size)
+        sampler = PoissonShardSampler(
+            len(dataset), sample_rate=1 / len(data_loader), rank=self.rank, world_size=self.world_size
+        )
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_CollateMaybeEmpty(dataset))
         return model, DistributedDPOptimizer.wrap(private_optimizer), loader
 

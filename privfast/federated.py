@@ -64,8 +64,9 @@ _NOISE = ("gaussian", "laplacian")
 # ----------------------------------------------------------------------------------------
 
 
-def add_noise(grads: Sequence[Tensor], *, kind: str, scale: float,
-              generator: Optional[torch.Generator] = None) -> list[Tensor]:
+def add_noise(
+    grads: Sequence[Tensor], *, kind: str, scale: float, generator: Optional[torch.Generator] = None
+) -> list[Tensor]:
     """Add i.i.d. noise to every entry: ``N(0, scale^2)`` (``"gaussian"``) or ``Laplace(0, scale)``
     (``"laplacian"``), as in DLG's and ATS's baselines ("Gaussian(1e-3)" is ``scale=1e-3``).
 
@@ -142,8 +143,9 @@ class Defense:
         if self.noise is not None and self.noise not in _NOISE:
             raise ValueError(f"noise must be None or one of {_NOISE}, got {self.noise!r}")
         if not 0 <= self.prune_ratio <= 1 or self.noise_scale < 0:
-            raise ValueError(f"prune_ratio must be in [0, 1] and noise_scale >= 0, got {self.prune_ratio}, "
-                             f"{self.noise_scale}")
+            raise ValueError(
+                f"prune_ratio must be in [0, 1] and noise_scale >= 0, got {self.prune_ratio}, {self.noise_scale}"
+            )
         if self.policy is not None:
             Policy(self.policy)  # fail early on a malformed policy
 
@@ -213,8 +215,10 @@ class Federation:
         if algorithm not in ("fedsgd", "fedavg"):
             raise ValueError(f"algorithm must be 'fedsgd' or 'fedavg', got {algorithm!r}")
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise ValueError("Federation vmaps the participants, which BatchNorm's running statistics do not "
-                             "allow: build the model with GroupNorm (e.g. norm='group')")
+            raise ValueError(
+                "Federation vmaps the participants, which BatchNorm's running statistics do not "
+                "allow: build the model with GroupNorm (e.g. norm='group')"
+            )
         if batch_size < 1 or local_steps < 1:
             raise ValueError(f"batch_size and local_steps must be >= 1, got {batch_size}, {local_steps}")
         self.model, self.defense, self.algorithm = model, defense, algorithm
@@ -226,8 +230,12 @@ class Federation:
         self.x, self.y = x, y
         if self.batch_size > self.shares.shape[1]:
             raise ValueError(f"batch_size {batch_size} exceeds a participant's {self.shares.shape[1]} examples")
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum if algorithm == "fedsgd" else 0,
-                                         weight_decay=weight_decay if algorithm == "fedsgd" else 0)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=lr,
+            momentum=momentum if algorithm == "fedsgd" else 0,
+            weight_decay=weight_decay if algorithm == "fedsgd" else 0,
+        )
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._buffers = dict(model.named_buffers())
         self._batch_grad = vmap(grad(self._batch_loss), in_dims=(0 if algorithm == "fedavg" else None, 0, 0))
@@ -323,12 +331,23 @@ class Federation:
         labels = self.y[index]
         shared = self.defense.protect(
             per_example_gradients(self.model, normalize(transformed, self.mean, self.std), labels),
-            generator=self.generator)
-        rec = reconstruct(self.model, shared, labels if known_labels else None, shape=transformed.shape[1:],
-                          config=config, mean=self.mean, std=self.std, generator=self.generator,
-                          progress=progress, **overrides)
-        return ServerAttack(rec.images, transformed, self.x[index], psnr(rec.images, transformed),
-                            ssim(rec.images, transformed))
+            generator=self.generator,
+        )
+        rec = reconstruct(
+            self.model,
+            shared,
+            labels if known_labels else None,
+            shape=transformed.shape[1:],
+            config=config,
+            mean=self.mean,
+            std=self.std,
+            generator=self.generator,
+            progress=progress,
+            **overrides,
+        )
+        return ServerAttack(
+            rec.images, transformed, self.x[index], psnr(rec.images, transformed), ssim(rec.images, transformed)
+        )
 
 
 class ServerAttack(NamedTuple):
@@ -391,8 +410,11 @@ def evaluate_defenses(
         fed = Federation(model, train, defense=defense, seed=seed, **(federation_kwargs or {}))
         fed.train(rounds, progress=progress)
         result = fed.attack(0, images=attack_images, config=attack, progress=progress, **attack_overrides)
-        reports.append(DefenseReport(defense.name, float(result.psnr.mean()), float(result.ssim.mean()),
-                                     fed.accuracy(*Split(*test))))
+        reports.append(
+            DefenseReport(
+                defense.name, float(result.psnr.mean()), float(result.ssim.mean()), fed.accuracy(*Split(*test))
+            )
+        )
     return reports
 
 
@@ -400,9 +422,11 @@ def format_report(reports: Sequence[DefenseReport], *, markdown: bool = False) -
     """The reports as a table (defense, PSNR and SSIM against the transformed images, accuracy %)."""
     from privfast.reports import table
 
-    return table(["defense", "PSNR", "SSIM", "ACC"],
-                 [[r.defense, f"{r.psnr:.2f}", f"{r.ssim:.3f}", f"{100 * r.accuracy:.2f}%"] for r in reports],
-                 markdown=markdown)
+    return table(
+        ["defense", "PSNR", "SSIM", "ACC"],
+        [[r.defense, f"{r.psnr:.2f}", f"{r.ssim:.3f}", f"{100 * r.accuracy:.2f}%"] for r in reports],
+        markdown=markdown,
+    )
 
 
 def ats_experiment(
@@ -450,13 +474,32 @@ def ats_experiment(
     Returns:
         ``(search_result, reports)``; ``reports[0]`` is the undefended run, ``reports[1]`` the hybrid.
     """
-    found = ats_search(make_model, Split(*train), candidates=candidates, images=images, acc_threshold=acc_threshold,
-                       top_n=top_n, semi_fraction=semi_fraction, semi_epochs=semi_epochs, seed=seed, progress=progress)
+    found = ats_search(
+        make_model,
+        Split(*train),
+        candidates=candidates,
+        images=images,
+        acc_threshold=acc_threshold,
+        top_n=top_n,
+        semi_fraction=semi_fraction,
+        semi_epochs=semi_epochs,
+        seed=seed,
+        progress=progress,
+    )
     defenses = [Defense(), Defense(f"hybrid {found.hybrid}", policy=str(found.hybrid))]
     defenses += [Defense(str(p), policy=str(p)) for p in found.selected] + list(baselines)
-    reports = evaluate_defenses(make_model, train, test, defenses, rounds=rounds, attack_images=attack_images,
-                                seed=seed, progress=progress, federation_kwargs=federation_kwargs,
-                                **attack_overrides)
+    reports = evaluate_defenses(
+        make_model,
+        train,
+        test,
+        defenses,
+        rounds=rounds,
+        attack_images=attack_images,
+        seed=seed,
+        progress=progress,
+        federation_kwargs=federation_kwargs,
+        **attack_overrides,
+    )
     return found, reports
 
 
@@ -468,7 +511,8 @@ INVERSION_NOTE = (
     "policy, when there is one): it measures the defense, since a policy protects only if what the attacker "
     "rebuilds is unreadable. 'vs clean' compares with the untransformed image and also drops when the policy "
     "merely changes pixel values (an inverted or shifted digit scores low there yet stays readable), so it "
-    "overstates the defense.")
+    "overstates the defense."
+)
 """Which of :class:`Inversion`'s comparisons measures the defense, and why."""
 
 
@@ -517,12 +561,19 @@ class Inversion:
         rows = []
         for case, index in self.cases.items():
             values = [column[index] for column in columns]
-            rows += [[str(i), case, *(f"{v[i]:.2f}" if k % 2 == 0 else f"{v[i]:.3f}" for k, v in enumerate(values))]
-                     for i in range(len(values[0]))]
-            rows.append(["mean", case, *(f"{v.mean():.2f}" if k % 2 == 0 else f"{v.mean():.3f}"
-                                         for k, v in enumerate(values))])
-        return table(["image", "defense", "PSNR vs shared (dB)", "SSIM vs shared", "PSNR vs clean (dB)",
-                      "SSIM vs clean"], rows, markdown=markdown, align="llrrrr")
+            rows += [
+                [str(i), case, *(f"{v[i]:.2f}" if k % 2 == 0 else f"{v[i]:.3f}" for k, v in enumerate(values))]
+                for i in range(len(values[0]))
+            ]
+            rows.append(
+                ["mean", case, *(f"{v.mean():.2f}" if k % 2 == 0 else f"{v.mean():.3f}" for k, v in enumerate(values))]
+            )
+        return table(
+            ["image", "defense", "PSNR vs shared (dB)", "SSIM vs shared", "PSNR vs clean (dB)", "SSIM vs clean"],
+            rows,
+            markdown=markdown,
+            align="llrrrr",
+        )
 
     def grid(self) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
         """Rows and captions for :func:`privfast.reports.plot_reconstructions` (ATS Fig. 4), each
@@ -532,26 +583,49 @@ class Inversion:
         if self.policy:
             defended = cases[f"policy {self.policy}"]
             rows |= {"transformed": self.shared[defended], "reconstructed (policy)": self.reconstructed[defended]}
-        titles = {label: [f"{p:.1f} dB, {s:.2f}" for p, s in zip(self.psnr_vs_shared[index].tolist(),
-                                                                   self.ssim_vs_shared[index].tolist())]
-                  for label, index in (("reconstructed", cases["no defense"]),
-                                       *((("reconstructed (policy)", cases[f"policy {self.policy}"]),)
-                                         if self.policy else ()))}
+        titles = {
+            label: [
+                f"{p:.1f} dB, {s:.2f}"
+                for p, s in zip(self.psnr_vs_shared[index].tolist(), self.ssim_vs_shared[index].tolist())
+            ]
+            for label, index in (
+                ("reconstructed", cases["no defense"]),
+                *((("reconstructed (policy)", cases[f"policy {self.policy}"]),) if self.policy else ()),
+            )
+        }
         return rows, titles
 
     def to_dict(self) -> dict:
         """JSON-ready numbers, per defense."""
-        return {"preset": self.preset, "iterations": self.iterations, "policy": self.policy,
-                "labels_recovered": self.labels_recovered, "measures_the_defense": "vs_shared",
-                **{case: {"psnr_vs_shared": self.psnr_vs_shared[index].tolist(),
-                          "ssim_vs_shared": self.ssim_vs_shared[index].tolist(),
-                          "psnr_vs_clean": self.psnr_vs_clean[index].tolist(),
-                          "ssim_vs_clean": self.ssim_vs_clean[index].tolist()}
-                   for case, index in self.cases.items()}}
+        return {
+            "preset": self.preset,
+            "iterations": self.iterations,
+            "policy": self.policy,
+            "labels_recovered": self.labels_recovered,
+            "measures_the_defense": "vs_shared",
+            **{
+                case: {
+                    "psnr_vs_shared": self.psnr_vs_shared[index].tolist(),
+                    "ssim_vs_shared": self.ssim_vs_shared[index].tolist(),
+                    "psnr_vs_clean": self.psnr_vs_clean[index].tolist(),
+                    "ssim_vs_clean": self.ssim_vs_clean[index].tolist(),
+                }
+                for case, index in self.cases.items()
+            },
+        }
 
 
-def invert_gradients(model: nn.Module, images: Split, *, policy: Optional[str] = None, preset: str = "dlg",
-                     iterations: int = 100, seed: int = 0, progress: bool = False, **overrides) -> Inversion:
+def invert_gradients(
+    model: nn.Module,
+    images: Split,
+    *,
+    policy: Optional[str] = None,
+    preset: str = "dlg",
+    iterations: int = 100,
+    seed: int = 0,
+    progress: bool = False,
+    **overrides,
+) -> Inversion:
     """Reconstruct images from the model's per-example gradients, without and with an ATS policy.
 
     With a policy, the attack runs on the clean and on the transformed images at once (as ATS's
@@ -575,9 +649,27 @@ def invert_gradients(model: nn.Module, images: Split, *, policy: Optional[str] =
     shared = torch.cat([x, Policy(policy)(x, generator=generator)]) if policy else x
     repeats = len(shared) // len(x)
     labels = y.repeat(repeats)
-    result = reconstruct(model, per_example_gradients(model, shared, labels), shape=tuple(x.shape[1:]),
-                         config=preset, iterations=iterations, generator=generator, progress=progress, **overrides)
+    result = reconstruct(
+        model,
+        per_example_gradients(model, shared, labels),
+        shape=tuple(x.shape[1:]),
+        config=preset,
+        iterations=iterations,
+        generator=generator,
+        progress=progress,
+        **overrides,
+    )
     clean = x.repeat(repeats, 1, 1, 1)
-    return Inversion(preset, iterations, policy, x, shared, result.images, int((result.labels == labels).sum()),
-                     psnr(result.images, shared), ssim(result.images, shared), psnr(result.images, clean),
-                     ssim(result.images, clean))
+    return Inversion(
+        preset,
+        iterations,
+        policy,
+        x,
+        shared,
+        result.images,
+        int((result.labels == labels).sum()),
+        psnr(result.images, shared),
+        ssim(result.images, shared),
+        psnr(result.images, clean),
+        ssim(result.images, clean),
+    )

@@ -35,8 +35,17 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from privfast.distributed import DistributedContext
 
-__all__ = ["backend", "is_distributed", "is_rank_zero", "launch", "launch_search", "launch_shadow_models",
-           "launch_training", "quiet_other_ranks", "under_torchrun"]
+__all__ = [
+    "backend",
+    "is_distributed",
+    "is_rank_zero",
+    "launch",
+    "launch_search",
+    "launch_shadow_models",
+    "launch_training",
+    "quiet_other_ranks",
+    "under_torchrun",
+]
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """The environment torchrun (and any ``env://`` launcher) gives each process."""
@@ -105,8 +114,9 @@ def _spawn(fn: Callable[..., Any], args: Sequence, nproc: int, threads: Optional
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, nproc, port, threads, fn, args, results))
-                 for rank in range(nproc)]
+    processes = [
+        context.Process(target=_worker, args=(rank, nproc, port, threads, fn, args, results)) for rank in range(nproc)
+    ]
     for process in processes:
         process.start()
     outcomes = {}
@@ -116,8 +126,10 @@ def _spawn(fn: Callable[..., Any], args: Sequence, nproc: int, threads: Optional
                 # A process killed outright (out of memory, a signal) reports nothing: do not wait for it.
                 dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in outcomes]
                 if dead:
-                    raise RuntimeError(f"process {dead[0]} of {nproc} died with exit code "
-                                       f"{processes[dead[0]].exitcode} before reporting")
+                    raise RuntimeError(
+                        f"process {dead[0]} of {nproc} died with exit code "
+                        f"{processes[dead[0]].exitcode} before reporting"
+                    )
                 time.sleep(0.05)
                 continue
             rank, ok, value = results.get()
@@ -176,8 +188,9 @@ def launch(fn: Callable[..., Any], *args: Any, nproc: int = 1, threads: Optional
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if under_torchrun():
         if nproc > 1:
-            raise ValueError(f"--nproc {nproc} under torchrun: torchrun already started the processes "
-                             "(use one or the other)")
+            raise ValueError(
+                f"--nproc {nproc} under torchrun: torchrun already started the processes (use one or the other)"
+            )
         return _in_torchrun(fn, args)
     return _spawn(fn, args, nproc, threads)
 
@@ -189,16 +202,18 @@ def _rank_zero_goes_on() -> None:
         raise SystemExit(0)
 
 
-def _train_process(context: DistributedContext, config, checkpoint, resume: bool, overwrite: bool,
-                   progress: bool) -> list[dict]:
+def _train_process(
+    context: DistributedContext, config, checkpoint, resume: bool, overwrite: bool, progress: bool
+) -> list[dict]:
     from privfast.trainer import Trainer
 
     trainer = Trainer(config, checkpoint=checkpoint, progress=progress and context.rank == 0, distributed=context)
     return trainer.fit(resume=resume, overwrite=overwrite)
 
 
-def launch_training(config, *, nproc: int = 1, checkpoint=None, resume: bool = False, overwrite: bool = False,
-                    progress: bool = True) -> list[dict]:
+def launch_training(
+    config, *, nproc: int = 1, checkpoint=None, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> list[dict]:
     """Train ``config`` (a private :class:`~privfast.config.TrainConfig`) across processes.
 
     The launching process (under torchrun, rank 0) holds the checkpoint's
@@ -227,15 +242,23 @@ def launch_training(config, *, nproc: int = 1, checkpoint=None, resume: bool = F
     return histories[0]
 
 
-def _shadow_process(context: DistributedContext, make_model: Callable[[], nn.Module], x: Tensor, y: Tensor,
-                    n_shadows: int, seed: int, recipe: dict) -> tuple[dict, dict, Tensor]:
+def _shadow_process(
+    context: DistributedContext,
+    make_model: Callable[[], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    n_shadows: int,
+    seed: int,
+    recipe: dict,
+) -> tuple[dict, dict, Tensor]:
     from privfast.attacks.training import train_shadow_models
 
     # Each process draws its own complementary pairs of halves: every example is IN for exactly
     # half of each process's shadows, hence for half of all of them, as the online attack needs.
     generator = torch.Generator().manual_seed(seed * context.world_size + context.rank)
-    shadows = train_shadow_models(make_model, x, y, n_shadows=n_shadows // context.world_size, generator=generator,
-                                  **recipe)
+    shadows = train_shadow_models(
+        make_model, x, y, n_shadows=n_shadows // context.world_size, generator=generator, **recipe
+    )
     return shadows.params, shadows.buffers, shadows.in_mask
 
 
@@ -243,8 +266,16 @@ def _world_size(nproc: int) -> int:
     return int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc
 
 
-def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, *, n_shadows: int,
-                         nproc: int = 1, seed: int = 0, **recipe: Any):
+def launch_shadow_models(
+    make_model: Callable[[], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    *,
+    n_shadows: int,
+    nproc: int = 1,
+    seed: int = 0,
+    **recipe: Any,
+):
     """LiRA's shadow models sharded across processes, each training ``n_shadows / processes`` vectorized.
 
     Args:
@@ -264,8 +295,10 @@ def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tens
 
     processes = _world_size(nproc)
     if n_shadows % (2 * processes):
-        raise ValueError(f"n_shadows={n_shadows} must be a multiple of 2 * processes = {2 * processes}: every "
-                         "process trains complementary pairs of halves")
+        raise ValueError(
+            f"n_shadows={n_shadows} must be a multiple of 2 * processes = {2 * processes}: every "
+            "process trains complementary pairs of halves"
+        )
     parts = launch(_shadow_process, make_model, x, y, n_shadows, seed, recipe, nproc=nproc)
     _rank_zero_goes_on()
     params = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
@@ -275,16 +308,24 @@ def launch_shadow_models(make_model: Callable[[], nn.Module], x: Tensor, y: Tens
     return ShadowModels(base, params, buffers, torch.cat([part[2] for part in parts]))
 
 
-def _search_process(context: DistributedContext, model_semi_trained: nn.Module, model_init: nn.Module, x: Tensor,
-                    y: Tensor, options: dict) -> list:
+def _search_process(
+    context: DistributedContext,
+    model_semi_trained: nn.Module,
+    model_init: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    options: dict,
+) -> list:
     from privfast.search import search
 
-    return search(model_semi_trained, model_init, (x, y), shard=(context.rank, context.world_size), progress=False,
-                  **options).table
+    return search(
+        model_semi_trained, model_init, (x, y), shard=(context.rank, context.world_size), progress=False, **options
+    ).table
 
 
-def launch_search(model_semi_trained: nn.Module, model_init: nn.Module, data, *, nproc: int = 1, top_n: int = 2,
-                  **options: Any):
+def launch_search(
+    model_semi_trained: nn.Module, model_init: nn.Module, data, *, nproc: int = 1, top_n: int = 2, **options: Any
+):
     """ATS's policy search with its candidates sharded across processes (round-robin).
 
     Every process samples the same candidates and scores its share; since each candidate's random
@@ -304,8 +345,9 @@ def launch_search(model_semi_trained: nn.Module, model_init: nn.Module, data, *,
     """
     from privfast.search import SearchResult
 
-    tables = launch(_search_process, model_semi_trained, model_init, data[0], data[1], {**options, "top_n": top_n},
-                    nproc=nproc)
+    tables = launch(
+        _search_process, model_semi_trained, model_init, data[0], data[1], {**options, "top_n": top_n}, nproc=nproc
+    )
     _rank_zero_goes_on()
     processes = len(tables)
     return SearchResult.from_table([tables[i % processes][i] for i in range(len(tables[0]))], top_n)

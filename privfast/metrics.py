@@ -14,8 +14,8 @@ from typing import Sequence, Union
 
 import numpy as np
 import scipy.special
-import torch
 import scipy.stats
+import torch
 from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -111,8 +111,7 @@ def threshold_metrics(member_pred: ArrayLike, nonmember_pred: ArrayLike) -> dict
     fpr = float(nonmembers.mean())
     fnr = 1.0 - float(members.mean())
     p_err = (fpr + fnr) / 2
-    return {"inf": 1.0 - p_err, "advantage": 1.0 - 2 * p_err, "fpr": fpr, "fnr": fnr, "tpr": 1.0 - fnr,
-            "p_err": p_err}
+    return {"inf": 1.0 - p_err, "advantage": 1.0 - 2 * p_err, "fpr": fpr, "fnr": fnr, "tpr": 1.0 - fnr, "p_err": p_err}
 
 
 def dp_perr_bound(epsilon: Union[float, ArrayLike], delta: float) -> Union[float, np.ndarray]:
@@ -206,8 +205,10 @@ def outliers(per_run_member_correct: ArrayLike, per_run_nonmember_correct: Array
     members = _as_array(per_run_member_correct, "per_run_member_correct", dtype=bool, ndim=2)
     nonmembers = _as_array(per_run_nonmember_correct, "per_run_nonmember_correct", dtype=bool, ndim=2)
     if members.shape[0] != nonmembers.shape[0]:
-        raise ValueError(f"member results have {members.shape[0]} runs and non-member results "
-                         f"{nonmembers.shape[0]}; pass the same runs for both")
+        raise ValueError(
+            f"member results have {members.shape[0]} runs and non-member results "
+            f"{nonmembers.shape[0]}; pass the same runs for both"
+        )
     member_outliers = np.flatnonzero(members.all(axis=0))
     nonmember_outliers = np.flatnonzero(nonmembers.all(axis=0))
     return {
@@ -216,4 +217,3 @@ def outliers(per_run_member_correct: ArrayLike, per_run_nonmember_correct: Array
         "member_fraction": len(member_outliers) / members.shape[1],
         "nonmember_fraction": len(nonmember_outliers) / nonmembers.shape[1],
     }
-

@@ -49,14 +49,28 @@ class ConvNet(nn.Module):
     Input ``[B, in_channels, image_size, image_size]`` (image_size divisible by 4); output ``[B, num_classes]``.
     """
 
-    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 8,
-                 norm: str = "group", groups: int = 8):
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        image_size: int = 8,
+        norm: str = "group",
+        groups: int = 8,
+    ):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {image_size}")
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), _norm(norm, width, groups), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), _norm(norm, 2 * width, groups), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            _norm(norm, width, groups),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            _norm(norm, 2 * width, groups),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
         )
         self.classifier = nn.Linear(2 * width * (image_size // 4) ** 2, num_classes)
 
@@ -90,9 +104,12 @@ class _BasicBlock(nn.Module):
 
 
 def _stage(c_in: int, c_out: int, blocks: int, stride: int, norm: str, groups: int, pre: bool) -> nn.Sequential:
-    return nn.Sequential(*[
-        _BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, norm, groups, pre) for i in range(blocks)
-    ])
+    return nn.Sequential(
+        *[
+            _BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, norm, groups, pre)
+            for i in range(blocks)
+        ]
+    )
 
 
 class WideResNet(nn.Module):
@@ -101,8 +118,16 @@ class WideResNet(nn.Module):
     Input ``[B, in_channels, H, W]`` (32x32 in the papers); output ``[B, num_classes]``.
     """
 
-    def __init__(self, *, depth: int = 16, widen: int = 4, num_classes: int = 10, in_channels: int = 3,
-                 groups: int = 16, norm: str = "group"):
+    def __init__(
+        self,
+        *,
+        depth: int = 16,
+        widen: int = 4,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        groups: int = 16,
+        norm: str = "group",
+    ):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
@@ -114,8 +139,13 @@ class WideResNet(nn.Module):
             _stage(widths[1], widths[2], n, 2, norm, groups, True),
             _stage(widths[2], widths[3], n, 2, norm, groups, True),
         )
-        self.head = nn.Sequential(_norm(norm, widths[3], groups), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(widths[3], num_classes))
+        self.head = nn.Sequential(
+            _norm(norm, widths[3], groups),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(widths[3], num_classes),
+        )
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)))
@@ -124,11 +154,13 @@ class WideResNet(nn.Module):
 class ResNet20(nn.Module):
     """ResNet-20 for 32x32 inputs (He et al.), the ATS paper's model. Output ``[B, num_classes]``."""
 
-    def __init__(self, *, num_classes: int = 10, in_channels: int = 3, norm: str = "group", groups: int = 8,
-                 width: int = 16):
+    def __init__(
+        self, *, num_classes: int = 10, in_channels: int = 3, norm: str = "group", groups: int = 8, width: int = 16
+    ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width, groups),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width, groups), nn.ReLU()
+        )
         self.stages = nn.Sequential(
             _stage(width, width, 3, 1, norm, groups, False),
             _stage(width, 2 * width, 3, 2, norm, groups, False),
@@ -151,9 +183,12 @@ class LeNet(nn.Module):
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: int = 12, image_size: int = 8):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=2), nn.Sigmoid(),
-            nn.Conv2d(width, width, 5, padding=2, stride=1), nn.Sigmoid(),
+            nn.Conv2d(in_channels, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=1),
+            nn.Sigmoid(),
         )
         side = (image_size + 3) // 4  # each stride-2 convolution (kernel 5, padding 2) gives ceil(side / 2)
         self.classifier = nn.Linear(width * side * side, num_classes)
@@ -189,14 +224,23 @@ class LSTMLanguageModel(nn.Module):
     Input ``ids`` int64 ``[N, T]``; output logits ``[N, T, V]``.
     """
 
-    def __init__(self, vocab_size: int, *, embed_dim: int = 128, hidden_size: int = 128, num_layers: int = 2,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        embed_dim: int = 128,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         from opacus.layers import DPLSTM
 
         if min(vocab_size, embed_dim, hidden_size, num_layers) < 1 or not 0 <= dropout < 1:
-            raise ValueError(f"need vocab_size, embed_dim, hidden_size, num_layers >= 1 and dropout in [0, 1); got "
-                             f"{vocab_size}, {embed_dim}, {hidden_size}, {num_layers}, {dropout}")
+            raise ValueError(
+                f"need vocab_size, embed_dim, hidden_size, num_layers >= 1 and dropout in [0, 1); got "
+                f"{vocab_size}, {embed_dim}, {hidden_size}, {num_layers}, {dropout}"
+            )
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.drop = nn.Dropout(dropout)
@@ -238,7 +282,8 @@ class _CausalSelfAttention(nn.Module):
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [N, h, T, d/h]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -249,8 +294,9 @@ class _Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = _CausalSelfAttention(dim, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -277,13 +323,24 @@ class TransformerLanguageModel(nn.Module):
     Input ``ids`` int64 ``[N, T]``, ``T <= context``; output logits ``[N, T, V]``.
     """
 
-    def __init__(self, vocab_size: int, *, dim: int = 128, heads: int = 4, layers: int = 2, context: int = 64,
-                 mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        dim: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        context: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if min(vocab_size, dim, heads, layers, context, mlp_ratio) < 1 or dim % heads or not 0 <= dropout < 1:
-            raise ValueError(f"need positive sizes, dim divisible by heads and dropout in [0, 1); got vocab_size="
-                             f"{vocab_size}, dim={dim}, heads={heads}, layers={layers}, context={context}, "
-                             f"mlp_ratio={mlp_ratio}, dropout={dropout}")
+            raise ValueError(
+                f"need positive sizes, dim divisible by heads and dropout in [0, 1); got vocab_size="
+                f"{vocab_size}, dim={dim}, heads={heads}, layers={layers}, context={context}, "
+                f"mlp_ratio={mlp_ratio}, dropout={dropout}"
+            )
         self.vocab_size, self.context = vocab_size, context
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(context, dim)
@@ -306,8 +363,13 @@ class TransformerLanguageModel(nn.Module):
 def build_model(config: TrainConfig, *, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """The model ``config.model`` (one of :data:`MODELS`) for images ``[B, in_channels, image_size, image_size]``."""
     if config.model == "convnet":
-        return ConvNet(in_channels=in_channels, num_classes=num_classes, width=config.width, image_size=image_size,
-                       groups=min(8, config.width))
+        return ConvNet(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            width=config.width,
+            image_size=image_size,
+            groups=min(8, config.width),
+        )
     if config.model == "mlp":
         return MLP(in_channels * image_size**2, num_classes, hidden=(config.width,))
     if config.model == "wrn16-4":

@@ -39,7 +39,8 @@ try:
     _EXTENSION_ERROR: Optional[str] = None
 except ImportError as error:  # not built, or built against another torch
     _EXTENSION_ERROR = (
-        "privfast._C is not built" if importlib.util.find_spec("privfast._C") is None
+        "privfast._C is not built"
+        if importlib.util.find_spec("privfast._C") is None
         else f"privfast._C failed to load: {error}"
     )
 
@@ -125,8 +126,9 @@ def _check_tensor_list(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
     return tensors
 
 
-def non_finite_error(subject: str, detail: str = "",
-                     consequence: str = "clipping them would give a wrong update") -> ValueError:
+def non_finite_error(
+    subject: str, detail: str = "", consequence: str = "clipping them would give a wrong update"
+) -> ValueError:
     """The one error for non-finite (NaN or inf) per-example gradients, worded as the kernels word it.
 
     Args:
@@ -134,8 +136,9 @@ def non_finite_error(subject: str, detail: str = "",
         detail: which examples, e.g. " for examples [3], first in grads[0]".
         consequence: what using them would do.
     """
-    return ValueError(f"{subject} non-finite values (NaN or inf){detail}; {consequence}. "
-                      "Check the loss and learning rate.")
+    return ValueError(
+        f"{subject} non-finite values (NaN or inf){detail}; {consequence}. Check the loss and learning rate."
+    )
 
 
 def check_finite_norms(norms: Tensor, grads: Optional[Sequence[Tensor]] = None, *, name: str = "grads") -> None:
@@ -258,7 +261,12 @@ def clip_accumulate_noise(
         seed, offset = _noise_key(generator, _torch_ops.philox_counters(numel), secure_mode)
     if _use_kernel("clip_accumulate_noise", grads[0].device):
         return torch.ops.privfast.clip_accumulate_noise(
-            grads, float(max_grad_norm), float(noise_std), float(scale), _as_int64(seed), _as_int64(offset),
+            grads,
+            float(max_grad_norm),
+            float(noise_std),
+            float(scale),
+            _as_int64(seed),
+            _as_int64(offset),
             check_finite,
         )
     if check_finite:
@@ -291,14 +299,20 @@ def gradsim(
         raise ValueError(f"grads has {len(grads)} tensors but refs has {len(refs)}; they must pair up")
     for i, (g, r) in enumerate(zip(grads, refs)):
         if g.shape[1:] != r.shape[1:]:
-            raise ValueError(f"grads[{i}] is {tuple(g.shape)} but refs[{i}] is {tuple(r.shape)}: shapes past dim 0 differ")
+            raise ValueError(
+                f"grads[{i}] is {tuple(g.shape)} but refs[{i}] is {tuple(r.shape)}: shapes past dim 0 differ"
+            )
         if r.dtype != g.dtype or r.device != g.device:
             raise ValueError(f"refs[{i}] is {r.dtype} on {r.device} but grads[{i}] is {g.dtype} on {g.device}")
     n, m = grads[0].shape[0], refs[0].shape[0]
     if index is None:
         if m not in (n, 1):
             raise ValueError(f"refs has {m} rows and grads {n}: pass index [N] to say which reference each uses")
-        index = torch.arange(n, device=grads[0].device) if m == n else torch.zeros(n, dtype=torch.int64, device=grads[0].device)
+        index = (
+            torch.arange(n, device=grads[0].device)
+            if m == n
+            else torch.zeros(n, dtype=torch.int64, device=grads[0].device)
+        )
     if index.dtype != torch.int64 or index.shape != (n,):
         raise ValueError(f"index must be int64 of shape [{n}], got {index.dtype} {tuple(index.shape)}")
     index = index.to(grads[0].device)
@@ -363,7 +377,11 @@ def draw_augment_params(
     first = torch.randint(0, max(base_rows, 1), (batch, mixups), generator=generator, device=gen_device)
     shift = torch.randint(1, max(base_rows, 2), (batch, mixups), generator=generator, device=gen_device)
     second = (first + shift) % base_rows if base_rows > 1 else first
-    lam = sample_beta(alpha, (batch, mixups), generator=generator) if mixups else torch.zeros(batch, 0, dtype=torch.float64)
+    lam = (
+        sample_beta(alpha, (batch, mixups), generator=generator)
+        if mixups
+        else torch.zeros(batch, 0, dtype=torch.float64)
+    )
     return AugmentParams(
         offsets.to(device), flips.to(device), torch.stack([first, second], -1).to(device), lam.to(device, lambda_dtype)
     )
@@ -411,21 +429,34 @@ def augment_batch(
     if k < 0 or mixups < 0:
         raise ValueError(f"k and mixups must be >= 0, got k={k}, mixups={mixups}")
     if not 0 <= crop_padding < min(height, width):
-        raise ValueError(f"crop_padding must be in [0, min(H, W)) = [0, {min(height, width)}) for reflect padding, got {crop_padding}")
+        raise ValueError(
+            f"crop_padding must be in [0, min(H, W)) = [0, {min(height, width)}) for reflect padding, got "
+            f"{crop_padding}"
+        )
     if mixups and not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     k_extra = 0
     if extra is not None:
         if extra.dim() != 5 or extra.shape[0] != batch or extra.shape[2:] != x.shape[1:]:
-            raise ValueError(f"extra must be [B={batch}, k_extra, {channels}, {height}, {width}], got {tuple(extra.shape)}")
+            raise ValueError(
+                f"extra must be [B={batch}, k_extra, {channels}, {height}, {width}], got {tuple(extra.shape)}"
+            )
         if extra.dtype != x.dtype or extra.device != x.device:
             raise ValueError(f"extra is {extra.dtype} on {extra.device} but x is {x.dtype} on {x.device}")
         k_extra = extra.shape[1]
     lambda_dtype = _torch_ops.accumulate_dtype(x.dtype)
     if params is None:
         params = draw_augment_params(
-            batch, k, crop_padding=crop_padding, flip=flip, mixups=mixups, k_extra=k_extra, alpha=alpha,
-            generator=generator, device=x.device, lambda_dtype=lambda_dtype,
+            batch,
+            k,
+            crop_padding=crop_padding,
+            flip=flip,
+            mixups=mixups,
+            k_extra=k_extra,
+            alpha=alpha,
+            generator=generator,
+            device=x.device,
+            lambda_dtype=lambda_dtype,
         )
     else:
         params = AugmentParams(*(t.to(x.device) for t in params))

@@ -137,7 +137,9 @@ class PrivacyEngine:
         check_privacy_args(noise_multiplier, max_grad_norm)  # before building anything
         if augmentation is not None:
             if augmult not in (1, augmentation.augmult):
-                raise ValueError(f"augmult={augmult} but the augmentation makes K={augmentation.augmult} rows per example")
+                raise ValueError(
+                    f"augmult={augmult} but the augmentation makes K={augmentation.augmult} rows per example"
+                )
             augmult = augmentation.augmult
         if microbatch_size > 1 and poisson_sampling:
             raise ValueError(
@@ -146,8 +148,14 @@ class PrivacyEngine:
             )
         if noise_generator is not None and self.secure_mode:
             raise ValueError("secure_mode draws noise from the operating system: do not pass a noise_generator")
-        model = GradSampleModule(module, mode=grad_sample_mode, augmult=augmult, microbatch_size=microbatch_size,
-                                 loss_reduction=loss_reduction, batch_first=batch_first)
+        model = GradSampleModule(
+            module,
+            mode=grad_sample_mode,
+            augmult=augmult,
+            microbatch_size=microbatch_size,
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
         loader = self._prepare_data_loader(data_loader, poisson_sampling=poisson_sampling, augmentation=augmentation)
         loader = observe_batches(loader, model.expect_batch)
         sample_rate = 1 / len(data_loader)
@@ -159,9 +167,15 @@ class PrivacyEngine:
         self.noise_generator = noise_generator
         optimizer_class = DPSAMOptimizer if isinstance(optimizer, SAM) else DPOptimizer
         private_optimizer = optimizer_class(
-            optimizer, module=model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=noise_generator,
-            secure_mode=self.secure_mode, check_finite=check_finite,
+            optimizer,
+            module=model,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            secure_mode=self.secure_mode,
+            check_finite=check_finite,
         )
 
         def account(opt: DPOptimizer) -> None:
@@ -170,9 +184,19 @@ class PrivacyEngine:
         private_optimizer.attach_step_hook(account)
         return model, private_optimizer, loader
 
-    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
-                                  target_epsilon: float, target_delta: float, epochs: int, max_grad_norm: float,
-                                  epsilon_tolerance: float = 0.01, **kwargs: Any):
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        epsilon_tolerance: float = 0.01,
+        **kwargs: Any,
+    ):
         """As :meth:`make_private`, with the noise multiplier that spends ``(target_epsilon,
         target_delta)`` in ``epochs`` epochs (accounting for DP-SAM's two releases per step and
         the doubled sensitivity of microbatches).
@@ -181,32 +205,49 @@ class PrivacyEngine:
             ValueError: on a non-positive target or epoch count, or a budget too small to reach.
         """
         if not (target_epsilon > 0 and 0 < target_delta < 1 and epochs > 0):
-            raise ValueError(f"need target_epsilon > 0, 0 < target_delta < 1, epochs > 0; got "
-                             f"{target_epsilon}, {target_delta}, {epochs}")
+            raise ValueError(
+                f"need target_epsilon > 0, 0 < target_delta < 1, epochs > 0; got "
+                f"{target_epsilon}, {target_delta}, {epochs}"
+            )
         sample_rate = 1 / len(data_loader)
         releases = DPSAMOptimizer.releases_per_step if isinstance(optimizer, SAM) else DPOptimizer.releases_per_step
         with _prv_domain_bound(self.accountant.mechanism()):
             sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                steps=int(epochs / sample_rate) * releases, accountant=self.accountant.mechanism(),
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=int(epochs / sample_rate) * releases,
+                accountant=self.accountant.mechanism(),
                 epsilon_tolerance=epsilon_tolerance,
             )
         sensitivity = 2 if kwargs.get("microbatch_size", 1) > 1 else 1
-        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
-                                 noise_multiplier=sigma * sensitivity, max_grad_norm=max_grad_norm, **kwargs)
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma * sensitivity,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
 
-    def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool,
-                             augmentation: Optional[DPMix]) -> DataLoader:
+    def _prepare_data_loader(
+        self, data_loader: DataLoader, *, poisson_sampling: bool, augmentation: Optional[DPMix]
+    ) -> DataLoader:
         if augmentation is not None:
             data_loader = rebuild_data_loader(
-                data_loader, collate_fn=_AugmentingCollate(data_loader.collate_fn, augmentation))
+                data_loader, collate_fn=_AugmentingCollate(data_loader.collate_fn, augmentation)
+            )
         if not poisson_sampling:
             return data_loader
         poisson = DPDataLoader.from_data_loader(data_loader)
         if not self.secure_mode:
             return poisson
-        return rebuild_data_loader(poisson, batch_sampler=SecureUniformWithReplacementSampler(
-            num_samples=len(poisson.dataset), sample_rate=poisson.sample_rate))
+        return rebuild_data_loader(
+            poisson,
+            batch_sampler=SecureUniformWithReplacementSampler(
+                num_samples=len(poisson.dataset), sample_rate=poisson.sample_rate
+            ),
+        )
 
     def get_epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``."""
@@ -238,8 +279,14 @@ class PrivacyEngine:
                 raise ValueError("this engine has no noise generator yet: call make_private before load_state_dict")
             self.noise_generator.set_state(state["noise_generator"])
 
-    def save_checkpoint(self, *, path: str | os.PathLike, module: nn.Module, optimizer: Optional[Optimizer] = None,
-                        checkpoint_dict: Optional[dict] = None) -> None:
+    def save_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike,
+        module: nn.Module,
+        optimizer: Optional[Optimizer] = None,
+        checkpoint_dict: Optional[dict] = None,
+    ) -> None:
         """Write model, optimizer and engine state to ``path`` atomically (a crash leaves the old file)."""
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
@@ -248,8 +295,9 @@ class PrivacyEngine:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         atomic_save(checkpoint, path)
 
-    def load_checkpoint(self, *, path: str | os.PathLike, module: nn.Module,
-                        optimizer: Optional[Optimizer] = None) -> dict:
+    def load_checkpoint(
+        self, *, path: str | os.PathLike, module: nn.Module, optimizer: Optional[Optimizer] = None
+    ) -> dict:
         """Load what :meth:`save_checkpoint` wrote into ``module``, ``optimizer`` and this engine."""
         checkpoint = torch.load(path, weights_only=False)
         module.load_state_dict(checkpoint["module_state_dict"])

@@ -37,10 +37,30 @@ if TYPE_CHECKING:  # torch loads in about a second: only the functions that need
     from privfast.audit import ModelAudit
     from privfast.data import Split
 
-__all__ = ["ADVANTAGE_NOTE", "AUDIT_FILES", "COLUMNS", "curves_figure", "epsilon_figure", "format_audit",
-           "format_exposure", "format_table", "load_audits", "loss_histogram_figure", "lrc_matrix", "plot_curves",
-           "plot_epsilon", "plot_loss_histograms", "plot_lrc", "plot_reconstructions", "plot_roc", "roc_figure",
-           "summarize", "table", "write_audit", "write_report"]
+__all__ = [
+    "ADVANTAGE_NOTE",
+    "AUDIT_FILES",
+    "COLUMNS",
+    "curves_figure",
+    "epsilon_figure",
+    "format_audit",
+    "format_exposure",
+    "format_table",
+    "load_audits",
+    "loss_histogram_figure",
+    "lrc_matrix",
+    "plot_curves",
+    "plot_epsilon",
+    "plot_loss_histograms",
+    "plot_lrc",
+    "plot_reconstructions",
+    "plot_roc",
+    "roc_figure",
+    "summarize",
+    "table",
+    "write_audit",
+    "write_report",
+]
 
 COLUMNS = (
     # (key of summarize's dict, header, format)
@@ -60,11 +80,15 @@ ADVANTAGE_NOTE = (
     "knows and scored on the others (what an attacker achieves; '-' for attacks read at a chosen FPR, such as "
     "LiRA); P_err = (1 - decision advantage) / 2. best-threshold advantage: the best threshold chosen after "
     "seeing every score and its label, known examples included (an upper bound on any threshold on that score, "
-    "not an attack).")
+    "not an attack)."
+)
 """What the two advantages of :data:`COLUMNS` measure; printed under every table that shows them."""
 
-AUDIT_FILES = {"membership": ("audit.json",), "epsilon": ("epsilon_audit.json",),
-               "rmia": ("rmia/rmia.json", "rmia.json")}
+AUDIT_FILES = {
+    "membership": ("audit.json",),
+    "epsilon": ("epsilon_audit.json",),
+    "rmia": ("rmia/rmia.json", "rmia.json"),
+}
 """The files ``privfast audit`` writes next to a checkpoint, by kind (RMIA in a folder of its own,
 as its ``roc.png`` would replace the membership audit's), which :func:`load_audits` reads."""
 
@@ -76,8 +100,9 @@ _DPI = 110
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], *, markdown: bool = False,
-          align: Optional[str] = None) -> str:
+def table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], *, markdown: bool = False, align: Optional[str] = None
+) -> str:
     """A table as aligned plain text or Markdown: the one formatter of every command's tables.
 
     Args:
@@ -98,8 +123,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], *, markdown: 
         return "\n".join("| " + " | ".join(line) + " |" for line in [list(header), rule, *body])
     lines = [list(header), *body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if a == "l" else cell.rjust(w)
-                               for cell, w, a in zip(line, widths, align)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if a == "l" else cell.rjust(w) for cell, w, a in zip(line, widths, align)).rstrip()
+        for line in lines
+    )
 
 
 def _tpr(tpr_at_fpr: Mapping, level: float) -> float:
@@ -161,8 +188,10 @@ def format_table(rows: Mapping[str, dict], *, markdown: bool = False, first: str
         first: the title of the first column.
     """
     header = [first, *(title for _, title, _ in COLUMNS)]
-    body = [[name, *(_cell(row[key], fmt, "inf" if key == "epsilon" else "-") for key, _, fmt in COLUMNS)]
-            for name, row in rows.items()]
+    body = [
+        [name, *(_cell(row[key], fmt, "inf" if key == "epsilon" else "-") for key, _, fmt in COLUMNS)]
+        for name, row in rows.items()
+    ]
     return table(header, body, markdown=markdown)
 
 
@@ -171,10 +200,21 @@ def format_exposure(canaries: Mapping, *, markdown: bool = False) -> str:
     an unreliable extrapolation under it."""
     header = ["canary", "label", "loss", "exposure (bits)", "extrapolated (bits)"]
     fitted = canaries["exposure_extrapolated"]
-    body = [[str(i), str(label), f"{loss:.3f}", f"{e:.2f}", f"{f:.2f}"] for i, (label, loss, e, f) in
-            enumerate(zip(canaries["labels"], canaries["losses"], canaries["exposure"], fitted))]
-    body.append(["mean", "", f"{np.mean(canaries['losses']):.3f}", f"{np.mean(canaries['exposure']):.2f}",
-                 f"{np.mean(fitted):.2f}"])
+    body = [
+        [str(i), str(label), f"{loss:.3f}", f"{e:.2f}", f"{f:.2f}"]
+        for i, (label, loss, e, f) in enumerate(
+            zip(canaries["labels"], canaries["losses"], canaries["exposure"], fitted)
+        )
+    ]
+    body.append(
+        [
+            "mean",
+            "",
+            f"{np.mean(canaries['losses']):.3f}",
+            f"{np.mean(canaries['exposure']):.2f}",
+            f"{np.mean(fitted):.2f}",
+        ]
+    )
     lines = [table(header, body, markdown=markdown)]
     if canaries.get("extrapolation_note"):
         note = f"extrapolated exposure unreliable: {canaries['extrapolation_note']}"
@@ -199,21 +239,31 @@ def format_audit(audit: Union["ModelAudit", Mapping], *, markdown: bool = False)
     record = audit["record"]
     attacks = [name for name, value in record.items() if isinstance(value, dict)]
     lira = f"LiRA with {audit['shadows']} shadow models" if audit["shadows"] else "no LiRA (0 shadow models)"
-    lines = [f"{audit['method']}, epoch {audit['epoch']}: test accuracy {record['test_accuracy']:.3f}, train "
-             f"accuracy {record['train_accuracy']:.3f}; {audit['members']} members (training examples) and "
-             f"{audit['nonmembers']} non-members (test set) attacked, {audit['known']} of each known to the "
-             f"calibrated attacks; {lira}.", "",
-             format_table({name: summarize([record], attack=name) for name in attacks}, markdown=markdown,
-                          first="attack"), "", ADVANTAGE_NOTE]
+    lines = [
+        f"{audit['method']}, epoch {audit['epoch']}: test accuracy {record['test_accuracy']:.3f}, train "
+        f"accuracy {record['train_accuracy']:.3f}; {audit['members']} members (training examples) and "
+        f"{audit['nonmembers']} non-members (test set) attacked, {audit['known']} of each known to the "
+        f"calibrated attacks; {lira}.",
+        "",
+        format_table({name: summarize([record], attack=name) for name in attacks}, markdown=markdown, first="attack"),
+        "",
+        ADVANTAGE_NOTE,
+    ]
     for group in audit.get("shared_scores", []):
-        lines.append(f"{', '.join(group)} score every example alike (-loss for the threshold attacks): one ROC "
-                     "curve, one AUC and best-threshold advantage; they differ only in their decision.")
+        lines.append(
+            f"{', '.join(group)} score every example alike (-loss for the threshold attacks): one ROC "
+            "curve, one AUC and best-threshold advantage; they differ only in their decision."
+        )
     canaries = audit.get("canaries")
     if canaries is not None:
-        lines += ["", f"{'### Canary' if markdown else 'canary'} exposure: {canaries['inserted']} canaries inserted "
-                  f"{canaries['repeats']} times each, ranked among {canaries['references']} candidates never "
-                  f"inserted (at most {canaries['max_exposure']:.2f} bits; about 1 bit means not memorized)", "",
-                  format_exposure(canaries, markdown=markdown)]
+        lines += [
+            "",
+            f"{'### Canary' if markdown else 'canary'} exposure: {canaries['inserted']} canaries inserted "
+            f"{canaries['repeats']} times each, ranked among {canaries['references']} candidates never "
+            f"inserted (at most {canaries['max_exposure']:.2f} bits; about 1 bit means not memorized)",
+            "",
+            format_exposure(canaries, markdown=markdown),
+        ]
     return "\n".join(lines)
 
 
@@ -235,8 +285,9 @@ def write_audit(audit: "ModelAudit", out: str | os.PathLike, *, source: Optional
     (out / "audit.json").write_text(json.dumps(values, indent=1, default=str))
     roc = plot_roc({name: result.summary["roc"] for name, result in audit.results.items()}, out / "roc.png")
     heading = f"## Membership audit of `{source}`" if source else "## Membership audit"
-    (out / "audit.md").write_text("\n".join([heading, "", format_audit(values, markdown=True), "",
-                                             "![ROC, log-log](roc.png)", ""]))
+    (out / "audit.md").write_text(
+        "\n".join([heading, "", format_audit(values, markdown=True), "", "![ROC, log-log](roc.png)", ""])
+    )
     return [out / "audit.json", out / "audit.md", roc]
 
 
@@ -263,22 +314,41 @@ def _audit_section(audits: Mapping[str, Mapping[str, dict]]) -> list[str]:
             except (KeyError, TypeError):  # an audit.json of an older privfast lacks some fields
                 text = "*audit.json was written by an older privfast: run `privfast audit` again.*"
             lines += [f"### {name}: membership attacks", "", text, ""]
-    bounds = [[name, found["epsilon"]["method"], f"{found['epsilon']['accountant_epsilon']:.3f}",
-               f"{found['epsilon']['epsilon']:.3f} [{found['epsilon']['epsilon_low']:.3f}, "
-               f"{found['epsilon']['epsilon_high']:.3f}]", f"{100 * found['epsilon']['confidence']:g}%"]
-              for name, found in audits.items() if "epsilon" in found]
+    bounds = [
+        [
+            name,
+            found["epsilon"]["method"],
+            f"{found['epsilon']['accountant_epsilon']:.3f}",
+            f"{found['epsilon']['epsilon']:.3f} [{found['epsilon']['epsilon_low']:.3f}, "
+            f"{found['epsilon']['epsilon_high']:.3f}]",
+            f"{100 * found['epsilon']['confidence']:g}%",
+        ]
+        for name, found in audits.items()
+        if "epsilon" in found
+    ]
     if bounds:
-        lines += ["### Epsilon: the accountant's against an audit's", "",
-                  table(["run", "audit", "accountant eps", "empirical eps [interval]", "confidence"], bounds,
-                        markdown=True), "",
-                  "one-run: a lower bound (both ends of the interval are the bound); white-box: an estimate with "
-                  "its confidence interval.", ""]
-    rmia = [[name, attack, f"{r['auc']:.3f}", f"{_tpr(r['tpr_at_fpr'], 0.001):.3f}",
-             f"{_tpr(r['tpr_at_fpr'], 0.01):.3f}"]
-            for name, found in audits.items() if "rmia" in found for attack, r in found["rmia"]["results"].items()]
+        lines += [
+            "### Epsilon: the accountant's against an audit's",
+            "",
+            table(["run", "audit", "accountant eps", "empirical eps [interval]", "confidence"], bounds, markdown=True),
+            "",
+            "one-run: a lower bound (both ends of the interval are the bound); white-box: an estimate with "
+            "its confidence interval.",
+            "",
+        ]
+    rmia = [
+        [name, attack, f"{r['auc']:.3f}", f"{_tpr(r['tpr_at_fpr'], 0.001):.3f}", f"{_tpr(r['tpr_at_fpr'], 0.01):.3f}"]
+        for name, found in audits.items()
+        if "rmia" in found
+        for attack, r in found["rmia"]["results"].items()
+    ]
     if rmia:
-        lines += ["### RMIA and LiRA on the same shadow models", "",
-                  table(["run", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR"], rmia, markdown=True), ""]
+        lines += [
+            "### RMIA and LiRA on the same shadow models",
+            "",
+            table(["run", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR"], rmia, markdown=True),
+            "",
+        ]
     return lines
 
 
@@ -302,9 +372,13 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 def _style(i: int) -> dict:
     """Run ``i``'s line style: color, marker and dashes all vary, so that runs whose curves coincide
     (DP-SGD and DP-Mix spend the same epsilon) still show each other's markers."""
-    return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)],
-            "linestyle": _LINESTYLES[i % len(_LINESTYLES)], "markerfacecolor": "none" if i % 2 else None,
-            "markersize": 7 if i % 2 else 5}
+    return {
+        "color": f"C{i % 10}",
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+        "markerfacecolor": "none" if i % 2 else None,
+        "markersize": 7 if i % 2 else 5,
+    }
 
 
 def _integer_epochs(ax) -> None:
@@ -319,8 +393,13 @@ def _legend_outside(fig, handles=None, labels=None, *, below: bool = False) -> N
     if handles is None:
         handles, labels = fig.axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center" if below else "outside right upper", fontsize="small",
-                   ncols=1 if below else math.ceil(len(handles) / 20))
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center" if below else "outside right upper",
+            fontsize="small",
+            ncols=1 if below else math.ceil(len(handles) / 20),
+        )
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -357,8 +436,11 @@ def curves_figure(runs: Mapping[str, Sequence[dict]], *, attack: str):
             perr_ax.plot(epochs, p_err, ":", color=style["color"])
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="utility")
     adv_ax.set(xlabel="epoch", ylabel=f"{attack} decision advantage", title="membership leakage")
-    pu_ax.set(xlabel=f"{attack} P_err (0.5: no leakage)", ylabel="test accuracy",
-              title="privacy-utility (one point per epoch, last starred)")
+    pu_ax.set(
+        xlabel=f"{attack} P_err (0.5: no leakage)",
+        ylabel="test accuracy",
+        title="privacy-utility (one point per epoch, last starred)",
+    )
     eps_ax.set(xlabel="epoch", ylabel="epsilon (solid)", title="privacy spent")
     for ax in (acc_ax, adv_ax, eps_ax):
         _integer_epochs(ax)
@@ -440,12 +522,22 @@ def roc_figure(rocs: Mapping[str, Mapping[str, Sequence[float]]]):
         low = float(tpr[fpr <= 0.001].max(initial=0.0))
         label = " = ".join(names) + (" (same score)" if len(names) > 1 else "")
         keep = (fpr > 0) & (tpr > 0)  # zeros have no place on log axes
-        ax.plot(fpr[keep], tpr[keep], color=f"C{i % 10}", linestyle=_LINESTYLES[i // 10 % 4],
-                label=f"{label}: AUC {auc:.3f}, TPR@0.1%FPR {low:.3f}")
+        ax.plot(
+            fpr[keep],
+            tpr[keep],
+            color=f"C{i % 10}",
+            linestyle=_LINESTYLES[i // 10 % 4],
+            label=f"{label}: AUC {auc:.3f}, TPR@0.1%FPR {low:.3f}",
+        )
         floor = min(floor, fpr[keep].min(initial=1.0))
     ax.plot([floor, 1], [floor, 1], "k:", label="chance")
-    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
-           title="membership attacks (log-log ROC)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="membership attacks (log-log ROC)",
+    )
     _legend_outside(fig, below=True)
     return fig
 
@@ -473,8 +565,7 @@ def _losses(models: Mapping[str, "nn.Module"], data: "Split") -> dict[str, np.nd
     return {name: example_losses(model, *data).cpu().numpy() for name, model in models.items()}
 
 
-def loss_histogram_figure(models: Mapping[str, "nn.Module"], members: "Split", nonmembers: "Split", *,
-                          bins: int = 40):
+def loss_histogram_figure(models: Mapping[str, "nn.Module"], members: "Split", nonmembers: "Split", *, bins: int = 40):
     """The figure of :func:`plot_loss_histograms` and the Jensen-Shannon distances ``(figure, {run: distance})``."""
     from privfast.metrics import js_distance
 
@@ -488,16 +579,21 @@ def loss_histogram_figure(models: Mapping[str, "nn.Module"], members: "Split", n
         top = max(m.max(), n.max())
         ax.hist(m, bins=bins, range=(0, top), alpha=0.6, density=True, color="C0", label="members")
         ax.hist(n, bins=bins, range=(0, top), alpha=0.6, density=True, color="C1", label="non-members")
-        ax.set(title=f"{name}: JS distance {distances[name]:.3f}", xlabel="cross-entropy loss",
-               ylabel="density (log scale)", yscale="log")
-    for ax in axes.flat[len(models):]:
+        ax.set(
+            title=f"{name}: JS distance {distances[name]:.3f}",
+            xlabel="cross-entropy loss",
+            ylabel="density (log scale)",
+            yscale="log",
+        )
+    for ax in axes.flat[len(models) :]:
         ax.set_visible(False)
     _legend_outside(fig)
     return fig, distances
 
 
-def plot_loss_histograms(models: Mapping[str, "nn.Module"], members: "Split", nonmembers: "Split",
-                         path: str | os.PathLike, *, bins: int = 40) -> dict[str, float]:
+def plot_loss_histograms(
+    models: Mapping[str, "nn.Module"], members: "Split", nonmembers: "Split", path: str | os.PathLike, *, bins: int = 40
+) -> dict[str, float]:
     """Histograms of the per-example losses of members and non-members, one panel per model (PNG),
     in a grid that wraps after 4 panels.
 
@@ -548,19 +644,31 @@ def plot_lrc(lrc: Mapping[str, Mapping[str, float]], path: str | os.PathLike) ->
     fig, axes = _figure(1, 1, (cell * len(names) + 2.5, cell * len(names) + 1.5))
     ax = axes[0][0]
     image = ax.imshow(values, vmin=-1, vmax=1, cmap="coolwarm")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-           title="loss rank correlation (training examples)")
+    ax.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xticklabels=names,
+        yticklabels=names,
+        title="loss rank correlation (training examples)",
+    )
     ax.tick_params(axis="x", labelrotation=45 if len(names) > 4 else 0)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize="small" if len(names) <= 6
-                    else "x-small")
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize="small" if len(names) <= 6 else "x-small",
+            )
     fig.colorbar(image, ax=ax, label="Spearman correlation")
     return _save(fig, path)
 
 
-def plot_reconstructions(rows: Mapping[str, "Tensor"], path: str | os.PathLike, *,
-                         titles: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
+def plot_reconstructions(
+    rows: Mapping[str, "Tensor"], path: str | os.PathLike, *, titles: Optional[Mapping[str, Sequence[str]]] = None
+) -> Path:
     """A grid of images (PNG), one labelled row per batch, one column per image: e.g. ATS's Fig. 4
     (clean images; their reconstructions; the transformed images; the reconstructions of those).
 
@@ -591,11 +699,18 @@ def plot_reconstructions(rows: Mapping[str, "Tensor"], path: str | os.PathLike, 
     return _save(fig, path)
 
 
-
-def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack: str,
-                 models: Optional[Mapping[str, "nn.Module"]] = None, members: Optional["Split"] = None,
-                 nonmembers: Optional["Split"] = None, title: str = "privfast report",
-                 notes: Sequence[str] = (), audits: Optional[Mapping[str, Mapping[str, dict]]] = None) -> Path:
+def write_report(
+    out_dir: str | os.PathLike,
+    runs: Mapping[str, dict],
+    *,
+    attack: str,
+    models: Optional[Mapping[str, "nn.Module"]] = None,
+    members: Optional["Split"] = None,
+    nonmembers: Optional["Split"] = None,
+    title: str = "privfast report",
+    notes: Sequence[str] = (),
+    audits: Optional[Mapping[str, Mapping[str, dict]]] = None,
+) -> Path:
     """Write ``report.md``, ``results.json``, ``curves.png``, ``epsilon.png`` (private runs) and, with models,
     ``losses.png`` and ``lrc.png`` into ``out_dir``.
 
@@ -631,27 +746,48 @@ def write_report(out_dir: str | os.PathLike, runs: Mapping[str, dict], *, attack
         lrc = lrc_matrix(models, members)
         plot_lrc(lrc, out / "lrc.png")
     audits = {name: found for name, found in (audits or {}).items() if found}
-    results = {name: {**run, "summary": rows[name],
-                      **({"js_distance": distances[name], "lrc": lrc[name]} if distances else {}),
-                      **({"audits": audits[name]} if name in audits else {})}
-               for name, run in runs.items()}
+    results = {
+        name: {
+            **run,
+            "summary": rows[name],
+            **({"js_distance": distances[name], "lrc": lrc[name]} if distances else {}),
+            **({"audits": audits[name]} if name in audits else {}),
+        }
+        for name, run in runs.items()
+    }
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1, default=str)
-    lines = [f"# {title}", "", *notes, "" if notes else None,
-             f"Last epoch of each run, attacked by `{attack}` (members: training examples; non-members: "
-             "the test set). The DP bound on P_err is (1 - delta) / (1 + e^epsilon), which no attack's decision "
-             "can go below.", "",
-             format_table(rows, markdown=True), "", ADVANTAGE_NOTE, "",
-             "![per-epoch curves](curves.png)", "",
-             *(["Epsilon against optimizer steps:", "", "![epsilon vs steps](epsilon.png)", ""]
-               if epsilon_plot else [])]
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        "" if notes else None,
+        f"Last epoch of each run, attacked by `{attack}` (members: training examples; non-members: "
+        "the test set). The DP bound on P_err is (1 - delta) / (1 + e^epsilon), which no attack's decision "
+        "can go below.",
+        "",
+        format_table(rows, markdown=True),
+        "",
+        ADVANTAGE_NOTE,
+        "",
+        "![per-epoch curves](curves.png)",
+        "",
+        *(["Epsilon against optimizer steps:", "", "![epsilon vs steps](epsilon.png)", ""] if epsilon_plot else []),
+    ]
     if distances:
         names = list(lrc)
-        lines += ["Loss histograms of members and non-members (Jensen-Shannon distance in each title):", "",
-                  "![loss histograms](losses.png)", "",
-                  "Loss rank correlation (Spearman) between the runs' models on the training examples:", "",
-                  table(["", *names], [[a, *(f"{lrc[a][b]:.3f}" for b in names)] for a in names], markdown=True),
-                  "", "![LRC heatmap](lrc.png)", ""]
+        lines += [
+            "Loss histograms of members and non-members (Jensen-Shannon distance in each title):",
+            "",
+            "![loss histograms](losses.png)",
+            "",
+            "Loss rank correlation (Spearman) between the runs' models on the training examples:",
+            "",
+            table(["", *names], [[a, *(f"{lrc[a][b]:.3f}" for b in names)] for a in names], markdown=True),
+            "",
+            "![LRC heatmap](lrc.png)",
+            "",
+        ]
     if audits:
         lines += _audit_section(audits)
     lines += ["## Configurations", ""]

@@ -63,9 +63,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from privfast._io import atomic_save
-from privfast.attacks.exposure import (ENUMERATION_LIMIT, TokenCanary, candidate_index, enumerate_log_perplexities,
-                                       exposure, exposure_extrapolated, extract, score_candidates,
-                                       token_canary)
+from privfast.attacks.exposure import (
+    ENUMERATION_LIMIT,
+    TokenCanary,
+    candidate_index,
+    enumerate_log_perplexities,
+    exposure,
+    exposure_extrapolated,
+    extract,
+    score_candidates,
+    token_canary,
+)
 from privfast.models import LSTMLanguageModel, TransformerLanguageModel
 from privfast.privacy_engine import PrivacyEngine
 from privfast.text import CORPORA, LEVELS, TextCorpus, load_corpus, plant, windows
@@ -193,9 +201,13 @@ class SecretSharerConfig:
         unknown = [f for f in self.formats if f not in CANARY_FORMATS]
         if not self.formats or unknown or len(set(self.formats)) != len(self.formats):
             problems.append(f"formats must be distinct names from {sorted(CANARY_FORMATS)}, got {list(self.formats)}")
-        for name, value, choices in (("corpus", self.corpus, CORPORA), ("level", self.level, LEVELS),
-                                     ("model", self.model, LM_MODELS), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("baseline_optimizer", self.baseline_optimizer, OPTIMIZERS)):
+        for name, value, choices in (
+            ("corpus", self.corpus, CORPORA),
+            ("level", self.level, LEVELS),
+            ("model", self.model, LM_MODELS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("baseline_optimizer", self.baseline_optimizer, OPTIMIZERS),
+        ):
             if value not in choices:
                 problems.append(f"{name} must be one of {choices}, got {value!r}")
         if min(self.width, self.layers, self.heads, self.window, self.epochs, self.batch_size, self.min_count) < 1:
@@ -203,14 +215,18 @@ class SecretSharerConfig:
         if self.model == "transformer" and self.width % self.heads:
             problems.append(f"the transformer's width ({self.width}) must be divisible by heads ({self.heads})")
         if not (self.lr > 0 and self.baseline_lr > 0 and 0 < self.max_grad_norm < math.inf):
-            problems.append(f"lr, baseline_lr and max_grad_norm must be > 0 and finite, got {self.lr}, "
-                            f"{self.baseline_lr}, {self.max_grad_norm}")
+            problems.append(
+                f"lr, baseline_lr and max_grad_norm must be > 0 and finite, got {self.lr}, "
+                f"{self.baseline_lr}, {self.max_grad_norm}"
+            )
         if not 0 < self.delta < 1:
             problems.append(f"delta must be in (0, 1), got {self.delta}")
         if self.references < 3 or min(self.extraction_candidates, self.extraction_expansions, self.exact_limit) < 1:
-            problems.append(f"need references >= 3, extraction_candidates, extraction_expansions, exact_limit >= 1; "
-                            f"got {self.references}, {self.extraction_candidates}, {self.extraction_expansions}, "
-                            f"{self.exact_limit}")
+            problems.append(
+                f"need references >= 3, extraction_candidates, extraction_expansions, exact_limit >= 1; "
+                f"got {self.references}, {self.extraction_candidates}, {self.extraction_expansions}, "
+                f"{self.exact_limit}"
+            )
         if problems:
             raise ValueError("invalid secret-sharer configuration:\n  - " + "\n  - ".join(problems))
 
@@ -231,8 +247,9 @@ def _epsilon_label(epsilon: float) -> str:
 
 
 # -- data --------------------------------------------------------------------------------------
-def make_canaries(corpus: TextCorpus, *, formats: Sequence[str], repeats: Sequence[int],
-                  generator: Optional[torch.Generator] = None) -> list[dict]:
+def make_canaries(
+    corpus: TextCorpus, *, formats: Sequence[str], repeats: Sequence[int], generator: Optional[torch.Generator] = None
+) -> list[dict]:
     """One canary per (format, repeat count), with random secrets, checked against the vocabulary.
 
     Args:
@@ -270,18 +287,28 @@ def make_canaries(corpus: TextCorpus, *, formats: Sequence[str], repeats: Sequen
             prefix = torch.cat([torch.tensor([eos]), corpus.encode(texts[i])])
             canary = token_canary(prefix, slots=spec.slots, alphabet=alphabet, generator=generator)
             sequence = torch.cat([canary.sequence, torch.tensor([eos])])
-            out.append({"format": name, "repeats": r, "canary": canary, "sequence": sequence,
-                        "text": corpus.decode(canary.sequence).strip("\n")})
+            out.append(
+                {
+                    "format": name,
+                    "repeats": r,
+                    "canary": canary,
+                    "sequence": sequence,
+                    "text": corpus.decode(canary.sequence).strip("\n"),
+                }
+            )
     if missing:
         listed = "; ".join(f"{name}: {', '.join(tokens)}" for name, tokens in missing.items())
-        raise ValueError(f"the canary formats use tokens that the {corpus.name} {corpus.level}-level vocabulary lacks "
-                         f"(they would all read as <unk>): {listed}. Use other formats, the other level, or a lower "
-                         "min_count")
+        raise ValueError(
+            f"the canary formats use tokens that the {corpus.name} {corpus.level}-level vocabulary lacks "
+            f"(they would all read as <unk>): {listed}. Use other formats, the other level, or a lower "
+            "min_count"
+        )
     return out
 
 
-def secret_canaries(corpus: TextCorpus, *, format: str, count: int, context_tokens: int = 2,
-                    generator: Optional[torch.Generator] = None) -> list[TokenCanary]:
+def secret_canaries(
+    corpus: TextCorpus, *, format: str, count: int, context_tokens: int = 2, generator: Optional[torch.Generator] = None
+) -> list[TokenCanary]:
     """``count`` canaries of one format, each with a context of its own and a random secret.
 
     The canaries of an audit (:func:`privfast.auditing.audit_one_run_language_model`): the format's
@@ -311,9 +338,15 @@ def secret_canaries(corpus: TextCorpus, *, format: str, count: int, context_toke
     head = torch.cat([torch.tensor([eos]), corpus.encode(before)])
     tail = corpus.encode(after + (" " if corpus.level == "char" else ""))
     slots, alphabet = len(checked.secret), checked.alphabet
-    return [token_canary(torch.cat([head, pool[torch.randint(0, len(pool), (context_tokens,), generator=generator)],
-                                    tail]), slots=slots, alphabet=alphabet, generator=generator)
-            for _ in range(count)]
+    return [
+        token_canary(
+            torch.cat([head, pool[torch.randint(0, len(pool), (context_tokens,), generator=generator)], tail]),
+            slots=slots,
+            alphabet=alphabet,
+            generator=generator,
+        )
+        for _ in range(count)
+    ]
 
 
 def _training_rows(corpus: TextCorpus, canaries: list[dict], *, window: int, generator: torch.Generator) -> Tensor:
@@ -326,10 +359,10 @@ def _training_rows(corpus: TextCorpus, canaries: list[dict], *, window: int, gen
 def build_language_model(config: SecretSharerConfig, *, vocab_size: int) -> nn.Module:
     """The language model of ``config`` over ``vocab_size`` tokens (input ``[N, T]`` ids, output ``[N, T, V]``)."""
     if config.model == "lstm":
-        return LSTMLanguageModel(vocab_size, embed_dim=config.width, hidden_size=config.width,
-                                 num_layers=config.layers)
-    return TransformerLanguageModel(vocab_size, dim=config.width, heads=config.heads, layers=config.layers,
-                                    context=config.window)
+        return LSTMLanguageModel(vocab_size, embed_dim=config.width, hidden_size=config.width, num_layers=config.layers)
+    return TransformerLanguageModel(
+        vocab_size, dim=config.width, heads=config.heads, layers=config.layers, context=config.window
+    )
 
 
 def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -349,10 +382,11 @@ def perplexity(model: nn.Module, rows: Tensor, *, batch_size: int = 256) -> floa
     device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size].to(device)
+            batch = rows[start : start + batch_size].to(device)
             logits = model(batch[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                           reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            )
             count += batch[:, 1:].numel()
     model.train(training)
     return math.exp(total / count)
@@ -367,11 +401,23 @@ def _quiet_accountant():
         yield
 
 
-def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = math.inf, delta: float = 1e-9,
-                         epochs: int = 1, batch_size: int = 256, optimizer: str = "rmsprop", lr: float = 0.003,
-                         max_grad_norm: float = 1.0, noise_scaled_lr: bool = False, seed: int = 0,
-                         checkpoint: Optional[str | os.PathLike] = None, progress: bool = True,
-                         grad_sample_mode: str = "auto") -> dict:
+def train_language_model(
+    model: nn.Module,
+    rows: Tensor,
+    *,
+    epsilon: float = math.inf,
+    delta: float = 1e-9,
+    epochs: int = 1,
+    batch_size: int = 256,
+    optimizer: str = "rmsprop",
+    lr: float = 0.003,
+    max_grad_norm: float = 1.0,
+    noise_scaled_lr: bool = False,
+    seed: int = 0,
+    checkpoint: Optional[str | os.PathLike] = None,
+    progress: bool = True,
+    grad_sample_mode: str = "auto",
+) -> dict:
     """Train a language model on windows, privately (DP-SGD / DP-Adam / DP-RMSProp) unless ``epsilon`` is inf.
 
     Private runs go through :class:`~privfast.privacy_engine.PrivacyEngine`: one example is one
@@ -413,8 +459,10 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
     if rows.dim() != 2 or rows.shape[1] < 2:
         raise ValueError(f"rows must be windows [N, T + 1] with T >= 1, got shape {tuple(rows.shape)}")
     if not epsilon > 0 or optimizer not in OPTIMIZERS or epochs < 1 or batch_size < 1:
-        raise ValueError(f"need epsilon > 0, optimizer in {OPTIMIZERS}, epochs >= 1, batch_size >= 1; got {epsilon}, "
-                         f"{optimizer!r}, {epochs}, {batch_size}")
+        raise ValueError(
+            f"need epsilon > 0, optimizer in {OPTIMIZERS}, epochs >= 1, batch_size >= 1; got {epsilon}, "
+            f"{optimizer!r}, {epochs}, {batch_size}"
+        )
     private = math.isfinite(epsilon)
     if private and batch_size > len(rows):
         raise ValueError(f"batch_size={batch_size} is more than the {len(rows)} windows")
@@ -426,24 +474,42 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
         engine = PrivacyEngine(accountant="rdp")
         with _quiet_accountant():
             trained, opt, loader = engine.make_private_with_epsilon(
-                module=model, optimizer=opt, data_loader=DataLoader(dataset, batch_size=batch_size),
-                target_epsilon=epsilon, target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm,
-                batch_first=True, grad_sample_mode=grad_sample_mode,
-                noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed))
+                module=model,
+                optimizer=opt,
+                data_loader=DataLoader(dataset, batch_size=batch_size),
+                target_epsilon=epsilon,
+                target_delta=delta,
+                epochs=epochs,
+                max_grad_norm=max_grad_norm,
+                batch_first=True,
+                grad_sample_mode=grad_sample_mode,
+                noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed),
+            )
         if noise_scaled_lr and opt.noise_multiplier > 1:
             lr = lr / opt.noise_multiplier
             for group in opt.param_groups:
                 group["lr"] = lr
     else:
         trained, loader = model, DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    key = {"epsilon": _epsilon_label(epsilon), "delta": delta, "epochs": epochs, "batch_size": batch_size,
-           "optimizer": optimizer, "lr": lr, "max_grad_norm": max_grad_norm, "seed": seed, "windows": list(rows.shape)}
+    key = {
+        "epsilon": _epsilon_label(epsilon),
+        "delta": delta,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "lr": lr,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "windows": list(rows.shape),
+    }
     history: list[dict] = []
     if checkpoint is not None and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, weights_only=False)
         if state.get("key") != key:
-            raise ValueError(f"{checkpoint} belongs to another training run ({state.get('key')} != {key}); remove it "
-                             "or use another directory")
+            raise ValueError(
+                f"{checkpoint} belongs to another training run ({state.get('key')} != {key}); remove it "
+                "or use another directory"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if engine is not None:
@@ -452,8 +518,9 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
         history = state["history"]
     started = time.perf_counter()
     device = next(model.parameters()).device
-    for epoch in tqdm(range(len(history), epochs), desc=f"train eps={_epsilon_label(epsilon)}", disable=not progress,
-                      leave=False):
+    for epoch in tqdm(
+        range(len(history), epochs), desc=f"train eps={_epsilon_label(epsilon)}", disable=not progress, leave=False
+    ):
         model.train()
         total, count = 0.0, 0
         for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
@@ -464,26 +531,48 @@ def train_language_model(model: nn.Module, rows: Tensor, *, epsilon: float = mat
             opt.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
-        record = {"epoch": epoch + 1, "train_loss": total / count if count else math.nan,
-                  "steps": (epoch + 1) * len(loader)}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / count if count else math.nan,
+            "steps": (epoch + 1) * len(loader),
+        }
         if engine is not None:
             with _quiet_accountant():
                 record["epsilon"] = engine.get_epsilon(delta)
         history.append(record)
         if checkpoint is not None:
-            atomic_save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "engine": engine.state_dict() if engine is not None else None,
-                         "rng": torch.get_rng_state(), "history": history}, checkpoint)
-    return {"history": history, "noise_multiplier": opt.noise_multiplier if engine is not None else None, "lr": lr,
-            "epsilon": history[-1]["epsilon"] if engine is not None else math.inf,
-            "seconds": time.perf_counter() - started}
+            atomic_save(
+                {
+                    "key": key,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "engine": engine.state_dict() if engine is not None else None,
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                },
+                checkpoint,
+            )
+    return {
+        "history": history,
+        "noise_multiplier": opt.noise_multiplier if engine is not None else None,
+        "lr": lr,
+        "epsilon": history[-1]["epsilon"] if engine is not None else math.inf,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # -- exposure ---------------------------------------------------------------------------------
-def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 4096,
-                    extraction_candidates: int = 1000, extraction_expansions: int = 5000,
-                    exact_limit: int = ENUMERATION_LIMIT,
-                    generator: Optional[torch.Generator] = None, progress: bool = False) -> dict:
+def canary_exposure(
+    model: nn.Module,
+    canary: TokenCanary,
+    *,
+    references: int = 4096,
+    extraction_candidates: int = 1000,
+    extraction_expansions: int = 5000,
+    exact_limit: int = ENUMERATION_LIMIT,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+) -> dict:
     """Exposure of one inserted canary: exact rank, skew-normal extrapolation and the extraction attack.
 
     Args:
@@ -509,16 +598,17 @@ def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 
     if space <= exact_limit:
         every = enumerate_log_perplexities(model, canary, progress=progress)
         index = int(candidate_index(canary))
-        secret = every[index:index + 1]
-        others = torch.cat([every[:index], every[index + 1:]])
+        secret = every[index : index + 1]
+        others = torch.cat([every[:index], every[index + 1 :]])
         exact = float(exposure(secret, others)[0])
         sample = others[torch.randint(0, len(others), (references,), generator=generator)]
     else:
         exact = None
         prefix = len(canary.prefix)
         secret = score_candidates(model, canary, canary.secret[None])
-        sample = score_candidates(model, canary, canary.references(limit=references, generator=generator)[:, prefix:],
-                                  progress=progress)
+        sample = score_candidates(
+            model, canary, canary.references(limit=references, generator=generator)[:, prefix:], progress=progress
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         try:
@@ -527,14 +617,23 @@ def canary_exposure(model: nn.Module, canary: TokenCanary, *, references: int = 
             extrapolated, note = math.nan, f"not extrapolated: {error}"
     notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     note = "; ".join(filter(None, [note, *notes])) or None
-    found = extract(model, canary, max_candidates=extraction_candidates, max_expansions=extraction_expansions,
-                    progress=progress)
-    return {"space": space, "log_perplexity": float(secret[0]), "exposure": exact,
-            "max_exposure": math.log2(space), "exposure_extrapolated": extrapolated, "extrapolation_note": note,
-            "extraction_rank": found.secret_rank, "extracted": found.extracted,
-            "extraction_expansions": found.expansions, "extraction_exhausted": found.exhausted,
-            "extraction_top": found.candidates[0].tolist() if len(found.candidates) else None,
-            "seconds": time.perf_counter() - started}
+    found = extract(
+        model, canary, max_candidates=extraction_candidates, max_expansions=extraction_expansions, progress=progress
+    )
+    return {
+        "space": space,
+        "log_perplexity": float(secret[0]),
+        "exposure": exact,
+        "max_exposure": math.log2(space),
+        "exposure_extrapolated": extrapolated,
+        "extrapolation_note": note,
+        "extraction_rank": found.secret_rank,
+        "extracted": found.extracted,
+        "extraction_expansions": found.expansions,
+        "extraction_exhausted": found.exhausted,
+        "extraction_top": found.candidates[0].tolist() if len(found.candidates) else None,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # -- the experiment ---------------------------------------------------------------------------
@@ -553,8 +652,9 @@ class SecretSharerResult:
     paths: dict[str, Path]
 
 
-def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str | os.PathLike, resume: bool = False,
-                      progress: bool = True) -> SecretSharerResult:
+def run_secret_sharer(
+    *, config: Optional[SecretSharerConfig] = None, out: str | os.PathLike, resume: bool = False, progress: bool = True
+) -> SecretSharerResult:
     """Train one language model per epsilon on text with inserted canaries, measure their exposure, report.
 
     Every input is checked before any training: the configuration, the corpus (its files, its size
@@ -580,8 +680,10 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
     stored_config = out / "config.json"
     if stored_config.is_file():
         if not resume:
-            raise ValueError(f"{out} holds a secret-sharer run: pass resume=True (--resume) to go on with it, or "
-                             "choose another directory")
+            raise ValueError(
+                f"{out} holds a secret-sharer run: pass resume=True (--resume) to go on with it, or "
+                "choose another directory"
+            )
         stored = json.loads(stored_config.read_text())
         current = json.loads(json.dumps(config.to_dict()))  # tuples as the stored lists
         changed = sorted(k for k in current if k != "epsilons" and stored.get(k) != current[k])
@@ -604,34 +706,61 @@ def run_secret_sharer(*, config: Optional[SecretSharerConfig] = None, out: str |
             records.append(json.loads(result_path.read_text()))
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        optimizer, lr = ((config.optimizer, config.lr) if math.isfinite(epsilon)
-                         else (config.baseline_optimizer, config.baseline_lr))
+        optimizer, lr = (
+            (config.optimizer, config.lr) if math.isfinite(epsilon) else (config.baseline_optimizer, config.baseline_lr)
+        )
         torch.manual_seed(config.seed)  # the same initial model for every epsilon
         model = build_language_model(config, vocab_size=len(corpus.vocab))
         trained = train_language_model(
-            model, rows, epsilon=epsilon, delta=config.delta, epochs=config.epochs, batch_size=config.batch_size,
-            optimizer=optimizer, lr=lr, max_grad_norm=config.max_grad_norm, noise_scaled_lr=True,
+            model,
+            rows,
+            epsilon=epsilon,
+            delta=config.delta,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            max_grad_norm=config.max_grad_norm,
+            noise_scaled_lr=True,
             seed=config.seed + zlib.crc32(run_dir.name.encode()),  # by epsilon, not position: order-free resume
-            checkpoint=run_dir / "checkpoint.pt", progress=progress)
+            checkpoint=run_dir / "checkpoint.pt",
+            progress=progress,
+        )
         started = time.perf_counter()
         measure_generator = torch.Generator().manual_seed(config.seed)
         measured = []
         for c in tqdm(canaries, desc="exposure", disable=not progress, leave=False):
-            result = canary_exposure(model, c["canary"], references=config.references,
-                                     extraction_candidates=config.extraction_candidates,
-                                     extraction_expansions=config.extraction_expansions,
-                                     exact_limit=config.exact_limit, generator=measure_generator, progress=progress)
+            result = canary_exposure(
+                model,
+                c["canary"],
+                references=config.references,
+                extraction_candidates=config.extraction_candidates,
+                extraction_expansions=config.extraction_expansions,
+                exact_limit=config.exact_limit,
+                generator=measure_generator,
+                progress=progress,
+            )
             top = result.pop("extraction_top")
             result["extraction_top"] = None if top is None else corpus.decode(torch.tensor(top))
             measured.append({"format": c["format"], "repeats": c["repeats"], "text": c["text"], **result})
         test_ppl, valid_ppl = perplexity(model, test), perplexity(model, valid)
-        record = {"format": RESULT_FORMAT, "epsilon": _epsilon_label(epsilon), "epsilon_spent": trained["epsilon"],
-                  "delta": config.delta if math.isfinite(epsilon) else None,
-                  "noise_multiplier": trained["noise_multiplier"], "optimizer": optimizer, "lr": trained["lr"],
-                  "private": math.isfinite(epsilon), "test_loss": math.log(test_ppl), "test_perplexity": test_ppl,
-                  "valid_perplexity": valid_ppl, "history": trained["history"],
-                  "train_seconds": trained["seconds"], "measure_seconds": time.perf_counter() - started,
-                  "canaries": measured}
+        record = {
+            "format": RESULT_FORMAT,
+            "epsilon": _epsilon_label(epsilon),
+            "epsilon_spent": trained["epsilon"],
+            "delta": config.delta if math.isfinite(epsilon) else None,
+            "noise_multiplier": trained["noise_multiplier"],
+            "optimizer": optimizer,
+            "lr": trained["lr"],
+            "private": math.isfinite(epsilon),
+            "test_loss": math.log(test_ppl),
+            "test_perplexity": test_ppl,
+            "valid_perplexity": valid_ppl,
+            "history": trained["history"],
+            "train_seconds": trained["seconds"],
+            "measure_seconds": time.perf_counter() - started,
+            "canaries": measured,
+        }
         result_path.write_text(json.dumps(record, indent=1))
         records.append(record)
     return _write_outputs(out, config, corpus, canaries, rows, records)
@@ -668,10 +797,18 @@ def _plots(out: Path, config: SecretSharerConfig, records: list[dict]) -> dict[s
     fig = Figure(figsize=(5.5, 4), layout="constrained")
     ax = fig.subplots()
     for record in records:
-        ax.plot(config.repeats, [_mean_exposure(record, r, "exposure") for r in config.repeats], "o-",
-                label=f"epsilon = {record['epsilon']}")
-    ax.set(xscale="log", xlabel="insertions r", ylabel="exposure (bits, mean over formats)",
-           title="exposure against insertions")
+        ax.plot(
+            config.repeats,
+            [_mean_exposure(record, r, "exposure") for r in config.repeats],
+            "o-",
+            label=f"epsilon = {record['epsilon']}",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="insertions r",
+        ylabel="exposure (bits, mean over formats)",
+        title="exposure against insertions",
+    )
     ax.set_xticks(config.repeats, [str(r) for r in config.repeats])
     ax.axhline(1 / math.log(2), color="gray", ls=":", label="not memorized (1/ln 2)")
     ax.axhline(top, color="gray", ls="--", label="rank 1 (the most likely candidate)")
@@ -688,8 +825,9 @@ def _plots(out: Path, config: SecretSharerConfig, records: list[dict]) -> dict[s
     xs = [float(r["epsilon"]) if r["private"] else inf_x for r in order]
     for r in config.repeats:
         ax.plot(xs, [_mean_exposure(record, r, "exposure") for record in order], "o-", label=f"r = {r}")
-    ax.set(xscale="log", xlabel="epsilon", ylabel="exposure (bits, mean over formats)",
-           title="exposure against epsilon")
+    ax.set(
+        xscale="log", xlabel="epsilon", ylabel="exposure (bits, mean over formats)", title="exposure against epsilon"
+    )
     ax.set_xticks(xs, [r["epsilon"] if r["private"] else "inf" for r in order])
     ax.axhline(1 / math.log(2), color="gray", ls=":")
     ax.axhline(top, color="gray", ls="--")
@@ -699,31 +837,43 @@ def _plots(out: Path, config: SecretSharerConfig, records: list[dict]) -> dict[s
     return paths
 
 
-def _write_outputs(out: Path, config: SecretSharerConfig, corpus: TextCorpus, canaries: list[dict], rows: Tensor,
-                   records: list[dict]) -> SecretSharerResult:
-    summary = {"config": config.to_dict(), "corpus": {**corpus.summary(), "training_windows": len(rows)},
-               "canaries": [{"format": c["format"], "repeats": c["repeats"], "text": c["text"],
-                             "space": c["canary"].space_size} for c in canaries],
-               "runs": records}
+def _write_outputs(
+    out: Path, config: SecretSharerConfig, corpus: TextCorpus, canaries: list[dict], rows: Tensor, records: list[dict]
+) -> SecretSharerResult:
+    summary = {
+        "config": config.to_dict(),
+        "corpus": {**corpus.summary(), "training_windows": len(rows)},
+        "canaries": [
+            {"format": c["format"], "repeats": c["repeats"], "text": c["text"], "space": c["canary"].space_size}
+            for c in canaries
+        ],
+        "runs": records,
+    }
     paths = {"exposure.json": out / "exposure.json", "report.md": out / "report.md"}
     paths["exposure.json"].write_text(json.dumps(summary, indent=1))
     paths.update(_plots(out, config, records))
-    spaces = ", ".join(f"{name}: {CANARY_FORMATS[name].slots} slots over {len(CANARY_FORMATS[name].alphabet)} symbols "
-                       f"({len(CANARY_FORMATS[name].alphabet) ** CANARY_FORMATS[name].slots:,} candidates, at most "
-                       f"{CANARY_FORMATS[name].slots * math.log2(len(CANARY_FORMATS[name].alphabet)):.1f} bits)"
-                       for name in config.formats)
+    spaces = ", ".join(
+        f"{name}: {CANARY_FORMATS[name].slots} slots over {len(CANARY_FORMATS[name].alphabet)} symbols "
+        f"({len(CANARY_FORMATS[name].alphabet) ** CANARY_FORMATS[name].slots:,} candidates, at most "
+        f"{CANARY_FORMATS[name].slots * math.log2(len(CANARY_FORMATS[name].alphabet)):.1f} bits)"
+        for name in config.formats
+    )
     lines = [
-        "# The Secret Sharer: exposure of inserted canaries against epsilon", "",
+        "# The Secret Sharer: exposure of inserted canaries against epsilon",
+        "",
         f"{config.model.upper() if config.model == 'lstm' else 'Transformer'} language model ({config.layers} layers, "
         f"width {config.width}) on the {corpus.name} corpus at {corpus.level} level ({len(corpus.vocab):,} tokens of "
         f"vocabulary, {len(rows):,} training windows of {config.window} tokens), {config.epochs} epochs, "
         f"non-private: {config.baseline_optimizer}, lr {config.baseline_lr}; private: {config.optimizer}, lr "
         f"{config.lr}, each window's gradient clipped to {config.max_grad_norm}, epsilon spent at delta = "
-        f"{config.delta:g}.", "",
+        f"{config.delta:g}.",
+        "",
         f"Canaries ({spaces}): one per format and insertion count r. Exposure in bits, exact (rank among all "
         "candidates), with the skew-normal extrapolation in parentheses; mean over the formats. About 1.4 bits "
-        "(1/ln 2) is what a model that never saw the secret gives on average.", "",
-        _table(config, records, markdown=True), "",
+        "(1/ln 2) is what a model that never saw the secret gives on average.",
+        "",
+        _table(config, records, markdown=True),
+        "",
         "| epsilon | canary | r | exposure | extrapolated | extraction rank | log-perplexity |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -731,14 +881,19 @@ def _write_outputs(out: Path, config: SecretSharerConfig, corpus: TextCorpus, ca
         for c in record["canaries"]:
             exact = "-" if c["exposure"] is None else f"{c['exposure']:.2f}"
             rank = "-" if c["extraction_rank"] is None else str(c["extraction_rank"])
-            lines.append(f"| {record['epsilon']} | `{c['text']}` | {c['repeats']} | {exact} | "
-                         f"{c['exposure_extrapolated']:.2f} | {rank} | {c['log_perplexity']:.2f} |")
+            lines.append(
+                f"| {record['epsilon']} | `{c['text']}` | {c['repeats']} | {exact} | "
+                f"{c['exposure_extrapolated']:.2f} | {rank} | {c['log_perplexity']:.2f} |"
+            )
     notes = sorted({c["extrapolation_note"] for r in records for c in r["canaries"] if c["extrapolation_note"]})
-    lines += ["", f"Extraction: shortest-path search listing the {config.extraction_candidates} most likely "
-              "candidates; '-' means the secret is not among them.", ""]
+    lines += [
+        "",
+        f"Extraction: shortest-path search listing the {config.extraction_candidates} most likely "
+        "candidates; '-' means the secret is not among them.",
+        "",
+    ]
     if notes:
         lines += ["Extrapolation warnings:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["![exposure against r](exposure_vs_repeats.png) ![exposure against epsilon](exposure_vs_epsilon.png)",
-              ""]
+    lines += ["![exposure against r](exposure_vs_repeats.png) ![exposure against epsilon](exposure_vs_epsilon.png)", ""]
     paths["report.md"].write_text("\n".join(lines))
     return SecretSharerResult(records, _table(config, records, markdown=False), paths)

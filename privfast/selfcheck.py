@@ -46,21 +46,39 @@ def _cases(device: torch.device):
     seed, offset = ops._noise_key(torch.Generator().manual_seed(1), _torch_ops.philox_counters(numel), False)
     aug_params = ops.draw_augment_params(64, 4, mixups=4, generator=gen, device=device)
     cpu_params = type(aug_params)(*(p.cpu() for p in aug_params))
-    yield ("per_sample_norms", lambda: ops.per_sample_norms(grads), lambda: _reference.per_sample_norms(cpu_grads), 1e-4)
-    yield ("clip_accumulate_noise",
-           lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / 64, torch.Generator().manual_seed(1)),
-           lambda: _reference.clip_accumulate_noise(cpu_grads, 1.0, 1.0, 1 / 64, seed, offset), 1e-5)
-    yield ("gradsim", lambda: ops.gradsim(grads, [r.to(device) for r in refs], index, per_layer=True),
-           lambda: _reference.gradsim(cpu_grads, [r.cpu() for r in refs], index.cpu(), True), 1e-5)
-    yield ("augment_batch", lambda: ops.augment_batch(images, 4, mixups=4, params=aug_params),
-           lambda: _reference.augment_batch(images.cpu(), cpu_params, 4, None), 1e-5)
+    yield (
+        "per_sample_norms",
+        lambda: ops.per_sample_norms(grads),
+        lambda: _reference.per_sample_norms(cpu_grads),
+        1e-4,
+    )
+    yield (
+        "clip_accumulate_noise",
+        lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / 64, torch.Generator().manual_seed(1)),
+        lambda: _reference.clip_accumulate_noise(cpu_grads, 1.0, 1.0, 1 / 64, seed, offset),
+        1e-5,
+    )
+    yield (
+        "gradsim",
+        lambda: ops.gradsim(grads, [r.to(device) for r in refs], index, per_layer=True),
+        lambda: _reference.gradsim(cpu_grads, [r.cpu() for r in refs], index.cpu(), True),
+        1e-5,
+    )
+    yield (
+        "augment_batch",
+        lambda: ops.augment_batch(images, 4, mixups=4, params=aug_params),
+        lambda: _reference.augment_batch(images.cpu(), cpu_params, 4, None),
+        1e-5,
+    )
 
 
 def main() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"privfast {privfast.__version__}, torch {torch.__version__}, compiled kernels: "
-          f"{'yes' if privfast.has_extension() else 'NO (reference path)'}, "
-          f"devices: {', '.join(d.type for d in devices)}, threads: {torch.get_num_threads()}")
+    print(
+        f"privfast {privfast.__version__}, torch {torch.__version__}, compiled kernels: "
+        f"{'yes' if privfast.has_extension() else 'NO (reference path)'}, "
+        f"devices: {', '.join(d.type for d in devices)}, threads: {torch.get_num_threads()}"
+    )
     print(f"{'op':<24}{'device':<8}{'kernel ms':>11}{'reference ms':>14}{'max |diff|':>12}  ok")
     failures = 0
     for device in devices:
@@ -68,8 +86,10 @@ def main() -> int:
             diff = _max_diff(kernel(), reference())
             ok = diff <= tolerance
             failures += not ok
-            print(f"{name:<24}{device.type:<8}{_time_ms(kernel, device):>11.3f}"
-                  f"{_time_ms(reference, torch.device('cpu'), repeats=1):>14.1f}{diff:>12.2e}  {'yes' if ok else 'NO'}")
+            print(
+                f"{name:<24}{device.type:<8}{_time_ms(kernel, device):>11.3f}"
+                f"{_time_ms(reference, torch.device('cpu'), repeats=1):>14.1f}{diff:>12.2e}  {'yes' if ok else 'NO'}"
+            )
     print("self-check passed" if not failures else f"self-check FAILED: {failures} op(s) disagree with the reference")
     return 1 if failures else 0
 

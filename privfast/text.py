@@ -137,8 +137,9 @@ class Vocabulary:
         object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
 
     @classmethod
-    def build(cls, tokens: Iterable[str], *, min_count: int = 1, max_size: Optional[int] = None,
-              keep: Sequence[str] = ()) -> "Vocabulary":
+    def build(
+        cls, tokens: Iterable[str], *, min_count: int = 1, max_size: Optional[int] = None, keep: Sequence[str] = ()
+    ) -> "Vocabulary":
         """The tokens seen at least ``min_count`` times, most frequent first (ties alphabetical).
 
         Args:
@@ -148,12 +149,14 @@ class Vocabulary:
             keep: tokens always included (the end-of-line token), whatever their count.
         """
         if min_count < 1 or (max_size is not None and max_size < 2 + len(keep)):
-            raise ValueError(f"need min_count >= 1 and max_size >= {2 + len(keep)} (or None); got {min_count}, "
-                             f"{max_size}")
+            raise ValueError(
+                f"need min_count >= 1 and max_size >= {2 + len(keep)} (or None); got {min_count}, {max_size}"
+            )
         counts = collections.Counter(tokens)
         counts.pop(UNK, None)  # a corpus's own <unk> (PTB's) is the vocabulary's
-        frequent = sorted((t for t, n in counts.items() if n >= min_count and t not in keep),
-                          key=lambda t: (-counts[t], t))
+        frequent = sorted(
+            (t for t, n in counts.items() if n >= min_count and t not in keep), key=lambda t: (-counts[t], t)
+        )
         chosen = [UNK, *keep, *frequent]
         return cls(tuple(chosen if max_size is None else chosen[:max_size]))
 
@@ -215,8 +218,14 @@ class TextCorpus:
         return [t for t in dict.fromkeys(self.tokenizer(text)) if t not in self.vocab]
 
     def summary(self) -> dict:
-        return {"corpus": self.name, "level": self.level, "vocabulary": len(self.vocab),
-                "train_tokens": len(self.train), "valid_tokens": len(self.valid), "test_tokens": len(self.test)}
+        return {
+            "corpus": self.name,
+            "level": self.level,
+            "vocabulary": len(self.vocab),
+            "train_tokens": len(self.train),
+            "valid_tokens": len(self.valid),
+            "test_tokens": len(self.test),
+        }
 
 
 def pydoc_text() -> str:
@@ -242,20 +251,29 @@ def _pydoc_splits() -> dict[str, str]:
 def _file_splits(name: str, root: Union[str, os.PathLike, None]) -> dict[str, str]:
     expected = _FILES[name]
     if root is None:
-        raise FileNotFoundError(f"the {name} corpus is read from files that privfast does not download: pass "
-                                f"--data-root DIR (data_root=) holding {', '.join(expected.values())}")
+        raise FileNotFoundError(
+            f"the {name} corpus is read from files that privfast does not download: pass "
+            f"--data-root DIR (data_root=) holding {', '.join(expected.values())}"
+        )
     root = Path(root)
     for sub in _SUBDIRS[name]:
         paths = {split: root / sub / file for split, file in expected.items()}
         if all(p.is_file() for p in paths.values()):
             return {split: p.read_text(encoding="utf-8") for split, p in paths.items()}
     places = ", ".join(str(root / sub) if sub else str(root) for sub in _SUBDIRS[name])
-    raise FileNotFoundError(f"the {name} corpus needs the files {', '.join(expected.values())} in one of: {places} "
-                            "(nothing is downloaded)")
+    raise FileNotFoundError(
+        f"the {name} corpus needs the files {', '.join(expected.values())} in one of: {places} (nothing is downloaded)"
+    )
 
 
-def load_corpus(name: str = "pydoc", *, level: str = "word", root: Union[str, os.PathLike, None] = None,
-                min_count: int = 2, max_vocab: Optional[int] = None) -> TextCorpus:
+def load_corpus(
+    name: str = "pydoc",
+    *,
+    level: str = "word",
+    root: Union[str, os.PathLike, None] = None,
+    min_count: int = 2,
+    max_vocab: Optional[int] = None,
+) -> TextCorpus:
     """A corpus as train/valid/test token streams with a vocabulary from its training split.
 
     Args:
@@ -310,8 +328,9 @@ def windows(stream: Tensor, *, length: int) -> Tensor:
     return stream.unfold(0, length + 1, length)[:count].clone()
 
 
-def plant(rows: Tensor, sequences: Sequence[Tensor], counts: Sequence[int], *,
-          generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
+def plant(
+    rows: Tensor, sequences: Sequence[Tensor], counts: Sequence[int], *, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, list[Tensor]]:
     """Write ``sequences[j]`` into ``counts[j]`` windows, each occurrence in a window of its own.
 
     Every occurrence gets a distinct window (drawn uniformly without replacement) and a uniformly
@@ -338,21 +357,25 @@ def plant(rows: Tensor, sequences: Sequence[Tensor], counts: Sequence[int], *,
     n, width = rows.shape
     too_long = [len(s) for s in sequences if len(s) > width]
     if too_long:
-        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit in a window of {width} tokens (a window's "
-                         f"{width - 1} inputs and its last target): use windows of at least {max(too_long) - 1} tokens")
+        raise ValueError(
+            f"a sequence of {max(too_long)} tokens does not fit in a window of {width} tokens (a window's "
+            f"{width - 1} inputs and its last target): use windows of at least {max(too_long) - 1} tokens"
+        )
     total = sum(counts)
     if total > n:
-        raise ValueError(f"the training stream holds {n} windows of {width} tokens but the canaries need {total} "
-                         f"distinct windows ({' + '.join(map(str, counts))}): use a larger corpus, shorter windows, "
-                         "or fewer repeats")
+        raise ValueError(
+            f"the training stream holds {n} windows of {width} tokens but the canaries need {total} "
+            f"distinct windows ({' + '.join(map(str, counts))}): use a larger corpus, shorter windows, "
+            "or fewer repeats"
+        )
     rows = rows.clone()
     chosen = torch.randperm(n, generator=generator)[:total]
     placements, start = [], 0
     for sequence, count in zip(sequences, counts):
-        where = chosen[start:start + count]
+        where = chosen[start : start + count]
         start += count
         offsets = torch.randint(0, width - len(sequence) + 1, (count,), generator=generator)
         for w, o in zip(where.tolist(), offsets.tolist()):
-            rows[w, o:o + len(sequence)] = sequence
+            rows[w, o : o + len(sequence)] = sequence
         placements.append(torch.stack([where, offsets], 1))
     return rows, placements

@@ -27,12 +27,29 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["FAMILIES", "VARIANTS", "Family", "check_same_update", "compare_family", "format_markdown", "format_rows",
-           "measure",
-           "peak_bytes", "run_benchmark", "training_step"]
+__all__ = [
+    "FAMILIES",
+    "VARIANTS",
+    "Family",
+    "check_same_update",
+    "compare_family",
+    "format_markdown",
+    "format_rows",
+    "measure",
+    "peak_bytes",
+    "run_benchmark",
+    "training_step",
+]
 
-VARIANTS = ("non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus",
-            "opacus-ghost")
+VARIANTS = (
+    "non-private",
+    "privfast-auto",
+    "privfast-materialize",
+    "privfast-bk",
+    "privfast-ghost",
+    "opacus",
+    "opacus-ghost",
+)
 """What a step can be: plain SGD, privfast's DPOptimizer with a per-example gradient mode, or Opacus's
 (its hooks, or its fast gradient clipping with ghost norms: ``grad_sample_mode="ghost"``)."""
 
@@ -42,8 +59,17 @@ def _loss(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
 
-def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, augmult: int = 1,
-                  noise_multiplier: float = 1.0, max_grad_norm: float = 1.0, lr: float = 0.01) -> Callable[[], None]:
+def training_step(
+    variant: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    augmult: int = 1,
+    noise_multiplier: float = 1.0,
+    max_grad_norm: float = 1.0,
+    lr: float = 0.01,
+) -> Callable[[], None]:
     """A closure running one full training step of ``variant`` on the fixed batch ``(x, y)``.
 
     Args:
@@ -70,16 +96,18 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
         import opacus
 
         model = opacus.GradSampleModule(model)
-        optimizer = opacus.optimizers.DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                                                  max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0])
+        optimizer = opacus.optimizers.DPOptimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0]
+        )
     elif variant == "opacus-ghost":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
         model = GradSampleModuleFastGradientClipping(model, max_grad_norm=max_grad_norm, use_ghost_clipping=True)
-        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
-                                                    max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0])
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=x.shape[0]
+        )
         criterion = DPLossFastGradientClipping(model, optimizer, nn.CrossEntropyLoss(), "mean")
 
         def loss(output, target):  # per-sequence losses for token logits: Opacus's privacy unit is the row
@@ -90,9 +118,14 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
         from privfast.optim import DPOptimizer
 
         model = GradSampleModule(model, mode=variant.split("-", 1)[1], augmult=augmult, batch_first=True)
-        optimizer = DPOptimizer(optimizer, module=model, noise_multiplier=noise_multiplier,
-                                max_grad_norm=max_grad_norm, expected_batch_size=examples,
-                                generator=torch.Generator().manual_seed(0))
+        optimizer = DPOptimizer(
+            optimizer,
+            module=model,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=examples,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def step() -> None:
         optimizer.zero_grad()
@@ -102,8 +135,16 @@ def training_step(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tens
     return step
 
 
-def check_same_update(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, augmult: int,
-                      variants: Sequence[str], seed: int = 0, rtol: float = 1e-3) -> None:
+def check_same_update(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    augmult: int,
+    variants: Sequence[str],
+    seed: int = 0,
+    rtol: float = 1e-3,
+) -> None:
     """Check that the variants compute the same update before their times are compared (sigma = 0).
 
     privfast's modes must agree with each other at any K; Opacus's (which clips each of the B*K rows
@@ -112,13 +153,15 @@ def check_same_update(make_model: Callable[[], nn.Module], x: torch.Tensor, y: t
     Raises:
         AssertionError: naming the two variants and the largest relative difference.
     """
+
     def update(variant: str, max_grad_norm: float) -> list[torch.Tensor]:
         torch.manual_seed(seed)
         model = make_model()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            training_step(variant, model, x, y, augmult=augmult, noise_multiplier=0.0,
-                          max_grad_norm=max_grad_norm, lr=0.0)()
+            training_step(
+                variant, model, x, y, augmult=augmult, noise_multiplier=0.0, max_grad_norm=max_grad_norm, lr=0.0
+            )()
         return [p.grad.detach().clone() for p in model.parameters()]
 
     updates: dict[tuple[str, float], list[torch.Tensor]] = {}
@@ -168,9 +211,18 @@ def measure(steps: Mapping[str, Callable[[], None]], *, rounds: int = 5, warmup:
     return {name: {"min_s": min(t), "median_s": statistics.median(t), "rounds": rounds} for name, t in times.items()}
 
 
-def run_benchmark(make_model: Callable[[], nn.Module], input_shape: Sequence[int], *, num_classes: int,
-                  batch_size: int = 16, augmults: Iterable[int] = (1, 4), variants: Sequence[str] = VARIANTS,
-                  rounds: int = 5, seed: int = 0, progress: bool = True) -> list[dict]:
+def run_benchmark(
+    make_model: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    *,
+    num_classes: int,
+    batch_size: int = 16,
+    augmults: Iterable[int] = (1, 4),
+    variants: Sequence[str] = VARIANTS,
+    rounds: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
     """Step time of each variant at each K, with ratios to non-private and to Opacus.
 
     Args:
@@ -217,9 +269,18 @@ def run_benchmark(make_model: Callable[[], nn.Module], input_shape: Sequence[int
 def format_rows(rows: Sequence[dict]) -> str:
     """:func:`run_benchmark`'s rows as an aligned text table."""
     header = ("K", "variant", "min ms", "median ms", "examples/s", "x non-private", "Opacus / this")
-    body = [(str(r["k"]), r["variant"], f"{1e3 * r['min_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
-             f"{r['examples_per_s']:.0f}", _ratio(r.get("vs_nonprivate")), _ratio(r.get("opacus_over_this")))
-            for r in rows]
+    body = [
+        (
+            str(r["k"]),
+            r["variant"],
+            f"{1e3 * r['min_s']:.1f}",
+            f"{1e3 * r['median_s']:.1f}",
+            f"{r['examples_per_s']:.0f}",
+            _ratio(r.get("vs_nonprivate")),
+            _ratio(r.get("opacus_over_this")),
+        )
+        for r in rows
+    ]
     from privfast.reports import table
 
     return table(header, body, align="rl" + "r" * (len(header) - 2))
@@ -243,7 +304,10 @@ class Family:
 
 def _images(batch: int, channels: int, size: int, classes: int):
     def make(k: int, g: torch.Generator):
-        return torch.rand(batch * k, channels, size, size, generator=g), torch.randint(0, classes, (batch * k,), generator=g)
+        return torch.rand(batch * k, channels, size, size, generator=g), torch.randint(
+            0, classes, (batch * k,), generator=g
+        )
+
     return make
 
 
@@ -251,6 +315,7 @@ def _tokens(batch: int, length: int, vocab: int):
     def make(k: int, g: torch.Generator):
         ids = torch.randint(0, vocab, (batch * k, length + 1), generator=g)
         return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # next-token prediction
+
     return make
 
 
@@ -289,10 +354,19 @@ class _CausalTransformer(nn.Module):
         super().__init__()
         self.embed, self.pos = nn.Embedding(vocab, width), nn.Embedding(length, width)
         self.heads = heads
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width),
-            "norm2": nn.LayerNorm(width), "up": nn.Linear(width, 4 * width), "down": nn.Linear(4 * width, width),
-        }) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "qkv": nn.Linear(width, 3 * width),
+                    "proj": nn.Linear(width, width),
+                    "norm2": nn.LayerNorm(width),
+                    "up": nn.Linear(width, 4 * width),
+                    "down": nn.Linear(4 * width, width),
+                }
+            )
+            for _ in range(layers)
+        )
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
 
     def forward(self, ids):
@@ -310,10 +384,15 @@ class _CausalTransformer(nn.Module):
 FAMILIES: dict[str, Family] = {
     "cnn": Family(_convnet, _images(16, 3, 32, 10), (1, 4, 16), "GroupNorm ConvNet, width 32, 32x32, B = 16"),
     "wrn16-4": Family(_wrn, _images(4, 3, 32, 10), (1, 4), "WRN-16-4 (GroupNorm), 32x32, B = 4"),
-    "lstm-lm": Family(_LSTMLanguageModel, _tokens(32, 64, 1000), (1,),
-                      "LSTM language model (2 x 128, vocabulary 1000), B = 32, 64 tokens"),
-    "transformer": Family(_CausalTransformer, _tokens(32, 64, 1000), (1,),
-                          "causal transformer (2 blocks, width 128), B = 32, 64 tokens"),
+    "lstm-lm": Family(
+        _LSTMLanguageModel,
+        _tokens(32, 64, 1000),
+        (1,),
+        "LSTM language model (2 x 128, vocabulary 1000), B = 32, 64 tokens",
+    ),
+    "transformer": Family(
+        _CausalTransformer, _tokens(32, 64, 1000), (1,), "causal transformer (2 blocks, width 128), B = 32, 64 tokens"
+    ),
 }
 """The benchmark's model families (``make bench``, ``privfast bench --family``)."""
 
@@ -346,8 +425,16 @@ def peak_bytes(step: Callable[[], None]) -> Optional[int]:
     return status("VmHWM:") - before
 
 
-def compare_family(name: str, *, augmults: Optional[Iterable[int]] = None, variants: Sequence[str] = VARIANTS,
-                   rounds: int = 5, seed: int = 0, memory: bool = True, progress: bool = True) -> list[dict]:
+def compare_family(
+    name: str,
+    *,
+    augmults: Optional[Iterable[int]] = None,
+    variants: Sequence[str] = VARIANTS,
+    rounds: int = 5,
+    seed: int = 0,
+    memory: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """Step time (and peak memory) of every applicable variant on one family, after checking at sigma = 0
     that they compute the same update.
 
@@ -385,8 +472,17 @@ def compare_family(name: str, *, augmults: Optional[Iterable[int]] = None, varia
             warnings.simplefilter("ignore")
             timings = measure(steps, rounds=rounds)
         examples = x.shape[0] // k
-        rows += [{"family": name, "k": k, "variant": v, **t, "examples_per_s": examples / t["min_s"],
-                  "peak_bytes": peaks.get(v)} for v, t in timings.items()]
+        rows += [
+            {
+                "family": name,
+                "k": k,
+                "variant": v,
+                **t,
+                "examples_per_s": examples / t["min_s"],
+                "peak_bytes": peaks.get(v),
+            }
+            for v, t in timings.items()
+        ]
         rows += [{"family": name, "k": k, "variant": v, "error": e} for v, e in failed.items()]
     _add_ratios(rows)
     return rows
@@ -396,8 +492,11 @@ def _add_ratios(rows: list[dict]) -> None:
     for row in rows:
         if "min_s" not in row:
             continue
-        same = {r["variant"]: r for r in rows if r["k"] == row["k"] and r.get("family") == row.get("family")
-                and "min_s" in r}
+        same = {
+            r["variant"]: r
+            for r in rows
+            if r["k"] == row["k"] and r.get("family") == row.get("family") and "min_s" in r
+        }
         if "non-private" in same:
             row["vs_nonprivate"] = row["min_s"] / same["non-private"]["min_s"]
             if row.get("peak_bytes") is not None and same["non-private"].get("peak_bytes"):
@@ -413,15 +512,34 @@ def format_markdown(rows: Sequence[dict]) -> str:
     """Rows of :func:`compare_family` as a Markdown table."""
     from privfast.reports import table
 
-    header = ["family", "K", "variant", "min ms", "median ms", "x non-private", "fastest Opacus / this", "peak MB",
-              "peak / non-private"]
+    header = [
+        "family",
+        "K",
+        "variant",
+        "min ms",
+        "median ms",
+        "x non-private",
+        "fastest Opacus / this",
+        "peak MB",
+        "peak / non-private",
+    ]
     body = []
     for r in rows:
         if "error" in r:
             body.append([r["family"], r["k"], r["variant"], f"n/a: {r['error']}", *[""] * 5])
             continue
         peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}"
-        body.append([r["family"], r["k"], r["variant"], f"{1e3 * r['min_s']:.1f}", f"{1e3 * r['median_s']:.1f}",
-                     _ratio(r.get("vs_nonprivate")), _ratio(r.get("opacus_best_over_this")), peak,
-                     _ratio(r.get("peak_vs_nonprivate"))])
+        body.append(
+            [
+                r["family"],
+                r["k"],
+                r["variant"],
+                f"{1e3 * r['min_s']:.1f}",
+                f"{1e3 * r['median_s']:.1f}",
+                _ratio(r.get("vs_nonprivate")),
+                _ratio(r.get("opacus_best_over_this")),
+                peak,
+                _ratio(r.get("peak_vs_nonprivate")),
+            ]
+        )
     return table(header, body, markdown=True, align="lrl" + "r" * 6)

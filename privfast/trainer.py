@@ -86,8 +86,11 @@ class _DeferredInterrupt:
         self.enabled, self.requested, self._previous = enabled, False, None
 
     def __enter__(self) -> "_DeferredInterrupt":
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        if (
+            self.enabled
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -95,8 +98,11 @@ class _DeferredInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after the step in progress and saving (Ctrl-C again stops at once, unsaved)",
-              file=sys.stderr, flush=True)
+        print(
+            "\nCtrl-C: stopping after the step in progress and saving (Ctrl-C again stops at once, unsaved)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -137,28 +143,39 @@ class Trainer:
             audit's attacker (``--audit-known``) than it attacks.
     """
 
-    def __init__(self, config: TrainConfig, *, data: Optional[tuple[Split, Split]] = None,
-                 checkpoint: Optional[str | os.PathLike] = None,
-                 callbacks: Iterable[Callable[["Trainer", dict], object]] = (), progress: bool = True,
-                 distributed=None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        data: Optional[tuple[Split, Split]] = None,
+        checkpoint: Optional[str | os.PathLike] = None,
+        callbacks: Iterable[Callable[["Trainer", dict], object]] = (),
+        progress: bool = True,
+        distributed=None,
+    ):
         if distributed is not None and not config.private:
-            raise ValueError(f"distributed training (--nproc) is implemented for the private methods only, not "
-                             f"--method {config.method}")
+            raise ValueError(
+                f"distributed training (--nproc) is implemented for the private methods only, not "
+                f"--method {config.method}"
+            )
         self.config = config
         self.train_split, self.test_split = data if data is not None else load_data(config)
         attacked = min(len(self.train_split.y), len(self.test_split.y), config.audit_examples)
         if config.attacks and config.audit_known >= attacked:
-            raise ValueError(f"--audit-known {config.audit_known} must be below {attacked}, the members and "
-                             "non-members the audit attacks (the fewest of --audit-examples "
-                             f"{config.audit_examples}, the {len(self.train_split.y)} training and the "
-                             f"{len(self.test_split.y)} test examples)")
+            raise ValueError(
+                f"--audit-known {config.audit_known} must be below {attacked}, the members and "
+                "non-members the audit attacks (the fewest of --audit-examples "
+                f"{config.audit_examples}, the {len(self.train_split.y)} training and the "
+                f"{len(self.test_split.y)} test examples)"
+            )
         self.checkpoint = checkpoint
         self.callbacks = list(callbacks)
         self.progress = progress
         self.distributed = distributed
         self.shape = data_shape(self.train_split, self.test_split)
-        self.augmenter = config.augmenter(self.shape["num_classes"],
-                                          pool=load_pool(config) if config.method == "dp-mix-diff" else None)
+        self.augmenter = config.augmenter(
+            self.shape["num_classes"], pool=load_pool(config) if config.method == "dp-mix-diff" else None
+        )
         self.canaries, self.canary_references = make_canaries(config, shape=self.shape)
         self.history: list[dict] = []
         self.engine: Optional[PrivacyEngine] = None
@@ -180,9 +197,13 @@ class Trainer:
             self.trained, self.optimizer = self.model, optimizer
             self.loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
         self.audit = MembershipAudit(
-            self.train_split, self.test_split, attacks=config.attacks, max_examples=config.audit_examples,
+            self.train_split,
+            self.test_split,
+            attacks=config.attacks,
+            max_examples=config.audit_examples,
             n_known=config.audit_known,
-            epsilon=(lambda: self.engine.get_epsilon(config.delta)) if self.engine else None, delta=config.delta,
+            epsilon=(lambda: self.engine.get_epsilon(config.delta)) if self.engine else None,
+            delta=config.delta,
             seed=config.seed,
         )
 
@@ -190,9 +211,14 @@ class Trainer:
         config = self.config
         # The loop augments each batch (not the loader's collate), so that one loop serves the
         # single-process and the distributed loaders alike.
-        args = dict(module=self.model, optimizer=optimizer, max_grad_norm=config.max_grad_norm, augmult=config.augmult,
-                    grad_sample_mode=config.grad_sample_mode,
-                    data_loader=DataLoader(dataset, batch_size=config.batch_size))
+        args = dict(
+            module=self.model,
+            optimizer=optimizer,
+            max_grad_norm=config.max_grad_norm,
+            augmult=config.augmult,
+            grad_sample_mode=config.grad_sample_mode,
+            data_loader=DataLoader(dataset, batch_size=config.batch_size),
+        )
         if config.target_epsilon is not None:
             args.update(target_epsilon=config.target_epsilon, target_delta=config.delta, epochs=config.epochs)
         else:
@@ -211,8 +237,10 @@ class Trainer:
     @property
     def _sam(self) -> Optional[SAM]:
         """The SAM optimizer of a sam / dp-sam run (inside DP-SAM's wrapper), else None."""
-        return next((o for o in (self.optimizer, getattr(self.optimizer, "original_optimizer", None))
-                     if isinstance(o, SAM)), None)
+        return next(
+            (o for o in (self.optimizer, getattr(self.optimizer, "original_optimizer", None)) if isinstance(o, SAM)),
+            None,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -259,8 +287,9 @@ class Trainer:
         # One bar over the epochs in a log; the bar over steps as well on a terminal (nested bars
         # move the cursor, which a redirected log records as escape codes).
         nested = self.progress and sys.stderr.isatty()
-        with tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}", unit="step", disable=not nested,
-                  leave=False) as bar:
+        with tqdm(
+            total=steps, initial=done, desc=f"epoch {epoch + 1}", unit="step", disable=not nested, leave=False
+        ) as bar:
             for x, y in batches:
                 x, y = self._augment(x, y)
                 total += self._step(x, y)
@@ -309,33 +338,45 @@ class Trainer:
             if resume and os.path.isfile(self.checkpoint):
                 partial = self._restore(read_checkpoint(self.checkpoint))
             # Across processes a Ctrl-C reaches each at its own moment: stopping at once keeps them in step.
-            with _DeferredInterrupt(enabled=self.distributed is None) as interrupt, \
-                    tqdm(range(len(self.history), self.config.epochs), desc=self.config.method, unit="epoch",
-                         disable=not self.progress) as bar:
+            with (
+                _DeferredInterrupt(enabled=self.distributed is None) as interrupt,
+                tqdm(
+                    range(len(self.history), self.config.epochs),
+                    desc=self.config.method,
+                    unit="epoch",
+                    disable=not self.progress,
+                ) as bar,
+            ):
                 for epoch in bar:
                     try:
                         train_loss = self._train_epoch(epoch, interrupt, partial)
                     except _StoppedWithinEpoch as stop:
                         self._save_interrupted(epoch, stop)
-                        raise TrainingInterrupted(self.checkpoint, epoch=epoch + 1, step=stop.step,
-                                                  steps=len(self.loader)) from None
+                        raise TrainingInterrupted(
+                            self.checkpoint, epoch=epoch + 1, step=stop.step, steps=len(self.loader)
+                        ) from None
                     partial = None
                     self._end_epoch(epoch, train_loss, bar)
                     if interrupt.requested and epoch + 1 < self.config.epochs:
-                        raise TrainingInterrupted(self.checkpoint, epoch=epoch + 1, step=len(self.loader),
-                                                  steps=len(self.loader))
+                        raise TrainingInterrupted(
+                            self.checkpoint, epoch=epoch + 1, step=len(self.loader), steps=len(self.loader)
+                        )
         return self.history
 
     def _end_epoch(self, epoch: int, train_loss: float, bar) -> None:
         # Distributed processes hold identical models and each audits its own: the records agree
         # without another collective (the audit's draws are seeded, not taken from the global RNG).
-        record = {**self.audit(self.model, epoch + 1), "train_loss": train_loss,
-                  "steps": (epoch + 1) * len(self.loader)}  # every epoch makes len(loader) steps
+        record = {
+            **self.audit(self.model, epoch + 1),
+            "train_loss": train_loss,
+            "steps": (epoch + 1) * len(self.loader),
+        }  # every epoch makes len(loader) steps
         if self.engine is not None:  # searched when target_epsilon is set: the config does not hold it
             record["noise_multiplier"] = self.optimizer.noise_multiplier
         self.history.append(record)
-        bar.set_postfix(acc=f"{record['test_accuracy']:.3f}",
-                        **({"eps": f"{record['epsilon']:.2f}"} if "epsilon" in record else {}))
+        bar.set_postfix(
+            acc=f"{record['test_accuracy']:.3f}", **({"eps": f"{record['epsilon']:.2f}"} if "epsilon" in record else {})
+        )
         if self.checkpoint is not None:
             state = {**self._run_state(), **self._training_state()}  # a collective when distributed
             if self.is_main:
@@ -351,8 +392,12 @@ class Trainer:
             "noise_multiplier": self.noise_multiplier,
             "history": self.history,
             "audit_history": self.audit.history,
-            "canaries": {"x": self.canaries.x, "y": self.canaries.y, "references_x": self.canary_references.x,
-                         "references_y": self.canary_references.y},
+            "canaries": {
+                "x": self.canaries.x,
+                "y": self.canaries.y,
+                "references_x": self.canary_references.x,
+                "references_y": self.canary_references.y,
+            },
         }
 
     def _training_state(self) -> dict:
@@ -376,8 +421,14 @@ class Trainer:
             boundary = {key: saved[key] for key in TRAINING_STATE}
         else:
             boundary = dict.fromkeys(TRAINING_STATE)
-        interrupted = {**self._training_state(), "epoch": epoch, "step": stop.step, "loss_sum": stop.loss_sum,
-                       "rows": stop.rows, "epoch_rng": stop.epoch_rng}
+        interrupted = {
+            **self._training_state(),
+            "epoch": epoch,
+            "step": stop.step,
+            "loss_sum": stop.loss_sum,
+            "rows": stop.rows,
+            "epoch_rng": stop.epoch_rng,
+        }
         write_checkpoint({**self._run_state(), **boundary, "interrupted": interrupted}, self.checkpoint)
 
     def _restore(self, checkpoint: dict) -> Optional[dict]:
@@ -388,11 +439,14 @@ class Trainer:
             raise ValueError(f"{self.checkpoint}: {error}") from None
         world_size = 1 if self.distributed is None else self.distributed.world_size
         if checkpoint["world_size"] != world_size:
-            raise ValueError(f"{self.checkpoint} was trained in {checkpoint['world_size']} process(es): resume it "
-                             f"with --nproc {checkpoint['world_size']}, not {world_size}")
+            raise ValueError(
+                f"{self.checkpoint} was trained in {checkpoint['world_size']} process(es): resume it "
+                f"with --nproc {checkpoint['world_size']}, not {world_size}"
+            )
         if checkpoint["noise_multiplier"] != self.noise_multiplier:
-            raise ValueError(self._noise_changed(TrainConfig.from_dict(checkpoint["config"]),
-                                                 checkpoint["noise_multiplier"]))
+            raise ValueError(
+                self._noise_changed(TrainConfig.from_dict(checkpoint["config"]), checkpoint["noise_multiplier"])
+            )
         interrupted = checkpoint.get("interrupted")
         if interrupted is not None and len(checkpoint["history"]) >= self.config.epochs:
             interrupted = None  # no epoch left to go on with: the completed ones are the run
@@ -415,12 +469,16 @@ class Trainer:
     def _noise_changed(self, stored: TrainConfig, trained_with: Optional[float]) -> str:
         now = self.noise_multiplier
         if stored.target_epsilon is not None and self.config.target_epsilon is not None:
-            return (f"{self.checkpoint} trained at the noise multiplier {trained_with!r} that --target-epsilon "
-                    f"{stored.target_epsilon:g} chose for --epochs {stored.epochs}; --epochs {self.config.epochs} at "
-                    f"--target-epsilon {self.config.target_epsilon:g} needs {now:.4g}, which the epochs trained "
-                    "did not have. For that run start a new one (another --out, or --overwrite); to go on at the "
-                    f"same noise, letting epsilon grow past {stored.target_epsilon:g}, resume with "
-                    f"--target-epsilon none --noise-multiplier {trained_with!r}")
-        return (f"{self.checkpoint} trained at the noise multiplier {trained_with!r}, this configuration gives "
-                f"{now!r}: the noise cannot change on resume (give --noise-multiplier {trained_with!r}, or start a "
-                "new run)")
+            return (
+                f"{self.checkpoint} trained at the noise multiplier {trained_with!r} that --target-epsilon "
+                f"{stored.target_epsilon:g} chose for --epochs {stored.epochs}; --epochs {self.config.epochs} at "
+                f"--target-epsilon {self.config.target_epsilon:g} needs {now:.4g}, which the epochs trained "
+                "did not have. For that run start a new one (another --out, or --overwrite); to go on at the "
+                f"same noise, letting epsilon grow past {stored.target_epsilon:g}, resume with "
+                f"--target-epsilon none --noise-multiplier {trained_with!r}"
+            )
+        return (
+            f"{self.checkpoint} trained at the noise multiplier {trained_with!r}, this configuration gives "
+            f"{now!r}: the noise cannot change on resume (give --noise-multiplier {trained_with!r}, or start a "
+            "new run)"
+        )

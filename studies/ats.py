@@ -88,9 +88,9 @@ def main(argv=None) -> int:
         semi.load_state_dict(init.state_dict())
         train_classifier(semi, *train, epochs=args.semi_epochs, generator=generator)
         semi.eval()
-        pick = torch.randperm(len(train.y), generator=generator)[:args.scored]
+        pick = torch.randperm(len(train.y), generator=generator)[: args.scored]
         x_scored, y_scored = crop_and_flip(train.x[pick], generator=generator), train.y[pick]
-        x_att, y_att = x_scored[:args.attacked], y_scored[:args.attacked]
+        x_att, y_att = x_scored[: args.attacked], y_scored[: args.attacked]
         s_start = torch.rand(x_scored.shape, generator=generator)
         policies = [Policy("")]
         while len(policies) < args.policies + 1:
@@ -103,20 +103,47 @@ def main(argv=None) -> int:
             shared = [g.detach() for g in per_example_gradients(semi, target, y_att)]
             if defend is not None:
                 shared = defend(shared)
-            rec = reconstruct(semi, shared, y_att, shape=shape, config="adam_cosine", iterations=args.iterations,
-                              generator=torch.Generator().manual_seed(seed + 3), progress=False)
+            rec = reconstruct(
+                semi,
+                shared,
+                y_att,
+                shape=shape,
+                config="adam_cosine",
+                iterations=args.iterations,
+                generator=torch.Generator().manual_seed(seed + 3),
+                progress=False,
+            )
             return float(psnr(rec.images, target).mean()), float(ssim(rec.images, target).mean())
 
         rows = []
         for policy in policies:
-            s_pri = float(privacy_score(semi, x_scored, y_scored, policy=policy, start=s_start,
-                                        generator=torch.Generator().manual_seed(seed + 1)).mean())
-            s_acc = float(accuracy_score(init, train.x[:200], train.y[:200], policy=policy, batches=4,
-                                         generator=torch.Generator().manual_seed(seed + 4)))
+            s_pri = float(
+                privacy_score(
+                    semi,
+                    x_scored,
+                    y_scored,
+                    policy=policy,
+                    start=s_start,
+                    generator=torch.Generator().manual_seed(seed + 1),
+                ).mean()
+            )
+            s_acc = float(
+                accuracy_score(
+                    init,
+                    train.x[:200],
+                    train.y[:200],
+                    policy=policy,
+                    batches=4,
+                    generator=torch.Generator().manual_seed(seed + 4),
+                )
+            )
             p, s = invert(policy)
             rows.append({"policy": str(policy) or "none", "s_pri": s_pri, "s_acc": s_acc, "psnr": p, "ssim": s})
-            print(f"seed {seed} policy {rows[-1]['policy']:10s} S_pri {s_pri:.3f} S_acc {s_acc:.1f} PSNR {p:.2f} "
-                  f"SSIM {s:.3f}", flush=True)
+            print(
+                f"seed {seed} policy {rows[-1]['policy']:10s} S_pri {s_pri:.3f} S_acc {s_acc:.1f} PSNR {p:.2f} "
+                f"SSIM {s:.3f}",
+                flush=True,
+            )
         pearson = float(pearsonr([r["s_pri"] for r in rows], [r["psnr"] for r in rows])[0])
         spearman = float(spearmanr([r["s_pri"] for r in rows], [r["psnr"] for r in rows])[0])
         # The hybrid: the two lowest-S_pri random policies among those whose S_acc clears the median.
@@ -125,42 +152,81 @@ def main(argv=None) -> int:
         kept = sorted((r for r in random_rows if r["s_acc"] >= median), key=lambda r: r["s_pri"])[:2]
         hybrid = Policy("+".join(r["policy"] for r in kept))
         noise_gen = torch.Generator().manual_seed(seed + 5)
-        defenses = {"no defense": invert(Policy("")),
-                    f"Gaussian noise {args.noise:g}": invert(Policy(""), lambda g: add_noise(
-                        g, kind="gaussian", scale=args.noise, generator=noise_gen)),
-                    f"pruning {args.prune:.0%}": invert(Policy(""), lambda g: prune(g, ratio=args.prune)),
-                    f"ATS hybrid {hybrid}": invert(hybrid)}
+        defenses = {
+            "no defense": invert(Policy("")),
+            f"Gaussian noise {args.noise:g}": invert(
+                Policy(""), lambda g: add_noise(g, kind="gaussian", scale=args.noise, generator=noise_gen)
+            ),
+            f"pruning {args.prune:.0%}": invert(Policy(""), lambda g: prune(g, ratio=args.prune)),
+            f"ATS hybrid {hybrid}": invert(hybrid),
+        }
         accs = {}
         for name, policy in (("no defense", Policy("")), ("ATS hybrid", hybrid)):
             mechanism = PolicyAugmentation(policy)
             torch.manual_seed(seed)
             model = ResNet20(width=args.width)
-            train_classifier(model, *train, epochs=args.acc_epochs, mechanism=mechanism,
-                             generator=torch.Generator().manual_seed(seed))
+            train_classifier(
+                model,
+                *train,
+                epochs=args.acc_epochs,
+                mechanism=mechanism,
+                generator=torch.Generator().manual_seed(seed),
+            )
             accs[name] = accuracy(model, test)
-        per_seed.append({"seed": seed, "policies": rows, "pearson": pearson, "spearman": spearman,
-                         "hybrid": str(hybrid), "defenses": defenses, "accuracy": accs,
-                         "seconds": time.perf_counter() - t0})
-        print(f"seed {seed}: Pearson {pearson:+.3f}, hybrid {hybrid}, defenses {defenses}, accuracy {accs} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        per_seed.append(
+            {
+                "seed": seed,
+                "policies": rows,
+                "pearson": pearson,
+                "spearman": spearman,
+                "hybrid": str(hybrid),
+                "defenses": defenses,
+                "accuracy": accs,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"seed {seed}: Pearson {pearson:+.3f}, hybrid {hybrid}, defenses {defenses}, accuracy {accs} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
-    corr_rows = [[str(r["seed"]), f"{r['pearson']:+.3f}", f"{r['spearman']:+.3f}", str(len(r["policies"]))]
-                 for r in per_seed]
-    corr_rows.append(["mean ± std", fmt([r["pearson"] for r in per_seed], "{:+.3f}"),
-                      fmt([r["spearman"] for r in per_seed], "{:+.3f}"), ""])
-    policy_rows = [[str(r["seed"]), p["policy"], f"{p['s_pri']:.3f}", f"{p['s_acc']:.1f}", f"{p['psnr']:.2f}",
-                    f"{p['ssim']:.3f}"] for r in per_seed for p in r["policies"]]
+    corr_rows = [
+        [str(r["seed"]), f"{r['pearson']:+.3f}", f"{r['spearman']:+.3f}", str(len(r["policies"]))] for r in per_seed
+    ]
+    corr_rows.append(
+        [
+            "mean ± std",
+            fmt([r["pearson"] for r in per_seed], "{:+.3f}"),
+            fmt([r["spearman"] for r in per_seed], "{:+.3f}"),
+            "",
+        ]
+    )
+    policy_rows = [
+        [str(r["seed"]), p["policy"], f"{p['s_pri']:.3f}", f"{p['s_acc']:.1f}", f"{p['psnr']:.2f}", f"{p['ssim']:.3f}"]
+        for r in per_seed
+        for p in r["policies"]
+    ]
     defense_names = [name.split(" ")[0] if name.startswith("ATS") else name for name in per_seed[0]["defenses"]]
-    paper = {"no defense": "13.88 dB", "ATS": "7.64 dB / 77.92%", "Gaussian": "12.71 dB / 75.67%",
-             "pruning": "12.00 dB / 77.12%"}
+    paper = {
+        "no defense": "13.88 dB",
+        "ATS": "7.64 dB / 77.92%",
+        "Gaussian": "12.71 dB / 75.67%",
+        "pruning": "12.00 dB / 77.12%",
+    }
     defense_rows = []
     for i, name in enumerate(defense_names):
         values = [list(r["defenses"].values())[i] for r in per_seed]
         acc_key = "ATS hybrid" if name == "ATS" else ("no defense" if name == "no defense" else None)
-        defense_rows.append([name if name != "ATS" else "ATS hybrid (" + ", ".join(r["hybrid"] for r in per_seed) + ")",
-                             fmt([v[0] for v in values], "{:.2f}"), fmt([v[1] for v in values], "{:.3f}"),
-                             fmt([r["accuracy"][acc_key] for r in per_seed]) if acc_key else "not measured",
-                             paper.get(name.split(" ")[0] if name != "no defense" else name, "")])
+        defense_rows.append(
+            [
+                name if name != "ATS" else "ATS hybrid (" + ", ".join(r["hybrid"] for r in per_seed) + ")",
+                fmt([v[0] for v in values], "{:.2f}"),
+                fmt([v[1] for v in values], "{:.3f}"),
+                fmt([r["accuracy"][acc_key] for r in per_seed]) if acc_key else "not measured",
+                paper.get(name.split(" ")[0] if name != "no defense" else name, ""),
+            ]
+        )
     pear = mean_std(r["pearson"] for r in per_seed)
     psnr_none = mean_std(list(r["defenses"].values())[0][0] for r in per_seed)
     psnr_ats = mean_std(list(r["defenses"].values())[3][0] for r in per_seed)
@@ -170,23 +236,37 @@ def main(argv=None) -> int:
         "attack iterations a single correlation is noisy: "
         + ("the positive sign agrees with the paper." if pear[0] > 0 else "the sign does not agree with the paper."),
         f"ATS hybrid vs no defense: PSNR {psnr_none[0]:.2f} -> {psnr_ats[0]:.2f} dB "
-        + ("(lower: the defense holds at this scale)." if psnr_ats[0] < psnr_none[0] - max(psnr_none[1], psnr_ats[1])
-           else "(not lower beyond the spread: the defense does not show at this scale)."),
+        + (
+            "(lower: the defense holds at this scale)."
+            if psnr_ats[0] < psnr_none[0] - max(psnr_none[1], psnr_ats[1])
+            else "(not lower beyond the spread: the defense does not show at this scale)."
+        ),
     ]
-    scaled = (f"ResNet20-GN width {args.width} semi-trained {args.semi_epochs} epochs on {args.train} CIFAR-10 images; "
-              f"{args.policies} random policies + identity (reference: ~1,500 candidates); S_pri over {args.scored} "
-              f"images; Adam+Cosine with {args.iterations} iterations (reference 4,800) on {args.attacked} images; "
-              f"hybrid of the two lowest-S_pri policies with S_acc >= the median; accuracy after {args.acc_epochs} "
-              f"epochs on {args.train} images ({args.test} test); crop(4) + flip before every policy; "
-              f"{len(args.seeds)} seeds.")
-    write_outputs(args.out, "ats", title="ATS on CIFAR-10 (Gao et al., CVPR 2021)", scaled_down=scaled,
-                  tables={"S_pri vs attack PSNR (Pearson, Spearman) per seed": markdown_table(
-                              ["seed", "Pearson", "Spearman", "policies"], corr_rows),
-                          "Defenses (mean ± std over seeds)": markdown_table(
-                              ["defense", "PSNR (dB)", "SSIM", "test accuracy", "paper (CIFAR-100)"], defense_rows),
-                          "Every policy": markdown_table(["seed", "policy", "S_pri", "S_acc", "PSNR", "SSIM"],
-                                                         policy_rows)},
-                  results={"per_seed": per_seed, "wall_seconds": time.perf_counter() - start}, notes=notes)
+    scaled = (
+        f"ResNet20-GN width {args.width} semi-trained {args.semi_epochs} epochs on {args.train} CIFAR-10 images; "
+        f"{args.policies} random policies + identity (reference: ~1,500 candidates); S_pri over {args.scored} "
+        f"images; Adam+Cosine with {args.iterations} iterations (reference 4,800) on {args.attacked} images; "
+        f"hybrid of the two lowest-S_pri policies with S_acc >= the median; accuracy after {args.acc_epochs} "
+        f"epochs on {args.train} images ({args.test} test); crop(4) + flip before every policy; "
+        f"{len(args.seeds)} seeds."
+    )
+    write_outputs(
+        args.out,
+        "ats",
+        title="ATS on CIFAR-10 (Gao et al., CVPR 2021)",
+        scaled_down=scaled,
+        tables={
+            "S_pri vs attack PSNR (Pearson, Spearman) per seed": markdown_table(
+                ["seed", "Pearson", "Spearman", "policies"], corr_rows
+            ),
+            "Defenses (mean ± std over seeds)": markdown_table(
+                ["defense", "PSNR (dB)", "SSIM", "test accuracy", "paper (CIFAR-100)"], defense_rows
+            ),
+            "Every policy": markdown_table(["seed", "policy", "S_pri", "S_acc", "PSNR", "SSIM"], policy_rows),
+        },
+        results={"per_seed": per_seed, "wall_seconds": time.perf_counter() - start},
+        notes=notes,
+    )
     return 0
 
 

@@ -33,10 +33,14 @@ __all__ = ["base_parser", "cifar_subsets", "describe_machine", "mean_std", "fmt"
 
 def base_parser(description: str, *, seeds: Sequence[int] = (0, 1)) -> argparse.ArgumentParser:
     """Flags every study takes: data, output directory, seeds and threads."""
-    parser = argparse.ArgumentParser(description=description.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-root", default=os.environ.get("PRIVFAST_CIFAR10_ROOT"),
-                        help="directory holding cifar-10-batches-py (default: $PRIVFAST_CIFAR10_ROOT)")
+    parser = argparse.ArgumentParser(
+        description=description.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("PRIVFAST_CIFAR10_ROOT"),
+        help="directory holding cifar-10-batches-py (default: $PRIVFAST_CIFAR10_ROOT)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON, Markdown and plots")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one run per seed (>= 2: a spread)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -58,8 +62,11 @@ def cifar_subsets(root, *, train: int, test: int, pool: int = 0) -> tuple[Split,
     if train + pool > len(full_train.y):
         raise SystemExit(f"train + pool = {train + pool} exceeds CIFAR-10's {len(full_train.y)} training images")
     keep = torch.randperm(len(full_test.y), generator=torch.Generator().manual_seed(0))[:test]
-    return (Split(full_train.x[:train], full_train.y[:train]), Split(full_test.x[keep], full_test.y[keep]),
-            Split(full_train.x[len(full_train.y) - pool:], full_train.y[len(full_train.y) - pool:]))
+    return (
+        Split(full_train.x[:train], full_train.y[:train]),
+        Split(full_test.x[keep], full_test.y[keep]),
+        Split(full_train.x[len(full_train.y) - pool :], full_train.y[len(full_train.y) - pool :]),
+    )
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -91,17 +98,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def describe_machine() -> dict:
     """Where and on what the numbers were measured: commit, CPU threads, torch."""
     try:
-        commit = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
-    return {"commit": commit, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "date_utc":
-            time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    return {
+        "commit": commit,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
 
 
-def write_outputs(out: Path, name: str, *, title: str, scaled_down: str, tables: Mapping[str, str], results: dict,
-                  notes: Sequence[str] = (), command: str | None = None) -> Path:
+def write_outputs(
+    out: Path,
+    name: str,
+    *,
+    title: str,
+    scaled_down: str,
+    tables: Mapping[str, str],
+    results: dict,
+    notes: Sequence[str] = (),
+    command: str | None = None,
+) -> Path:
     """Write ``<name>.json`` and ``<name>.md`` under ``out`` and print the Markdown.
 
     Args:
@@ -117,11 +142,22 @@ def write_outputs(out: Path, name: str, *, title: str, scaled_down: str, tables:
     out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     command = command or "python " + " ".join(sys.argv)
-    (out / f"{name}.json").write_text(json.dumps({"machine": machine, "command": command, "scaled_down": scaled_down,
-                                                  **results}, indent=1, default=str))
-    parts = [f"# {title}", "", f"Command: `{command}`", "",
-             f"Machine: {machine['cpus']} CPUs, {machine['threads']} torch thread(s), torch {machine['torch']}, "
-             f"commit {machine['commit']}, {machine['date_utc']} UTC.", "", f"Scaled down: {scaled_down}", ""]
+    (out / f"{name}.json").write_text(
+        json.dumps(
+            {"machine": machine, "command": command, "scaled_down": scaled_down, **results}, indent=1, default=str
+        )
+    )
+    parts = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine['cpus']} CPUs, {machine['threads']} torch thread(s), torch {machine['torch']}, "
+        f"commit {machine['commit']}, {machine['date_utc']} UTC.",
+        "",
+        f"Scaled down: {scaled_down}",
+        "",
+    ]
     for caption, table in tables.items():
         parts += [f"## {caption}", "", table, ""]
     parts += [note + "\n" for note in notes]

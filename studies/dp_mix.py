@@ -34,10 +34,12 @@ METHODS = ("DP-SGD", "Self-Aug", "DP-Mix_Self", "DP-Mix_Diff")
 
 def method_config(name: str, *, k_base: int, k_self: int, k_diff: int) -> dict:
     """The :class:`TrainConfig` fields of one of :data:`METHODS`."""
-    return {"DP-SGD": dict(method="dp-sgd"),
-            "Self-Aug": dict(method="self-aug", k_base=k_base),
-            "DP-Mix_Self": dict(method="dp-mix", k_base=k_base, k_self=k_self),
-            "DP-Mix_Diff": dict(method="dp-mix-diff", k_base=k_base, k_self=k_self, k_diff=k_diff)}[name]
+    return {
+        "DP-SGD": dict(method="dp-sgd"),
+        "Self-Aug": dict(method="self-aug", k_base=k_base),
+        "DP-Mix_Self": dict(method="dp-mix", k_base=k_base, k_self=k_self),
+        "DP-Mix_Diff": dict(method="dp-mix-diff", k_base=k_base, k_self=k_self, k_diff=k_diff),
+    }[name]
 
 
 def main(argv=None) -> int:
@@ -68,54 +70,95 @@ def main(argv=None) -> int:
     for epsilon in args.epsilons:
         for seed in args.seeds:
             for name in args.methods:
-                config = TrainConfig(dataset="cifar10", data_root=args.data_root, train_examples=args.train,
-                                     model=args.model, width=args.width, epochs=args.epochs,
-                                     batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                                     target_epsilon=epsilon, pool_examples=args.pool, crop_padding=args.crop_padding,
-                                     flip=args.flip, attacks=(), seed=seed,
-                                     **method_config(name, k_base=args.k_base, k_self=args.k_self,
-                                                     k_diff=args.k_diff))
+                config = TrainConfig(
+                    dataset="cifar10",
+                    data_root=args.data_root,
+                    train_examples=args.train,
+                    model=args.model,
+                    width=args.width,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    momentum=args.momentum,
+                    target_epsilon=epsilon,
+                    pool_examples=args.pool,
+                    crop_padding=args.crop_padding,
+                    flip=args.flip,
+                    attacks=(),
+                    seed=seed,
+                    **method_config(name, k_base=args.k_base, k_self=args.k_self, k_diff=args.k_diff),
+                )
                 t0 = time.perf_counter()
                 trainer = Trainer(config, data=(train, test), progress=False)
                 history = trainer.fit()
-                run = {"method": name, "epsilon": epsilon, "seed": seed, "test_accuracy": history[-1]["test_accuracy"],
-                       "train_accuracy": history[-1]["train_accuracy"], "epsilon_spent": history[-1]["epsilon"],
-                       "noise_multiplier": trainer.noise_multiplier, "steps": history[-1]["steps"],
-                       "accuracy_by_epoch": [r["test_accuracy"] for r in history],
-                       "seconds": time.perf_counter() - t0, "config": config.to_dict()}
+                run = {
+                    "method": name,
+                    "epsilon": epsilon,
+                    "seed": seed,
+                    "test_accuracy": history[-1]["test_accuracy"],
+                    "train_accuracy": history[-1]["train_accuracy"],
+                    "epsilon_spent": history[-1]["epsilon"],
+                    "noise_multiplier": trainer.noise_multiplier,
+                    "steps": history[-1]["steps"],
+                    "accuracy_by_epoch": [r["test_accuracy"] for r in history],
+                    "seconds": time.perf_counter() - t0,
+                    "config": config.to_dict(),
+                }
                 runs.append(run)
-                print(f"eps {epsilon:g} seed {seed} {name:12s} acc {run['test_accuracy']:.3f} "
-                      f"sigma {run['noise_multiplier']:.3f} steps {run['steps']} ({run['seconds']:.0f} s)", flush=True)
+                print(
+                    f"eps {epsilon:g} seed {seed} {name:12s} acc {run['test_accuracy']:.3f} "
+                    f"sigma {run['noise_multiplier']:.3f} steps {run['steps']} ({run['seconds']:.0f} s)",
+                    flush=True,
+                )
 
     def cell(method, epsilon, key="test_accuracy", spec="{:.3f}"):
         return fmt([r[key] for r in runs if r["method"] == method and r["epsilon"] == epsilon], spec)
 
     header = ["method"] + [f"eps {e:g}: test acc" for e in args.epsilons] + ["sigma", "steps"]
+
     def sigma(method, epsilon):
         return mean_std(r["noise_multiplier"] for r in runs if r["method"] == method and r["epsilon"] == epsilon)[0]
 
-    rows = [[m] + [cell(m, e) for e in args.epsilons]
-            + [", ".join(f"{sigma(m, e):.2f}" for e in args.epsilons),
-               str(next(r["steps"] for r in runs if r["method"] == m))] for m in args.methods]
+    rows = [
+        [m]
+        + [cell(m, e) for e in args.epsilons]
+        + [
+            ", ".join(f"{sigma(m, e):.2f}" for e in args.epsilons),
+            str(next(r["steps"] for r in runs if r["method"] == m)),
+        ]
+        for m in args.methods
+    ]
     notes = []
     for epsilon in args.epsilons:
-        means = {m: mean_std(r["test_accuracy"] for r in runs if r["method"] == m and r["epsilon"] == epsilon)
-                 for m in args.methods}
+        means = {
+            m: mean_std(r["test_accuracy"] for r in runs if r["method"] == m and r["epsilon"] == epsilon)
+            for m in args.methods
+        }
         order = " > ".join(sorted(means, key=lambda m: -means[m][0]))
         claim = ""
         if all(m in means for m in ("DP-SGD", "Self-Aug", "DP-Mix_Self")):
             holds = means["DP-Mix_Self"][0] >= means["Self-Aug"][0] >= means["DP-SGD"][0]
-            claim = (f" The claim DP-Mix_Self >= Self-Aug >= DP-SGD {'holds' if holds else 'does not hold'} in the "
-                     f"means (seeds {args.seeds}; differences below the spread are not resolved).")
+            claim = (
+                f" The claim DP-Mix_Self >= Self-Aug >= DP-SGD {'holds' if holds else 'does not hold'} in the "
+                f"means (seeds {args.seeds}; differences below the spread are not resolved)."
+            )
         notes.append(f"epsilon {epsilon:g}: order of mean test accuracy {order}.{claim}")
-    scaled = (f"{args.model} (width {args.width}) instead of WRN-16-4; {args.train} CIFAR-10 training images instead "
-              f"of 50,000; {args.epochs} epochs of expected batch {args.batch_size} instead of 200 epochs of 4,096; "
-              f"K_base {args.k_base} (paper 16), K_self {args.k_self}, K_diff {args.k_diff}; lr {args.lr}, momentum "
-              f"{args.momentum}, crop padding {args.crop_padding}, flip {args.flip}; DP-Mix_Diff pool: the last "
-              f"{args.pool} CIFAR-10 training images (disjoint, public slice); {len(args.seeds)} seeds.")
-    write_outputs(args.out, args.name, title="DP-Mix on CIFAR-10 (Bao et al., NeurIPS 2023, Table 2)",
-                  scaled_down=scaled, tables={"Test accuracy, mean ± std over seeds": markdown_table(header, rows)},
-                  results={"runs": runs, "wall_seconds": time.perf_counter() - start}, notes=notes)
+    scaled = (
+        f"{args.model} (width {args.width}) instead of WRN-16-4; {args.train} CIFAR-10 training images instead "
+        f"of 50,000; {args.epochs} epochs of expected batch {args.batch_size} instead of 200 epochs of 4,096; "
+        f"K_base {args.k_base} (paper 16), K_self {args.k_self}, K_diff {args.k_diff}; lr {args.lr}, momentum "
+        f"{args.momentum}, crop padding {args.crop_padding}, flip {args.flip}; DP-Mix_Diff pool: the last "
+        f"{args.pool} CIFAR-10 training images (disjoint, public slice); {len(args.seeds)} seeds."
+    )
+    write_outputs(
+        args.out,
+        args.name,
+        title="DP-Mix on CIFAR-10 (Bao et al., NeurIPS 2023, Table 2)",
+        scaled_down=scaled,
+        tables={"Test accuracy, mean ± std over seeds": markdown_table(header, rows)},
+        results={"runs": runs, "wall_seconds": time.perf_counter() - start},
+        notes=notes,
+    )
     return 0
 
 

@@ -47,8 +47,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     train, test, _ = cifar_subsets(args.data_root, train=args.train, test=args.test)
-    common = dict(dataset="cifar10", data_root=args.data_root, train_examples=args.train, width=args.width,
-                  epochs=args.epochs, attacks=("yeom", ATTACK), audit_examples=args.audit_examples, crop_padding=4)
+    common = dict(
+        dataset="cifar10",
+        data_root=args.data_root,
+        train_examples=args.train,
+        width=args.width,
+        epochs=args.epochs,
+        attacks=("yeom", ATTACK),
+        audit_examples=args.audit_examples,
+        crop_padding=4,
+    )
     methods = {
         # Non-private runs: small batches and many steps, so that the model fits (and leaks) its training set.
         "non-private": dict(method="nonprivate", batch_size=64, lr=0.05),
@@ -64,23 +72,31 @@ def main(argv=None) -> int:
             history = trainer.fit()
             histories[name].append(history)
             last = history[-1]
-            print(f"seed {seed} {name:12s} acc {last['test_accuracy']:.3f} P_err {last[ATTACK]['p_err']:.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"seed {seed} {name:12s} acc {last['test_accuracy']:.3f} P_err {last[ATTACK]['p_err']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
     def series(name, key):
         """Per epoch, the values over seeds."""
         get = (lambda r: r[ATTACK]["p_err"]) if key == "p_err" else (lambda r: r.get(key))
         return [[get(h[e]) for h in histories[name]] for e in range(args.epochs)]
 
-    header = ["epoch"] + [f"{n}: {c}" for n in methods for c in ("test acc", "P_err")] + ["DP-SGD epsilon",
-                                                                                          "DP bound on P_err"]
+    header = (
+        ["epoch"]
+        + [f"{n}: {c}" for n in methods for c in ("test acc", "P_err")]
+        + ["DP-SGD epsilon", "DP bound on P_err"]
+    )
     rows = []
     for e in range(args.epochs):
         row = [str(e + 1)]
         for name in methods:
             row += [fmt(series(name, "test_accuracy")[e]).split(" (")[0], fmt(series(name, "p_err")[e]).split(" (")[0]]
-        row += [f"{mean_std(series('DP-SGD', 'epsilon')[e])[0]:.2f}",
-                f"{mean_std(series('DP-SGD', 'dp_perr_bound')[e])[0]:.4f}"]
+        row += [
+            f"{mean_std(series('DP-SGD', 'epsilon')[e])[0]:.2f}",
+            f"{mean_std(series('DP-SGD', 'dp_perr_bound')[e])[0]:.4f}",
+        ]
         rows.append(row)
 
     # The trade-off: the best mean accuracy a method reaches at an epoch whose mean P_err is at least DP-SGD's
@@ -94,9 +110,14 @@ def main(argv=None) -> int:
         perrs = [mean_std(v)[0] for v in series(name, "p_err")]
         ok = [e for e in range(args.epochs) if perrs[e] >= dp_perr[0]]
         best = max(ok, key=lambda e: accs[e]) if ok else None
-        summary_rows.append([name, fmt(series(name, "test_accuracy")[-1]), fmt(series(name, "p_err")[-1]),
-                             "-" if best is None else
-                             f"epoch {best + 1}: acc {accs[best]:.3f}, P_err {perrs[best]:.3f}"])
+        summary_rows.append(
+            [
+                name,
+                fmt(series(name, "test_accuracy")[-1]),
+                fmt(series(name, "p_err")[-1]),
+                "-" if best is None else f"epoch {best + 1}: acc {accs[best]:.3f}, P_err {perrs[best]:.3f}",
+            ]
+        )
         verdicts[name] = None if best is None else accs[best]
     # Beyond noise: the early stop must beat DP-SGD's mean accuracy by more than its spread over seeds.
     better = [n for n in ("non-private", "SAM") if verdicts[n] is not None and verdicts[n] > dp_acc[0] + dp_acc[1]]
@@ -104,32 +125,46 @@ def main(argv=None) -> int:
         f"DP-SGD at epsilon {args.epsilon:g}: the DP bound on P_err is {dp_bound:.4f}; its measured calibrated P_err "
         "is "
         f"{dp_perr[0]:.3f} ± {dp_perr[1]:.3f} at test accuracy {dp_acc[0]:.3f} ± {dp_acc[1]:.3f}.",
-        ("Claim holds at this scale: stopped early at an epoch whose P_err is at least DP-SGD's, "
-         f"{' and '.join(better)} reach{'es' if len(better) == 1 else ''} higher test accuracy than DP-SGD's final "
-         "model (by more than DP-SGD's spread over seeds)." if better else
-         "Claim does not hold at this scale: no epoch of the non-private or SAM runs with P_err at least "
-         "DP-SGD's beats DP-SGD's final accuracy by more than its spread over seeds."),
+        (
+            "Claim holds at this scale: stopped early at an epoch whose P_err is at least DP-SGD's, "
+            f"{' and '.join(better)} reach{'es' if len(better) == 1 else ''} higher test accuracy than DP-SGD's final "
+            "model (by more than DP-SGD's spread over seeds)."
+            if better
+            else "Claim does not hold at this scale: no epoch of the non-private or SAM runs with P_err at least "
+            "DP-SGD's beats DP-SGD's final accuracy by more than its spread over seeds."
+        ),
         "The DP bound is far below every measured P_err: the guarantee at this epsilon says little about this "
         "attack, as the paper argues.",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = plot_curves({f"{n} (seed {args.seeds[0]})": histories[n][0] for n in methods},
-                       args.out / "early_stopping.png", attack=ATTACK)
-    scaled = (f"ConvNet width {args.width} from scratch (paper: pretrained ResNet50); {args.train} members, "
-              f"{args.test} test images as non-members, {args.audit_examples} + {args.audit_examples} attacked per "
-              "epoch "
-              f"(paper: 5,000 + 5,000); {args.epochs} epochs; attack: calibrated threshold (100 known) and Yeom; "
-              f"no Salem NN attack; {len(args.seeds)} seeds.")
-    write_outputs(args.out, "early_stopping",
-                  title="Early stopping vs DP-SGD against membership inference (Liu, Oya, Kerschbaum)",
-                  scaled_down=scaled,
-                  tables={"Per epoch, mean ± std over seeds (calibrated-threshold P_err; 0.5 = no leakage)":
-                          markdown_table(header, rows),
-                          f"Final epoch and the best early stop with P_err >= DP-SGD's final ({dp_perr[0]:.3f})":
-                          markdown_table(["method", "final test acc", "final P_err", "best early stop"],
-                                         summary_rows)},
-                  results={"histories": histories, "plot": str(plot), "wall_seconds": time.perf_counter() - start},
-                  notes=notes + [f"Plot (seed {args.seeds[0]}): {plot}"])
+    plot = plot_curves(
+        {f"{n} (seed {args.seeds[0]})": histories[n][0] for n in methods},
+        args.out / "early_stopping.png",
+        attack=ATTACK,
+    )
+    scaled = (
+        f"ConvNet width {args.width} from scratch (paper: pretrained ResNet50); {args.train} members, "
+        f"{args.test} test images as non-members, {args.audit_examples} + {args.audit_examples} attacked per "
+        "epoch "
+        f"(paper: 5,000 + 5,000); {args.epochs} epochs; attack: calibrated threshold (100 known) and Yeom; "
+        f"no Salem NN attack; {len(args.seeds)} seeds."
+    )
+    write_outputs(
+        args.out,
+        "early_stopping",
+        title="Early stopping vs DP-SGD against membership inference (Liu, Oya, Kerschbaum)",
+        scaled_down=scaled,
+        tables={
+            "Per epoch, mean ± std over seeds (calibrated-threshold P_err; 0.5 = no leakage)": markdown_table(
+                header, rows
+            ),
+            f"Final epoch and the best early stop with P_err >= DP-SGD's final ({dp_perr[0]:.3f})": markdown_table(
+                ["method", "final test acc", "final P_err", "best early stop"], summary_rows
+            ),
+        },
+        results={"histories": histories, "plot": str(plot), "wall_seconds": time.perf_counter() - start},
+        notes=notes + [f"Plot (seed {args.seeds[0]}): {plot}"],
+    )
     return 0
 
 

@@ -57,35 +57,67 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             model = ConvNet(in_channels=3, num_classes=10, width=args.width, image_size=32, groups=min(8, args.width))
-            train_classifier(model, *members, epochs=args.epochs, lr=args.lr, mechanism=mechanism,
-                             generator=torch.Generator().manual_seed(seed))
+            train_classifier(
+                model,
+                *members,
+                epochs=args.epochs,
+                lr=args.lr,
+                mechanism=mechanism,
+                generator=torch.Generator().manual_seed(seed),
+            )
             model.eval()
             models[name] = model
             attack_gen = dict(n_known=args.n_known)
             std = yeom(model, members, nonmembers, generator=torch.Generator().manual_seed(seed), **attack_gen)
-            pow_ = calibrated_threshold(model, members, nonmembers, generator=torch.Generator().manual_seed(seed),
-                                        **attack_gen)
+            pow_ = calibrated_threshold(
+                model, members, nonmembers, generator=torch.Generator().manual_seed(seed), **attack_gen
+            )
             with torch.no_grad():
                 test_acc = float((model(nonmembers.x).argmax(1) == nonmembers.y).double().mean())
                 train_acc = float((model(members.x).argmax(1) == members.y).double().mean())
-            results.append({"mechanism": name, "seed": seed, "test_accuracy": test_acc, "train_accuracy": train_acc,
-                            "adv_std": std.decision_advantage, "adv_pow": pow_.decision_advantage,
-                            "auc_pow": pow_.summary["auc"],
-                            "seconds": time.perf_counter() - t0})
-            print(f"seed {seed} {name:5s} acc {test_acc:.3f} (train {train_acc:.3f}) "
-                  f"Adv_std {std.decision_advantage:+.3f} "
-                  f"Adv_pow {pow_.decision_advantage:+.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            results.append(
+                {
+                    "mechanism": name,
+                    "seed": seed,
+                    "test_accuracy": test_acc,
+                    "train_accuracy": train_acc,
+                    "adv_std": std.decision_advantage,
+                    "adv_pow": pow_.decision_advantage,
+                    "auc_pow": pow_.summary["auc"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            print(
+                f"seed {seed} {name:5s} acc {test_acc:.3f} (train {train_acc:.3f}) "
+                f"Adv_std {std.decision_advantage:+.3f} "
+                f"Adv_pow {pow_.decision_advantage:+.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
         lrcs.append(lrc_matrix(models, members))
 
     def col(name, key):
         return [r[key] for r in results if r["mechanism"] == name]
 
     paper = {"none": "85.5% · 27.7 / 28.1", "LS": "86.3% · 13.3 / 27.7", "MU": "86.9% · 16.1 / 23.7"}
-    header = ["mechanism", "test acc", "train acc", "Adv_std (Yeom, %)", "Adv_pow (calibrated, %)",
-              "paper: acc · Adv_std / Adv_pow"]
-    rows = [[n, fmt(col(n, "test_accuracy")), fmt(col(n, "train_accuracy")),
-             fmt([100 * v for v in col(n, "adv_std")], "{:.1f}"), fmt([100 * v for v in col(n, "adv_pow")], "{:.1f}"),
-             paper[n]] for n in mechanisms]
+    header = [
+        "mechanism",
+        "test acc",
+        "train acc",
+        "Adv_std (Yeom, %)",
+        "Adv_pow (calibrated, %)",
+        "paper: acc · Adv_std / Adv_pow",
+    ]
+    rows = [
+        [
+            n,
+            fmt(col(n, "test_accuracy")),
+            fmt(col(n, "train_accuracy")),
+            fmt([100 * v for v in col(n, "adv_std")], "{:.1f}"),
+            fmt([100 * v for v in col(n, "adv_pow")], "{:.1f}"),
+            paper[n],
+        ]
+        for n in mechanisms
+    ]
     names = list(mechanisms)
     lrc_rows = [[a] + [fmt([m[a][b] for m in lrcs]).split(" (")[0] for b in names] for a in names]
     base_std, base_pow = mean_std(col("none", "adv_std")), mean_std(col("none", "adv_pow"))
@@ -98,24 +130,36 @@ def main(argv=None) -> int:
         f"LS vs none: Adv_std {100 * base_std[0]:.1f} -> {100 * ls_std[0]:.1f}, Adv_pow {100 * base_pow[0]:.1f} -> "
         f"{100 * ls_pow[0]:.1f} (pow - std gap {100 * gap_base:.1f} -> {100 * gap_ls:.1f} points; largest spread "
         f"{100 * noise:.1f}).",
-        ("Claim holds at this scale: label smoothing lowers the standard attack's advantage while the calibrated "
-         "attacker keeps the unaugmented model's advantage, so Adv_std understates LS's risk." if holds else
-         "Claim does not hold at this scale: label smoothing does not both lower Adv_std (beyond the spread) and "
-         "keep Adv_pow at the unaugmented level."),
+        (
+            "Claim holds at this scale: label smoothing lowers the standard attack's advantage while the calibrated "
+            "attacker keeps the unaugmented model's advantage, so Adv_std understates LS's risk."
+            if holds
+            else "Claim does not hold at this scale: label smoothing does not both lower Adv_std (beyond the "
+            "spread) and "
+            "keep Adv_pow at the unaugmented level."
+        ),
         f"LRC between mechanisms (Spearman of per-example training losses), mean over seeds: none-LS "
         f"{mean_std(m['none']['LS'] for m in lrcs)[0]:.3f}, none-MU {mean_std(m['none']['MU'] for m in lrcs)[0]:.3f}, "
         f"LS-MU {mean_std(m['LS']['MU'] for m in lrcs)[0]:.3f} (the paper: mixup's models rank losses unlike the "
         "others').",
     ]
-    scaled = (f"ConvNet width {args.width}; {args.train} members and {args.test} non-members (CIFAR-10 test "
-              f"images); {args.epochs} epochs of Adam (lr {args.lr}); LS alpha {args.alpha}, mixup gamma {args.gamma} "
-              f"fixed (paper: tuned for accuracy); {args.n_known} known members/non-members; {len(args.seeds)} seeds.")
-    write_outputs(args.out, "label_smoothing",
-                  title="Label smoothing and membership inference (Kaya & Dumitras, ICML 2021, Table 1)",
-                  scaled_down=scaled,
-                  tables={"Accuracy and attack advantage, mean ± std over seeds": markdown_table(header, rows),
-                          "LRC between mechanisms, mean ± std over seeds": markdown_table(["LRC"] + names, lrc_rows)},
-                  results={"runs": results, "lrc": lrcs, "wall_seconds": time.perf_counter() - start}, notes=notes)
+    scaled = (
+        f"ConvNet width {args.width}; {args.train} members and {args.test} non-members (CIFAR-10 test "
+        f"images); {args.epochs} epochs of Adam (lr {args.lr}); LS alpha {args.alpha}, mixup gamma {args.gamma} "
+        f"fixed (paper: tuned for accuracy); {args.n_known} known members/non-members; {len(args.seeds)} seeds."
+    )
+    write_outputs(
+        args.out,
+        "label_smoothing",
+        title="Label smoothing and membership inference (Kaya & Dumitras, ICML 2021, Table 1)",
+        scaled_down=scaled,
+        tables={
+            "Accuracy and attack advantage, mean ± std over seeds": markdown_table(header, rows),
+            "LRC between mechanisms, mean ± std over seeds": markdown_table(["LRC"] + names, lrc_rows),
+        },
+        results={"runs": results, "lrc": lrcs, "wall_seconds": time.perf_counter() - start},
+        notes=notes,
+    )
     return 0
 
 

@@ -158,8 +158,10 @@ def test_ops_match_pil_when_it_is_installed():
     for t in (0.4532, -0.1007):
         check(L.translate_x(x, t), pil.transform(pil.size, Image.AFFINE, (1, 0, t * 16, 0, 1, 0), fillcolor=0))
         check(L.translate_y(x, t), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, t * 16), fillcolor=0))
-    check(L.shear_y(x, 0.1667),
-          pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.1667, 1, 0), Image.BILINEAR, fillcolor=0))
+    check(
+        L.shear_y(x, 0.1667),
+        pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.1667, 1, 0), Image.BILINEAR, fillcolor=0),
+    )
 
 
 def test_policy_parsing_and_formatting():
@@ -189,8 +191,8 @@ def test_policy_applies_its_entries_in_order():
 def test_hybrid_draws_one_sub_policy_per_image():
     x = _images(n=32)
     out = L.Policy("0+8")(x, generator=torch.Generator().manual_seed(0))  # invert or autocontrast
-    inverted = ((out - L.invert(x)).flatten(1).abs().amax(1) < 1e-12)
-    stretched = ((out - L.autocontrast(x)).flatten(1).abs().amax(1) < 1e-12)
+    inverted = (out - L.invert(x)).flatten(1).abs().amax(1) < 1e-12
+    stretched = (out - L.autocontrast(x)).flatten(1).abs().amax(1) < 1e-12
     assert bool((inverted ^ stretched).all()) and 0 < int(inverted.sum()) < 32
 
 

@@ -40,8 +40,9 @@ def test_exposure_matches_direct_rank():
     np.testing.assert_allclose(exposure(torch.from_numpy(canaries), torch.from_numpy(references)).numpy(), expected)
 
 
-@pytest.mark.parametrize("loc, to_loss", [(2.0, lambda log_odds: np.logaddexp(0, log_odds)),
-                                           (20.0, lambda log_odds: log_odds)])
+@pytest.mark.parametrize(
+    "loc, to_loss", [(2.0, lambda log_odds: np.logaddexp(0, log_odds)), (20.0, lambda log_odds: log_odds)]
+)
 def test_extrapolated_exposure_on_a_skew_normal(loc, to_loss):
     """Candidates whose log-odds are skew-normal, the fitted family; at log-perplexities of many
     nats (the Secret Sharer's sequences) the log-odds are the losses themselves."""
@@ -84,8 +85,14 @@ def test_extrapolated_exposure_flags_bad_fits():
     with pytest.warns(RuntimeWarning, match="collapsed to a half-normal"):
         exposure_extrapolated(torch.tensor([0.5]), half_normal)
     # A cluster of confident candidates 5 % strong: one skew-normal cannot follow both.
-    clustered = F.softplus(torch.cat([4 + torch.randn(1900, generator=generator, dtype=torch.float64),
-                                      0.3 * torch.randn(100, generator=generator, dtype=torch.float64) - 1]))
+    clustered = F.softplus(
+        torch.cat(
+            [
+                4 + torch.randn(1900, generator=generator, dtype=torch.float64),
+                0.3 * torch.randn(100, generator=generator, dtype=torch.float64) - 1,
+            ]
+        )
+    )
     with pytest.warns(RuntimeWarning, match="lower tail"):
         exposure_extrapolated(torch.tensor([0.5]), clustered)
     with pytest.raises(ValueError, match="fit of the reference losses failed"), warnings.catch_warnings():
@@ -139,8 +146,9 @@ def test_image_canaries_inserted_are_exposed():
 
     def exposures(x, y, seed):
         torch.manual_seed(seed)
-        model = train_classifier(MLP(64, 10, hidden=(128,)), x, y, epochs=40, lr=3e-3,
-                                 generator=torch.Generator().manual_seed(seed))
+        model = train_classifier(
+            MLP(64, 10, hidden=(128,)), x, y, epochs=40, lr=3e-3, generator=torch.Generator().manual_seed(seed)
+        )
         canary_losses, reference_losses = example_losses(model, *canaries), example_losses(model, *references)
         return exposure(canary_losses, reference_losses), exposure_extrapolated(canary_losses, reference_losses)
 

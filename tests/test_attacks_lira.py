@@ -35,14 +35,15 @@ def setting():
     pool_x, pool_y = train.x[:POOL], train.y[:POOL]
     generator = torch.Generator().manual_seed(0)
     is_member = torch.zeros(POOL, dtype=torch.bool)
-    is_member[torch.randperm(POOL, generator=generator)[:POOL // 2]] = True
+    is_member[torch.randperm(POOL, generator=generator)[: POOL // 2]] = True
     torch.manual_seed(0)
     target = train_classifier(_mlp(), pool_x[is_member], pool_y[is_member], generator=generator, **RECIPE)
     torch.manual_seed(1)
-    outside = train.x[POOL:POOL + POOL // 2], train.y[POOL:POOL + POOL // 2]
+    outside = train.x[POOL : POOL + POOL // 2], train.y[POOL : POOL + POOL // 2]
     other = train_classifier(_mlp(), *outside, generator=generator, **RECIPE)  # saw none of the pool
-    shadows = train_shadow_models(_mlp, pool_x, pool_y, n_shadows=N_SHADOWS, generator=generator, progress=False,
-                                  **RECIPE)
+    shadows = train_shadow_models(
+        _mlp, pool_x, pool_y, n_shadows=N_SHADOWS, generator=generator, progress=False, **RECIPE
+    )
     return {"x": pool_x, "y": pool_y, "is_member": is_member, "target": target, "other": other, "shadows": shadows}
 
 
@@ -79,8 +80,12 @@ def test_each_shadow_learns_its_own_half(setting):
 def test_shadow_training_is_reproducible():
     train, _ = load_digits()
     x, y = train.x[:60], train.y[:60]
-    runs = [train_shadow_models(_mlp, x, y, n_shadows=2, epochs=2, generator=torch.Generator().manual_seed(5),
-                                progress=False) for _ in range(2)]
+    runs = [
+        train_shadow_models(
+            _mlp, x, y, n_shadows=2, epochs=2, generator=torch.Generator().manual_seed(5), progress=False
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].in_mask, runs[1].in_mask)
     torch.testing.assert_close(runs[0].logits(x), runs[1].logits(x), rtol=0, atol=0)
 
@@ -135,7 +140,7 @@ def hand_made():
     rng = np.random.default_rng(0)
     in_mask = np.zeros((HAND_S, HAND_N), dtype=bool)
     for n in range(HAND_N):
-        in_mask[rng.permutation(HAND_S)[:3 + n % 3], n] = True  # 3 to 5 IN, 3 to 5 OUT shadows per example
+        in_mask[rng.permutation(HAND_S)[: 3 + n % 3], n] = True  # 3 to 5 IN, 3 to 5 OUT shadows per example
     spread = np.array([0.2, 0.5, 1.0, 2.0, 3.0, 5.0])
     center_in, center_out = rng.normal(2.0, 1.0, HAND_N), rng.normal(-1.0, 1.0, HAND_N)
     shadow_phi = np.where(in_mask, center_in, center_out) + spread * rng.normal(size=(HAND_S, HAND_N))
@@ -146,8 +151,13 @@ def hand_made():
         buffers={},
         in_mask=torch.as_tensor(in_mask),
     )
-    return {"shadows": shadows, "shadow_phi": shadow_phi, "in_mask": in_mask, "target_phi": target_phi,
-            "target": _confidence_table(target_phi)}
+    return {
+        "shadows": shadows,
+        "shadow_phi": shadow_phi,
+        "in_mask": in_mask,
+        "target_phi": target_phi,
+        "target": _confidence_table(target_phi),
+    }
 
 
 def _expected_lira(shadow_phi, in_mask, target_phi, *, online, fix_variance):
@@ -185,12 +195,24 @@ def _expected_lira(shadow_phi, in_mask, target_phi, *, online, fix_variance):
 def test_lira_scores_equal_the_gaussian_formulas(hand_made, online, fix_variance, mirror):
     shadow_phi, in_mask, target_phi = hand_made["shadow_phi"], hand_made["in_mask"], hand_made["target_phi"]
     queries = [lambda a: a, lambda a: a[..., ::-1]] if mirror else [lambda a: a]  # mirror(e_n) = e_{N-1-n}
-    expected = _expected_lira(np.stack([q(shadow_phi) for q in queries], -1), in_mask,
-                              np.stack([q(target_phi) for q in queries], -1), online=online, fix_variance=fix_variance)
+    expected = _expected_lira(
+        np.stack([q(shadow_phi) for q in queries], -1),
+        in_mask,
+        np.stack([q(target_phi) for q in queries], -1),
+        online=online,
+        fix_variance=fix_variance,
+    )
     is_member = torch.tensor([True, False] * (HAND_N // 2))
-    found = lira(hand_made["target"], hand_made["shadows"], torch.eye(HAND_N, dtype=torch.float64),
-                 torch.zeros(HAND_N, dtype=torch.int64), is_member=is_member, online=online,
-                 fix_variance=fix_variance, mirror=mirror)
+    found = lira(
+        hand_made["target"],
+        hand_made["shadows"],
+        torch.eye(HAND_N, dtype=torch.float64),
+        torch.zeros(HAND_N, dtype=torch.int64),
+        is_member=is_member,
+        online=online,
+        fix_variance=fix_variance,
+        mirror=mirror,
+    )
     scores = torch.empty(HAND_N, dtype=torch.float64)
     scores[is_member], scores[~is_member] = found.member_scores.double(), found.nonmember_scores.double()
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10, atol=1e-12)
@@ -206,10 +228,12 @@ def test_lira_scores_rank_members_first_on_the_hand_made_case(hand_made):
     x, y = torch.eye(HAND_N, dtype=torch.float64), torch.zeros(HAND_N, dtype=torch.int64)
     is_member = torch.tensor([True, False] * (HAND_N // 2))
     for online in (True, False):
-        at_in = lira(_confidence_table(mu_in), hand_made["shadows"], x, y, is_member=is_member, online=online,
-                     mirror=False)
-        at_out = lira(_confidence_table(mu_out), hand_made["shadows"], x, y, is_member=is_member, online=online,
-                      mirror=False)
+        at_in = lira(
+            _confidence_table(mu_in), hand_made["shadows"], x, y, is_member=is_member, online=online, mirror=False
+        )
+        at_out = lira(
+            _confidence_table(mu_out), hand_made["shadows"], x, y, is_member=is_member, online=online, mirror=False
+        )
         assert (at_in.member_scores > at_out.member_scores).all()
         assert (at_in.nonmember_scores > at_out.nonmember_scores).all()
 
@@ -221,8 +245,17 @@ def test_shadows_train_through_the_targets_augmentation():
     x, y = train.x[:200], train.y[:200]
 
     def in_accuracy(mechanism):
-        shadows = train_shadow_models(_mlp, x, y, n_shadows=2, epochs=30, lr=3e-3, mechanism=mechanism,
-                                      generator=torch.Generator().manual_seed(0), progress=False)
+        shadows = train_shadow_models(
+            _mlp,
+            x,
+            y,
+            n_shadows=2,
+            epochs=30,
+            lr=3e-3,
+            mechanism=mechanism,
+            generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )
         correct = shadows.logits(x).argmax(-1) == y
         return (correct & shadows.in_mask).sum(1) / shadows.in_mask.sum(1)
 
@@ -235,11 +268,21 @@ def test_shadows_train_through_the_targets_augmentation():
 
 def test_bad_arguments(setting):
     with pytest.raises(ValueError, match="same pool"):
-        lira(setting["target"], setting["shadows"], setting["x"][:10], setting["y"][:10],
-             is_member=setting["is_member"][:10])
+        lira(
+            setting["target"],
+            setting["shadows"],
+            setting["x"][:10],
+            setting["y"][:10],
+            is_member=setting["is_member"][:10],
+        )
     with pytest.raises(ValueError, match="both members and non-members"):
-        lira(setting["target"], setting["shadows"], setting["x"], setting["y"],
-             is_member=torch.ones(POOL, dtype=torch.bool))
+        lira(
+            setting["target"],
+            setting["shadows"],
+            setting["x"],
+            setting["y"],
+            is_member=torch.ones(POOL, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="even"):
         train_shadow_models(_mlp, setting["x"], setting["y"], n_shadows=3, epochs=1)
 
@@ -256,11 +299,21 @@ def test_vectorized_training_equals_training_each_model_alone():
 
     train, _ = load_digits()
     x, y = train.x[:40], train.y[:40]
-    start = train_shadow_models(_mlp, x, y, n_shadows=4, epochs=0, generator=torch.Generator().manual_seed(3),
-                                progress=False)
+    start = train_shadow_models(
+        _mlp, x, y, n_shadows=4, epochs=0, generator=torch.Generator().manual_seed(3), progress=False
+    )
     # Same generator seed, so the same halves and initializations; batch = half the pool = one step.
-    trained = train_shadow_models(_mlp, x, y, n_shadows=4, epochs=1, batch_size=20, lr=1e-3,
-                                  generator=torch.Generator().manual_seed(3), progress=False)
+    trained = train_shadow_models(
+        _mlp,
+        x,
+        y,
+        n_shadows=4,
+        epochs=1,
+        batch_size=20,
+        lr=1e-3,
+        generator=torch.Generator().manual_seed(3),
+        progress=False,
+    )
     assert torch.equal(start.in_mask, trained.in_mask)
     for s in range(4):
         model = _mlp()

@@ -30,8 +30,9 @@ def _fit(x, y, seed, mechanism=None, epochs=75):
     torch.manual_seed(seed)
     model = MLP(64, 10, hidden=(256,))
     # Many epochs on few examples without weight decay: ~100% train accuracy, a clear loss gap.
-    return train_classifier(model, x, y, epochs=epochs, lr=3e-3, mechanism=mechanism,
-                            generator=torch.Generator().manual_seed(seed))
+    return train_classifier(
+        model, x, y, epochs=epochs, lr=3e-3, mechanism=mechanism, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def digits():
     train, test = load_digits()
     return {
         "members": (train.x[:N_MEMBERS], train.y[:N_MEMBERS]),
-        "other": (train.x[N_MEMBERS:2 * N_MEMBERS], train.y[N_MEMBERS:2 * N_MEMBERS]),
+        "other": (train.x[N_MEMBERS : 2 * N_MEMBERS], train.y[N_MEMBERS : 2 * N_MEMBERS]),
         "shadow_members": (train.x[400:600], train.y[400:600]),
         "shadow_nonmembers": (train.x[600:], train.y[600:]),
         "nonmembers": (test.x, test.y),
@@ -56,13 +57,19 @@ def models(digits):
 
 
 def _attack(attack, model, digits, seed=0, **kwargs):
-    return attack(model, digits["members"], digits["nonmembers"], generator=torch.Generator().manual_seed(seed),
-                  **kwargs)
+    return attack(
+        model, digits["members"], digits["nonmembers"], generator=torch.Generator().manual_seed(seed), **kwargs
+    )
 
 
-@pytest.mark.parametrize("attack, kwargs", [
-    (yeom, {}), (calibrated_threshold, {}), (calibrated_threshold, {"per_class": True}),
-])
+@pytest.mark.parametrize(
+    "attack, kwargs",
+    [
+        (yeom, {}),
+        (calibrated_threshold, {}),
+        (calibrated_threshold, {"per_class": True}),
+    ],
+)
 def test_threshold_attacks_find_membership_only_when_there_is_some(models, digits, attack, kwargs):
     found = _attack(attack, models["target"], digits, **kwargs)
     assert found.decision_advantage > 0.1
@@ -75,8 +82,9 @@ def test_threshold_attacks_find_membership_only_when_there_is_some(models, digit
 def test_calibrated_at_least_as_strong_as_yeom(models, digits):
     """Kaya & Dumitraş's trend (ICML 2021): the "powerful" attack's advantage is at least Yeom's (mean over draws)."""
     yeom_adv = np.mean([_attack(yeom, models["target"], digits, seed=s).decision_advantage for s in range(8)])
-    calibrated_adv = np.mean([_attack(calibrated_threshold, models["target"], digits, seed=s).decision_advantage
-                              for s in range(8)])
+    calibrated_adv = np.mean(
+        [_attack(calibrated_threshold, models["target"], digits, seed=s).decision_advantage for s in range(8)]
+    )
     assert calibrated_adv >= yeom_adv
 
 
@@ -99,8 +107,11 @@ def test_per_class_thresholds(models, digits):
 
 
 def test_salem_nn(models, digits):
-    shadow = {"shadow_model": models["shadow"], "shadow_members": digits["shadow_members"],
-              "shadow_nonmembers": digits["shadow_nonmembers"]}
+    shadow = {
+        "shadow_model": models["shadow"],
+        "shadow_members": digits["shadow_members"],
+        "shadow_nonmembers": digits["shadow_nonmembers"],
+    }
     found = salem_nn(models["target"], digits["members"], digits["nonmembers"], **shadow)
     assert found.decision_advantage > 0.1 and found.summary["auc"] > 0.55  # its scores saturate: many ties
     assert ((found.member_scores >= 0) & (found.member_scores <= 1)).all()

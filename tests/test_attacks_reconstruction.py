@@ -10,8 +10,8 @@ from privfast.attacks import reconstruction as R
 from privfast.data import load_digits
 from privfast.models import ConvNet, LeNet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -36,17 +36,21 @@ def test_per_example_gradients_equal_one_backward_per_example(digits, dtype):
     grads = R.per_example_gradients(model, x, y, chunk_size=2)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
     for n in range(5):
-        expected = torch.autograd.grad(F.cross_entropy(model(x[n:n + 1]), y[n:n + 1]), list(model.parameters()))
+        expected = torch.autograd.grad(F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), list(model.parameters()))
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g[n], e, rtol=rtol, atol=atol)
 
 
 def test_gradient_distances_match_their_formulas():
     g = torch.Generator().manual_seed(0)
-    grads = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
-             torch.randn(3, 7, generator=g, dtype=torch.float64)]
-    targets = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
-               torch.randn(3, 7, generator=g, dtype=torch.float64)]
+    grads = [
+        torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+    ]
+    targets = [
+        torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+    ]
     flat_g = torch.cat([t.flatten(1) for t in grads], 1)
     flat_t = torch.cat([t.flatten(1) for t in targets], 1)
     torch.testing.assert_close(R.gradient_distance(grads, targets, "cosine"), 1 - ops.gradsim(grads, targets))
@@ -75,14 +79,14 @@ def test_ssim_on_one_window_equals_the_weighted_statistics():
     g = torch.Generator().manual_seed(2)
     a, b = (torch.rand(1, 1, 7, 7, generator=g, dtype=torch.float64) for _ in range(2))
     coords = np.arange(7) - 3.0
-    w = np.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    w = np.exp(-(coords**2) / (2 * 1.5**2))
     w = np.outer(w, w) / np.outer(w, w).sum()
     an, bn = a.numpy()[0, 0], b.numpy()[0, 0]
     ma, mb = (w * an).sum(), (w * bn).sum()
-    va, vb = (w * an ** 2).sum() - ma ** 2, (w * bn ** 2).sum() - mb ** 2
+    va, vb = (w * an**2).sum() - ma**2, (w * bn**2).sum() - mb**2
     cov = (w * an * bn).sum() - ma * mb
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    expected = (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
     assert float(R.ssim(a, b)) == pytest.approx(expected, rel=1e-10)
 
 
@@ -99,8 +103,16 @@ def test_adam_cosine_reconstructs_undefended_digits(digits):
     x, y = digits.x[:4], digits.y[:4]
     grads = R.per_example_gradients(model, x, y)
     # TV off: the digits' sharp strokes are not what the prior favours at 8x8.
-    rec = R.reconstruct(model, grads, shape=(1, 8, 8), config="adam_cosine", iterations=100, tv=0.0,
-                        generator=torch.Generator().manual_seed(0), progress=False)
+    rec = R.reconstruct(
+        model,
+        grads,
+        shape=(1, 8, 8),
+        config="adam_cosine",
+        iterations=100,
+        tv=0.0,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     torch.testing.assert_close(rec.labels, y)  # recovered by iDLG
     assert bool((R.psnr(rec.images, x) > 30).all()), R.psnr(rec.images, x)
     assert bool((rec.cost < 1e-4).all())
@@ -115,9 +127,9 @@ def test_batched_attack_gives_each_target_its_own_run(digits):
     kwargs = dict(shape=(1, 8, 8), config="adam_l2", iterations=30, progress=False)
     batched = R.reconstruct(model, grads, y, start=start, **kwargs)
     for t in range(3):
-        alone = R.reconstruct(model, [g[t:t + 1] for g in grads], y[t:t + 1], start=start[t:t + 1], **kwargs)
-        torch.testing.assert_close(batched.images[t:t + 1], alone.images, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(batched.cost[t:t + 1], alone.cost, rtol=1e-9, atol=1e-12)
+        alone = R.reconstruct(model, [g[t : t + 1] for g in grads], y[t : t + 1], start=start[t : t + 1], **kwargs)
+        torch.testing.assert_close(batched.images[t : t + 1], alone.images, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(batched.cost[t : t + 1], alone.cost, rtol=1e-9, atol=1e-12)
 
 
 def test_restarts_keep_the_lowest_cost_start(digits):
@@ -126,10 +138,22 @@ def test_restarts_keep_the_lowest_cost_start(digits):
     grads = R.per_example_gradients(model, x, y)
     g = torch.Generator().manual_seed(3)
     start = torch.randn(6, 1, 8, 8, generator=g)
-    rec = R.reconstruct(model, grads, y, shape=(1, 8, 8), config="adam_cosine", iterations=5, restarts=3,
-                        start=start, progress=False)
-    single = [R.reconstruct(model, grads, y, shape=(1, 8, 8), config="adam_cosine", iterations=5,
-                            start=start[2 * r:2 * r + 2], progress=False) for r in range(3)]
+    rec = R.reconstruct(
+        model, grads, y, shape=(1, 8, 8), config="adam_cosine", iterations=5, restarts=3, start=start, progress=False
+    )
+    single = [
+        R.reconstruct(
+            model,
+            grads,
+            y,
+            shape=(1, 8, 8),
+            config="adam_cosine",
+            iterations=5,
+            start=start[2 * r : 2 * r + 2],
+            progress=False,
+        )
+        for r in range(3)
+    ]
     costs = torch.stack([s.cost for s in single])
     torch.testing.assert_close(rec.cost, costs.min(0).values)
 
@@ -143,8 +167,18 @@ def test_every_preset_lowers_the_matching_cost(digits, preset):
     config = R.PRESETS[preset]
     initial = R.gradient_distance(R.per_example_gradients(model, start, y), grads, config.cost)
     iterations = 1 if config.optimizer == "lbfgs" else 20
-    rec = R.reconstruct(model, grads, y, shape=(1, 8, 8), config=preset, iterations=iterations, tv=0.0,
-                        boxed=False, start=start, progress=False)
+    rec = R.reconstruct(
+        model,
+        grads,
+        y,
+        shape=(1, 8, 8),
+        config=preset,
+        iterations=iterations,
+        tv=0.0,
+        boxed=False,
+        start=start,
+        progress=False,
+    )
     assert rec.images.shape == (2, 1, 8, 8)
     assert float(rec.cost.sum()) < float(initial.sum())
 

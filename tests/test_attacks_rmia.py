@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from privfast.attacks import (ShadowModels, lira, rmia, rmia_scores, train_classifier, train_shadow_models,
-                              tune_offline_a)
+from privfast.attacks import (
+    ShadowModels,
+    lira,
+    rmia,
+    rmia_scores,
+    train_classifier,
+    train_shadow_models,
+    tune_offline_a,
+)
 from privfast.attacks.rmia import A_GRID
 from privfast.data import load_digits
 from privfast.models import MLP
@@ -22,8 +29,11 @@ def _table(p):
     """A bias-free Linear(D, 2) whose probability of class 0 on the one-hot input e_d is ``p[d]``."""
     layer = nn.Linear(len(p), 2, bias=False).double()
     with torch.no_grad():
-        layer.weight.copy_(torch.stack([torch.logit(torch.as_tensor(p, dtype=torch.float64)),
-                                        torch.zeros(len(p), dtype=torch.float64)]))
+        layer.weight.copy_(
+            torch.stack(
+                [torch.logit(torch.as_tensor(p, dtype=torch.float64)), torch.zeros(len(p), dtype=torch.float64)]
+            )
+        )
     return layer
 
 
@@ -33,21 +43,33 @@ def hand_made():
     rng = np.random.default_rng(0)
     in_mask = np.zeros((S, N), dtype=bool)
     for n in range(N):
-        in_mask[rng.permutation(S)[:2 + n % 3], n] = True  # 2 to 4 IN references per example
+        in_mask[rng.permutation(S)[: 2 + n % 3], n] = True  # 2 to 4 IN references per example
     shadow_p = rng.uniform(0.05, 0.95, (S, N + Z))
     shadow_p[:, :N] = np.where(in_mask, np.minimum(shadow_p[:, :N] + 0.3, 0.99), shadow_p[:, :N])
     target_p = rng.uniform(0.05, 0.99, N + Z)
-    shadows = ShadowModels(base=nn.Linear(N + Z, 2, bias=False).to("meta"),
-                           params={"weight": torch.stack([_table(p).weight.detach() for p in shadow_p])},
-                           buffers={}, in_mask=torch.as_tensor(in_mask))
+    shadows = ShadowModels(
+        base=nn.Linear(N + Z, 2, bias=False).to("meta"),
+        params={"weight": torch.stack([_table(p).weight.detach() for p in shadow_p])},
+        buffers={},
+        in_mask=torch.as_tensor(in_mask),
+    )
     eye = torch.eye(N + Z, dtype=torch.float64)
-    return {"shadows": shadows, "shadow_p": shadow_p, "in_mask": in_mask, "target_p": target_p,
-            "target": _table(target_p), "x": eye[:N], "z": eye[N:], "y": torch.zeros(N, dtype=torch.int64),
-            "is_member": torch.tensor([True, False] * (N // 2) + [True])}
+    return {
+        "shadows": shadows,
+        "shadow_p": shadow_p,
+        "in_mask": in_mask,
+        "target_p": target_p,
+        "target": _table(target_p),
+        "x": eye[:N],
+        "z": eye[N:],
+        "y": torch.zeros(N, dtype=torch.int64),
+        "is_member": torch.tensor([True, False] * (N // 2) + [True]),
+    }
 
 
 def _direct(d, *, online, a, gamma, external):
     """score(x) = (1/|Z|) sum_z 1[ (p(x|theta)/p(x)) / (p(z|theta)/p(z)) >= gamma ], term by term."""
+
     def p_ref(column, in_mask):
         values = d["shadow_p"][:, column]
         ins = values[in_mask] if in_mask is not None else values[:0]
@@ -74,8 +96,18 @@ def _direct(d, *, online, a, gamma, external):
 def test_rmia_score_is_the_papers_formula(hand_made, online, external, gamma):
     d = hand_made
     population = (d["z"], torch.zeros(Z, dtype=torch.int64)) if external else None
-    result = rmia(d["target"], d["shadows"], d["x"], d["y"], is_member=d["is_member"], online=online, offline_a=0.3,
-                  population=population, gamma=gamma, mirror=False)
+    result = rmia(
+        d["target"],
+        d["shadows"],
+        d["x"],
+        d["y"],
+        is_member=d["is_member"],
+        online=online,
+        offline_a=0.3,
+        population=population,
+        gamma=gamma,
+        mirror=False,
+    )
     scores = torch.empty(N, dtype=torch.float64)
     scores[d["is_member"]], scores[~d["is_member"]] = result.member_scores, result.nonmember_scores
     expected = _direct(d, online=online, a=0.3, gamma=gamma, external=external)
@@ -114,15 +146,23 @@ def digits(one_thread):
     x, y = train.x[:POOL], train.y[:POOL]
     generator = torch.Generator().manual_seed(0)
     is_member = torch.zeros(POOL, dtype=torch.bool)
-    is_member[torch.randperm(POOL, generator=generator)[:POOL // 2]] = True
+    is_member[torch.randperm(POOL, generator=generator)[: POOL // 2]] = True
     torch.manual_seed(0)
     target = train_classifier(_mlp(), x[is_member], y[is_member], generator=generator, **RECIPE)
     torch.manual_seed(1)
-    other = train_classifier(_mlp(), train.x[POOL:POOL + POOL // 2], train.y[POOL:POOL + POOL // 2],
-                             generator=generator, **RECIPE)  # trained elsewhere: saw none of the pool
+    other = train_classifier(
+        _mlp(), train.x[POOL : POOL + POOL // 2], train.y[POOL : POOL + POOL // 2], generator=generator, **RECIPE
+    )  # trained elsewhere: saw none of the pool
     shadows = train_shadow_models(_mlp, x, y, n_shadows=SHADOWS, generator=generator, progress=False, **RECIPE)
-    return {"x": x, "y": y, "is_member": is_member, "target": target, "other": other, "shadows": shadows,
-            "population": (train.x[POOL + POOL // 2:POOL + POOL], train.y[POOL + POOL // 2:POOL + POOL])}
+    return {
+        "x": x,
+        "y": y,
+        "is_member": is_member,
+        "target": target,
+        "other": other,
+        "shadows": shadows,
+        "population": (train.x[POOL + POOL // 2 : POOL + POOL], train.y[POOL + POOL // 2 : POOL + POOL]),
+    }
 
 
 @pytest.mark.parametrize("online", [True, False])
@@ -149,12 +189,19 @@ def test_offline_a_is_tuned_on_a_reference_model(digits, one_thread):
     assert tuned.info["offline_a"] == best and tuned.info["a_auc"] == aucs
     torch.testing.assert_close(tuned.member_scores, given.member_scores)
     # An external population (never in any shadow's pool) works as well.
-    external = rmia(digits["target"], *args, is_member=digits["is_member"], online=False, offline_a=best,
-                    population=digits["population"])
+    external = rmia(
+        digits["target"],
+        *args,
+        is_member=digits["is_member"],
+        online=False,
+        offline_a=best,
+        population=digits["population"],
+    )
     assert external.summary["auc"] > 0.55
 
 
 def test_rmia_refuses_another_pool(digits):
     with pytest.raises(ValueError, match="same pool"):
-        rmia(digits["target"], digits["shadows"], digits["x"][:10], digits["y"][:10],
-             is_member=digits["is_member"][:10])
+        rmia(
+            digits["target"], digits["shadows"], digits["x"][:10], digits["y"][:10], is_member=digits["is_member"][:10]
+        )

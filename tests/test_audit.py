@@ -23,11 +23,19 @@ EPOCHS = 20
 def audited():
     train, test = load_digits()
     members = train.x[:200], train.y[:200]
-    audit = MembershipAudit(members, (test.x, test.y), attacks=("yeom", "calibrated"), max_examples=400,
-                            epsilon=lambda: 2.0, delta=1e-5)
+    audit = MembershipAudit(
+        members, (test.x, test.y), attacks=("yeom", "calibrated"), max_examples=400, epsilon=lambda: 2.0, delta=1e-5
+    )
     torch.manual_seed(0)
-    train_classifier(MLP(64, 10, hidden=(256,)), *members, epochs=EPOCHS, lr=3e-3, batch_size=32, callbacks=[audit],
-                     generator=torch.Generator().manual_seed(0))
+    train_classifier(
+        MLP(64, 10, hidden=(256,)),
+        *members,
+        epochs=EPOCHS,
+        lr=3e-3,
+        batch_size=32,
+        callbacks=[audit],
+        generator=torch.Generator().manual_seed(0),
+    )
     return audit
 
 
@@ -128,18 +136,31 @@ def trained_run():
     torch.manual_seed(0)
     model = build_model(config, **data_shape(train))
     canaries = Split(train.x[:3], (train.y[:3] + 1) % 10)  # mislabelled copies, memorized by training on them
-    train_classifier(model, torch.cat([train.x, canaries.x.repeat(4, 1, 1, 1)]),
-                     torch.cat([train.y, canaries.y.repeat(4)]), epochs=40, lr=3e-3,
-                     generator=torch.Generator().manual_seed(0))
+    train_classifier(
+        model,
+        torch.cat([train.x, canaries.x.repeat(4, 1, 1, 1)]),
+        torch.cat([train.y, canaries.y.repeat(4)]),
+        epochs=40,
+        lr=3e-3,
+        generator=torch.Generator().manual_seed(0),
+    )
     references = Split(train.x[3:83], (train.y[3:83] + 1) % 10)  # drawn alike, never inserted
     return config, model, (canaries, references)
 
 
 def test_audit_model_runs_the_attacks_lira_and_the_canaries(trained_run):
     config, model, canaries = trained_run
-    audit = audit_model(model, config, [{"epoch": 40}], canaries=canaries,
-                        attacks=("yeom", "calibrated", "calibrated_per_class"), examples=60, known=20, shadows=4,
-                        shadow_epochs=1)
+    audit = audit_model(
+        model,
+        config,
+        [{"epoch": 40}],
+        canaries=canaries,
+        attacks=("yeom", "calibrated", "calibrated_per_class"),
+        examples=60,
+        known=20,
+        shadows=4,
+        shadow_epochs=1,
+    )
     assert (audit.method, audit.epoch, audit.members, audit.nonmembers, audit.known) == ("nonprivate", 40, 60, 60, 20)
     assert sorted(audit.results) == ["calibrated", "calibrated_per_class", "lira_offline", "lira_online", "yeom"]
     # The threshold attacks share the -loss score: one group; LiRA's two variants score differently.

@@ -66,8 +66,9 @@ def test_clopper_pearson_epsilon_hand_value_and_correction():
     assert float(eps) == pytest.approx(math.log((1 - rate) / rate), rel=1e-10)
     # The multiple-comparison correction: 10 thresholds, each bound at level 0.05 / 20.
     rate10 = 1 - (0.05 / 20) ** (1 / 100)
-    eps10 = clopper_pearson_epsilon(false_positives=0, negatives=100, false_negatives=0, positives=100, delta=0.0,
-                                    comparisons=10)
+    eps10 = clopper_pearson_epsilon(
+        false_positives=0, negatives=100, false_negatives=0, positives=100, delta=0.0, comparisons=10
+    )
     assert float(eps10) == pytest.approx(math.log((1 - rate10) / rate10), rel=1e-10)
     assert eps10 < eps
 
@@ -77,8 +78,9 @@ def test_clopper_pearson_bound_sweeps_thresholds_with_the_correction():
     bound = clopper_pearson_bound(inside, outside, delta=0.0)
     assert bound.details["threshold"] == 50.0 and bound.details["fpr"] == 0 and bound.details["fnr"] == 0
     assert bound.details["comparisons"] == 100
-    expected = clopper_pearson_epsilon(false_positives=0, negatives=50, false_negatives=0, positives=50, delta=0.0,
-                                       comparisons=100)
+    expected = clopper_pearson_epsilon(
+        false_positives=0, negatives=50, false_negatives=0, positives=50, delta=0.0, comparisons=100
+    )
     assert bound.epsilon == pytest.approx(float(expected), rel=1e-12)
     fixed = clopper_pearson_bound(inside, outside, delta=0.0, thresholds=[50.0])  # chosen in advance: no correction
     assert fixed.epsilon > bound.epsilon and fixed.details["comparisons"] == 1
@@ -93,13 +95,15 @@ def test_one_run_reproduces_the_papers_values():
 def test_one_run_hand_cases():
     # delta = 0, every guess right: P[Binomial(r, q) >= r] = q^r = beta, so eps = logit(beta^(1/r)).
     q = 0.05 ** (1 / 40)
-    assert one_run_epsilon(canaries=100, guesses=40, correct=40, delta=0.0) == pytest.approx(math.log(q / (1 - q)),
-                                                                                              abs=1e-7)
+    assert one_run_epsilon(canaries=100, guesses=40, correct=40, delta=0.0) == pytest.approx(
+        math.log(q / (1 - q)), abs=1e-7
+    )
     # Half right is what guessing achieves: no bound.
     assert one_run_epsilon(canaries=100, guesses=40, correct=20, delta=0.0) == 0.0
     # The delta term only loosens the bound, and the p-value grows with epsilon.
-    assert one_run_epsilon(canaries=100, guesses=40, correct=38, delta=1e-3) < \
-        one_run_epsilon(canaries=100, guesses=40, correct=38, delta=0.0)
+    assert one_run_epsilon(canaries=100, guesses=40, correct=38, delta=1e-3) < one_run_epsilon(
+        canaries=100, guesses=40, correct=38, delta=0.0
+    )
     p = [one_run_p_value(canaries=100, guesses=40, correct=35, epsilon=e, delta=1e-5) for e in (0.5, 1.0, 2.0)]
     assert p[0] < p[1] < p[2]
     with pytest.raises(ValueError, match="correct"):
@@ -115,7 +119,8 @@ def test_one_run_bound_guesses_the_extremes():
     # Several guess counts: each at the Bonferroni-corrected level.
     several = one_run_bound(scores, inserted, delta=0.0, guesses=[10, 20])
     assert several.epsilon == pytest.approx(
-        one_run_epsilon(canaries=20, guesses=20, correct=20, delta=0.0, confidence=0.975), abs=1e-9)
+        one_run_epsilon(canaries=20, guesses=20, correct=20, delta=0.0, confidence=0.975), abs=1e-9
+    )
     flipped = one_run_bound(-scores, inserted, delta=0.0, guesses=[20])  # every guess wrong
     assert flipped.details["correct"] == 0 and flipped.epsilon == 0.0
 
@@ -187,8 +192,15 @@ def _one_step_optimizer(mode, k, sigma=SIGMA):
     x, y = torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=B)  # one batch: sample rate 1
     wrapped, optimizer, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
-        noise_multiplier=sigma, max_grad_norm=1.0, augmult=k, poisson_sampling=False, grad_sample_mode=mode)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        augmult=k,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
     rows = x.repeat_interleave(k, 0) + 0.1 * torch.randn(B * k, 5, generator=g, dtype=torch.float64)
     return wrapped, optimizer, rows, y.repeat_interleave(k)
 
@@ -239,9 +251,14 @@ def test_microbatch_canary_has_the_doubled_sensitivity(one_thread):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
     wrapped, optimizer, _ = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(
-            TensorDataset(x, y), batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0, microbatch_size=2,
-        poisson_sampling=False)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        microbatch_size=2,
+        poisson_sampling=False,
+    )
     canary = GradientCanary(optimizer.params, canaries=8, generator=torch.Generator().manual_seed(2)).attach(optimizer)
     _run(wrapped, optimizer, x, y, 120)
     assert optimizer.sensitivity == 2 and canary.claimed_mu == pytest.approx(2.0)
@@ -260,8 +277,9 @@ def test_canary_refuses_foreign_parameters():
 # ------------------------------------------------------------------------------------------------
 # Audits of whole training runs
 # ------------------------------------------------------------------------------------------------
-NONPRIVATE = TrainConfig(method="nonprivate", model="mlp", width=256, epochs=100, batch_size=32, lr=0.1,
-                         train_examples=300)
+NONPRIVATE = TrainConfig(
+    method="nonprivate", model="mlp", width=256, epochs=100, batch_size=32, lr=0.1, train_examples=300
+)
 # sigma = 2.12 spends epsilon 1 (delta 1e-5) in 2 epochs at sample rate 0.1 (found once with Opacus's
 # get_noise_multiplier, whose search with the PRV accountant takes seconds; the tests check the accountant's value).
 DP_EPS1 = TrainConfig(method="dp-sgd", model="mlp", width=64, epochs=2, batch_size=128, lr=1.0, noise_multiplier=2.12)
@@ -321,18 +339,58 @@ def test_cli_epsilon_bound_and_rmia(tmp_path, capsys, one_thread):
     from privfast.trainer import Trainer
 
     checkpoint = tmp_path / "run" / "checkpoint.pt"
-    config = TrainConfig(method="dp-sgd", model="mlp", width=32, epochs=1, batch_size=128, lr=1.0, noise_multiplier=1.0,
-                         train_examples=300, attacks=())
+    config = TrainConfig(
+        method="dp-sgd",
+        model="mlp",
+        width=32,
+        epochs=1,
+        batch_size=128,
+        lr=1.0,
+        noise_multiplier=1.0,
+        train_examples=300,
+        attacks=(),
+    )
     Trainer(config, checkpoint=checkpoint, progress=False).fit()
-    assert main(["audit", str(checkpoint), "--epsilon-bound", "white-box", "--canaries", "4", "--no-progress",
-                 "--out", str(tmp_path / "wb")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(checkpoint),
+                "--epsilon-bound",
+                "white-box",
+                "--canaries",
+                "4",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "wb"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "white-box, whole run" in printed and "accountant eps" in printed and "95% CI" in printed
     assert (tmp_path / "wb" / "canary_scores.png").exists() and (tmp_path / "wb" / "epsilon_audit.json").exists()
     assert main(["audit", str(checkpoint), "--epsilon-bound", "one-run", "--canaries", "60", "--no-progress"]) == 0
     assert "lower bound, 95% confidence" in capsys.readouterr().out
-    assert main(["audit", "--attack", "rmia", "--shadows", "4", "--shadow-epochs", "2", "--examples", "40",
-                 "--no-progress", "--out", str(tmp_path / "rmia")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--attack",
+                "rmia",
+                "--shadows",
+                "4",
+                "--shadow-epochs",
+                "2",
+                "--examples",
+                "40",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "rmia"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rmia_offline" in printed and "lira_online" in printed and "TPR@0.1%FPR" in printed
     assert (tmp_path / "rmia" / "roc.png").exists()

@@ -27,8 +27,15 @@ def test_dp_mix_labels_follow_the_image_mixups():
     aug = DPMix(3, 2, alpha=0.4, crop_padding=1, num_classes=5)
     out, labels = aug(x, y, generator=torch.Generator().manual_seed(3))
     assert aug.augmult == 5 and out.shape == (15, 2, 8, 8) and labels.shape == (15, 5)
-    params = ops.draw_augment_params(3, 3, crop_padding=1, mixups=2, alpha=0.4,
-                                     generator=torch.Generator().manual_seed(3), lambda_dtype=torch.float64)
+    params = ops.draw_augment_params(
+        3,
+        3,
+        crop_padding=1,
+        mixups=2,
+        alpha=0.4,
+        generator=torch.Generator().manual_seed(3),
+        lambda_dtype=torch.float64,
+    )
     rows, soft = out.reshape(3, 5, 2, 8, 8), labels.reshape(3, 5, 5)
     for b in range(3):
         for m in range(2):
@@ -58,9 +65,16 @@ def test_soft_input_labels_pass_through():
     torch.testing.assert_close(labels, soft.repeat_interleave(2, 0))
 
 
-@pytest.mark.parametrize("make", [lambda: DPMix(0, 1), lambda: DPMix(2, -1), lambda: DPMix(2, 2, alpha=0.0),
-                                  lambda: DPMix(2, 2, k_diff=1), lambda: DPMix(2, 1, k_diff=1, pool=(torch.rand(3, 1, 4, 4),
-                                                                                                     torch.zeros(2)))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DPMix(0, 1),
+        lambda: DPMix(2, -1),
+        lambda: DPMix(2, 2, alpha=0.0),
+        lambda: DPMix(2, 2, k_diff=1),
+        lambda: DPMix(2, 1, k_diff=1, pool=(torch.rand(3, 1, 4, 4), torch.zeros(2))),
+    ],
+)
 def test_bad_configurations(make):
     with pytest.raises(ValueError):
         make()

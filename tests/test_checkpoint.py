@@ -24,16 +24,18 @@ from privfast.checkpoint import (
 from privfast.config import TrainConfig
 from privfast.trainer import Trainer
 
-TINY = dict(train_examples=96, width=4, batch_size=24, lr=0.5, attacks=("yeom",), audit_examples=48,
-            audit_known=16)
+TINY = dict(train_examples=96, width=4, batch_size=24, lr=0.5, attacks=("yeom",), audit_examples=48, audit_known=16)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run directory holding a 1-epoch DP-Mix checkpoint."""
     directory = tmp_path_factory.mktemp("run")
-    Trainer(TrainConfig(method="dp-mix", k_base=2, k_self=1, epochs=1, **TINY), checkpoint=directory / "checkpoint.pt",
-            progress=False).fit()
+    Trainer(
+        TrainConfig(method="dp-mix", k_base=2, k_self=1, epochs=1, **TINY),
+        checkpoint=directory / "checkpoint.pt",
+        progress=False,
+    ).fit()
     return directory
 
 
@@ -113,15 +115,21 @@ def test_format_2_checkpoints_are_migrated(run, tmp_path):
     assert loaded.k_base == 2 and loaded.augmult == 3
 
     # It resumes, and is written back in the current format.
-    resumed = Trainer(TrainConfig(method="dp-mix", k_base=2, k_self=1, epochs=2, **TINY),
-                      checkpoint=tmp_path / "old.pt", progress=False)
+    resumed = Trainer(
+        TrainConfig(method="dp-mix", k_base=2, k_self=1, epochs=2, **TINY),
+        checkpoint=tmp_path / "old.pt",
+        progress=False,
+    )
     assert [r["epoch"] for r in resumed.fit(resume=True)] == [1, 2]
     assert torch.load(tmp_path / "old.pt", weights_only=False)["format"] == CHECKPOINT_FORMAT
 
 
 def test_check_overwrite_refuses_a_run_unless_told(run, tmp_path):
-    with pytest.raises(CheckpointError, match=rf"{run} already holds a run \(dp-mix, 1 of 1 epochs\): --resume "
-                                              "continues it, --overwrite replaces it"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{run} already holds a run \(dp-mix, 1 of 1 epochs\): --resume "
+        "continues it, --overwrite replaces it",
+    ):
         check_overwrite(run / "checkpoint.pt", resume=False, overwrite=False)
     check_overwrite(run / "checkpoint.pt", resume=True, overwrite=False)
     check_overwrite(run / "checkpoint.pt", resume=False, overwrite=True)
@@ -171,7 +179,8 @@ def test_the_run_lock_refuses_a_second_writer_naming_the_directory_and_process(t
         warnings.simplefilter("always")
         trainer.fit()
     assert [str(w.message) for w in caught if "taking over" in str(w.message)] == [
-        f"{lock}: taking over the lock of process {dead}, which no longer runs"]
+        f"{lock}: taking over the lock of process {dead}, which no longer runs"
+    ]
     assert checkpoint.exists() and not lock.exists()
 
     # A lock file naming no process (not written by privfast) is not taken over.
@@ -179,4 +188,3 @@ def test_the_run_lock_refuses_a_second_writer_naming_the_directory_and_process(t
     with pytest.raises(RunInUseError, match="names no process"):
         with RunLock(checkpoint):
             pass
-

@@ -20,19 +20,48 @@ from privfast.commands import DEMO_RUNS
 from privfast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--train-examples", "96", "--width", "4", "--batch-size", "24", "--audit-examples", "48",
-        "--audit-known", "16", "--attacks", "yeom", "calibrated"]
+TINY = [
+    "--train-examples",
+    "96",
+    "--width",
+    "4",
+    "--batch-size",
+    "24",
+    "--audit-examples",
+    "48",
+    "--audit-known",
+    "16",
+    "--attacks",
+    "yeom",
+    "calibrated",
+]
 
 
 def test_demo_prints_the_three_runs_side_by_side_and_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--epochs-scale", "0.07", "--train-examples", "300", "--out", str(tmp_path / "demo"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--epochs-scale",
+                "0.07",
+                "--train-examples",
+                "300",
+                "--out",
+                str(tmp_path / "demo"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("run "))
     for column in ("test acc", "epsilon", "AUC", "advantage", "TPR@1%FPR", "DP bound P_err"):
         assert column in header
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["non-private"],
-                                                                                                ["DP-SGD"], ["DP-Mix"])}
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["non-private"], ["DP-SGD"], ["DP-Mix"])
+    }
     assert sorted(rows) == sorted(DEMO_RUNS)
     assert rows["non-private"][2] == "inf" and float(rows["DP-SGD"][2]) > 0 and float(rows["DP-Mix"][2]) > 0
     # 300 members and 500 of the 539 test digits attacked (audit_examples), 100 of each known.
@@ -57,8 +86,26 @@ def test_train_resume_audit_and_report(tmp_path, capsys):
     capsys.readouterr()
 
     # audit, report and invert take the run directory for its checkpoint.
-    assert main(["audit", str(run), "--attacks", "yeom", "calibrated_per_class", "--examples", "60",
-                 "--known", "20", "--shadows", "0", "--out", str(tmp_path / "audit")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run),
+                "--attacks",
+                "yeom",
+                "calibrated_per_class",
+                "--examples",
+                "60",
+                "--known",
+                "20",
+                "--shadows",
+                "0",
+                "--out",
+                str(tmp_path / "audit"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "yeom" in out and "calibrated_per_class" in out and "dp-sgd" in out and "canary" not in out
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
@@ -75,12 +122,50 @@ def test_audit_runs_lira_and_measures_inserted_canaries(tmp_path, capsys):
     # A non-private run that sees each canary 8 times memorizes it: its loss drops below the
     # references' and its exposure rises well above the ~1 bit of a canary never seen.
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "6", "--canaries", "4",
-                 "--canary-repeats", "8", "--no-progress", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--method",
+                "nonprivate",
+                "--epochs",
+                "6",
+                "--canaries",
+                "4",
+                "--canary-repeats",
+                "8",
+                "--no-progress",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated", "--examples", "48",
-                 "--known", "16", "--shadows", "4", "--shadow-epochs", "2", "--no-progress",
-                 "--out", str(tmp_path / "audit")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run / "checkpoint.pt"),
+                "--attacks",
+                "yeom",
+                "calibrated",
+                "--examples",
+                "48",
+                "--known",
+                "16",
+                "--shadows",
+                "4",
+                "--shadow-epochs",
+                "2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "audit"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert {"yeom", "calibrated", "lira_online", "lira_offline"} <= rows and "canary exposure" in out
@@ -112,16 +197,34 @@ def test_errors_say_what_was_wrong(tmp_path, capsys):
 
 def test_module_entry_point_lists_the_commands():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "privfast.cli", "--help"], capture_output=True, text=True,
-                            cwd=REPO, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "privfast.cli", "--help"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
     assert result.returncode == 0
     for command in ("demo", "train", "audit", "report"):
         assert command in result.stdout
 
 
 def test_search_writes_ranked_policies_and_a_disjoint_hybrid(tmp_path, capsys):
-    assert main(["search", "--candidates", "8", "--images", "2", "--semi-epochs", "1", "--width", "4",
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--candidates",
+                "8",
+                "--images",
+                "2",
+                "--semi-epochs",
+                "1",
+                "--width",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     found = json.loads((tmp_path / "search.json").read_text())
     assert len(found["table"]) == 8 and 1 <= len(found["selected"]) <= 2
     kept = sorted(r["s_pri"] for r in found["table"] if r["s_pri"] is not None and r["s_pri"] == r["s_pri"])
@@ -137,8 +240,10 @@ def test_search_writes_ranked_policies_and_a_disjoint_hybrid(tmp_path, capsys):
 
 
 def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
-    assert main(["invert", "--images", "2", "--iterations", "5", "--policy", "3", "--out", str(tmp_path),
-                 "--no-progress"]) == 0
+    assert (
+        main(["invert", "--images", "2", "--iterations", "5", "--policy", "3", "--out", str(tmp_path), "--no-progress"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "labels recovered" in out and "PSNR vs clean" in out
     assert "SSIM vs shared" in out and "SSIM vs clean" in out and "measures the defense" in out
@@ -152,12 +257,38 @@ def test_invert_reports_psnr_and_writes_the_grid(tmp_path, capsys):
 
 
 def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
-    assert main(["bench", "--channels", "1", "--image-size", "8", "--width", "4", "--batch", "4", "--k", "1", "2",
-                 "--variants", "non-private", "privfast-auto", "opacus", "--rounds", "1", "--out", str(tmp_path),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--channels",
+                "1",
+                "--image-size",
+                "8",
+                "--width",
+                "4",
+                "--batch",
+                "4",
+                "--k",
+                "1",
+                "2",
+                "--variants",
+                "non-private",
+                "privfast-auto",
+                "opacus",
+                "--rounds",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert [(r["k"], r["variant"]) for r in rows] == [(k, v) for k in (1, 2)
-                                                       for v in ("non-private", "privfast-auto", "opacus")]
+    assert [(r["k"], r["variant"]) for r in rows] == [
+        (k, v) for k in (1, 2) for v in ("non-private", "privfast-auto", "opacus")
+    ]
     for row in rows:
         assert row["min_s"] > 0 and row["examples_per_s"] == pytest.approx(4 / row["min_s"])
         assert row["vs_nonprivate"] == pytest.approx(row["min_s"] / rows[3 * (row["k"] - 1)]["min_s"])
@@ -167,8 +298,25 @@ def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
 def test_audit_writes_beside_the_checkpoint_and_report_includes_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]) == 0
-    assert main(["audit", str(run / "checkpoint.pt"), "--attacks", "yeom", "calibrated", "calibrated_per_class",
-                 "--examples", "48", "--known", "16", "--shadows", "0"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run / "checkpoint.pt"),
+                "--attacks",
+                "yeom",
+                "calibrated",
+                "calibrated_per_class",
+                "--examples",
+                "48",
+                "--known",
+                "16",
+                "--shadows",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # Both advantages, named apart and explained; the threshold attacks' shared score is said.
     assert "decision advantage" in out and "best-threshold advantage" in out and "after seeing every score" in out
@@ -191,8 +339,10 @@ def test_train_never_replaces_a_run_by_accident(tmp_path, capsys):
     capsys.readouterr()
     assert main([*flags, "--lr", "0.2"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"privfast train: error: {run} already holds a run (nonprivate, 1 of 1 epochs): --resume continues "
-                   "it, --overwrite replaces it\n")
+    assert err == (
+        f"privfast train: error: {run} already holds a run (nonprivate, 1 of 1 epochs): --resume continues "
+        "it, --overwrite replaces it\n"
+    )
     assert main([*flags, "--lr", "0.2", "--overwrite"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=False)["config"]["lr"] == 0.2
     with pytest.raises(SystemExit):
@@ -206,20 +356,40 @@ def test_a_second_writer_is_refused_in_one_line(tmp_path, capsys):
     lock = run / "checkpoint.pt.lock"
     lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process holds the run
     assert main(["train", "--out", str(run), "--no-progress", *TINY]) == 2
-    assert capsys.readouterr().err == (f"privfast train: error: {run} is in use: process {os.getppid()} is training "
-                                       f"into it (lock file {lock}; delete it if that process is gone)\n")
+    assert capsys.readouterr().err == (
+        f"privfast train: error: {run} is in use: process {os.getppid()} is training "
+        f"into it (lock file {lock}; delete it if that process is gone)\n"
+    )
     assert not (run / "checkpoint.pt").exists()
 
 
 def test_resume_takes_changes_and_names_the_flags_it_refuses(tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert main(["train", "--out", run, "--method", "dp-sgd", "--target-epsilon", "4", "--epochs", "1", "--no-progress",
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                run,
+                "--method",
+                "dp-sgd",
+                "--target-epsilon",
+                "4",
+                "--epochs",
+                "1",
+                "--no-progress",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["train", "--out", run, "--resume", "--lr", "0.01"]) == 2
-    assert capsys.readouterr().err == ("privfast train: error: cannot change --lr 0.1 -> 0.01 on resume: only --epochs "
-                                       "and --data-root may change. For a new run give another --out directory (or "
-                                       "--overwrite this one)\n")
+    assert capsys.readouterr().err == (
+        "privfast train: error: cannot change --lr 0.1 -> 0.01 on resume: only --epochs "
+        "and --data-root may change. For a new run give another --out directory (or "
+        "--overwrite this one)\n"
+    )
     # More epochs at the same target need other noise: the message says what to do, and that works.
     assert main(["train", "--out", run, "--resume", "--epochs", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -259,9 +429,28 @@ def test_ctrl_c_saves_and_prints_the_command_that_goes_on(tmp_path, capsys, monk
 def test_ctrl_c_in_a_real_run_and_a_second_writer_meanwhile(tmp_path, capsys):
     run = tmp_path / "run"
     # With progress bars and a target epsilon, into a pipe: the log a redirected run leaves.
-    process = subprocess.Popen([sys.executable, "-m", "privfast.cli", "train", "--out", str(run), "--method", "dp-sgd",
-                                "--target-epsilon", "8", "--epochs", "200", *TINY], cwd=REPO, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "privfast.cli",
+            "train",
+            "--out",
+            str(run),
+            "--method",
+            "dp-sgd",
+            "--target-epsilon",
+            "8",
+            "--epochs",
+            "200",
+            *TINY,
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -284,16 +473,24 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
-    for argv in (["audit", str(run), "--shadows", "0"], ["audit", str(run / "checkpoint.pt"), "--shadows", "0"],
-                 ["report", str(run), "--out", str(tmp_path / "report")],
-                 ["invert", "--checkpoint", str(run), "--no-progress"], ["train", "--out", str(run), "--resume"]):
+    for argv in (
+        ["audit", str(run), "--shadows", "0"],
+        ["audit", str(run / "checkpoint.pt"), "--shadows", "0"],
+        ["report", str(run), "--out", str(tmp_path / "report")],
+        ["invert", "--checkpoint", str(run), "--no-progress"],
+        ["train", "--out", str(run), "--resume"],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith(f"privfast {argv[0]}: error: {run / 'checkpoint.pt'} cannot be read: truncated or "
-                              "corrupted") and err.count("\n") == 1, err
+        assert (
+            err.startswith(f"privfast {argv[0]}: error: {run / 'checkpoint.pt'} cannot be read: truncated or corrupted")
+            and err.count("\n") == 1
+        ), err
     assert main(["train", "--out", str(run)]) == 2
-    assert "already holds a run (an unreadable checkpoint.pt): --resume continues it, --overwrite replaces it" in \
-        capsys.readouterr().err
+    assert (
+        "already holds a run (an unreadable checkpoint.pt): --resume continues it, --overwrite replaces it"
+        in capsys.readouterr().err
+    )
 
 
 def test_the_renamed_augmult_flag_says_its_new_name(tmp_path, capsys):
@@ -306,8 +503,25 @@ def test_the_shadow_model_bar_says_its_unit(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]) == 0
     capsys.readouterr()
-    assert main(["audit", str(run), "--attacks", "yeom", "--examples", "48", "--known", "16", "--shadows", "4",
-                 "--shadow-epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run),
+                "--attacks",
+                "yeom",
+                "--examples",
+                "48",
+                "--known",
+                "16",
+                "--shadows",
+                "4",
+                "--shadow-epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert re.search(r"4 shadow models.*(epoch/s|s/epoch)", err) and "\x1b[A" not in err
 
@@ -316,11 +530,29 @@ def test_train_under_torchrun_locks_once_and_resumes_with_its_saved_flags(tmp_pa
     # Two ranks on one machine: rank 0 holds the run's lock for both (the other rank must not be refused).
     run = tmp_path / "run"
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                "privfast.cli", "train", "--out", str(run), "--no-progress"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "privfast.cli",
+        "train",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     for flags in (["--method", "dp-sgd", "--epochs", "1", *TINY], ["--resume", "--epochs", "2"]):
-        done = subprocess.run([*torchrun, *flags], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [*torchrun, *flags],
+            cwd=REPO,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and [r["epoch"] for r in checkpoint["history"]] == [1, 2]
@@ -332,10 +564,12 @@ def test_help_without_a_command_loads_neither_torch_nor_the_library():
     import subprocess
     import sys
 
-    code = ("import sys; from privfast.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "loaded = [m for m in ('torch', 'privfast.commands', 'scipy', 'opacus') if m in sys.modules]\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys; from privfast.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "loaded = [m for m in ('torch', 'privfast.commands', 'scipy', 'opacus') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "secret-sharer" in done.stdout and "--threads" in done.stdout

@@ -130,7 +130,6 @@ def test_load_dataset_dispatches_and_refuses_unknown_names():
         load_dataset("imagenet")
 
 
-
 def test_a_runs_data_is_the_first_rows_and_its_pool_the_last():
     config = TrainConfig(train_examples=100, method="dp-mix-diff", k_base=2, k_self=1, k_diff=1, pool_examples=30)
     (train, test), pool = load_data(config), load_pool(config)
@@ -138,8 +137,11 @@ def test_a_runs_data_is_the_first_rows_and_its_pool_the_last():
     assert torch.equal(train.x, full.x[:100]) and torch.equal(pool.x, full.x[-30:]) and torch.equal(test.y, full_test.y)
     assert data_shape(train, test) == {"in_channels": 1, "image_size": 8, "num_classes": 10}
     assert len(load_data(dataclasses.replace(config, train_examples=None))[0].y) == len(full.y) - 30
-    with pytest.raises(ValueError, match=rf"--train-examples 1600 but digits has {len(full.y)} training examples less "
-                                         r"the 30 of the public pool \(--pool-examples\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"--train-examples 1600 but digits has {len(full.y)} training examples less "
+        r"the 30 of the public pool \(--pool-examples\)",
+    ):
         load_data(dataclasses.replace(config, train_examples=1600))
 
 
@@ -152,10 +154,14 @@ def test_augmentation_defaults_pad_crops_by_an_eighth_of_the_side_and_flip_only_
         assert DATASET_AUGMENTATION[name]["crop_padding"] == side // 8
     assert [name for name in DATASETS if DATASET_AUGMENTATION[name]["flip"]] == ["cifar10", "cifar100", "fashion-mnist"]
 
+
 # Real CIFAR-10 (JPEG-derived, in the standard layout): .ci/run writes it from the shared archive and sets this.
 CIFAR10_ROOT = os.environ.get("PRIVFAST_CIFAR10_ROOT")
-needs_cifar10 = pytest.mark.skipif(not CIFAR10_ROOT, reason="PRIVFAST_CIFAR10_ROOT is not set: real CIFAR-10 files "
-                                   "(python ../shared/data/make_cifar10.py DIR, then PRIVFAST_CIFAR10_ROOT=DIR)")
+needs_cifar10 = pytest.mark.skipif(
+    not CIFAR10_ROOT,
+    reason="PRIVFAST_CIFAR10_ROOT is not set: real CIFAR-10 files "
+    "(python ../shared/data/make_cifar10.py DIR, then PRIVFAST_CIFAR10_ROOT=DIR)",
+)
 
 
 @needs_cifar10
@@ -173,9 +179,35 @@ def test_train_command_on_real_cifar10(tmp_path):
     from privfast.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "cifar10", "--data-root", CIFAR10_ROOT, "--method", "dp-sgd",
-                 "--noise-multiplier", "1.0", "--train-examples", "256", "--epochs", "1", "--model", "convnet",
-                 "--width", "8", "--attacks", "yeom", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-root",
+                CIFAR10_ROOT,
+                "--method",
+                "dp-sgd",
+                "--noise-multiplier",
+                "1.0",
+                "--train-examples",
+                "256",
+                "--epochs",
+                "1",
+                "--model",
+                "convnet",
+                "--width",
+                "8",
+                "--attacks",
+                "yeom",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["config"]["dataset"] == "cifar10" and checkpoint["history"][-1]["epoch"] == 1
     assert 0.0 < checkpoint["history"][-1]["test_accuracy"] < 1.0

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privfast.attacks.training import train_shadow_models
 from privfast import launch as launcher
+from privfast.attacks.training import train_shadow_models
 from privfast.config import TrainConfig
 from privfast.distributed import DistributedDPOptimizer, PoissonShardSampler
-from privfast.launch import launch, launch_search, launch_shadow_models, launch_training
 from privfast.grad_sample import GradSampleModule
+from privfast.launch import launch, launch_search, launch_shadow_models, launch_training
 from privfast.models import ConvNet
 from privfast.optim import DPOptimizer
 from privfast.search import search
@@ -41,8 +41,14 @@ def _step(model, optimizer, x, y):
 
 def _optimizer(cls, model, batch):
     wrapped = GradSampleModule(model)
-    optimizer = cls(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), module=wrapped, noise_multiplier=0.7,
-                    max_grad_norm=0.3, expected_batch_size=batch, generator=torch.Generator().manual_seed(NOISE_SEED))
+    optimizer = cls(
+        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+        module=wrapped,
+        noise_multiplier=0.7,
+        max_grad_norm=0.3,
+        expected_batch_size=batch,
+        generator=torch.Generator().manual_seed(NOISE_SEED),
+    )
     return wrapped, optimizer
 
 
@@ -95,9 +101,13 @@ def test_torchrun_two_processes_make_the_single_process_update(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in launcher.TORCHRUN_VARIABLES}
     tests = Path(__file__).resolve().parent  # the script imports this module, and privfast from the checkout
     env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in range(2):  # every rank holds every rank's result, each equal to the single-process model
         per_rank = torch.load(tmp_path / f"rank{rank}.pt")
@@ -136,8 +146,12 @@ def test_the_mechanism_imports_no_launcher_job():
 
 
 def test_shards_partition_the_data_and_sample_at_rate_q():
-    samplers = [PoissonShardSampler(1000, sample_rate=0.1, rank=r, world_size=3, seed=5,
-                                    generator=torch.Generator().manual_seed(r)) for r in range(3)]
+    samplers = [
+        PoissonShardSampler(
+            1000, sample_rate=0.1, rank=r, world_size=3, seed=5, generator=torch.Generator().manual_seed(r)
+        )
+        for r in range(3)
+    ]
     shards = torch.cat([s.shard for s in samplers])
     assert sorted(shards.tolist()) == list(range(1000))  # disjoint and complete
     batches = [list(s) for s in samplers]
@@ -151,15 +165,25 @@ def test_shards_partition_the_data_and_sample_at_rate_q():
 
 
 def test_two_process_trainer_run_checkpoints_and_resumes(tmp_path):
-    config = dict(method="dp-sgd", train_examples=96, width=4, batch_size=24, lr=0.5, noise_multiplier=1.2,
-                  attacks=("yeom",), audit_examples=48, audit_known=16)
+    config = dict(
+        method="dp-sgd",
+        train_examples=96,
+        width=4,
+        batch_size=24,
+        lr=0.5,
+        noise_multiplier=1.2,
+        attacks=("yeom",),
+        audit_examples=48,
+        audit_known=16,
+    )
     first = launch_training(TrainConfig(epochs=1, **config), nproc=2, checkpoint=tmp_path / "c.pt", progress=False)
     stored = torch.load(tmp_path / "c.pt", weights_only=False)
     assert stored["world_size"] == 2 and len(stored["rng"]) == 2
     assert not torch.equal(stored["rng"][0], stored["rng"][1])  # the processes draw different batches
 
-    resumed = launch_training(TrainConfig(epochs=2, **config), nproc=2, checkpoint=tmp_path / "c.pt",
-                              resume=True, progress=False)
+    resumed = launch_training(
+        TrainConfig(epochs=2, **config), nproc=2, checkpoint=tmp_path / "c.pt", resume=True, progress=False
+    )
     assert [r["epoch"] for r in resumed] == [1, 2] and resumed[0] == first[0]
     single = Trainer(TrainConfig(epochs=2, **config), progress=False)
     single.fit()
@@ -189,11 +213,12 @@ def test_shadow_models_sharded_across_two_processes_are_each_ranks_own_vectorize
     assert shadows.num_models == 4 and (shadows.in_mask.sum(0) == 2).all()  # every example IN for half
     # Rank r's shadows are train_shadow_models' with the generator seeded 3 * 2 + r.
     for rank in range(2):
-        alone = train_shadow_models(make_model, x, y, n_shadows=2, generator=torch.Generator().manual_seed(6 + rank),
-                                    **recipe)
-        assert torch.equal(alone.in_mask, shadows.in_mask[2 * rank:2 * rank + 2])
+        alone = train_shadow_models(
+            make_model, x, y, n_shadows=2, generator=torch.Generator().manual_seed(6 + rank), **recipe
+        )
+        assert torch.equal(alone.in_mask, shadows.in_mask[2 * rank : 2 * rank + 2])
         for name, value in alone.params.items():
-            torch.testing.assert_close(shadows.params[name][2 * rank:2 * rank + 2], value, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(shadows.params[name][2 * rank : 2 * rank + 2], value, rtol=1e-4, atol=1e-5)
     assert shadows.logits(x[:5]).shape == (4, 5, 10)  # the merged set attacks like any ShadowModels
     with pytest.raises(ValueError, match="multiple of 2 \\* processes"):
         launch_shadow_models(make_model, x, y, n_shadows=6, nproc=2, **recipe)
@@ -208,7 +233,11 @@ def test_ats_search_sharded_across_two_processes_scores_every_candidate_as_one_p
     alone = search(semi, init, (x, y), progress=False, **options)
     sharded = launch_search(semi, init, (x, y), nproc=2, **options)
     assert [r.policy for r in sharded.table] == [r.policy for r in alone.table]
-    torch.testing.assert_close(torch.tensor([[r.privacy, r.accuracy] for r in sharded.table]),
-                               torch.tensor([[r.privacy, r.accuracy] for r in alone.table]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([[r.privacy, r.accuracy] for r in sharded.table]),
+        torch.tensor([[r.privacy, r.accuracy] for r in alone.table]),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     assert not any(math.isnan(r.privacy) for r in sharded.table)  # each candidate scored on one of the shards
     assert sharded.selected == alone.selected and sharded.hybrid == alone.hybrid

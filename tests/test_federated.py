@@ -21,7 +21,6 @@ from privfast.federated import (
 )
 from privfast.models import ConvNet, LeNet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -119,8 +118,9 @@ def test_fedavg_averages_the_local_models(digits):
     torch.manual_seed(0)
     model = ConvNet(width=8)
     reference = copy.deepcopy(model)
-    fed = Federation(model, train, participants=3, algorithm="fedavg", batch_size=len(train.y) // 3,
-                     local_steps=2, lr=0.1)
+    fed = Federation(
+        model, train, participants=3, algorithm="fedavg", batch_size=len(train.y) // 3, local_steps=2, lr=0.1
+    )
     fed.model.train()
     fed.round()
     locals_ = []
@@ -140,8 +140,9 @@ def test_fedavg_averages_the_local_models(digits):
 def test_collaborative_training_learns_digits(digits, algorithm):
     train, test = digits
     torch.manual_seed(0)
-    fed = Federation(ConvNet(width=8), train, algorithm=algorithm, batch_size=16,
-                     lr=0.1 if algorithm == "fedsgd" else 0.3)
+    fed = Federation(
+        ConvNet(width=8), train, algorithm=algorithm, batch_size=16, lr=0.1 if algorithm == "fedsgd" else 0.3
+    )
     before = fed.accuracy(*test)
     fed.train(40, progress=False)
     assert fed.accuracy(*test) > max(0.8, before + 0.5)
@@ -150,8 +151,12 @@ def test_collaborative_training_learns_digits(digits, algorithm):
 def test_server_attack_recovers_undefended_data_and_defenses_stop_it(digits):
     train, _ = digits
     psnr = {}
-    for defense in [Defense(), Defense("gaussian", noise="gaussian", noise_scale=0.1),
-                    Defense("laplacian", noise="laplacian", noise_scale=0.1), Defense("prune 99%", prune_ratio=0.99)]:
+    for defense in [
+        Defense(),
+        Defense("gaussian", noise="gaussian", noise_scale=0.1),
+        Defense("laplacian", noise="laplacian", noise_scale=0.1),
+        Defense("prune 99%", prune_ratio=0.99),
+    ]:
         fed = Federation(_dlg_lenet(), train, defense=defense)
         result = fed.attack(0, images=3, iterations=100, tv=0.0, progress=False)
         assert result.reconstructed.shape == result.transformed.shape == (3, 1, 8, 8)
@@ -174,10 +179,17 @@ def test_attack_compares_with_the_transformed_images_and_can_recover_labels(digi
 
 def test_evaluate_defenses_reports_each_defense_from_the_same_start(digits):
     train, test = digits
-    reports = evaluate_defenses(lambda: ConvNet(width=8), train, test,
-                                [Defense("a"), Defense("b"), Defense("noisy", noise="gaussian", noise_scale=1.0)],
-                                rounds=5, attack_images=2, iterations=5, progress=False,
-                                federation_kwargs=dict(participants=5, batch_size=8))
+    reports = evaluate_defenses(
+        lambda: ConvNet(width=8),
+        train,
+        test,
+        [Defense("a"), Defense("b"), Defense("noisy", noise="gaussian", noise_scale=1.0)],
+        rounds=5,
+        attack_images=2,
+        iterations=5,
+        progress=False,
+        federation_kwargs=dict(participants=5, batch_size=8),
+    )
     assert [r.defense for r in reports] == ["a", "b", "noisy"]
     assert reports[0] == reports[1]._replace(defense="a")  # same seed, same defense: same numbers
     assert reports[2].accuracy != reports[0].accuracy
@@ -188,9 +200,20 @@ def test_evaluate_defenses_reports_each_defense_from_the_same_start(digits):
 def test_ats_experiment_runs_the_whole_pipeline(digits):
     train, test = digits
     baseline = Defense("prune 70%", prune_ratio=0.7)
-    found, reports = ats_experiment(lambda: ConvNet(width=4), train, test, candidates=4, images=2, semi_epochs=1,
-                                    baselines=[baseline], rounds=3, attack_images=2, iterations=3, progress=False,
-                                    federation_kwargs=dict(participants=5, batch_size=8))
+    found, reports = ats_experiment(
+        lambda: ConvNet(width=4),
+        train,
+        test,
+        candidates=4,
+        images=2,
+        semi_epochs=1,
+        baselines=[baseline],
+        rounds=3,
+        attack_images=2,
+        iterations=3,
+        progress=False,
+        federation_kwargs=dict(participants=5, batch_size=8),
+    )
     assert len(found.table) == 4
     names = [r.defense for r in reports]
     assert names == ["none", f"hybrid {found.hybrid}", *[str(p) for p in found.selected], "prune 70%"]

@@ -28,8 +28,13 @@ def _module():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     return proc, out
 
 
@@ -62,7 +67,14 @@ def test_quick_run_measures_what_the_gpu_run_reports(quick_run):
     assert {"d2d copy", "clip_accumulate_noise", "per_sample_norms"} <= ops
     training = stages["training"]["tables"]["training"]
     measured = {r["variant"] for r in training if r.get("median_ms")}
-    assert {"non-private", "privfast-auto", "privfast-materialize", "privfast-bk", "privfast-ghost", "opacus"} <= measured
+    assert {
+        "non-private",
+        "privfast-auto",
+        "privfast-materialize",
+        "privfast-bk",
+        "privfast-ghost",
+        "opacus",
+    } <= measured
     assert {r["variant"] for r in training} == set(stages["training"]["info"]["variants"])
     assert {r["K"] for r in training} == {2}
     tasks = [r["task"] for r in stages["attacks"]["tables"]["attacks"]]
@@ -72,10 +84,17 @@ def test_quick_run_measures_what_the_gpu_run_reports(quick_run):
 def test_a_stage_past_its_limit_is_stopped_and_reported_with_what_it_saved(tmp_path, monkeypatch):
     gpu_check = _module()
     args = argparse.Namespace(device="cpu", wheels=str(tmp_path), arch="9.0", quick=True)
-    monkeypatch.setattr(gpu_check, "_child_command", lambda *a: [
-        sys.executable, "-c",
-        "import json, sys, time; json.dump({'status': 'ok', 'summary': 'half done', 'info': {}, 'tables': "
-        f"{{'t': [{{'a': 1}}]}}}}, open({str(tmp_path / 'slow.json')!r}, 'w')); print('started', flush=True); time.sleep(60)"])
+    monkeypatch.setattr(
+        gpu_check,
+        "_child_command",
+        lambda *a: [
+            sys.executable,
+            "-c",
+            "import json, sys, time; json.dump({'status': 'ok', 'summary': 'half done', 'info': {}, 'tables': "
+            f"{{'t': [{{'a': 1}}]}}}}, open({str(tmp_path / 'slow.json')!r}, 'w')); "
+            "print('started', flush=True); time.sleep(60)",
+        ],
+    )
     data = gpu_check._run_stage(args, "slow", 3, None, str(tmp_path), str(tmp_path / "slow.log"))
     assert data["status"] == "timeout" and data["seconds"] < 30
     assert data["tables"] == {"t": [{"a": 1}]} and "half done" in data["summary"]
@@ -87,7 +106,8 @@ def test_junit_cases_reads_outcomes_and_skip_reasons(tmp_path):
     junit.write_text(
         '<testsuites><testsuite><testcase classname="tests.test_ops" name="test_a[cuda]">'
         '<skipped message="needs a CUDA device"/></testcase><testcase classname="t" name="test_b">'
-        '<failure message="boom"/></testcase><testcase classname="t" name="test_c"/></testsuite></testsuites>')
+        '<failure message="boom"/></testcase><testcase classname="t" name="test_c"/></testsuite></testsuites>'
+    )
     cases = _module()._junit_cases(str(junit))
     assert [c["outcome"] for c in cases] == ["skipped", "failure", "passed"]
     assert cases[0]["message"] == "needs a CUDA device" and cases[0]["name"] == "tests.test_ops::test_a[cuda]"

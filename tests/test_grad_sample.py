@@ -60,56 +60,135 @@ def _images(channels, size):
 
 # name -> (model factory, input factory(rows, generator), number of classes)
 MODELS = {
-    "linear": (lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
-               lambda n, g: torch.randn(n, 7, generator=g, dtype=torch.float64), 3),
-    "linear_seq": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)),
-                   lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64), 3),
-    "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
-                                     nn.Conv1d(6, 3, 2, padding=1, padding_mode="reflect"), nn.Flatten(),
-                                     nn.LazyLinear(3)),
-               lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64), 3),
-    "conv2d": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2), nn.Tanh(),
-                                     nn.Conv2d(6, 4, 2, padding="same", padding_mode="circular", bias=False),
-                                     nn.Flatten(), nn.LazyLinear(3)),
-               _images(4, 6), 3),
-    "conv2d_zeros": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(),
-                                           nn.Conv2d(6, 4, 2, padding="same"), nn.Flatten(), nn.LazyLinear(3)),
-                     _images(4, 6), 3),
-    "conv1d_zeros": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
-                                           nn.Conv1d(6, 3, 2, padding=1, bias=False), nn.Flatten(), nn.LazyLinear(3)),
-                     lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64), 3),
+    "linear": (
+        lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
+        lambda n, g: torch.randn(n, 7, generator=g, dtype=torch.float64),
+        3,
+    ),
+    "linear_seq": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)),
+        lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
+        3,
+    ),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+            nn.Tanh(),
+            nn.Conv1d(6, 3, 2, padding=1, padding_mode="reflect"),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64),
+        3,
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+            nn.Tanh(),
+            nn.Conv2d(6, 4, 2, padding="same", padding_mode="circular", bias=False),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        _images(4, 6),
+        3,
+    ),
+    "conv2d_zeros": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+            nn.Tanh(),
+            nn.Conv2d(6, 4, 2, padding="same"),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        _images(4, 6),
+        3,
+    ),
+    "conv1d_zeros": (
+        lambda: nn.Sequential(
+            nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+            nn.Tanh(),
+            nn.Conv1d(6, 3, 2, padding=1, bias=False),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        lambda n, g: torch.randn(n, 4, 9, generator=g, dtype=torch.float64),
+        3,
+    ),
     # >= 16 input channels per group: materialized through the grouped weight-gradient kernel
-    "conv_wide": (lambda: nn.Sequential(nn.Conv2d(16, 32, 3, stride=(2, 1), padding=1, dilation=(1, 2)), nn.Tanh(),
-                                        nn.Conv2d(32, 4, 2, padding="same", padding_mode="reflect", groups=2), nn.Tanh(),
-                                        nn.Flatten(2), nn.Conv1d(4, 3, 3), nn.Flatten(), nn.LazyLinear(3)),
-                  _images(16, 5), 3),
-    "conv1d_wide": (lambda: nn.Sequential(nn.Conv1d(32, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
-                                          nn.Flatten(), nn.LazyLinear(3)),
-                    lambda n, g: torch.randn(n, 32, 9, generator=g, dtype=torch.float64), 3),
-    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(3)),
-                  _images(2, 5), 3),
+    "conv_wide": (
+        lambda: nn.Sequential(
+            nn.Conv2d(16, 32, 3, stride=(2, 1), padding=1, dilation=(1, 2)),
+            nn.Tanh(),
+            nn.Conv2d(32, 4, 2, padding="same", padding_mode="reflect", groups=2),
+            nn.Tanh(),
+            nn.Flatten(2),
+            nn.Conv1d(4, 3, 3),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        _images(16, 5),
+        3,
+    ),
+    "conv1d_wide": (
+        lambda: nn.Sequential(
+            nn.Conv1d(32, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)
+        ),
+        lambda n, g: torch.randn(n, 32, 9, generator=g, dtype=torch.float64),
+        3,
+    ),
+    "groupnorm": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(3)),
+        _images(2, 5),
+        3,
+    ),
     # A norm layer first has no autograd node holding its statistics: its rule recomputes them.
-    "groupnorm_first": (lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.Tanh(), nn.Conv2d(4, 3, 3), nn.Flatten(),
-                                              nn.LazyLinear(3)),
-                        _images(4, 5), 3),
+    "groupnorm_first": (
+        lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.Tanh(), nn.Conv2d(4, 3, 3), nn.Flatten(), nn.LazyLinear(3)),
+        _images(4, 5),
+        3,
+    ),
     # An untracked first layer's output is tapped for its gradient; an in-place op right after must still work.
-    "conv_first_inplace": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
-                                                 nn.LazyLinear(3)),
-                           _images(3, 5), 3),
-    "layernorm": (lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
-                  lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64), 3),
+    "conv_first_inplace": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3)),
+        _images(3, 5),
+        3,
+    ),
+    "layernorm": (
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
+        lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
+        3,
+    ),
     "embedding": (TokenModel, lambda n, g: torch.randint(0, 11, (n, 7), generator=g), 3),
-    "embedding_nopad": (lambda: TokenModel(padding_idx=None), lambda n, g: torch.randint(0, 11, (n, 7), generator=g), 3),
+    "embedding_nopad": (
+        lambda: TokenModel(padding_idx=None),
+        lambda n, g: torch.randint(0, 11, (n, 7), generator=g),
+        3,
+    ),
     # EmbeddingBag over [N, L] ids (one bag per row) through the vmap fallback.
-    "embedding_bag": (lambda: nn.Sequential(nn.EmbeddingBag(11, 5, mode="mean"), nn.Tanh(), nn.Linear(5, 3)),
-                      lambda n, g: torch.randint(0, 11, (n, 7), generator=g), 3),
+    "embedding_bag": (
+        lambda: nn.Sequential(nn.EmbeddingBag(11, 5, mode="mean"), nn.Tanh(), nn.Linear(5, 3)),
+        lambda n, g: torch.randint(0, 11, (n, 7), generator=g),
+        3,
+    ),
     # Layers without a rule of their own, through the vmap fallback (always [N, C, ...]).
-    "fallback_convs": (lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.InstanceNorm2d(3, affine=True),
-                                             nn.Tanh(), nn.Unflatten(1, (1, 3)), nn.Conv3d(1, 2, 2), nn.Flatten(),
-                                             nn.LazyLinear(3)),
-                       _images(2, 3), 3),
-    "fallback": (lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
-                 lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64), 3),
+    "fallback_convs": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(2, 3, 2, stride=2),
+            nn.InstanceNorm2d(3, affine=True),
+            nn.Tanh(),
+            nn.Unflatten(1, (1, 3)),
+            nn.Conv3d(1, 2, 2),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        _images(2, 3),
+        3,
+    ),
+    "fallback": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
+        lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64),
+        3,
+    ),
     "reuse": (Reuse, lambda n, g: torch.randn(n, 6, generator=g, dtype=torch.float64), 3),
     "conv_reuse": (ConvReuse, _images(2, 5), 3),
     "cnn": (lambda: ConvNet(in_channels=1, num_classes=4, width=8, image_size=8, groups=4), _images(1, 8), 4),
@@ -160,8 +239,10 @@ def test_per_sample_gradients_match_naive_loop(name):
     k = 2
     model, x, y = _setup(name, 3 * k)
     params = [p for p in model.parameters()]
-    expected = [torch.autograd.grad(F.cross_entropy(model(x[b * k:(b + 1) * k]), y[b * k:(b + 1) * k]), params)
-                for b in range(3)]
+    expected = [
+        torch.autograd.grad(F.cross_entropy(model(x[b * k : (b + 1) * k]), y[b * k : (b + 1) * k]), params)
+        for b in range(3)
+    ]
     wrapped = GradSampleModule(model, augmult=k, loss_reduction="sum")
     F.cross_entropy(wrapped(x), y, reduction="sum").backward()
     got = wrapped.per_sample_gradients()
@@ -183,7 +264,7 @@ def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout):
     if layout == "strided":
         x, y = x[::2], y[::2]
     else:
-        x, y = x[:3 * k].contiguous(memory_format=torch.channels_last), y[:3 * k]
+        x, y = x[: 3 * k].contiguous(memory_format=torch.channels_last), y[: 3 * k]
     reference = copy.deepcopy(model).double()
     # The loop runs on contiguous rows: torch 2.13's CPU GroupNorm backward segfaults computing only
     # a weight gradient (the input needs none) from a channels-last input; the values are the same.
@@ -206,8 +287,12 @@ def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout):
 # Opacus's full backward hooks refuse an in-place op on a hooked module's output; Opacus's EmbeddingBag
 # sampler takes only 1-D ids with offsets (privfast refuses those: they pack examples into one row).
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"reuse", "conv1d", "conv2d", "conv_wide", "embedding",
-                                                       "conv_first_inplace", "embedding_bag"}))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        set(MODELS) - {"reuse", "conv1d", "conv2d", "conv_wide", "embedding", "conv_first_inplace", "embedding_bag"}
+    ),
+)
 def test_update_matches_opacus(name, mode):
     """K = 1, sigma = 0: the privatized gradient equals Opacus's GradSampleModule + DPOptimizer."""
     model, x, y = _setup(name, 8)
@@ -215,14 +300,23 @@ def test_update_matches_opacus(name, mode):
     max_grad_norm = 0.5
 
     ours = GradSampleModule(model, mode=mode)
-    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=ours, noise_multiplier=0.0,
-                            max_grad_norm=max_grad_norm, expected_batch_size=8)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        module=ours,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=8,
+    )
     F.cross_entropy(ours(x), y).backward()
     optimizer.pre_step()
 
     theirs = opacus.GradSampleModule(reference)
-    their_optimizer = opacus.optimizers.DPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1), noise_multiplier=0.0,
-                                                    max_grad_norm=max_grad_norm, expected_batch_size=8)
+    their_optimizer = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=8,
+    )
     F.cross_entropy(theirs(x), y).backward()
     their_optimizer.pre_step()
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -448,7 +542,7 @@ def test_timed_plan_picks_the_faster_strategy_on_clear_cases(wide):
     x = torch.randn(32, 1, 512) if wide else torch.randn(32, 2048, 4)
     wrapped = GradSampleModule(layer, mode="bk", batch_first=True)  # bk keeps the operands for the timing
     wrapped(x).sum().backward()
-    (layer_info, grads, _), = list(wrapped._layer_grads())
+    ((layer_info, grads, _),) = list(wrapped._layer_grads())
     assert engine._faster_plan(grads) == (("ghost", "ghost") if wide else ("materialize", "materialize"))
 
 

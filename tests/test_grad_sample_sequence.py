@@ -117,8 +117,9 @@ def _rnn(kind, **options):
         cls = {"lstm": DPLSTM, "gru": DPGRU, "rnn": DPRNN}[kind]
         layers = options.get("num_layers", 1)
         rnn = cls(D, H, num_layers=layers, bidirectional=options.get("bidirectional", False), batch_first=batch_first)
-        return Recurrent(rnn, cell_state=kind == "lstm", initial=options.get("initial", False),
-                         packed=options.get("packed", False))
+        return Recurrent(
+            rnn, cell_state=kind == "lstm", initial=options.get("initial", False), packed=options.get("packed", False)
+        )
 
     return make
 
@@ -188,8 +189,10 @@ def _run(model, inputs, y, batch_first, rows=None):
 def _naive(model, inputs, y, batch_first, k, max_grad_norm):
     params = [p for p in model.parameters() if p.requires_grad]
     examples = inputs[0][0].shape[inputs[0][1]] // k
-    per_example = [torch.autograd.grad(_run(model, inputs, y, batch_first, slice(b * k, (b + 1) * k)), params)
-                   for b in range(examples)]
+    per_example = [
+        torch.autograd.grad(_run(model, inputs, y, batch_first, slice(b * k, (b + 1) * k)), params)
+        for b in range(examples)
+    ]
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return params, [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))], norms
@@ -230,14 +233,22 @@ def test_update_matches_opacus(name, batch_first, one_thread):
     reference = copy.deepcopy(model)
     max_grad_norm = 0.3
     ours = GradSampleModule(model, batch_first=batch_first)
-    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=ours, noise_multiplier=0.0,
-                            max_grad_norm=max_grad_norm, expected_batch_size=6)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        module=ours,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=6,
+    )
     _run(ours, inputs, y, batch_first).backward()
     optimizer.pre_step()
     theirs = opacus.GradSampleModule(reference, batch_first=batch_first)
-    their_optimizer = opacus.optimizers.DPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1),
-                                                    noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-                                                    expected_batch_size=6)
+    their_optimizer = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=6,
+    )
     _run(theirs, inputs, y, batch_first).backward()
     their_optimizer.pre_step()
     _assert_close([p.grad for p in model.parameters()], [q.grad for q in reference.parameters()])
@@ -267,8 +278,13 @@ def test_time_first_input_under_batch_first_is_refused():
     model = TokenHead(nn.Linear(D, D)).double()
     data = TensorDataset(torch.randn(32, T, D, dtype=torch.float64), torch.randint(0, C, (32, T)))
     private, optimizer, loader = PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(data, batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
     x, y = next(iter(loader))
     with pytest.raises(LayoutError, match=r"shape \[5, 8, 4\].*8 examples.*batch_first=False"):
         private(x.transpose(0, 1))  # a time-first loop, the engine left at batch_first=True
@@ -447,12 +463,17 @@ class Random(nn.Module):
         self.blocks = nn.ModuleList()
         self.kinds, self.layouts = blocks, inner_layouts
         for kind, inner in zip(blocks, inner_layouts):
-            self.blocks.append({
-                "linear": lambda: nn.Linear(D, D), "layernorm": lambda: nn.LayerNorm(D),
-                "rmsnorm": lambda: nn.RMSNorm(D), "scale": Scale,
-                "mha": lambda: DPMultiheadAttention(D, 2, batch_first=inner, add_bias_kv=True),
-                "lstm": lambda: DPLSTM(D, D, batch_first=inner), "gru": lambda: DPGRU(D, D, batch_first=inner),
-            }[kind]())
+            self.blocks.append(
+                {
+                    "linear": lambda: nn.Linear(D, D),
+                    "layernorm": lambda: nn.LayerNorm(D),
+                    "rmsnorm": lambda: nn.RMSNorm(D),
+                    "scale": Scale,
+                    "mha": lambda: DPMultiheadAttention(D, 2, batch_first=inner, add_bias_kv=True),
+                    "lstm": lambda: DPLSTM(D, D, batch_first=inner),
+                    "gru": lambda: DPGRU(D, D, batch_first=inner),
+                }[kind]()
+            )
         self.outer = batch_first
         self.head = nn.Linear(D, C)
 
@@ -482,8 +503,10 @@ def test_random_models_match_naive_loop(seed, one_thread):
     g = torch.Generator().manual_seed(seed)
     rows = 3 * k
     shape = (rows, T) if batch_first else (T, rows)
-    inputs, y = [(torch.randn(*shape, D, generator=g, dtype=torch.float64), 0 if batch_first else 1)], \
-        torch.randint(0, C, shape, generator=g)
+    inputs, y = (
+        [(torch.randn(*shape, D, generator=g, dtype=torch.float64), 0 if batch_first else 1)],
+        torch.randint(0, C, shape, generator=g),
+    )
     _, _, norms = _naive(model, inputs, y, batch_first, k, 1.0)
     max_grad_norm = float(norms.median())
     params, expected, _ = _naive(model, inputs, y, batch_first, k, max_grad_norm)

@@ -114,10 +114,12 @@ def test_cutout_geometry_and_area(size):
     area = hidden.sum((1, 2))
     assert torch.equal(area, hidden.any(2).sum(1) * hidden.any(1).sum(1))
     assert (hidden.any(2).sum(1) <= size).all() and (hidden.any(1).sum(1) <= size).all()
+
     # Mean hidden fraction equals the average over centres of the clipped square's area.
     def mean_overlap(n):
         c = np.arange(n)
         return (np.minimum(c - size // 2 + size, n) - np.maximum(c - size // 2, 0)).clip(0).mean()
+
     expected = mean_overlap(h) * mean_overlap(w) / (h * w)
     assert hidden.double().mean().item() == pytest.approx(expected, abs=0.01)
 
@@ -169,10 +171,17 @@ def test_reproducible_with_generator():
         assert all(torch.equal(a, b) for a, b in zip(first, second)), mechanism
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: LabelSmoothing(1.5), "alpha"), (lambda: DisturbLabel(-0.1), "theta"), (lambda: RandomCrop(-1), "padding"),
-    (lambda: Cutout(-2), "size"), (lambda: GaussianAugmentation(-1.0), "variance"), (lambda: Mixup(0.0), "gamma"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: LabelSmoothing(1.5), "alpha"),
+        (lambda: DisturbLabel(-0.1), "theta"),
+        (lambda: RandomCrop(-1), "padding"),
+        (lambda: Cutout(-2), "size"),
+        (lambda: GaussianAugmentation(-1.0), "variance"),
+        (lambda: Mixup(0.0), "gamma"),
+    ],
+)
 def test_bad_intensity(build, match):
     with pytest.raises(ValueError, match=match):
         build()
@@ -192,8 +201,15 @@ def _fit_digits(mechanism=None):
 
     train, _ = load_digits()
     torch.manual_seed(0)
-    return train_classifier(MLP(64, 10, hidden=(64,)), train.x[:300], train.y[:300], epochs=12, lr=3e-3,
-                            mechanism=mechanism, generator=_gen(0))
+    return train_classifier(
+        MLP(64, 10, hidden=(64,)),
+        train.x[:300],
+        train.y[:300],
+        epochs=12,
+        lr=3e-3,
+        mechanism=mechanism,
+        generator=_gen(0),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,10 +217,19 @@ def teacher():
     return _fit_digits()  # SL distils a teacher trained without augmentation, as Kaya & Dumitraş do
 
 
-@pytest.mark.parametrize("build", [
-    lambda teacher: SoftLabels(teacher, 4.0), lambda _: LabelSmoothing(0.1), lambda _: DisturbLabel(0.1),
-    lambda _: RandomCrop(1), lambda _: Cutout(3), lambda _: GaussianAugmentation(0.01), lambda _: Mixup(0.2),
-], ids=["SL", "LS", "DL", "RC", "CO", "GA", "MU"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda teacher: SoftLabels(teacher, 4.0),
+        lambda _: LabelSmoothing(0.1),
+        lambda _: DisturbLabel(0.1),
+        lambda _: RandomCrop(1),
+        lambda _: Cutout(3),
+        lambda _: GaussianAugmentation(0.01),
+        lambda _: Mixup(0.2),
+    ],
+    ids=["SL", "LS", "DL", "RC", "CO", "GA", "MU"],
+)
 def test_non_private_training_through_each_mechanism(build, teacher):
     from privfast.attacks import predict_logits
     from privfast.data import load_digits
@@ -230,8 +255,13 @@ def test_dp_self_augmentation_step():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer, loader = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=8), noise_multiplier=0.5,
-        max_grad_norm=1.0, augmult=3)
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        augmult=3,
+    )
     x, y = next(iter(loader))
     x_aug, targets = self_augment(Cutout(3), x, one_hot_targets(y, 10), 3, generator=g)
     assert x_aug.shape[0] == 3 * len(y)

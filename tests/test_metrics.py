@@ -45,8 +45,10 @@ def test_attack_summary_with_ties_matches_mann_whitney_and_its_own_decision():
     summary = metrics.attack_summary(members, nonmembers)
     diff = members[:, None] - nonmembers[None, :]
     assert summary["auc"] == pytest.approx((diff > 0).mean() + (diff == 0).mean() / 2)
-    advantages = {t: metrics.threshold_metrics(members >= t, nonmembers >= t)["advantage"]
-                  for t in np.unique(np.concatenate([members, nonmembers]))}
+    advantages = {
+        t: metrics.threshold_metrics(members >= t, nonmembers >= t)["advantage"]
+        for t in np.unique(np.concatenate([members, nonmembers]))
+    }
     assert summary["best_advantage"] == pytest.approx(max(advantages.values()))
     assert advantages[summary["threshold"]] == pytest.approx(summary["best_advantage"])
 

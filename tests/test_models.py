@@ -91,7 +91,7 @@ def test_private_step_equals_naive_per_sequence_loop(name, mode, one_thread):
         return F.cross_entropy(logits.reshape(-1, V), ys.reshape(-1))
 
     params = list(reference.parameters())
-    grads = [torch.autograd.grad(loss(reference, x[i:i + 1], y[i:i + 1]), params) for i in range(len(x))]
+    grads = [torch.autograd.grad(loss(reference, x[i : i + 1], y[i : i + 1]), params) for i in range(len(x))]
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in grads])
     clip = float(norms.median())  # some windows clipped, some not
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
@@ -100,8 +100,15 @@ def test_private_step_equals_naive_per_sequence_loop(name, mode, one_thread):
     engine = PrivacyEngine(accountant="rdp")
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
     private, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False, batch_first=True, grad_sample_mode=mode)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        batch_first=True,
+        grad_sample_mode=mode,
+    )
     for xs, ys in loader:
         optimizer.zero_grad()
         loss(private, xs, ys).backward()

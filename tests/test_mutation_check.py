@@ -32,8 +32,14 @@ def test_every_mutation_applies_exactly_once(mutation_check):
 def test_the_required_bugs_are_planted(mutation_check):
     names = {m.name for m in mutation_check.MUTATIONS}
     assert {
-        "noise-over-K", "accountant-sigma-not-halved", "lira-variance-as-std", "lira-offline-over-variance",
-        "lira-fix-variance-ignored", "clip-eps-dropped", "noise-over-batch-twice", "fold-ignores-K",
+        "noise-over-K",
+        "accountant-sigma-not-halved",
+        "lira-variance-as-std",
+        "lira-offline-over-variance",
+        "lira-fix-variance-ignored",
+        "clip-eps-dropped",
+        "noise-over-batch-twice",
+        "fold-ignores-K",
     } <= names
     for m in mutation_check.MUTATIONS:
         assert m.tests and all(t.startswith("tests/") for t in m.tests), m.name

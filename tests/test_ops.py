@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from conftest import CUDA, DEVICES
 
 import privfast
 from privfast import _reference, _torch_ops, ops
-
-from conftest import CUDA, DEVICES
 
 needs_extension = pytest.mark.skipif(not privfast.has_extension(), reason="privfast._C is not built")
 
@@ -131,7 +130,10 @@ def test_infinite_bound_adds_noise_to_a_precomputed_sum(device):
 def test_noise_is_bit_identical_to_the_reference_generator(device, out_dtype):
     numel = 3001
     seed, offset = key_of(5, numel)
-    zero_grads = [torch.zeros(0, 1000, dtype=out_dtype, device=device), torch.zeros(0, 2001, dtype=out_dtype, device=device)]
+    zero_grads = [
+        torch.zeros(0, 1000, dtype=out_dtype, device=device),
+        torch.zeros(0, 2001, dtype=out_dtype, device=device),
+    ]
     got = ops.clip_accumulate_noise(zero_grads, 1.0, 1.0, 1.0, torch.Generator().manual_seed(5))
     want = _torch_ops.philox_normal(seed, offset, numel).to(out_dtype)
     assert torch.equal(torch.cat([o.cpu() for o in got]), want)
@@ -155,7 +157,9 @@ def test_cpu_results_do_not_depend_on_the_thread_count(op_name):
     grads = make_grads(37, torch.float32, "cpu", shapes=[(70_000,), (3, 5), (9000,)])
     call = {
         "per_sample_norms": lambda: [ops.per_sample_norms(grads)],
-        "clip_accumulate_noise": lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 0.5, torch.Generator().manual_seed(0)),
+        "clip_accumulate_noise": lambda: ops.clip_accumulate_noise(
+            grads, 1.0, 1.0, 0.5, torch.Generator().manual_seed(0)
+        ),
         "gradsim": lambda: [ops.gradsim(grads, [g[:3] for g in grads], torch.arange(37) % 3, per_layer=True)],
     }[op_name]
     threads = torch.get_num_threads()
@@ -174,8 +178,18 @@ def test_philox_matches_random123_known_answers():
     ones = np.full((1, 4), 0xFFFFFFFF, np.uint64)
     pi = np.array([[0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], np.uint64)
     assert _torch_ops.philox4x32_10(zeros, (0, 0))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    assert _torch_ops.philox4x32_10(ones, (0xFFFFFFFF,) * 2)[0].tolist() == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-    assert _torch_ops.philox4x32_10(pi, (0xA4093822, 0x299F31D0))[0].tolist() == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    assert _torch_ops.philox4x32_10(ones, (0xFFFFFFFF,) * 2)[0].tolist() == [
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    ]
+    assert _torch_ops.philox4x32_10(pi, (0xA4093822, 0x299F31D0))[0].tolist() == [
+        0xD16CFE09,
+        0x94FDCCEB,
+        0x5001E420,
+        0x24126EA1,
+    ]
 
 
 def test_noise_statistics_over_a_million_draws(device):
@@ -213,8 +227,10 @@ def test_cuda_generator_keys_the_noise_and_moves_on():
     calls draw fresh noise and re-seeding reproduces it; the key does not depend on where the
     tensors live."""
     numel = 3001
-    zeros = [torch.zeros(0, 1000, dtype=torch.float64, device="cuda"),
-             torch.zeros(0, 2001, dtype=torch.float64, device="cuda")]
+    zeros = [
+        torch.zeros(0, 1000, dtype=torch.float64, device="cuda"),
+        torch.zeros(0, 2001, dtype=torch.float64, device="cuda"),
+    ]
 
     def draw(gen, tensors=zeros):
         return torch.cat([o.cpu() for o in ops.clip_accumulate_noise(tensors, 1.0, 1.0, 1.0, gen)])
@@ -246,8 +262,10 @@ def test_default_generator_follows_torch_manual_seed():
 
 def test_secure_mode_ignores_the_generator_and_never_repeats():
     grads = make_grads(2, torch.float32, "cpu")
-    draws = [ops.clip_accumulate_noise(grads, 1.0, 1.0, generator=torch.Generator().manual_seed(0), secure_mode=True)
-             for _ in range(2)]
+    draws = [
+        ops.clip_accumulate_noise(grads, 1.0, 1.0, generator=torch.Generator().manual_seed(0), secure_mode=True)
+        for _ in range(2)
+    ]
     assert not torch.equal(draws[0][3], draws[1][3])
 
 
@@ -282,9 +300,9 @@ def test_gradsim_cosines_by_hand(device):
     whole = torch.cat([g.reshape(4, -1) for g in grads], 1)
     ref = torch.cat([r.reshape(1, -1) for r in refs], 1)
     torch.testing.assert_close(ops.gradsim(grads, refs), torch.nn.functional.cosine_similarity(whole, ref))
-    per_tensor = torch.stack([
-        torch.nn.functional.cosine_similarity(g.reshape(4, -1), r.reshape(1, -1)) for g, r in zip(grads, refs)
-    ]).mean(0)
+    per_tensor = torch.stack(
+        [torch.nn.functional.cosine_similarity(g.reshape(4, -1), r.reshape(1, -1)) for g, r in zip(grads, refs)]
+    ).mean(0)
     torch.testing.assert_close(ops.gradsim(grads, refs, per_layer=True), per_tensor)
     same = ops.gradsim(grads, [g.clone() for g in grads])
     torch.testing.assert_close(same, torch.ones(4, dtype=torch.float64, device=device))
@@ -309,10 +327,12 @@ def test_augment_batch_matches_reference(device, dtype, batch, k_extra):
     x_strided = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, channels-last-like strides
     assert batch == 0 or not x_strided.is_contiguous()
     extra = torch.rand(batch, k_extra, 3, 9, 7, generator=gen, dtype=dtype).to(device) if k_extra else None
-    out, params = ops.augment_batch(x_strided, 4, crop_padding=3, mixups=3, extra=extra, generator=gen,
-                                    return_params=True)
-    want = _reference.augment_batch(x.cpu(), type(params)(*(p.cpu() for p in params)), 3,
-                                    extra.cpu() if extra is not None else None)
+    out, params = ops.augment_batch(
+        x_strided, 4, crop_padding=3, mixups=3, extra=extra, generator=gen, return_params=True
+    )
+    want = _reference.augment_batch(
+        x.cpu(), type(params)(*(p.cpu() for p in params)), 3, extra.cpu() if extra is not None else None
+    )
     assert out.shape == (batch * (4 + k_extra + 3), 3, 9, 7)
     torch.testing.assert_close(out.cpu(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
 
@@ -324,8 +344,9 @@ def test_augment_batch_geometry(device):
     assert torch.equal(out.cpu(), x.cpu().repeat_interleave(3, dim=0))
     # Offsets (0, 0) with padding 2 shift the image by 2 with reflection; a flip mirrors the crop.
     params = ops.draw_augment_params(2, 2, crop_padding=2, generator=torch.Generator().manual_seed(0), device=device)
-    params = params._replace(crop_offsets=torch.zeros_like(params.crop_offsets),
-                             flips=torch.tensor([[False, True]] * 2, device=device))
+    params = params._replace(
+        crop_offsets=torch.zeros_like(params.crop_offsets), flips=torch.tensor([[False, True]] * 2, device=device)
+    )
     out = ops.augment_batch(x, 2, crop_padding=2, params=params)
     padded = torch.nn.functional.pad(x.cpu(), (2, 2, 2, 2), mode="reflect")[:, :, :5, :5]
     assert torch.equal(out[0::2].cpu(), padded)
@@ -335,8 +356,9 @@ def test_augment_batch_geometry(device):
 def test_augment_batch_mixups(device):
     x = torch.rand(3, 2, 6, 6, device=device)
     extra = torch.rand(3, 1, 2, 6, 6, device=device)
-    out, params = ops.augment_batch(x, 2, mixups=4, extra=extra, generator=torch.Generator().manual_seed(1),
-                                    return_params=True)
+    out, params = ops.augment_batch(
+        x, 2, mixups=4, extra=extra, generator=torch.Generator().manual_seed(1), return_params=True
+    )
     rows = out.reshape(3, 7, 2, 6, 6)
     assert torch.equal(rows[:, 2], extra[:, 0])  # extras pass through after the crops
     pairs, lam = params.mix_pairs.cpu(), params.mix_lambda.cpu()
@@ -358,8 +380,9 @@ def test_crop_offsets_and_flips_are_uniform():
 
 def test_mixup_weights_follow_beta():
     # float64: in float32, 1.7% of Beta(0.2, 0.2) draws round to exactly 1.0, ties a KS test cannot take.
-    params = ops.draw_augment_params(5000, 2, mixups=4, alpha=0.2, generator=torch.Generator().manual_seed(0),
-                                     lambda_dtype=torch.float64)
+    params = ops.draw_augment_params(
+        5000, 2, mixups=4, alpha=0.2, generator=torch.Generator().manual_seed(0), lambda_dtype=torch.float64
+    )
     lam = params.mix_lambda.flatten().double().numpy()
     assert scipy.stats.kstest(lam, scipy.stats.beta(0.2, 0.2).cdf).pvalue > 1e-3
 
@@ -451,8 +474,9 @@ def test_fallback_names_non_finite_examples_as_the_kernel_does(monkeypatch):
     grads[1][11, 0] = float("nan")
     for b in range(11):
         grads[2][b].view(-1)[0] = float("inf")
-    message = ops.non_finite_error("grads has", " for examples [0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more], first in "
-                                   "grads[2]")
+    message = ops.non_finite_error(
+        "grads has", " for examples [0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more], first in grads[2]"
+    )
     with pytest.raises(ValueError) as kernel:
         ops.clip_accumulate_noise(grads, 1.0, 1.0)
     assert str(kernel.value) == str(message)
@@ -530,17 +554,21 @@ def test_fallback_matches_reference(monkeypatch, device, dtype, tol, batch):
     grads = make_grads(batch, dtype, device, strided=True)
     refs = make_grads(3, dtype, device, seed=1)
     index = torch.arange(batch, device=device) % 3
-    torch.testing.assert_close(ops.per_sample_norms(grads).cpu(), _reference.per_sample_norms(as_cpu(grads)),
-                               rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(
+        ops.per_sample_norms(grads).cpu(), _reference.per_sample_norms(as_cpu(grads)), rtol=tol[0], atol=tol[1]
+    )
     seed, offset = key_of(0, sum(math.prod(g.shape[1:]) for g in grads))
     got = ops.clip_accumulate_noise(grads, 0.5, 0.7, 0.25, torch.Generator().manual_seed(0))
     want = _reference.clip_accumulate_noise(as_cpu(grads), 0.5, 0.7, 0.25, seed, offset)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=tol[0], atol=tol[1])
     for per_layer in (False, True):
-        torch.testing.assert_close(ops.gradsim(grads, refs, index, per_layer=per_layer).cpu(),
-                                   _reference.gradsim(as_cpu(grads), as_cpu(refs), index.cpu(), per_layer),
-                                   rtol=tol[0], atol=tol[1])
+        torch.testing.assert_close(
+            ops.gradsim(grads, refs, index, per_layer=per_layer).cpu(),
+            _reference.gradsim(as_cpu(grads), as_cpu(refs), index.cpu(), per_layer),
+            rtol=tol[0],
+            atol=tol[1],
+        )
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, 9, 7, generator=gen, dtype=dtype).to(device)
     extra = torch.rand(batch, 2, 3, 9, 7, generator=gen, dtype=dtype).to(device)
@@ -560,4 +588,3 @@ def test_augment_batch_refuses_out_of_range_params_on_every_device(device):
         ops.augment_batch(x, 2, crop_padding=1, mixups=1, params=p._replace(crop_offsets=p.crop_offsets + 5))
     with pytest.raises(ValueError, match="mix_pairs must index the k \\+ k_extra = 2 base rows"):
         ops.augment_batch(x, 2, crop_padding=1, mixups=1, params=p._replace(mix_pairs=p.mix_pairs + 2))
-

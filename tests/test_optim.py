@@ -13,8 +13,10 @@ from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 
 def _data(rows, seed=0, features=6, classes=3):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, features, generator=g, dtype=torch.float64),
-            torch.randint(0, classes, (rows,), generator=g))
+    return (
+        torch.randn(rows, features, generator=g, dtype=torch.float64),
+        torch.randint(0, classes, (rows,), generator=g),
+    )
 
 
 def _model(seed=0):
@@ -22,33 +24,55 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def _private(model, *, optimizer=None, sigma=0.0, clip=1.0, batch=8, seed=0, microbatch_size=1, augmult=1, mode="auto",
-             device="cpu"):
+def _private(
+    model,
+    *,
+    optimizer=None,
+    sigma=0.0,
+    clip=1.0,
+    batch=8,
+    seed=0,
+    microbatch_size=1,
+    augmult=1,
+    mode="auto",
+    device="cpu",
+):
     """The model on ``device`` made private, its noise keyed by a generator on that device (a CUDA
     generator hands out Philox offsets, a CPU one draws keys from its stream: two code paths)."""
     model.to(device)
     wrapped = GradSampleModule(model, mode=mode, microbatch_size=microbatch_size, augmult=augmult)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     cls = DPSAMOptimizer if isinstance(optimizer, SAM) else DPOptimizer
-    return wrapped, cls(optimizer, module=wrapped, noise_multiplier=sigma, max_grad_norm=clip,
-                        expected_batch_size=batch, generator=torch.Generator(device=device).manual_seed(seed))
+    return wrapped, cls(
+        optimizer,
+        module=wrapped,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch,
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
 
 
 def _clipped_mean(model, x, y, *, group, clip, denominator):
     """Naive: the mean gradient of each group of rows, clipped, summed, divided."""
     params = list(model.parameters())
-    grads = [torch.autograd.grad(F.cross_entropy(model(x[i:i + group]), y[i:i + group]), params)
-             for i in range(0, len(x), group)]
+    grads = [
+        torch.autograd.grad(F.cross_entropy(model(x[i : i + group]), y[i : i + group]), params)
+        for i in range(0, len(x), group)
+    ]
     norms = [math.sqrt(sum(float(g.pow(2).sum()) for g in gs)) for gs in grads]
-    return [sum(min(1, clip / (n + 1e-6)) * gs[i] for n, gs in zip(norms, grads)) / denominator
-            for i in range(len(params))]
+    return [
+        sum(min(1, clip / (n + 1e-6)) * gs[i] for n, gs in zip(norms, grads)) / denominator for i in range(len(params))
+    ]
 
 
 def test_noise_std_is_sigma_c_over_expected_batch_size(device):
     model = nn.Linear(400, 100, bias=False).double()
     _, optimizer = _private(model, sigma=2.0, clip=0.5, batch=8, device=device)
     wrapped = optimizer.module
-    wrapped(torch.zeros(8, 400, dtype=torch.float64, device=device)).sum().backward()  # zero gradient: p.grad is the noise
+    wrapped(
+        torch.zeros(8, 400, dtype=torch.float64, device=device)
+    ).sum().backward()  # zero gradient: p.grad is the noise
     optimizer.pre_step()
     noise = model.weight.grad
     assert noise.device.type == torch.device(device).type
@@ -118,8 +142,11 @@ def test_microbatch_clips_the_mean_of_b_examples(augmult):
     assert optimizer.accounting_noise_multiplier == 0.75
 
 
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps, lr=0.01), lambda ps: torch.optim.RMSprop(ps, lr=0.01)],
-                         ids=["adam", "rmsprop"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: torch.optim.Adam(ps, lr=0.01), lambda ps: torch.optim.RMSprop(ps, lr=0.01)],
+    ids=["adam", "rmsprop"],
+)
 def test_wraps_any_torch_optimizer(make):
     x, y = _data(8)
     model, reference = _model(), _model()
@@ -173,14 +200,16 @@ def test_dp_sam_without_clipping_or_noise_is_sam_and_releases_twice():
             loss = F.cross_entropy(forward(x), y)
             loss.backward()
             return loss
+
         return closure
 
     sam = SAM(reference.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     closure_for(reference, reference)()
     sam.step(closure_for(reference, reference))
 
-    wrapped, optimizer = _private(model, optimizer=SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
-                                  clip=1e6, batch=8)
+    wrapped, optimizer = _private(
+        model, optimizer=SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), clip=1e6, batch=8
+    )
     releases = []
     optimizer.attach_step_hook(lambda opt: releases.append(opt.noise_multiplier))
     closure = closure_for(model, wrapped)
@@ -193,8 +222,17 @@ def test_dp_sam_without_clipping_or_noise_is_sam_and_releases_twice():
         optimizer.step()
 
 
-@pytest.mark.parametrize("bad", [dict(noise_multiplier=-1.0), dict(noise_multiplier=math.inf), dict(max_grad_norm=0.0),
-                                 dict(max_grad_norm=-1.0), dict(expected_batch_size=None), dict(loss_reduction="max")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(noise_multiplier=-1.0),
+        dict(noise_multiplier=math.inf),
+        dict(max_grad_norm=0.0),
+        dict(max_grad_norm=-1.0),
+        dict(expected_batch_size=None),
+        dict(loss_reduction="max"),
+    ],
+)
 def test_rejects_bad_arguments(bad):
     model = _model()
     args = dict(module=GradSampleModule(model), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8) | bad
@@ -205,8 +243,13 @@ def test_rejects_bad_arguments(bad):
 def test_rejects_parameters_outside_the_module():
     model, other = _model(), _model(1)
     with pytest.raises(ValueError, match="not the module's"):
-        DPOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), module=GradSampleModule(model), noise_multiplier=1.0,
-                    max_grad_norm=1.0, expected_batch_size=8)
+        DPOptimizer(
+            torch.optim.SGD(other.parameters(), lr=0.1),
+            module=GradSampleModule(model),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+        )
 
 
 def test_nan_loss_never_steps():

@@ -18,10 +18,10 @@ from scipy.stats import kstest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.augment import DPMix, SelfAug
-from privfast.data_loader import SecureUniformWithReplacementSampler, secure_uniform
 from privfast.data import load_digits
+from privfast.data_loader import SecureUniformWithReplacementSampler, secure_uniform
+from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.models import ConvNet
 from privfast.optim import SAM
 from privfast.privacy_engine import PrivacyEngine
@@ -82,8 +82,15 @@ def test_make_private_with_epsilon_uses_opacus_noise_search():
         model = ConvNet(width=4)
         optimizer = optimizer_class(model.parameters(), lr=0.1)
         return PrivacyEngine().make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=3.0, target_delta=1e-5, epochs=2,
-            max_grad_norm=1.0, **kwargs)[1]
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            epochs=2,
+            max_grad_norm=1.0,
+            **kwargs,
+        )[1]
 
     assert private(torch.optim.SGD).noise_multiplier == pytest.approx(expected)
     micro = private(torch.optim.SGD, microbatch_size=2, poisson_sampling=False)
@@ -93,12 +100,15 @@ def test_make_private_with_epsilon_uses_opacus_noise_search():
     assert dp_sam.noise_multiplier > expected  # two releases per step need more noise
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(noise_multiplier=-0.5), "noise_multiplier"),
-    (dict(max_grad_norm=0.0), "max_grad_norm"),
-    (dict(augmult=3, augmentation=SelfAug(2, num_classes=10)), "augmult"),
-    (dict(microbatch_size=2), "Poisson"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(noise_multiplier=-0.5), "noise_multiplier"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(augmult=3, augmentation=SelfAug(2, num_classes=10)), "augmult"),
+        (dict(microbatch_size=2), "Poisson"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         _make(**bad)
@@ -107,9 +117,13 @@ def test_bad_arguments_are_refused(bad, message):
 def test_batchnorm_is_refused_with_the_fix():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
     with pytest.raises(ValueError, match="ModuleValidator.fix"):
-        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                     data_loader=DataLoader(_dataset(), batch_size=16), noise_multiplier=1.0,
-                                     max_grad_norm=1.0)
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_dataset(), batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
 
 
 def test_empty_poisson_batch_steps_with_noise_only():
@@ -131,6 +145,7 @@ def _batch_indices(loader):
 def test_secure_mode_draws_poisson_batches_from_the_os():
     """Secure batches ignore torch's seed (Opacus keys them from torchcsprng, privfast from
     os.urandom); the plain ones follow it. Either way each example joins with probability q."""
+
     def batches(secure):
         torch.manual_seed(3)
         loader = _make(PrivacyEngine(secure_mode=secure), seed=3)[3]
@@ -173,6 +188,7 @@ def test_secure_uniform_is_uniform_on_the_unit_interval():
 def test_same_seed_reproduces_a_run(device):
     """On the model's device: the default noise generator lives there (a CUDA generator on CUDA),
     torch.manual_seed reproduces the run, and another seed does not."""
+
     def run(seed):
         engine, model, optimizer, loader = _make(seed=seed, device=device)  # seeds torch, hence the noise
         assert engine.noise_generator.device.type == device.type
@@ -192,8 +208,13 @@ def test_default_noise_generator_draws_fresh_noise_every_step(device):
     engine = PrivacyEngine(accountant="rdp")
     zeros = TensorDataset(torch.zeros(64, 1, 8, 8, dtype=torch.float64), torch.zeros(64, dtype=torch.int64))
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=DataLoader(zeros, batch_size=16),
-        noise_multiplier=2.0, max_grad_norm=1.0, poisson_sampling=False)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(zeros, batch_size=16),
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
     assert engine.noise_generator.device.type == device.type
     updates = []
     for x, y in [next(iter(loader))] * 3:
@@ -256,9 +277,12 @@ def test_dp_mix_trains_digits_with_a_reported_epsilon():
     model = ConvNet(width=8)
     engine = PrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
-        data_loader=DataLoader(TensorDataset(train.x, train.y), batch_size=128), noise_multiplier=1.0,
-        max_grad_norm=1.0, augmentation=DPMix(2, 2, crop_padding=1, num_classes=10),
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+        data_loader=DataLoader(TensorDataset(train.x, train.y), batch_size=128),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        augmentation=DPMix(2, 2, crop_padding=1, num_classes=10),
     )
     for _ in range(3):
         _train(model, optimizer, loader)

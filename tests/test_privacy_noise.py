@@ -151,7 +151,8 @@ def test_poisson_batches_with_self_aug_get_the_full_noise(device):
     """The default Poisson loader with Self-Aug: the noise still scales with the expected batch size in
     examples (not rows)."""
     engine, model, optimizer, loader, releases = _private(
-        device, poisson_sampling=True, augmentation=SelfAug(4, crop_padding=2, num_classes=CLASSES))
+        device, poisson_sampling=True, augmentation=SelfAug(4, crop_padding=2, num_classes=CLASSES)
+    )
     x, y = next(iter(loader))
     assert x.shape[0] % 4 == 0
     before = _flat_weights(model)
@@ -179,12 +180,17 @@ def test_dp_sam_noises_both_releases_and_accounts_two_per_step(device):
     _assert_history(engine, SIGMA, 1 / 4, steps=4)
 
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param({"microbatch_size": 2, "poisson_sampling": False}, id="microbatch-2"),
-    pytest.param({"augmentation": SelfAug(2, crop_padding=2, num_classes=CLASSES), "poisson_sampling": False},
-                 id="selfaug-k2"),
-    pytest.param({"sam": True, "poisson_sampling": False}, id="dp-sam"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"microbatch_size": 2, "poisson_sampling": False}, id="microbatch-2"),
+        pytest.param(
+            {"augmentation": SelfAug(2, crop_padding=2, num_classes=CLASSES), "poisson_sampling": False},
+            id="selfaug-k2",
+        ),
+        pytest.param({"sam": True, "poisson_sampling": False}, id="dp-sam"),
+    ],
+)
 def test_make_private_with_epsilon_spends_the_target_after_the_planned_epochs(kwargs):
     """Training the planned epochs spends the target epsilon, as the accountant reports it (GDP: a
     noise search of milliseconds; the same code path as RDP and PRV)."""
@@ -197,8 +203,16 @@ def test_make_private_with_epsilon_spends_the_target_after_the_planned_epochs(kw
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Opacus: "GDP accounting is experimental"
         model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=DataLoader(_zero_images(), batch_size=BATCH),
-            target_epsilon=2.0, target_delta=DELTA, epochs=2, max_grad_norm=CLIP, epsilon_tolerance=0.01, **kwargs)
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(_zero_images(), batch_size=BATCH),
+            target_epsilon=2.0,
+            target_delta=DELTA,
+            epochs=2,
+            max_grad_norm=CLIP,
+            epsilon_tolerance=0.01,
+            **kwargs,
+        )
         for _ in range(2):
             for x, y in loader:
                 _step(model, optimizer, x, y)
@@ -207,11 +221,14 @@ def test_make_private_with_epsilon_spends_the_target_after_the_planned_epochs(kw
 
 
 @pytest.mark.parametrize("mode", ["materialize", "ghost"])
-@pytest.mark.parametrize("kwargs, repeat, microbatch", [
-    pytest.param({"augmentation": SelfAug(3, crop_padding=2, num_classes=10)}, 1, 1, id="selfaug-k3"),
-    pytest.param({"augmentation": DPMix(2, 1, crop_padding=2, num_classes=10)}, 1, 1, id="dpmix-2+1"),
-    pytest.param({"augmult": 2, "microbatch_size": 2}, 2, 2, id="loop-augmult-2-microbatch-2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, repeat, microbatch",
+    [
+        pytest.param({"augmentation": SelfAug(3, crop_padding=2, num_classes=10)}, 1, 1, id="selfaug-k3"),
+        pytest.param({"augmentation": DPMix(2, 1, crop_padding=2, num_classes=10)}, 1, 1, id="dpmix-2+1"),
+        pytest.param({"augmult": 2, "microbatch_size": 2}, 2, 2, id="loop-augmult-2-microbatch-2"),
+    ],
+)
 def test_each_example_is_clipped_once_over_its_k_rows(device, mode, kwargs, repeat, microbatch):
     """With sigma = 0 the update is ``m / B * sum_u min(1, C / (||g_u|| + 1e-6)) g_u`` over clipped units
     u of K * m consecutive rows, ``g_u`` their mean-loss gradient: so one example moves the update by
@@ -223,19 +240,23 @@ def test_each_example_is_clipped_once_over_its_k_rows(device, mode, kwargs, repe
     images = torch.rand(16, *IMAGE, generator=gen, dtype=torch.float64) * scales[:, None, None, None]
     dataset = TensorDataset(images, torch.randint(0, 10, (16,), generator=gen))
     torch.manual_seed(2)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(IMAGE), 16, bias=False), nn.Tanh(),
-                        nn.Linear(16, 10, bias=False)).double()
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(IMAGE), 16, bias=False), nn.Tanh(), nn.Linear(16, 10, bias=False)
+    ).double()
     reference = copy.deepcopy(net).to(device)
     clip = 3e-6
-    engine, model, optimizer, loader, _ = _private(device, dataset=dataset, model=net, noise_multiplier=0.0,
-                                                   max_grad_norm=clip, grad_sample_mode=mode, **kwargs)
+    engine, model, optimizer, loader, _ = _private(
+        device, dataset=dataset, model=net, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode, **kwargs
+    )
     x, y = next(iter(loader))  # the augmented batch the step below trains on
     x, y = x.repeat_interleave(repeat, 0).to(device), y.repeat_interleave(repeat, 0).to(device)
     rows = len(x) * microbatch // BATCH
     params = list(reference.parameters())
     expected, factors = [torch.zeros_like(p) for p in params], []
     for start in range(0, len(x), rows):
-        grads = torch.autograd.grad(F.cross_entropy(reference(x[start:start + rows]), y[start:start + rows]), params)
+        grads = torch.autograd.grad(
+            F.cross_entropy(reference(x[start : start + rows]), y[start : start + rows]), params
+        )
         norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
         factors.append(min(1.0, clip / (norm + 1e-6)))
         for total, g in zip(expected, grads):

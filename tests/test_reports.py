@@ -33,27 +33,41 @@ from privfast.reports import (
 
 
 def _record(epoch, accuracy, advantage, epsilon=None):
-    record = {"epoch": epoch, "steps": 10 * epoch, "test_accuracy": accuracy, "train_accuracy": accuracy + 0.05,
-              "train_loss": 1.0 / epoch,
-              "calibrated": {"auc": 0.5 + advantage / 2, "decision_advantage": advantage, "p_err": (1 - advantage) / 2,
-                             "best_advantage": advantage + 0.1, "tpr_at_fpr": {0.001: 0.0, 0.01: advantage / 4}}}
+    record = {
+        "epoch": epoch,
+        "steps": 10 * epoch,
+        "test_accuracy": accuracy,
+        "train_accuracy": accuracy + 0.05,
+        "train_loss": 1.0 / epoch,
+        "calibrated": {
+            "auc": 0.5 + advantage / 2,
+            "decision_advantage": advantage,
+            "p_err": (1 - advantage) / 2,
+            "best_advantage": advantage + 0.1,
+            "tpr_at_fpr": {0.001: 0.0, 0.01: advantage / 4},
+        },
+    }
     if epsilon is not None:
         record |= {"epsilon": epsilon, "dp_perr_bound": dp_perr_bound(epsilon, 1e-5), "noise_multiplier": 1.25}
     return record
 
 
 RUNS = {
-    "non-private": {"config": {"method": "nonprivate"},
-                    "history": [_record(e, 0.6 + 0.1 * e, 0.05 * e) for e in (1, 2, 3)]},
-    "DP-SGD": {"config": {"method": "dp-sgd"},
-               "history": [_record(e, 0.5 + 0.1 * e, 0.01 * e, 0.5 * e) for e in (1, 2, 3)]},
+    "non-private": {
+        "config": {"method": "nonprivate"},
+        "history": [_record(e, 0.6 + 0.1 * e, 0.05 * e) for e in (1, 2, 3)],
+    },
+    "DP-SGD": {
+        "config": {"method": "dp-sgd"},
+        "history": [_record(e, 0.5 + 0.1 * e, 0.01 * e, 0.5 * e) for e in (1, 2, 3)],
+    },
 }
 
 
 def test_summary_and_table_show_the_last_epoch():
     rows = {name: summarize(run["history"], attack="calibrated") for name, run in RUNS.items()}
     assert rows["DP-SGD"]["epsilon"] == 1.5 and rows["non-private"]["epsilon"] is None
-    assert rows["DP-SGD"]["dp_perr_bound"] == pytest.approx((1 - 1e-5) / (1 + 2.718281828459045 ** 1.5))
+    assert rows["DP-SGD"]["dp_perr_bound"] == pytest.approx((1 - 1e-5) / (1 + 2.718281828459045**1.5))
     assert rows["non-private"]["dp_perr_bound"] == 0.0
     assert rows["non-private"]["tpr_at_1pct_fpr"] == pytest.approx(0.15 / 4)
     text = format_table(rows)
@@ -70,8 +84,9 @@ def test_summary_and_table_show_the_last_epoch():
 
 
 def test_curves_are_written_as_png(tmp_path):
-    path = plot_curves({name: run["history"] for name, run in RUNS.items()}, tmp_path / "curves.png",
-                       attack="calibrated")
+    path = plot_curves(
+        {name: run["history"] for name, run in RUNS.items()}, tmp_path / "curves.png", attack="calibrated"
+    )
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
     assert image[..., :3].std() > 0.05  # something was drawn
@@ -85,8 +100,9 @@ def test_loss_histograms_separate_a_memorizing_model(tmp_path):
     fresh = MLP(16, 4, hidden=(64,))
     torch.manual_seed(0)
     memorizing = train_classifier(MLP(16, 4, hidden=(64,)), *members, epochs=150, lr=1e-2, batch_size=16)
-    distances = plot_loss_histograms({"fresh": fresh, "memorizing": memorizing}, members, nonmembers,
-                                     tmp_path / "losses.png")
+    distances = plot_loss_histograms(
+        {"fresh": fresh, "memorizing": memorizing}, members, nonmembers, tmp_path / "losses.png"
+    )
     assert 0 <= distances["fresh"] < distances["memorizing"] <= 1
     assert distances["memorizing"] > 0.5  # random labels: members near zero loss, non-members far from it
     assert matplotlib.image.imread(tmp_path / "losses.png").shape[1] > 600  # two panels side by side
@@ -95,8 +111,14 @@ def test_loss_histograms_separate_a_memorizing_model(tmp_path):
     assert lrc["same"]["memorizing"] == pytest.approx(1.0) and lrc["fresh"]["fresh"] == 1.0
     assert lrc["fresh"]["memorizing"] == lrc["memorizing"]["fresh"] < 0.9
 
-    write_report(tmp_path / "with_models", {"a": RUNS["DP-SGD"], "b": RUNS["non-private"]}, attack="calibrated",
-                 models={"a": fresh, "b": memorizing}, members=members, nonmembers=nonmembers)
+    write_report(
+        tmp_path / "with_models",
+        {"a": RUNS["DP-SGD"], "b": RUNS["non-private"]},
+        attack="calibrated",
+        models={"a": fresh, "b": memorizing},
+        members=members,
+        nonmembers=nonmembers,
+    )
     text = (tmp_path / "with_models" / "report.md").read_text()
     assert "![loss histograms](losses.png)" in text and f"| a | 1.000 | {lrc['fresh']['memorizing']:.3f} |" in text
     assert "![LRC heatmap](lrc.png)" in text and _png(tmp_path / "with_models" / "lrc.png").shape[0] > 100
@@ -124,8 +146,11 @@ def test_roc_epsilon_and_lrc_figures_are_pngs(tmp_path):
 
 def test_reconstruction_grid(tmp_path):
     images = torch.rand(3, 3, 8, 8)
-    path = plot_reconstructions({"clean": images, "reconstructed": images.flip(0)}, tmp_path / "r.png",
-                                titles={"reconstructed": ["1 dB", "2 dB", "3 dB"]})
+    path = plot_reconstructions(
+        {"clean": images, "reconstructed": images.flip(0)},
+        tmp_path / "r.png",
+        titles={"reconstructed": ["1 dB", "2 dB", "3 dB"]},
+    )
     assert matplotlib.image.imread(path).shape[0] > 200
     with pytest.raises(ValueError, match="same shape"):
         plot_reconstructions({"a": images, "b": images[:2]}, tmp_path / "bad.png")
@@ -165,8 +190,16 @@ def test_the_two_advantages_have_two_names():
     assert "+0.150" in first and "+0.250" in first
     assert "after seeing every score" in ADVANTAGE_NOTE and "own threshold" in ADVANTAGE_NOTE
     # A run recorded before the names were split, read back from JSON (string FPR levels), still reports.
-    old = json.loads(json.dumps([{**_record(1, 0.9, 0.2), "calibrated": {
-        "auc": 0.6, "advantage": 0.2, "p_err": 0.4, "tpr_at_fpr": {0.001: 0.01, 0.01: 0.05}}}]))
+    old = json.loads(
+        json.dumps(
+            [
+                {
+                    **_record(1, 0.9, 0.2),
+                    "calibrated": {"auc": 0.6, "advantage": 0.2, "p_err": 0.4, "tpr_at_fpr": {0.001: 0.01, 0.01: 0.05}},
+                }
+            ]
+        )
+    )
     summary = summarize(old, attack="calibrated")
     assert summary["decision_advantage"] == 0.2 and summary["best_advantage"] is None
     assert summary["tpr_at_1pct_fpr"] == 0.05 and summary["tpr_at_01pct_fpr"] == 0.01
@@ -175,8 +208,10 @@ def test_the_two_advantages_have_two_names():
 
 def _runs(n):
     """``n`` synthetic runs of 3 epochs (few enough for fractional ticks by default)."""
-    return {f"run {i}": [_record(e, 0.5 + 0.05 * e + 0.01 * i, 0.02 * e, 0.5 * e if i else None)
-                         for e in range(1, 4)] for i in range(n)}
+    return {
+        f"run {i}": [_record(e, 0.5 + 0.05 * e + 0.01 * i, 0.02 * e, 0.5 * e if i else None) for e in range(1, 4)]
+        for i in range(n)
+    }
 
 
 def _inside_the_canvas(fig):
@@ -251,22 +286,56 @@ def test_roc_legend_gives_auc_and_low_fpr_tpr_and_merges_shared_scores():
     assert labels[1] == "lira_online: AUC 0.500, TPR@0.1%FPR 0.001"
 
 
-AUDIT = {"source": "runs/a/checkpoint.pt", "method": "dp-sgd", "epoch": 3, "config": {}, "members": 60,
-         "nonmembers": 60, "known": 20, "shadows": 4, "shared_scores": [["yeom", "calibrated"]],
-         "record": {"epoch": 3, "test_accuracy": 0.8, "train_accuracy": 0.9, "epsilon": 2.0, "dp_perr_bound": 0.1,
-                    "yeom": {"decision_advantage": 0.05, "p_err": 0.475, "auc": 0.55, "best_advantage": 0.12,
-                             "tpr_at_fpr": {"0.001": 0.0, "0.01": 0.02}},
-                    "lira_online": {"decision_advantage": None, "p_err": None, "auc": 0.6, "best_advantage": 0.2,
-                                    "tpr_at_fpr": {"0.001": 0.01, "0.01": 0.04}}},
-         "canaries": {"inserted": 2, "references": 100, "repeats": 4, "max_exposure": 6.66, "labels": [1, 2],
-                      "losses": [0.1, 0.2], "exposure": [5.0, 3.0], "exposure_extrapolated": [7.0, 3.5],
-                      "extrapolation_note": None}}
+AUDIT = {
+    "source": "runs/a/checkpoint.pt",
+    "method": "dp-sgd",
+    "epoch": 3,
+    "config": {},
+    "members": 60,
+    "nonmembers": 60,
+    "known": 20,
+    "shadows": 4,
+    "shared_scores": [["yeom", "calibrated"]],
+    "record": {
+        "epoch": 3,
+        "test_accuracy": 0.8,
+        "train_accuracy": 0.9,
+        "epsilon": 2.0,
+        "dp_perr_bound": 0.1,
+        "yeom": {
+            "decision_advantage": 0.05,
+            "p_err": 0.475,
+            "auc": 0.55,
+            "best_advantage": 0.12,
+            "tpr_at_fpr": {"0.001": 0.0, "0.01": 0.02},
+        },
+        "lira_online": {
+            "decision_advantage": None,
+            "p_err": None,
+            "auc": 0.6,
+            "best_advantage": 0.2,
+            "tpr_at_fpr": {"0.001": 0.01, "0.01": 0.04},
+        },
+    },
+    "canaries": {
+        "inserted": 2,
+        "references": 100,
+        "repeats": 4,
+        "max_exposure": 6.66,
+        "labels": [1, 2],
+        "losses": [0.1, 0.2],
+        "exposure": [5.0, 3.0],
+        "exposure_extrapolated": [7.0, 3.5],
+        "extrapolation_note": None,
+    },
+}
 
 
 def test_format_audit_names_what_it_measured():
     text = format_audit(AUDIT)
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["yeom"],
-                                                                                                 ["lira_online"])}
+    rows = {
+        line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["yeom"], ["lira_online"])
+    }
     assert rows["yeom"][4:6] == ["+0.050", "+0.120"] and rows["lira_online"][4:6] == ["-", "+0.200"]
     assert "yeom, calibrated score every example alike" in text and ADVANTAGE_NOTE in text
     assert "2 canaries inserted 4 times each" in text and "mean" in text
@@ -279,12 +348,22 @@ def test_report_includes_the_audits_written_next_to_the_checkpoint(tmp_path):
     run.mkdir()
     assert load_audits(run) == {}
     (run / "audit.json").write_text(json.dumps(AUDIT))
-    (run / "epsilon_audit.json").write_text(json.dumps({
-        "method": "one-run", "accountant_epsilon": 1.5, "epsilon": 0.4, "epsilon_low": 0.4, "epsilon_high": 0.4,
-        "confidence": 0.95}))
+    (run / "epsilon_audit.json").write_text(
+        json.dumps(
+            {
+                "method": "one-run",
+                "accountant_epsilon": 1.5,
+                "epsilon": 0.4,
+                "epsilon_low": 0.4,
+                "epsilon_high": 0.4,
+                "confidence": 0.95,
+            }
+        )
+    )
     (run / "rmia").mkdir()  # privfast audit --attack rmia writes its own roc.png there
-    (run / "rmia" / "rmia.json").write_text(json.dumps({"results": {"rmia_online": {"auc": 0.61, "tpr_at_fpr": {
-        "0.001": 0.003, "0.01": 0.03}}}}))
+    (run / "rmia" / "rmia.json").write_text(
+        json.dumps({"results": {"rmia_online": {"auc": 0.61, "tpr_at_fpr": {"0.001": 0.003, "0.01": 0.03}}}})
+    )
     audits = load_audits(run)
     assert sorted(audits) == ["epsilon", "membership", "rmia"]
     path = write_report(tmp_path / "report", RUNS, attack="calibrated", audits={"DP-SGD": audits, "non-private": {}})

@@ -12,8 +12,8 @@ from privfast.data import load_digits
 from privfast.models import ConvNet, LeNet
 from privfast.search import accuracy_score, ats_search, crop_and_flip, describe_policy, privacy_score, search
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -122,11 +122,32 @@ def test_accuracy_score_draws_one_image_per_label(digits):
 def test_search_filters_ranks_and_builds_a_disjoint_hybrid(digits):
     semi, init = _model(seed=0, cls=LeNet, width=4), _model(seed=1, cls=LeNet, width=4)
     data = (digits.x[:200], digits.y[:200])
-    probe = search(semi, init, data, candidates=12, acc_threshold=-math.inf, images=3, bins=4, batches=2,
-                   policies_per_pass=5, progress=False)
+    probe = search(
+        semi,
+        init,
+        data,
+        candidates=12,
+        acc_threshold=-math.inf,
+        images=3,
+        bins=4,
+        batches=2,
+        policies_per_pass=5,
+        progress=False,
+    )
     threshold = float(np.median([row.accuracy for row in probe.table]))
-    result = search(semi, init, data, candidates=12, acc_threshold=threshold, top_n=2, images=3, bins=4,
-                    batches=2, policies_per_pass=5, progress=False)
+    result = search(
+        semi,
+        init,
+        data,
+        candidates=12,
+        acc_threshold=threshold,
+        top_n=2,
+        images=3,
+        bins=4,
+        batches=2,
+        policies_per_pass=5,
+        progress=False,
+    )
     assert [row.policy for row in result.table] == [row.policy for row in probe.table]
     assert len({row.policy for row in result.table}) == 12
     for row, full in zip(result.table, probe.table):
@@ -163,8 +184,9 @@ def test_ats_search_semi_trains_sets_the_threshold_and_writes_json_and_markdown(
     assert all(r.accuracy >= result.threshold for r in kept)  # the default filter keeps policies at least as good
     text = result.format_table()
     first = sorted(kept, key=lambda r: r.privacy)[0]
-    assert any(line.split()[0] == str(first.policy) and describe_policy(first.policy) in line
-               for line in text.splitlines())
+    assert any(
+        line.split()[0] == str(first.policy) and describe_policy(first.policy) in line for line in text.splitlines()
+    )
     assert f"hybrid: {result.hybrid} ({describe_policy(result.hybrid)})" in text
     json_path, markdown_path = result.write(tmp_path)
     values = json.loads(json_path.read_text())
@@ -173,8 +195,9 @@ def test_ats_search_semi_trains_sets_the_threshold_and_writes_json_and_markdown(
     markdown = markdown_path.read_text()
     assert "| policy | transforms | S_pri | S_acc |" in markdown and "| --- | --- | ---: | ---: |" in markdown
     assert markdown.count("\n| ") == 2 + 6  # header, rule and every candidate
-    fixed = ats_search(lambda: LeNet(width=4), data, candidates=6, images=2, semi_epochs=1, acc_threshold=1e9,
-                       progress=False)
+    fixed = ats_search(
+        lambda: LeNet(width=4), data, candidates=6, images=2, semi_epochs=1, acc_threshold=1e9, progress=False
+    )
     assert fixed.threshold == 1e9 and fixed.selected == [] and all(math.isnan(r.privacy) for r in fixed.table)
 
 
@@ -184,7 +207,7 @@ def test_crop_and_flip_takes_a_zero_padded_window_mirrored_or_not(digits):
     assert out.shape == x.shape
     padded = F.pad(x, (2, 2, 2, 2))
     for n in range(len(x)):
-        windows = [padded[n, :, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        windows = [padded[n, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1)) for w in windows)
 
 
@@ -193,10 +216,12 @@ def test_privacy_score_and_search_augment_like_the_reference_before_the_policy(d
     model = _model(cls=LeNet, width=6)
     x, y = digits.x[:3], digits.y[:3]
     start = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
-    augmented = privacy_score(model, x, y, policy="0-8", start=start, bins=4, augment=True,
-                              generator=torch.Generator().manual_seed(5))
-    expected = privacy_score(model, crop_and_flip(x, generator=torch.Generator().manual_seed(5)), y, policy="0-8",
-                             start=start, bins=4)
+    augmented = privacy_score(
+        model, x, y, policy="0-8", start=start, bins=4, augment=True, generator=torch.Generator().manual_seed(5)
+    )
+    expected = privacy_score(
+        model, crop_and_flip(x, generator=torch.Generator().manual_seed(5)), y, policy="0-8", start=start, bins=4
+    )
     torch.testing.assert_close(augmented, expected)
     assert not torch.allclose(augmented, privacy_score(model, x, y, policy="0-8", start=start, bins=4))
     semi, init = _model(seed=0, cls=LeNet, width=4), _model(seed=1, cls=LeNet, width=4)

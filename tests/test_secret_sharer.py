@@ -10,8 +10,16 @@ import torch
 from torch import nn
 
 from privfast import secret_sharer
-from privfast.attacks.exposure import (candidate_index, enumerate_log_perplexities, exposure, exposure_extrapolated,
-                                       extract, log_perplexity, score_candidates, token_canary)
+from privfast.attacks.exposure import (
+    candidate_index,
+    enumerate_log_perplexities,
+    exposure,
+    exposure_extrapolated,
+    extract,
+    log_perplexity,
+    score_candidates,
+    token_canary,
+)
 from privfast.cli import main
 from privfast.models import LSTMLanguageModel, TransformerLanguageModel
 from privfast.secret_sharer import SecretSharerConfig, canary_exposure, run_secret_sharer, train_language_model
@@ -35,9 +43,13 @@ def _brute_force(table, canary):
     """Every candidate's log-perplexity from the table, in lexicographic slot order."""
     nll = -table.double().log_softmax(-1)
     start = len(canary.prefix) - 1  # position t predicts token t + 1
-    return torch.tensor([sum(float(nll[start + j, canary.alphabet[a]]) for j, a in enumerate(digits))
-                         for digits in itertools.product(range(len(canary.alphabet)), repeat=len(canary.secret))],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [
+            sum(float(nll[start + j, canary.alphabet[a]]) for j, a in enumerate(digits))
+            for digits in itertools.product(range(len(canary.alphabet)), repeat=len(canary.secret))
+        ],
+        dtype=torch.float64,
+    )
 
 
 def test_exact_exposure_equals_the_rank_formula_on_a_model_with_known_perplexities(one_thread):
@@ -54,9 +66,14 @@ def test_exact_exposure_equals_the_rank_formula_on_a_model_with_known_perplexiti
     assert measured["max_exposure"] == pytest.approx(math.log2(625))
 
 
-@pytest.mark.parametrize("make", [lambda: LSTMLanguageModel(17, embed_dim=8, hidden_size=8),
-                                  lambda: TransformerLanguageModel(17, dim=8, heads=2, context=10)],
-                         ids=["lstm", "transformer"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LSTMLanguageModel(17, embed_dim=8, hidden_size=8),
+        lambda: TransformerLanguageModel(17, dim=8, heads=2, context=10),
+    ],
+    ids=["lstm", "transformer"],
+)
 def test_enumeration_and_scoring_equal_whole_sequence_log_perplexity(make, one_thread):
     torch.manual_seed(0)
     model = make()
@@ -64,7 +81,7 @@ def test_enumeration_and_scoring_equal_whole_sequence_log_perplexity(make, one_t
     sequences = torch.cat([canary.sequence[None], canary.references()])  # all 125 candidates
     with torch.no_grad():
         direct = log_perplexity(model(sequences[:, :-1]), sequences[:, 1:], start=len(canary.prefix) - 1).double()
-    slots = sequences[:, len(canary.prefix):]
+    slots = sequences[:, len(canary.prefix) :]
     enumerated = enumerate_log_perplexities(model, canary, chunk_size=4)
     assert torch.allclose(enumerated[candidate_index(canary, slots)], direct, atol=1e-5)
     assert torch.allclose(score_candidates(model, canary, slots, batch_size=16), direct, atol=1e-5)
@@ -123,8 +140,9 @@ def memorized():
 
 def test_memorizing_model_exposes_its_secret_and_extraction_recovers_it(memorized):
     model, canary, _ = memorized
-    measured = canary_exposure(model, canary, references=2000, extraction_candidates=10,
-                               generator=torch.Generator().manual_seed(0))
+    measured = canary_exposure(
+        model, canary, references=2000, extraction_candidates=10, generator=torch.Generator().manual_seed(0)
+    )
     assert measured["exposure"] > measured["max_exposure"] - 3  # log2(10^5) = 16.6 bits at most
     assert measured["extracted"] and measured["extraction_rank"] == 1
 
@@ -152,15 +170,26 @@ def _tiny_ptb(root, *, digits=True, tokens=6000):
     (root / "ptb").mkdir(parents=True, exist_ok=True)
     for split, n in (("train", tokens), ("valid", 600), ("test", 600)):
         picks = torch.randint(0, len(words), (n,), generator=g).tolist()
-        lines = [" ".join(words[i] for i in picks[j:j + 12]) for j in range(0, n, 12)]
+        lines = [" ".join(words[i] for i in picks[j : j + 12]) for j in range(0, n, 12)]
         (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
 def _tiny_config(root, **changes):
-    values = dict(corpus="ptb", data_root=str(root), epsilons=(math.inf, 4.0), repeats=(1, 4), width=8, window=16,
-                  epochs=1, batch_size=32, min_count=1, references=200, extraction_candidates=5,
-                  extraction_expansions=200)
+    values = dict(
+        corpus="ptb",
+        data_root=str(root),
+        epsilons=(math.inf, 4.0),
+        repeats=(1, 4),
+        width=8,
+        window=16,
+        epochs=1,
+        batch_size=32,
+        min_count=1,
+        references=200,
+        extraction_candidates=5,
+        extraction_expansions=200,
+    )
     return SecretSharerConfig(**{**values, **changes})
 
 
@@ -185,10 +214,12 @@ def test_experiment_writes_the_table_and_resumes(tmp_path, monkeypatch, one_thre
         run_secret_sharer(config=_tiny_config(root, width=16), out=out, resume=True, progress=False)
     trained = []
     real = secret_sharer.train_language_model
-    monkeypatch.setattr(secret_sharer, "train_language_model",
-                        lambda *a, **k: trained.append(k["epsilon"]) or real(*a, **k))
-    resumed = run_secret_sharer(config=_tiny_config(root, epsilons=(math.inf, 4.0, 1.0)), out=out, resume=True,
-                                progress=False)
+    monkeypatch.setattr(
+        secret_sharer, "train_language_model", lambda *a, **k: trained.append(k["epsilon"]) or real(*a, **k)
+    )
+    resumed = run_secret_sharer(
+        config=_tiny_config(root, epsilons=(math.inf, 4.0, 1.0)), out=out, resume=True, progress=False
+    )
     assert trained == [1.0]  # the two measured models are reused
     assert resumed.records[:2] == result.records
 
@@ -203,8 +234,9 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys):
     # canaries need 2 formats x (1 + 4 + 16 + 64).
     small = _tiny_ptb(tmp_path / "small")
     with pytest.raises(ValueError, match="holds 25 windows .* need 170 distinct windows"):
-        run_secret_sharer(config=_tiny_config(small, window=256, repeats=(1, 4, 16, 64)), out=tmp_path / "a",
-                          progress=False)
+        run_secret_sharer(
+            config=_tiny_config(small, window=256, repeats=(1, 4, 16, 64)), out=tmp_path / "a", progress=False
+        )
     # Canary symbols missing from the vocabulary (PTB spells numbers as N: no digits).
     nodigits = _tiny_ptb(tmp_path / "nodigits", digits=False)
     with pytest.raises(ValueError, match="vocabulary lacks .*digits: 0, 1, 2"):
@@ -218,8 +250,17 @@ def test_training_stopped_after_an_epoch_resumes_exactly(tmp_path, monkeypatch, 
     def train(checkpoint):
         torch.manual_seed(0)
         model = LSTMLanguageModel(30, embed_dim=8, hidden_size=8)
-        result = train_language_model(model, rows, epsilon=epsilon, epochs=3, batch_size=16, lr=0.5, optimizer="sgd",
-                                      checkpoint=checkpoint, progress=False)
+        result = train_language_model(
+            model,
+            rows,
+            epsilon=epsilon,
+            epochs=3,
+            batch_size=16,
+            lr=0.5,
+            optimizer="sgd",
+            checkpoint=checkpoint,
+            progress=False,
+        )
         return model, result
 
     whole, whole_result = train(None)
@@ -246,8 +287,9 @@ def test_spaces_beyond_the_exact_limit_are_extrapolated_from_scored_samples(one_
     model = PositionLM(torch.randn(10, 20, generator=g))
     canary = token_canary([0], slots=5, alphabet=list(range(10)), generator=g)
     exact = canary_exposure(model, canary, references=3000, generator=torch.Generator().manual_seed(0))
-    sampled = canary_exposure(model, canary, references=3000, exact_limit=1000,
-                              generator=torch.Generator().manual_seed(0))
+    sampled = canary_exposure(
+        model, canary, references=3000, exact_limit=1000, generator=torch.Generator().manual_seed(0)
+    )
     assert sampled["exposure"] is None and exact["exposure"] is not None
     assert sampled["log_perplexity"] == pytest.approx(exact["log_perplexity"], abs=1e-5)
     assert abs(sampled["exposure_extrapolated"] - exact["exposure"]) < 1.0
@@ -257,8 +299,9 @@ def test_character_level_canaries_spell_their_slots_as_characters():
     from privfast.text import load_corpus
 
     corpus = load_corpus("pydoc", level="char")
-    made = secret_sharer.make_canaries(corpus, formats=["digits", "hex"], repeats=[1, 4],
-                                       generator=torch.Generator().manual_seed(0))
+    made = secret_sharer.make_canaries(
+        corpus, formats=["digits", "hex"], repeats=[1, 4], generator=torch.Generator().manual_seed(0)
+    )
     assert [(c["format"], c["repeats"]) for c in made] == [("digits", 1), ("digits", 4), ("hex", 1), ("hex", 4)]
     first = made[0]
     text = corpus.decode(first["sequence"])

@@ -82,7 +82,7 @@ def test_plant_puts_each_occurrence_in_its_own_window():
     assert len(windows_used.unique()) == 8
     for sequence, w in zip(sequences, where):
         for window, offset in w.tolist():
-            assert torch.equal(planted[window, offset:offset + len(sequence)], sequence)
+            assert torch.equal(planted[window, offset : offset + len(sequence)], sequence)
     assert int((planted == 7).sum()) == 15 and int((planted == 9).sum()) == 6
     assert rows.abs().sum() == 0  # the input is not written
 

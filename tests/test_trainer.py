@@ -18,8 +18,7 @@ from privfast.data import DATASET_AUGMENTATION, DATASETS, load_data, load_pool
 from privfast.metrics import dp_perr_bound
 from privfast.trainer import Trainer, TrainingInterrupted
 
-TINY = dict(train_examples=96, width=4, batch_size=24, lr=0.5, attacks=("yeom",), audit_examples=48,
-            audit_known=16)
+TINY = dict(train_examples=96, width=4, batch_size=24, lr=0.5, attacks=("yeom",), audit_examples=48, audit_known=16)
 
 
 def _config(**overrides):
@@ -53,13 +52,16 @@ def ctrl_c_at(monkeypatch):
     return arm
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("nonprivate", {}),
-    ("dp-mix", dict(k_base=2, k_self=1)),
-    ("dp-mix-diff", dict(k_base=2, k_self=1, k_diff=1, pool_examples=50)),
-    ("dp-sam", dict(noise_multiplier=1.0)),
-    ("sam", dict(canaries=3, canary_repeats=2)),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("nonprivate", {}),
+        ("dp-mix", dict(k_base=2, k_self=1)),
+        ("dp-mix-diff", dict(k_base=2, k_self=1, k_diff=1, pool_examples=50)),
+        ("dp-sam", dict(noise_multiplier=1.0)),
+        ("sam", dict(canaries=3, canary_repeats=2)),
+    ],
+)
 def test_resumed_run_equals_uninterrupted_run(tmp_path, method, extra):
     whole = Trainer(_config(method=method, epochs=2, **extra), checkpoint=tmp_path / "a.pt", progress=False)
     whole_history = whole.fit()
@@ -92,8 +94,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method, extra):
 
 def test_records_hold_accuracy_attacks_epsilon_and_bound(tmp_path):
     seen = []
-    trainer = Trainer(_config(method="dp-sgd", epochs=2, target_epsilon=3.0), checkpoint=tmp_path / "c.pt",
-                      progress=False, callbacks=[lambda t, record: seen.append((t, record["epoch"]))])
+    trainer = Trainer(
+        _config(method="dp-sgd", epochs=2, target_epsilon=3.0),
+        checkpoint=tmp_path / "c.pt",
+        progress=False,
+        callbacks=[lambda t, record: seen.append((t, record["epoch"]))],
+    )
     history = trainer.fit()
     assert seen == [(trainer, 1), (trainer, 2)]
     assert [r["epoch"] for r in history] == [1, 2]
@@ -117,11 +123,13 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
         other.fit(resume=True)
     with pytest.raises(ValueError, match="checkpoint path"):
         Trainer(_config(method="nonprivate", epochs=1), progress=False).fit(resume=True)
-    fixed = Trainer(_config(method="dp-sgd", epochs=1, noise_multiplier=1.5), checkpoint=tmp_path / "f.pt",
-                    progress=False)
+    fixed = Trainer(
+        _config(method="dp-sgd", epochs=1, noise_multiplier=1.5), checkpoint=tmp_path / "f.pt", progress=False
+    )
     fixed.fit()
-    noisier = Trainer(_config(method="dp-sgd", epochs=2, noise_multiplier=2.0), checkpoint=tmp_path / "f.pt",
-                      progress=False)
+    noisier = Trainer(
+        _config(method="dp-sgd", epochs=2, noise_multiplier=2.0), checkpoint=tmp_path / "f.pt", progress=False
+    )
     with pytest.raises(ValueError, match=r"trained at the noise multiplier 1.5, .* gives 2.0: the noise cannot change"):
         noisier.fit(resume=True)
 
@@ -129,15 +137,20 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 def test_a_target_epsilon_run_extended_says_how_and_goes_on_at_its_noise(tmp_path):
     Trainer(_config(method="dp-sgd", epochs=1, target_epsilon=2.0), checkpoint=tmp_path / "e.pt", progress=False).fit()
     sigma = read_checkpoint(tmp_path / "e.pt")["noise_multiplier"]
-    longer = Trainer(_config(method="dp-sgd", epochs=2, target_epsilon=2.0), checkpoint=tmp_path / "e.pt",
-                     progress=False)
+    longer = Trainer(
+        _config(method="dp-sgd", epochs=2, target_epsilon=2.0), checkpoint=tmp_path / "e.pt", progress=False
+    )
     # The noise was chosen to spend epsilon 2 in 1 epoch: the message says what to do instead.
-    with pytest.raises(ValueError, match=rf"--target-epsilon 2 chose for --epochs 1; --epochs 2 at --target-epsilon 2 "
-                                         rf"needs .*resume with --target-epsilon none --noise-multiplier {sigma!r}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"--target-epsilon 2 chose for --epochs 1; --epochs 2 at --target-epsilon 2 "
+        rf"needs .*resume with --target-epsilon none --noise-multiplier {sigma!r}",
+    ):
         longer.fit(resume=True)
     # Doing so goes on with the same noise: the same run as one trained 2 epochs at that noise from the start.
-    extended = Trainer(_config(method="dp-sgd", epochs=2, noise_multiplier=sigma), checkpoint=tmp_path / "e.pt",
-                       progress=False)
+    extended = Trainer(
+        _config(method="dp-sgd", epochs=2, noise_multiplier=sigma), checkpoint=tmp_path / "e.pt", progress=False
+    )
     history = extended.fit(resume=True)
     fixed = Trainer(_config(method="dp-sgd", epochs=2, noise_multiplier=sigma), progress=False)
     fixed.fit()
@@ -150,19 +163,25 @@ def test_an_existing_run_is_never_overwritten_by_accident(tmp_path):
     path = tmp_path / "run.pt"
     Trainer(_config(method="nonprivate", epochs=1), checkpoint=path, progress=False).fit()
     again = Trainer(_config(method="nonprivate", epochs=1, lr=0.2), checkpoint=path, progress=False)
-    with pytest.raises(CheckpointError, match=r"already holds a run \(nonprivate, 1 of 1 epochs\): --resume continues "
-                                              "it, --overwrite replaces it"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"already holds a run \(nonprivate, 1 of 1 epochs\): --resume continues "
+        "it, --overwrite replaces it",
+    ):
         again.fit()
     assert read_checkpoint(path)["config"]["lr"] == 0.5
     again.fit(overwrite=True)
     assert read_checkpoint(path)["config"]["lr"] == 0.2
 
 
-@pytest.mark.parametrize("method,extra,stop_at", [
-    ("nonprivate", {}, 6),             # shuffled batches; in epoch 2 (4 steps an epoch)
-    ("dp-mix", dict(k_base=2, k_self=1), 2),  # Poisson batches and augmentations; in epoch 1: nothing completed yet
-    ("dp-sam", dict(noise_multiplier=1.0, canaries=2), 7),
-])
+@pytest.mark.parametrize(
+    "method,extra,stop_at",
+    [
+        ("nonprivate", {}, 6),  # shuffled batches; in epoch 2 (4 steps an epoch)
+        ("dp-mix", dict(k_base=2, k_self=1), 2),  # Poisson batches and augmentations; in epoch 1: nothing completed yet
+        ("dp-sam", dict(noise_multiplier=1.0, canaries=2), 7),
+    ],
+)
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, ctrl_c_at, method, extra, stop_at):
     config = _config(method=method, epochs=3, **extra)
     whole = Trainer(config, progress=False)
@@ -215,22 +234,25 @@ def test_ctrl_c_after_the_last_step_completes_the_epoch_and_a_second_one_stops_a
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(method="sgd"), "--method must be one of nonprivate, dp-sgd"),
-    (dict(method="dp-mix", k_self=0), r"--method dp-mix mixes self-augmentations: give --k-self >= 1"),
-    (dict(method="dp-sgd", k_self=2), "--k-self 2 applies to --method dp-mix and dp-mix-diff only"),
-    (dict(method="dp-sgd", k_base=2), "--method dp-sgd takes no --k-base .*use --method self-aug"),
-    (dict(method="self-aug", k_base=1), r"--k-base 1 is --method dp-sgd"),
-    (dict(method="dp-mix", k_base=2, k_self=1, k_diff=1), "--k-diff >= 1 goes with --method dp-mix-diff"),
-    (dict(method="dp-mix-diff", k_base=2, k_self=1), "--k-diff >= 1 goes with"),
-    (dict(method="nonprivate", target_epsilon=1.0), "--method nonprivate is non-private"),
-    (dict(method="sam", k_base=2), "--method sam is non-private: it takes no --k-base"),
-    (dict(method="dp-sam", rho=0.0), "--rho must be > 0"),
-    (dict(canary_repeats=0), "--canary-repeats >= 1"),
-    (dict(epochs=0), "--epochs 0"),
-    (dict(delta=1.0), "--delta"),
-    (dict(audit_known=48), "--audit-known 48 must be >= 0 and below --audit-examples 48"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(method="sgd"), "--method must be one of nonprivate, dp-sgd"),
+        (dict(method="dp-mix", k_self=0), r"--method dp-mix mixes self-augmentations: give --k-self >= 1"),
+        (dict(method="dp-sgd", k_self=2), "--k-self 2 applies to --method dp-mix and dp-mix-diff only"),
+        (dict(method="dp-sgd", k_base=2), "--method dp-sgd takes no --k-base .*use --method self-aug"),
+        (dict(method="self-aug", k_base=1), r"--k-base 1 is --method dp-sgd"),
+        (dict(method="dp-mix", k_base=2, k_self=1, k_diff=1), "--k-diff >= 1 goes with --method dp-mix-diff"),
+        (dict(method="dp-mix-diff", k_base=2, k_self=1), "--k-diff >= 1 goes with"),
+        (dict(method="nonprivate", target_epsilon=1.0), "--method nonprivate is non-private"),
+        (dict(method="sam", k_base=2), "--method sam is non-private: it takes no --k-base"),
+        (dict(method="dp-sam", rho=0.0), "--rho must be > 0"),
+        (dict(canary_repeats=0), "--canary-repeats >= 1"),
+        (dict(epochs=0), "--epochs 0"),
+        (dict(delta=1.0), "--delta"),
+        (dict(audit_known=48), "--audit-known 48 must be >= 0 and below --audit-examples 48"),
+    ],
+)
 def test_bad_configurations_are_refused_naming_their_flags(bad, message):
     with pytest.raises(ValueError, match=message) as caught:
         _config(**bad)

@@ -52,15 +52,31 @@ def _case(name, rows, g):
     """(model, input, per-row loss function returning ``[rows]``, batch_first)."""
     if name == "cnn":
         model = ConvNet(in_channels=1, num_classes=C_CLASSES, width=8, image_size=8, groups=4).double()
-        x, y = torch.randn(rows, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, C_CLASSES, (rows,), generator=g)
+        x, y = (
+            torch.randn(rows, 1, 8, 8, generator=g, dtype=torch.float64),
+            torch.randint(0, C_CLASSES, (rows,), generator=g),
+        )
         return model, x, lambda out: F.cross_entropy(out, y, reduction="none"), True
     if name == "lstm_lm":
         ids = torch.randint(0, V, (T + 1, rows), generator=g)
-        return LSTMLanguageModel().double(), ids[:-1], lambda out: F.cross_entropy(
-            out.reshape(-1, V), ids[1:].reshape(-1), reduction="none").view(T, rows).mean(0), False
-    x, y = torch.randn(T, rows, 3, generator=g, dtype=torch.float64), torch.randint(0, C_CLASSES, (T, rows), generator=g)
-    return Transformer().double(), x, lambda out: F.cross_entropy(
-        out.reshape(-1, C_CLASSES), y.reshape(-1), reduction="none").view(T, rows).mean(0), False
+        return (
+            LSTMLanguageModel().double(),
+            ids[:-1],
+            lambda out: (
+                F.cross_entropy(out.reshape(-1, V), ids[1:].reshape(-1), reduction="none").view(T, rows).mean(0)
+            ),
+            False,
+        )
+    x, y = (
+        torch.randn(T, rows, 3, generator=g, dtype=torch.float64),
+        torch.randint(0, C_CLASSES, (T, rows), generator=g),
+    )
+    return (
+        Transformer().double(),
+        x,
+        lambda out: F.cross_entropy(out.reshape(-1, C_CLASSES), y.reshape(-1), reduction="none").view(T, rows).mean(0),
+        False,
+    )
 
 
 @pytest.mark.parametrize("mode", ["auto", "ghost"])
@@ -81,9 +97,14 @@ def test_canary_update_has_the_accountants_mean_and_noise(name, k, mode, one_thr
     u = u / u.norm()
 
     wrapped = GradSampleModule(model, mode=mode, augmult=k, batch_first=batch_first)
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), module=wrapped, noise_multiplier=SIGMA,
-                            max_grad_norm=MAX_GRAD_NORM, expected_batch_size=B,
-                            generator=torch.Generator().manual_seed(2))
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        module=wrapped,
+        noise_multiplier=SIGMA,
+        max_grad_norm=MAX_GRAD_NORM,
+        expected_batch_size=B,
+        generator=torch.Generator().manual_seed(2),
+    )
     projections, residual_std = [], []
     for _ in range(STEPS):
         (row_loss(wrapped(x)) * canary).mean().backward()

@@ -56,8 +56,15 @@ REPO = Path(__file__).resolve().parent.parent
 # takes what the budget has left (up to its cap) instead of squeezing the measurements.
 STAGES = ("install", "tests", "noise", "bandwidth", "training", "attacks", "sanitizer")
 # (cap, floor) seconds: a stage never gets more than its cap, and the stages after it keep their floors.
-LIMITS = {"install": (240, 120), "tests": (150, 60), "noise": (45, 15), "bandwidth": (45, 15),
-          "training": (120, 45), "attacks": (120, 45), "sanitizer": (120, 30)}
+LIMITS = {
+    "install": (240, 120),
+    "tests": (150, 60),
+    "noise": (45, 15),
+    "bandwidth": (45, 15),
+    "training": (120, 45),
+    "attacks": (120, 45),
+    "sanitizer": (120, 30),
+}
 DEVICE_ONLY = ("install", "sanitizer")  # skipped by --quick and on --device cpu
 ARCH = "9.0"
 
@@ -177,8 +184,16 @@ def _md(rows: list[dict]) -> str:
 def _run(cmd: list[str], *, timeout: float, env: Optional[dict] = None, cwd: Path = REPO) -> tuple[int, str]:
     """Run ``cmd`` in its own process group, echoing its output; (exit code, output). 124 on timeout."""
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, errors="replace")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        errors="replace",
+    )
     chunks: list[str] = []
     import threading
 
@@ -222,15 +237,28 @@ def stage_meta(args, rec: Recorder) -> None:
     sys.path.insert(0, str(REPO / "tools"))
     import torch_build
 
-    info = dict(python=sys.version.split()[0], torch=torch.__version__, torch_cuda=torch.version.cuda,
-                cuda_available=torch.cuda.is_available(), cpus=os.cpu_count())
+    info = dict(
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        cpus=os.cpu_count(),
+    )
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sms=props.multi_processor_count,
+        )
     home, how = torch_build.find_cuda_toolkit()
-    info.update(cuda_toolkit=home, cuda_toolkit_found=how, nvcc=torch_build.nvcc_release(home) if home else None,
-                compute_sanitizer=_find_sanitizer())
+    info.update(
+        cuda_toolkit=home,
+        cuda_toolkit_found=how,
+        nvcc=torch_build.nvcc_release(home) if home else None,
+        compute_sanitizer=_find_sanitizer(),
+    )
     for package in ("opacus", "pytest-xdist", "pytest-timeout"):
         try:
             info[package] = metadata.version(package)
@@ -250,7 +278,9 @@ def stage_install(args, rec: Recorder) -> None:
         code, _ = _run(cmd, timeout=min(120, deadline - time.monotonic()))
         if code:  # a read-only environment: install beside it and hand the folder to the later stages
             site = os.path.join(tempfile.gettempdir(), "privfast-gpu-check-site")
-            code, _ = _run(cmd[:4] + ["--target", site, "--upgrade"] + cmd[4:], timeout=min(120, deadline - time.monotonic()))
+            code, _ = _run(
+                cmd[:4] + ["--target", site, "--upgrade"] + cmd[4:], timeout=min(120, deadline - time.monotonic())
+            )
             if code == 0:
                 rec.info(pythonpath=site)
                 env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
@@ -265,22 +295,29 @@ def stage_install(args, rec: Recorder) -> None:
     build_env = dict(env, MAX_JOBS=str(os.cpu_count() or 1), PRIVFAST_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=args.arch)
     build_env.pop("PRIVFAST_CPU_ONLY", None)
     start = time.monotonic()
-    code, output = _run([python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-index",
-                         "-e", "."], timeout=deadline - time.monotonic() - 15, env=build_env)
+    code, output = _run(
+        [python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
+        timeout=deadline - time.monotonic() - 15,
+        env=build_env,
+    )
     summary = next((line.strip() for line in output.splitlines() if "privfast build:" in line), "no summary line")
     rec.info(build_seconds=round(time.monotonic() - start, 1), build_exit=code, build_summary=summary)
     if code:
         rec.fail(f"pip install -e . failed (exit {code}); see install.log")
-    check = ("import privfast, torch; print(privfast.has_extension(), "
-             "bool(torch._C._dispatch_has_kernel_for_dispatch_key('privfast::clip_accumulate_noise', 'CUDA')))")
+    check = (
+        "import privfast, torch; print(privfast.has_extension(), "
+        "bool(torch._C._dispatch_has_kernel_for_dispatch_key('privfast::clip_accumulate_noise', 'CUDA')))"
+    )
     result = subprocess.run([python, "-c", check], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     print(result.stdout + result.stderr)
     loaded = result.stdout.split()[-2:] == ["True", "True"]
     rec.info(extension_with_cuda_kernels=loaded)
     if not loaded:
         rec.fail("privfast._C does not load with CUDA kernels after the build")
-    rec.summary(f"build {rec.data['info']['build_seconds']} s; opacus {rec.data['info']['opacus']}; "
-                f"CUDA kernels {'loaded' if loaded else 'MISSING'}")
+    rec.summary(
+        f"build {rec.data['info']['build_seconds']} s; opacus {rec.data['info']['opacus']}; "
+        f"CUDA kernels {'loaded' if loaded else 'MISSING'}"
+    )
 
 
 def _junit_cases(path: str) -> list[dict]:
@@ -302,8 +339,10 @@ def stage_tests(args, rec: Recorder) -> None:
     if args.quick:  # the junit parsing and the CUDA-skip rule, on a stand-in suite that needs no torch
         stand_in = os.path.join(args.work, "test_stand_in.py")
         with open(stand_in, "w") as f:
-            f.write("import pytest\n\ndef test_passes():\n    pass\n\n"
-                    "@pytest.mark.skip(reason='needs a CUDA device')\ndef test_kernel_on_cuda():\n    pass\n")
+            f.write(
+                "import pytest\n\ndef test_passes():\n    pass\n\n"
+                "@pytest.mark.skip(reason='needs a CUDA device')\ndef test_kernel_on_cuda():\n    pass\n"
+            )
         cmd[3:4] = [stand_in, "--rootdir", args.work]
     elif importlib.util.find_spec("xdist") is not None and (os.cpu_count() or 1) >= 8:
         workers = min(8, (os.cpu_count() or 8) // 2)
@@ -320,8 +359,11 @@ def stage_tests(args, rec: Recorder) -> None:
         return
     cases = _junit_cases(junit)
     counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failure", "error", "skipped")}
-    cuda_skipped = [c for c in cases if c["outcome"] == "skipped"
-                    and ("cuda" in c["name"].lower() or "cuda" in c["message"].lower())]
+    cuda_skipped = [
+        c
+        for c in cases
+        if c["outcome"] == "skipped" and ("cuda" in c["name"].lower() or "cuda" in c["message"].lower())
+    ]
     rec.info(**counts, cuda_skipped=len(cuda_skipped))
     for c in [c for c in cases if c["outcome"] in ("failure", "error")][:20]:
         rec.row("tests_failed", test=c["name"], outcome=c["outcome"], message=c["message"][:200])
@@ -338,8 +380,10 @@ def stage_tests(args, rec: Recorder) -> None:
     unbuilt = [c for c in cases if c["outcome"] == "skipped" and "not built" in c["message"]]
     if unbuilt and args.device == "cuda":
         rec.fail(f"{len(unbuilt)} tests skipped because privfast._C is not built")
-    rec.summary(f"{counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
-                f"{counts['skipped']} skipped ({len(cuda_skipped)} CUDA)")
+    rec.summary(
+        f"{counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
+        f"{counts['skipped']} skipped ({len(cuda_skipped)} CUDA)"
+    )
 
 
 def _find_sanitizer() -> Optional[str]:
@@ -348,8 +392,12 @@ def _find_sanitizer() -> Optional[str]:
         return found
     homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*")), "/opt/nvidia"]
     for home in filter(None, homes):
-        for pattern in ("bin/compute-sanitizer", "compute-sanitizer/compute-sanitizer", "*/compute-sanitizer",
-                        "*/*/compute-sanitizer"):
+        for pattern in (
+            "bin/compute-sanitizer",
+            "compute-sanitizer/compute-sanitizer",
+            "*/compute-sanitizer",
+            "*/*/compute-sanitizer",
+        ):
             hits = sorted(glob.glob(os.path.join(home, pattern)))
             if hits:
                 return hits[0]
@@ -358,8 +406,10 @@ def _find_sanitizer() -> Optional[str]:
 
 # memcheck: every CUDA case of the op tests but the two slow ones (opcheck's many calls, a million
 # draws' statistics); racecheck (shared-memory hazards, slower): one case per kernel and dtype.
-SANITIZED = {"memcheck": "cuda and not opcheck and not statistics",
-             "racecheck": "cuda and ((matches_reference and 7-contiguous) or (augment_batch_matches_reference and 2-7))"}
+SANITIZED = {
+    "memcheck": "cuda and not opcheck and not statistics",
+    "racecheck": "cuda and ((matches_reference and 7-contiguous) or (augment_batch_matches_reference and 2-7))",
+}
 
 
 def stage_sanitizer(args, rec: Recorder) -> None:
@@ -380,13 +430,27 @@ def stage_sanitizer(args, rec: Recorder) -> None:
         cmd += [sys.executable, "-m", "pytest", "tests/test_ops.py", "-q", "-p", "no:cacheprovider", "-k", select]
         t0 = time.monotonic()
         code, output = _run(cmd, timeout=budget, env=env)
-        errors = next((line.split("ERROR SUMMARY:")[1].strip() for line in output.splitlines()
-                       if "ERROR SUMMARY:" in line), None)
-        pytest_line = next((line.strip() for line in reversed(output.splitlines())
-                            if " passed" in line or " failed" in line or " error" in line), "")
+        errors = next(
+            (line.split("ERROR SUMMARY:")[1].strip() for line in output.splitlines() if "ERROR SUMMARY:" in line), None
+        )
+        pytest_line = next(
+            (
+                line.strip()
+                for line in reversed(output.splitlines())
+                if " passed" in line or " failed" in line or " error" in line
+            ),
+            "",
+        )
         unsupported = "Device not supported" in output or "Unable to find injection library" in output
-        rec.row("sanitizer", tool=tool, tests=select, exit=code, errors=errors, pytest=pytest_line,
-                seconds=round(time.monotonic() - t0, 1))
+        rec.row(
+            "sanitizer",
+            tool=tool,
+            tests=select,
+            exit=code,
+            errors=errors,
+            pytest=pytest_line,
+            seconds=round(time.monotonic() - t0, 1),
+        )
         if unsupported:
             rec.fail(f"{tool}: compute-sanitizer cannot run on this machine (see sanitizer.log)")
         elif code == 124:
@@ -409,12 +473,18 @@ def stage_noise(args, rec: Recorder) -> None:
     device = args.device
     rec.info(privfast_extension=ops.has_extension(), cuda_kernels=_cuda_kernel("clip_accumulate_noise"))
     if device == "cuda" and not _cuda_kernel("clip_accumulate_noise"):
-        rec.fail("privfast has no CUDA kernel for clip_accumulate_noise: the comparison would be the reference with itself")
+        rec.fail(
+            "privfast has no CUDA kernel for clip_accumulate_noise: the comparison would be the reference with itself"
+        )
 
     def other(grads, max_grad_norm, noise_std, scale, seed):
         if device != "cpu":
-            return [o.cpu() for o in ops.clip_accumulate_noise([g.to(device) for g in grads], max_grad_norm, noise_std,
-                                                               scale, torch.Generator().manual_seed(seed))]
+            return [
+                o.cpu()
+                for o in ops.clip_accumulate_noise(
+                    [g.to(device) for g in grads], max_grad_norm, noise_std, scale, torch.Generator().manual_seed(seed)
+                )
+            ]
         numel = sum(g.shape[1:].numel() for g in grads)
         key = ops._noise_key(torch.Generator().manual_seed(seed), _torch_ops.philox_counters(numel), False)
         return _reference.clip_accumulate_noise(grads, max_grad_norm, noise_std, scale, *key)
@@ -428,8 +498,15 @@ def stage_noise(args, rec: Recorder) -> None:
             cpu = ops.clip_accumulate_noise(zeros, 1.0, 1.0, 1.0, torch.Generator().manual_seed(seed))
             dev = other(zeros, 1.0, 1.0, 1.0, seed)
             bits = sum(int((a != b).sum()) for a, b in zip(cpu, dev))
-            rec.row("noise", check="noise bits", dtype=str(dtype).split(".")[1], seed=seed,
-                    elements=sum(sizes), mismatches=bits, ok=bits == 0)
+            rec.row(
+                "noise",
+                check="noise bits",
+                dtype=str(dtype).split(".")[1],
+                seed=seed,
+                elements=sum(sizes),
+                mismatches=bits,
+                ok=bits == 0,
+            )
             if bits:
                 rec.fail(f"{bits} noise values differ between cpu and {device} ({dtype}, seed {seed})")
         gen = torch.Generator().manual_seed(1)
@@ -439,12 +516,23 @@ def stage_noise(args, rec: Recorder) -> None:
             dev = other(grads, 1.0, noise_std, 0.5, 5)
             diff = max(float((a - b).abs().max()) for a, b in zip(cpu, dev))
             ok = all(torch.allclose(a, b, rtol=tol[0], atol=tol[1]) for a, b in zip(cpu, dev))
-            rec.row("noise", check=f"clipped sums, noise_std={noise_std}", dtype=str(dtype).split(".")[1],
-                    seed=5, elements=sum(g.numel() for g in grads), max_abs_diff=diff, ok=ok)
+            rec.row(
+                "noise",
+                check=f"clipped sums, noise_std={noise_std}",
+                dtype=str(dtype).split(".")[1],
+                seed=5,
+                elements=sum(g.numel() for g in grads),
+                max_abs_diff=diff,
+                ok=ok,
+            )
             if not ok:
-                rec.fail(f"clipped sums differ beyond rtol={tol[0]}, atol={tol[1]} ({dtype}, noise_std={noise_std}): {diff}")
+                rec.fail(
+                    f"clipped sums differ beyond rtol={tol[0]}, atol={tol[1]} ({dtype}, noise_std={noise_std}): {diff}"
+                )
     rows = rec.data["tables"]["noise"]
-    rec.summary(f"{sum(r['ok'] for r in rows)}/{len(rows)} checks equal (cpu vs {device if device != 'cpu' else 'reference'})")
+    rec.summary(
+        f"{sum(r['ok'] for r in rows)}/{len(rows)} checks equal (cpu vs {device if device != 'cpu' else 'reference'})"
+    )
 
 
 def stage_bandwidth(args, rec: Recorder) -> None:
@@ -460,8 +548,11 @@ def stage_bandwidth(args, rec: Recorder) -> None:
     warmup, repeats = (1, 3) if quick else (3, 20)
     # (label, B, total float32 elements): the issue's B=256 x 1M per example (1 GiB, far past the L2),
     # and bench_ops's largest case (8M in all) for comparison with benchmarks/RESULTS.md.
-    cases = [("B=8 x 4K", 8, 8 << 12)] if quick else [("B=256 x 1M (1 GiB)", 256, 256 << 20),
-                                                      ("B=256, 8M total", 256, 8 << 20)]
+    cases = (
+        [("B=8 x 4K", 8, 8 << 12)]
+        if quick
+        else [("B=256 x 1M (1 GiB)", 256, 256 << 20), ("B=256, 8M total", 256, 8 << 20)]
+    )
     for label, batch, total in cases:
         grads = bench_ops.make_grads(batch, total, device)
         numel = sum(g.numel() for g in grads)
@@ -471,22 +562,35 @@ def stage_bandwidth(args, rec: Recorder) -> None:
         dst = torch.empty_like(src)
         runs = {  # name -> (call, bytes it must move)
             "d2d copy": (lambda: dst.copy_(src), 2 * nbytes),
-            "clip_accumulate_noise": (lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, gen,
-                                                                        check_finite=False), 2 * nbytes),
-            "clip_accumulate_noise (check_finite)": (lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, gen),
-                                                     2 * nbytes),
+            "clip_accumulate_noise": (
+                lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, gen, check_finite=False),
+                2 * nbytes,
+            ),
+            "clip_accumulate_noise (check_finite)": (
+                lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, gen),
+                2 * nbytes,
+            ),
             "per_sample_norms": (lambda: ops.per_sample_norms(grads), nbytes),
-            "eager (Opacus-style) clip+noise": (lambda: bench_ops.eager_clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch,
-                                                                                              gen), 2 * nbytes),
+            "eager (Opacus-style) clip+noise": (
+                lambda: bench_ops.eager_clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, gen),
+                2 * nbytes,
+            ),
         }
         copy_gbps = None
         for name, (call, moved) in runs.items():
             t = statistics.median(time_calls(call, device, warmup=warmup, repeats=repeats))
             gbps = moved / t / 1e9
             copy_gbps = gbps if name == "d2d copy" else copy_gbps
-            rec.row("bandwidth", case=label, op=name, median_ms=1e3 * t, bytes_counted_MB=moved / 1e6, GBps=gbps,
-                    of_copy=gbps / copy_gbps)
-        del grads, src, dst
+            rec.row(
+                "bandwidth",
+                case=label,
+                op=name,
+                median_ms=1e3 * t,
+                bytes_counted_MB=moved / 1e6,
+                GBps=gbps,
+                of_copy=gbps / copy_gbps,
+            )
+        grads = src = dst = runs = None  # frees them (the closures in runs hold them too)
         _free(device)
     first = [r for r in rec.data["tables"]["bandwidth"] if r["op"] == "clip_accumulate_noise"][0]
     rec.summary(f"clip_accumulate_noise {first['GBps']:.0f} GB/s = {first['of_copy']:.2f} of a copy ({first['case']})")
@@ -512,9 +616,16 @@ def stage_training(args, rec: Recorder) -> None:
     depth, widen, side, batch = (10, 1, 8, 2) if quick else (16, 4, 32, 64)
     ks = (2,) if quick else (1, 4, 16)
     repeats = 2 if quick else 7
-    rec.info(model=f"WRN-{depth}-{widen} GroupNorm", image=f"3x{side}x{side}", batch=batch, ks=ks, variants=VARIANTS,
-             timing=f"CUDA events: median of up to {repeats} steps (about 3 s) after 2-3 untimed ones; peak memory of "
-                    "the second step", privfast_extension=__import__("privfast").has_extension())
+    rec.info(
+        model=f"WRN-{depth}-{widen} GroupNorm",
+        image=f"3x{side}x{side}",
+        batch=batch,
+        ks=ks,
+        variants=VARIANTS,
+        timing=f"CUDA events: median of up to {repeats} steps (about 3 s) after 2-3 untimed ones; peak memory of "
+        "the second step",
+        privfast_extension=__import__("privfast").has_extension(),
+    )
 
     def make_model():
         torch.manual_seed(0)
@@ -537,13 +648,31 @@ def stage_training(args, rec: Recorder) -> None:
                 seconds, _ = wall(step, device)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
                 # At most about 3 s of timed steps per variant (Opacus at K = 16 takes seconds a step).
-                t = time_calls(step, device, warmup=1 if seconds < 0.5 else 0,
-                               repeats=max(2, min(repeats, int(3.0 / max(seconds, 1e-6)))))
+                t = time_calls(
+                    step,
+                    device,
+                    warmup=1 if seconds < 0.5 else 0,
+                    repeats=max(2, min(repeats, int(3.0 / max(seconds, 1e-6)))),
+                )
                 times[variant] = statistics.median(t)
-                rec.row("training", K=k, variant=variant, median_ms=1e3 * times[variant], min_ms=1e3 * min(t),
-                        peak_MB=peak, x_nonprivate=times[variant] / times["non-private"] if "non-private" in times else None)
+                rec.row(
+                    "training",
+                    K=k,
+                    variant=variant,
+                    median_ms=1e3 * times[variant],
+                    min_ms=1e3 * min(t),
+                    peak_MB=peak,
+                    x_nonprivate=times[variant] / times["non-private"] if "non-private" in times else None,
+                )
             except Exception as error:  # an OOM or a failure in one variant must not hide the others
-                rec.row("training", K=k, variant=variant, median_ms=None, peak_MB=None, note=f"{type(error).__name__}: {error}"[:200])
+                rec.row(
+                    "training",
+                    K=k,
+                    variant=variant,
+                    median_ms=None,
+                    peak_MB=None,
+                    note=f"{type(error).__name__}: {error}"[:200],
+                )
                 if variant in CORE_VARIANTS or variant.startswith("privfast"):
                     rec.fail(f"K={k} {variant}: {type(error).__name__}: {str(error)[:200]}")
             finally:
@@ -554,8 +683,13 @@ def stage_training(args, rec: Recorder) -> None:
                 row["opacus_over_this"] = times["opacus"] / (row["median_ms"] / 1e3)
         rec.save()
     best = {r["K"]: r for r in rec.data["tables"]["training"] if r["variant"] == "privfast-auto" and r.get("median_ms")}
-    rec.summary("; ".join(f"K={k}: auto {r['median_ms']:.1f} ms, {r.get('x_nonprivate') or 0:.2f}x non-private, "
-                          f"Opacus/auto {r.get('opacus_over_this') or 0:.2f}" for k, r in best.items()))
+    rec.summary(
+        "; ".join(
+            f"K={k}: auto {r['median_ms']:.1f} ms, {r.get('x_nonprivate') or 0:.2f}x non-private, "
+            f"Opacus/auto {r.get('opacus_over_this') or 0:.2f}"
+            for k, r in best.items()
+        )
+    )
 
 
 def stage_attacks(args, rec: Recorder) -> None:
@@ -563,7 +697,7 @@ def stage_attacks(args, rec: Recorder) -> None:
 
     from privfast.attacks import per_example_gradients, reconstruct, train_classifier, train_shadow_models
     from privfast.data import load_digits, synthetic_cifar
-    from privfast.models import LeNet, ConvNet, ResNet20
+    from privfast.models import ConvNet, LeNet, ResNet20
     from privfast.search import privacy_score
 
     bench_ats = _import_bench("bench_ats")
@@ -583,29 +717,52 @@ def stage_attacks(args, rec: Recorder) -> None:
     t_batched, batched = wall(lambda: privacy_score(model, x, y, start=start, bins=bins), device)
     t_loop, looped = wall(lambda: bench_ats.loop_privacy_score(model, x, y, start, bins=bins), device)
     diff = float((batched - looped).abs().max())
-    rec.row("attacks", task=f"S_pri ResNet20, {images} images x {bins + 1} points", batched_s=t_batched,
-            one_at_a_time_s=t_loop, speedup=t_loop / t_batched, max_abs_diff=diff)
+    rec.row(
+        "attacks",
+        task=f"S_pri ResNet20, {images} images x {bins + 1} points",
+        batched_s=t_batched,
+        one_at_a_time_s=t_loop,
+        speedup=t_loop / t_batched,
+        max_abs_diff=diff,
+    )
     if diff > 1e-2:
         rec.fail(f"S_pri batched and one at a time differ by {diff}")
-    del model
+    model = None
     _free(device)
 
     # LiRA: 16 shadows (half the digits each) trained together vs one model, the same recipe.
     digits, _ = load_digits()
     pool_x, pool_y = digits.x.to(device), digits.y.to(device)
-    shadows, recipe = (2, dict(epochs=1, lr=1e-3, batch_size=32)) if quick else (16, dict(epochs=10, lr=1e-3, batch_size=64))
+    shadows, recipe = (
+        (2, dict(epochs=1, lr=1e-3, batch_size=32)) if quick else (16, dict(epochs=10, lr=1e-3, batch_size=64))
+    )
     if quick:
         pool_x, pool_y = pool_x[:64], pool_y[:64]
     make = lambda: ConvNet(in_channels=1, num_classes=10, width=16, image_size=8).to(device)  # noqa: E731
-    half = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(0))[:len(pool_y) // 2].to(device)
-    one = lambda: train_classifier(make(), pool_x[half], pool_y[half], generator=torch.Generator().manual_seed(1), **recipe)  # noqa: E731
-    together = lambda: train_shadow_models(make, pool_x, pool_y, n_shadows=shadows,  # noqa: E731
-                                           generator=torch.Generator().manual_seed(2), progress=False, **recipe)
+    half = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(0))[: len(pool_y) // 2].to(device)
+    one = lambda: train_classifier(
+        make(), pool_x[half], pool_y[half], generator=torch.Generator().manual_seed(1), **recipe
+    )  # noqa: E731
+    together = lambda: train_shadow_models(
+        make,
+        pool_x,
+        pool_y,
+        n_shadows=shadows,  # noqa: E731
+        generator=torch.Generator().manual_seed(2),
+        progress=False,
+        **recipe,
+    )
     one()  # warm-up
     t_one, _ = wall(one, device)
     t_together, _ = wall(together, device)
-    rec.row("attacks", task=f"LiRA {shadows} ConvNet shadows together vs 1 model ({recipe['epochs']} epochs)",
-            batched_s=t_together, one_at_a_time_s=t_one, speedup=None, together_over_one=t_together / t_one)
+    rec.row(
+        "attacks",
+        task=f"LiRA {shadows} ConvNet shadows together vs 1 model ({recipe['epochs']} epochs)",
+        batched_s=t_together,
+        one_at_a_time_s=t_one,
+        speedup=None,
+        together_over_one=t_together / t_one,
+    )
     _free(device)
 
     # Reconstruction: inverting-gradients (Adam + cosine) of T digits on LeNet, all at once vs one by one.
@@ -615,23 +772,50 @@ def stage_attacks(args, rec: Recorder) -> None:
     tx, ty = pool_x[:targets], pool_y[:targets]
     grads = per_example_gradients(lenet, tx, ty)
     start = torch.randn(tx.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    attack = lambda g, labels, s: reconstruct(lenet, g, labels, shape=(1, 8, 8), config="adam_cosine",  # noqa: E731
-                                              iterations=iterations, start=s, progress=False)
+    attack = lambda g, labels, s: reconstruct(
+        lenet,
+        g,
+        labels,
+        shape=(1, 8, 8),
+        config="adam_cosine",  # noqa: E731
+        iterations=iterations,
+        start=s,
+        progress=False,
+    )
     attack([g[:1] for g in grads], ty[:1], start[:1])  # warm-up
     t_all, together_result = wall(lambda: attack(grads, ty, start), device)
-    t_each, each_images = wall(lambda: torch.cat([attack([g[i:i + 1] for g in grads], ty[i:i + 1], start[i:i + 1]).images
-                                                  for i in range(targets)]), device)
+    t_each, each_images = wall(
+        lambda: torch.cat(
+            [attack([g[i : i + 1] for g in grads], ty[i : i + 1], start[i : i + 1]).images for i in range(targets)]
+        ),
+        device,
+    )
     diff = float((together_result.images - each_images).abs().max())
-    rec.row("attacks", task=f"reconstruction LeNet, {targets} images x {iterations} iterations", batched_s=t_all,
-            one_at_a_time_s=t_each, speedup=t_each / t_all, max_abs_diff=diff)
+    rec.row(
+        "attacks",
+        task=f"reconstruction LeNet, {targets} images x {iterations} iterations",
+        batched_s=t_all,
+        one_at_a_time_s=t_each,
+        speedup=t_each / t_all,
+        max_abs_diff=diff,
+    )
     rows = rec.data["tables"]["attacks"]
-    rec.summary(f"S_pri {rows[0]['speedup']:.1f}x; LiRA {shadows} together = {rows[1]['together_over_one']:.2f}x one; "
-                f"reconstruction {rows[2]['speedup']:.1f}x")
+    rec.summary(
+        f"S_pri {rows[0]['speedup']:.1f}x; LiRA {shadows} together = {rows[1]['together_over_one']:.2f}x one; "
+        f"reconstruction {rows[2]['speedup']:.1f}x"
+    )
 
 
-STAGE_FUNCTIONS = {"meta": stage_meta, "install": stage_install, "tests": stage_tests, "sanitizer": stage_sanitizer,
-                   "noise": stage_noise, "bandwidth": stage_bandwidth, "training": stage_training,
-                   "attacks": stage_attacks}
+STAGE_FUNCTIONS = {
+    "meta": stage_meta,
+    "install": stage_install,
+    "tests": stage_tests,
+    "sanitizer": stage_sanitizer,
+    "noise": stage_noise,
+    "bandwidth": stage_bandwidth,
+    "training": stage_training,
+    "attacks": stage_attacks,
+}
 
 
 def run_child(args) -> int:
@@ -661,16 +845,38 @@ def run_child(args) -> int:
 
 
 def _child_command(args, stage: str, result: str, limit: float, work: str) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--result", result, "--device", args.device,
-           "--wheels", args.wheels, "--arch", args.arch, "--limit", f"{limit:.0f}", "--work", work]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--stage",
+        stage,
+        "--result",
+        result,
+        "--device",
+        args.device,
+        "--wheels",
+        args.wheels,
+        "--arch",
+        args.arch,
+        "--limit",
+        f"{limit:.0f}",
+        "--work",
+        work,
+    ]
     return cmd + (["--quick"] if args.quick else [])
 
 
 def _start_stage(args, stage: str, limit: float, env: Optional[dict], work: str, log: Optional[str]) -> dict:
     result = os.path.join(work, f"{stage}.json")
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(_child_command(args, stage, result, limit, work), cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        _child_command(args, stage, result, limit, work),
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return dict(proc=proc, out=out, result=result, log=log, limit=limit, started=time.monotonic())
 
 
@@ -697,8 +903,9 @@ def _finish_stage(run: dict) -> dict:
     if data["status"] == "error" and not data.get("failures") and log:
         with open(log, errors="replace") as f:
             data["failures"] = [f.read()[-600:]]
-    data.update(seconds=round(time.monotonic() - run["started"], 1), limit_s=round(limit),
-                log=os.path.basename(log or ""))
+    data.update(
+        seconds=round(time.monotonic() - run["started"], 1), limit_s=round(limit), log=os.path.basename(log or "")
+    )
     return data
 
 
@@ -707,17 +914,27 @@ def _run_stage(args, stage: str, limit: float, env: Optional[dict], work: str, l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "build" / "gpu-check"),
-                        help="folder for the logs and results.json (default $OUT, else build/gpu-check)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(REPO / "build" / "gpu-check"),
+        help="folder for the logs and results.json (default $OUT, else build/gpu-check)",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; skips install and sanitizer")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--budget", type=float, default=470, help="seconds for all stages together (default 470)")
     parser.add_argument("--wheels", default=str(REPO / ".whl"), help="folder of carried wheels (default .whl)")
     parser.add_argument("--arch", default=ARCH, help=f"TORCH_CUDA_ARCH_LIST of the build (default {ARCH})")
-    parser.add_argument("--cap", action="append", default=[], metavar="STAGE=SECONDS",
-                        help="change a stage's time cap, e.g. --cap install=900 on a slow machine (repeatable)")
+    parser.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="STAGE=SECONDS",
+        help="change a stage's time cap, e.g. --cap install=900 on a slow machine (repeatable)",
+    )
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=float, default=60, help=argparse.SUPPRESS)
@@ -742,8 +959,13 @@ def main(argv=None) -> int:
             parser.error(f"--cap takes STAGE=SECONDS with a stage of {STAGES}, got {item!r}")
         limits[name] = (float(seconds), min(limits[name][1], float(seconds)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
-               "quick": args.quick, "budget_s": args.budget, "stages": {}}
+    results = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "device": args.device,
+        "quick": args.quick,
+        "budget_s": args.budget,
+        "stages": {},
+    }
     meta = None  # versions, GPU, toolkit: read beside the first stage after the install, in its own process
 
     def save():
@@ -756,15 +978,21 @@ def main(argv=None) -> int:
         if stage in DEVICE_ONLY and (args.quick or args.device == "cpu"):
             results["stages"][stage] = {"status": "skipped", "summary": "--quick / --device cpu", "seconds": 0}
             continue
-        later = sum(limits[s][1] for s in STAGES[i + 1:] if s in wanted
-                    and not (s in DEVICE_ONLY and (args.quick or args.device == "cpu")))
+        later = sum(
+            limits[s][1]
+            for s in STAGES[i + 1 :]
+            if s in wanted and not (s in DEVICE_ONLY and (args.quick or args.device == "cpu"))
+        )
         cap, floor = limits[stage]
         if args.quick and not any(item.startswith(stage + "=") for item in args.cap):
             cap = 120
         limit = min(cap, deadline - time.monotonic() - later)
         if limit < min(floor, 10):
-            results["stages"][stage] = {"status": "skipped", "summary": f"no time left in the {args.budget:.0f} s budget",
-                                        "seconds": 0}
+            results["stages"][stage] = {
+                "status": "skipped",
+                "summary": f"no time left in the {args.budget:.0f} s budget",
+                "seconds": 0,
+            }
             save()
             continue
         print(f"== {stage} (limit {limit:.0f} s)", flush=True)
@@ -787,13 +1015,26 @@ def main(argv=None) -> int:
     for stage, data in results["stages"].items():
         for name, rows in data.get("tables", {}).items():
             detail.append(f"### {name}\n\n{_md(rows)}\n")
-    summary = _md([{"stage": s, "status": d["status"], "seconds": d.get("seconds"), "limit_s": d.get("limit_s"),
-                    "summary": d.get("summary", "")} for s, d in results["stages"].items()])
+    summary = _md(
+        [
+            {
+                "stage": s,
+                "status": d["status"],
+                "seconds": d.get("seconds"),
+                "limit_s": d.get("limit_s"),
+                "summary": d.get("summary", ""),
+            }
+            for s, d in results["stages"].items()
+        ]
+    )
     results["markdown"] = "\n".join(detail) + "\n### summary\n\n" + summary + "\n"
     results["ok"] = all(d["status"] in ("ok", "skipped") for d in results["stages"].values())
     save()
     shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'ALL OK' if results['ok'] else 'SOME STAGES FAILED'}; results: {out / 'results.json'}; logs: {out}/<stage>.log\n")
+    print(
+        f"\n{'ALL OK' if results['ok'] else 'SOME STAGES FAILED'}; results: {out / 'results.json'}; logs: "
+        f"{out}/<stage>.log\n"
+    )
     print(results["markdown"], flush=True)
     return 0 if results["ok"] else 1
 

@@ -68,133 +68,152 @@ class Mutation:
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
-        "noise-over-K", "privfast/optim/optimizer.py",
+        "noise-over-K",
+        "privfast/optim/optimizer.py",
         "noise_std=self.noise_multiplier * self.max_grad_norm,",
         "noise_std=self.noise_multiplier * self.max_grad_norm / self.module.augmult,",
         "noise std sigma*C/K instead of sigma*C when K augmentations are averaged",
         (NOISE_STEPS,),
     ),
     Mutation(
-        "noise-over-batch-twice", "privfast/optim/optimizer.py",
+        "noise-over-batch-twice",
+        "privfast/optim/optimizer.py",
         "noise_std=self.noise_multiplier * self.max_grad_norm,",
         "noise_std=self.noise_multiplier * self.max_grad_norm / self.expected_batch_size,",
         "noise divided by the expected batch size on top of the 1/B scale of the update",
         (NOISE_STEPS,),
     ),
     Mutation(
-        "noise-scale-without-microbatch", "privfast/optim/optimizer.py",
+        "noise-scale-without-microbatch",
+        "privfast/optim/optimizer.py",
         "return self.module.microbatch_size / self.expected_batch_size",
         "return 1.0 / self.expected_batch_size",
         "update scaled by 1/B instead of m/B with microbatches of m: noise (and signal) m times too small",
         (NOISE_STEPS,),
     ),
     Mutation(
-        "expected-batch-in-rows", "privfast/privacy_engine.py",
+        "expected-batch-in-rows",
+        "privfast/privacy_engine.py",
         "expected_batch_size = int(len(data_loader.dataset) * sample_rate)",
         "expected_batch_size = int(len(data_loader.dataset) * sample_rate) * augmult",
         "expected batch size counted in rows (B*K): noise on the averaged gradient K times too small",
         (NOISE_STEPS,),
     ),
     Mutation(
-        "accountant-sigma-not-halved", "privfast/privacy_engine.py",
+        "accountant-sigma-not-halved",
+        "privfast/privacy_engine.py",
         "noise_multiplier=opt.accounting_noise_multiplier",
         "noise_multiplier=opt.noise_multiplier",
         "accountant told sigma instead of sigma/2 with microbatches (epsilon under-reported)",
         (NOISE,),
     ),
     Mutation(
-        "sensitivity-always-1", "privfast/optim/optimizer.py",
+        "sensitivity-always-1",
+        "privfast/optim/optimizer.py",
         "return 2 if self.module.microbatch_size > 1 else 1",
         "return 1",
         "microbatch sensitivity taken as C instead of 2C (epsilon under-reported)",
         (NOISE,),
     ),
     Mutation(
-        "sample-rate-over-K", "privfast/privacy_engine.py",
+        "sample-rate-over-K",
+        "privfast/privacy_engine.py",
         "sample_rate=sample_rate)",
         "sample_rate=sample_rate / augmult)",
         "accountant given the row sampling rate q/K (epsilon under-reported)",
         (NOISE,),
     ),
     Mutation(
-        "dp-sam-accounts-once", "privfast/optim/sam.py",
+        "dp-sam-accounts-once",
+        "privfast/optim/sam.py",
         "        self.pre_step()\n        self.original_optimizer.first_step()",
         "        self.clip_and_accumulate()\n        self.add_noise()\n        self.original_optimizer.first_step()",
         "DP-SAM's ascent release noised but not accounted: one accountant step per SAM step instead of two",
         (NOISE,),
     ),
     Mutation(
-        "dp-sam-one-release-planned", "privfast/optim/sam.py",
+        "dp-sam-one-release-planned",
+        "privfast/optim/sam.py",
         "releases_per_step = 2",
         "releases_per_step = 1",
         "make_private_with_epsilon plans DP-SAM as one release per step (sigma too small for the target)",
         (f"{NOISE}::test_make_private_with_epsilon_spends_the_target_after_the_planned_epochs",),
     ),
     Mutation(
-        "fold-ignores-K", "privfast/grad_sample/engine.py",
+        "fold-ignores-K",
+        "privfast/grad_sample/engine.py",
         "return self.augmult * self.microbatch_size",
         "return self.microbatch_size",
         "each augmented row clipped on its own: one example moves the sum by K*C",
         (CLIP_UNITS,),
     ),
     Mutation(
-        "augmentation-K-not-folded", "privfast/privacy_engine.py",
+        "augmentation-K-not-folded",
+        "privfast/privacy_engine.py",
         "augmult = augmentation.augmult",
         "augmult = 1",
         "make_private(augmentation=...) leaves the engine at K = 1: rows clipped separately",
         (CLIP_UNITS,),
     ),
     Mutation(
-        "clip-eps-dropped", "privfast/_torch_ops.py",
+        "clip-eps-dropped",
+        "privfast/_torch_ops.py",
         "return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)",
         "return (max_grad_norm / norms).clamp(max=1.0)",
         "clip factor C/n instead of C/(n + 1e-6) (ghost clipping and the pure-torch fallback)",
         (CLIP_UNITS, "tests/test_ops.py::test_fallback_matches_reference"),
     ),
     Mutation(
-        "lira-variance-as-std", "privfast/attacks/lira.py",
+        "lira-variance-as-std",
+        "privfast/attacks/lira.py",
         "return mu, var.sqrt().clamp_min(_MIN_STD)",
         "return mu, var.clamp_min(_MIN_STD)",
         "LiRA uses the fitted variance as the standard deviation",
         (LIRA_FORMULAS,),
     ),
     Mutation(
-        "lira-offline-over-variance", "privfast/attacks/lira.py",
+        "lira-offline-over-variance",
+        "privfast/attacks/lira.py",
         "torch.special.log_ndtr((target - mu_out) / sigma_out)",
         "torch.special.log_ndtr((target - mu_out) / sigma_out**2)",
         "offline LiRA standardizes by sigma^2 instead of sigma",
         (LIRA_FORMULAS,),
     ),
     Mutation(
-        "lira-fix-variance-ignored", "privfast/attacks/lira.py",
+        "lira-fix-variance-ignored",
+        "privfast/attacks/lira.py",
         "if fix_variance:",
         "if False:",
         "fix_variance=True still fits per-example variances",
         (LIRA_FORMULAS,),
     ),
     Mutation(
-        "lira-density-without-log-sigma", "privfast/attacks/lira.py",
+        "lira-density-without-log-sigma",
+        "privfast/attacks/lira.py",
         "return -0.5 * ((value - mu) / sigma) ** 2 - sigma.log()",
         "return -0.5 * ((value - mu) / sigma) ** 2",
         "online LiRA drops the -log(sigma) normalization of the Gaussian densities",
         (LIRA_FORMULAS,),
     ),
     Mutation(
-        "lira-offline-sign", "privfast/attacks/lira.py",
+        "lira-offline-sign",
+        "privfast/attacks/lira.py",
         "torch.special.log_ndtr((target - mu_out) / sigma_out)",
         "torch.special.log_ndtr((mu_out - target) / sigma_out)",
         "offline LiRA scores the upper tail: members rank last",
         (LIRA_FORMULAS, LIRA_DIRECTION),
     ),
     Mutation(
-        "cpu-noise-key-constant", "privfast/ops.py",
+        "cpu-noise-key-constant",
+        "privfast/ops.py",
         "words = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64).tolist()",
         "words = [12345, 0]",
         "a CPU generator hands out the same noise key every step: noise repeated across steps",
         (NOISE_STEPS,),
     ),
     Mutation(
-        "cuda-noise-offset-not-advanced", "privfast/ops.py",
+        "cuda-noise-offset-not-advanced",
+        "privfast/ops.py",
         "generator.set_offset(offset + 4 * math.ceil(counters / 4))",
         "pass",
         "a CUDA generator's offset never moves: noise repeated across steps (the default for a model on CUDA)",
@@ -217,7 +236,9 @@ def find_problems(root: Path = ROOT) -> list[str]:
             continue
         count = path.read_text().count(m.old)
         if count != 1:
-            problems.append(f"{m.name}: the old text occurs {count} times in {m.file} (must be exactly once): {m.old!r}")
+            problems.append(
+                f"{m.name}: the old text occurs {count} times in {m.file} (must be exactly once): {m.old!r}"
+            )
         if m.old == m.new:
             problems.append(f"{m.name}: new text equals old text")
     return problems
@@ -226,8 +247,13 @@ def find_problems(root: Path = ROOT) -> list[str]:
 def _copy_tree(root: Path, destination: Path) -> Path:
     """The working tree without git metadata, caches or build outputs (but with the compiled ``_C``)."""
     copy = destination / "repo"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", "*.pyc", ".pytest_cache", "build", "dist", "*.egg-info", ".benchmarks"))
+    shutil.copytree(
+        root,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", "*.pyc", ".pytest_cache", "build", "dist", "*.egg-info", ".benchmarks"
+        ),
+    )
     built = sorted(p.name for p in (root / "privfast").glob("_C*.so"))
     missing = [name for name in built if not (copy / "privfast" / name).is_file()]
     if missing:
@@ -247,8 +273,14 @@ def _environment(copy: Path) -> dict[str, str]:
 def _check_imports_from_copy(copy: Path, env: dict[str, str]) -> None:
     """Refuse to run if ``import privfast`` in the copy would load the source tree's package (an
     editable install found first would make every mutation 'survive')."""
-    out = subprocess.run([sys.executable, "-c", "import privfast; print(privfast.__file__)"], cwd=copy, env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import privfast; print(privfast.__file__)"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not Path(out).resolve().is_relative_to(copy.resolve()):
         raise RuntimeError(f"privfast imports from {out}, not from the copy {copy}")
 
@@ -256,8 +288,14 @@ def _check_imports_from_copy(copy: Path, env: dict[str, str]) -> None:
 def _pytest(copy: Path, env: dict[str, str], tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
     start = time.perf_counter()
     try:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                             cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         code, output = run.returncode, run.stdout + run.stderr
     except subprocess.TimeoutExpired as expired:
         code, output = -1, f"timed out after {timeout:.0f} s\n{expired.stdout or ''}"
@@ -339,9 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     for m, status, seconds in rows:
         print(f"{m.name:<{width}}  {status:<22} {seconds:>5.0f}s  {m.description}")
     bad = [m.name for m, status, _ in rows if status != "killed" and not status.startswith("skipped")]
-    print(f"\n{sum(s == 'killed' for _, s, _ in rows)} killed, {len(bad)} not killed"
-          + (f": {', '.join(bad)}" if bad else "")
-          + (f", {sum(s.startswith('skipped') for _, s, _ in rows)} skipped without CUDA" if not cuda else ""))
+    print(
+        f"\n{sum(s == 'killed' for _, s, _ in rows)} killed, {len(bad)} not killed"
+        + (f": {', '.join(bad)}" if bad else "")
+        + (f", {sum(s.startswith('skipped') for _, s, _ in rows)} skipped without CUDA" if not cuda else "")
+    )
     return 1 if bad else 0
 
 

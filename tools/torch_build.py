@@ -78,14 +78,21 @@ def cxx_standard(cpp_extension=None) -> tuple[str, str, bool]:
 
 
 def _has_cudart(home: str) -> bool:
-    return any(glob.glob(os.path.join(home, sub, "libcudart.so*"))
-               for sub in ("lib64", "lib", os.path.join("targets", "*", "lib")))
+    return any(
+        glob.glob(os.path.join(home, sub, "libcudart.so*"))
+        for sub in ("lib64", "lib", os.path.join("targets", "*", "lib"))
+    )
 
 
 def _nvcc_top(nvcc: str) -> Optional[str]:
     """The toolkit folder an ``nvcc`` (a wrapper script too) says it runs from: its ``TOP`` in a dry run."""
     try:
-        result = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     for line in (result.stdout + result.stderr).splitlines():
@@ -98,8 +105,9 @@ def _nvcc_top(nvcc: str) -> Optional[str]:
 def nvcc_release(home: str) -> Optional[str]:
     """``"13.0"`` from ``home/bin/nvcc --version``, or None."""
     try:
-        result = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+\.\d+)", result.stdout)
@@ -147,7 +155,9 @@ def main(argv: list[str]) -> int:
     if argv == ["std"]:
         print(std)
     else:
-        print(f"C++ standard: {std} ({how})\nCUDA toolkit: {home} ({found}), nvcc {nvcc_release(home) if home else None}")
+        print(
+            f"C++ standard: {std} ({how})\nCUDA toolkit: {home} ({found}), nvcc {nvcc_release(home) if home else None}"
+        )
     return 0
 
 

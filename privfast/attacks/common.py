@@ -27,8 +27,19 @@ from torch import Tensor, nn
 from privfast.data import Split
 from privfast.metrics import attack_summary, threshold_metrics
 
-__all__ = ["EVAL_BATCH", "AttackResult", "attack_result", "check_data", "check_pool", "eval_mode",
-           "example_losses", "labelled", "predict_logits", "query_views", "score_queries"]
+__all__ = [
+    "EVAL_BATCH",
+    "AttackResult",
+    "attack_result",
+    "check_data",
+    "check_pool",
+    "eval_mode",
+    "example_losses",
+    "labelled",
+    "predict_logits",
+    "query_views",
+    "score_queries",
+]
 
 EVAL_BATCH = 2048
 """Rows per forward pass when only predicting; inference memory is small."""
@@ -39,8 +50,10 @@ def check_data(x: Tensor, y: Tensor, name: str = "data") -> None:
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"{name}: x must be a float tensor [N, ...], got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
-        raise ValueError(f"{name}: y must be int64 labels [N={x.shape[0]}], got "
-                         f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+        raise ValueError(
+            f"{name}: y must be int64 labels [N={x.shape[0]}], got "
+            f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}"
+        )
 
 
 def labelled(data, name: str) -> Split:
@@ -87,20 +100,24 @@ def query_views(x: Tensor, mirror: bool) -> list[Tensor]:
     return [x, torch.flip(x, dims=[-1])] if mirror else [x]
 
 
-def score_queries(logits_fn: Callable[[Tensor], Tensor], queries: list[Tensor], y: Tensor,
-                  score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def score_queries(
+    logits_fn: Callable[[Tensor], Tensor], queries: list[Tensor], y: Tensor, score: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
     """``score(logits, labels)`` ``[..., N, Q]`` on the CPU, for ``logits_fn``'s logits ``[..., N, K]`` of each
     query."""
-    return torch.stack([score(logits, y.to(logits.device).expand(logits.shape[:-1]))
-                        for logits in map(logits_fn, queries)], dim=-1).cpu()
+    return torch.stack(
+        [score(logits, y.to(logits.device).expand(logits.shape[:-1])) for logits in map(logits_fn, queries)], dim=-1
+    ).cpu()
 
 
 def check_pool(in_mask: Tensor, x: Tensor, y: Tensor, is_member) -> Tensor:
     """Check a shadow-model attack's pool against the shadows' ``in_mask [S, N]``; returns bool ``is_member [N]``."""
     check_data(x, y, "pool")
     if in_mask.shape[1] != len(y):
-        raise ValueError(f"the shadows were trained on a pool of {in_mask.shape[1]} examples but x has "
-                         f"{len(y)}; pass the same pool, in the same order")
+        raise ValueError(
+            f"the shadows were trained on a pool of {in_mask.shape[1]} examples but x has "
+            f"{len(y)}; pass the same pool, in the same order"
+        )
     is_member = torch.as_tensor(is_member, dtype=torch.bool).cpu()
     if is_member.shape != y.shape or is_member.all() or not is_member.any():
         raise ValueError(f"is_member must be bool [N={len(y)}] with both members and non-members")
@@ -144,17 +161,24 @@ class AttackResult:
         return self.summary["best_advantage"]
 
 
-def attack_result(member_scores: Tensor, nonmember_scores: Tensor, *, member_threshold=None,
-                  nonmember_threshold=None, known: tuple[Tensor, ...] = (), info: Optional[dict] = None
-                  ) -> AttackResult:
+def attack_result(
+    member_scores: Tensor,
+    nonmember_scores: Tensor,
+    *,
+    member_threshold=None,
+    nonmember_threshold=None,
+    known: tuple[Tensor, ...] = (),
+    info: Optional[dict] = None,
+) -> AttackResult:
     """Score summary, plus the decision "score >= threshold" when a threshold is given (scalar or per example).
 
     ``known`` holds the indices of the members (and non-members) the attacker calibrated on; they
     get a decision too but are left out of its metrics, which would otherwise flatter the attack.
     """
     member_scores, nonmember_scores = member_scores.detach().cpu(), nonmember_scores.detach().cpu()
-    result = AttackResult(member_scores, nonmember_scores, attack_summary(member_scores, nonmember_scores),
-                          info=info or {})
+    result = AttackResult(
+        member_scores, nonmember_scores, attack_summary(member_scores, nonmember_scores), info=info or {}
+    )
     if member_threshold is not None:
         result.member_pred = member_scores >= member_threshold
         result.nonmember_pred = nonmember_scores >= nonmember_threshold

@@ -109,12 +109,15 @@ def _fit_skewnorm(values: Tensor) -> tuple[float, float, float]:
     except scipy.stats.FitError as error:
         raise ValueError(f"the skew-normal fit of the reference losses failed: {error}") from error
     if not all(map(math.isfinite, (shape, loc, scale))) or scale <= 0:
-        raise ValueError(f"the skew-normal fit of the reference losses failed: shape={shape}, loc={loc}, "
-                         f"scale={scale}")
+        raise ValueError(f"the skew-normal fit of the reference losses failed: shape={shape}, loc={loc}, scale={scale}")
     if abs(shape) > _COLLAPSED_SHAPE:
-        warnings.warn(f"the skew-normal fit of the reference losses collapsed to a half-normal (shape {shape:.3g}) "
-                      "whose edge is the most extreme reference: canaries near or beyond it get arbitrarily "
-                      "large (up to inf) exposures", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the skew-normal fit of the reference losses collapsed to a half-normal (shape {shape:.3g}) "
+            "whose edge is the most extreme reference: canaries near or beyond it get arbitrarily "
+            "large (up to inf) exposures",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     # Where at least _TAIL_CHECK_MIN_BELOW references lie below a point, their share is a sound
     # Pr[loss <= point]; an extrapolation that misses it there cannot be trusted further out.
     ordered = np.sort(sample)
@@ -124,10 +127,14 @@ def _fit_skewnorm(values: Tensor) -> tuple[float, float, float]:
         fitted = -scipy.stats.skewnorm.logcdf(ordered[below - 1], shape, loc, scale) / math.log(2)
         worst = np.argmax(np.abs(fitted - empirical))
         if abs(fitted[worst] - empirical[worst]) > _TAIL_CHECK_TOLERANCE_BITS:
-            warnings.warn(f"the skew-normal fit does not follow the reference losses' lower tail: at the "
-                          f"{below[worst]}-th smallest of {len(ordered)} references it gives {fitted[worst]:.2f} "
-                          f"bits where their rank gives {empirical[worst]:.2f}; extrapolated exposures are "
-                          "unreliable (compare the rank-based exposure)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"the skew-normal fit does not follow the reference losses' lower tail: at the "
+                f"{below[worst]}-th smallest of {len(ordered)} references it gives {fitted[worst]:.2f} "
+                f"bits where their rank gives {empirical[worst]:.2f}; extrapolated exposures are "
+                "unreliable (compare the rank-based exposure)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return shape, loc, scale
 
 
@@ -160,15 +167,23 @@ def exposure_extrapolated(canary_losses: Tensor, reference_losses: Tensor) -> Te
     if len(references) < 3 or not torch.isfinite(references).all():
         raise ValueError("a skew-normal fit needs at least 3 finite reference losses")
     if (canaries < 0).any() or (references <= 0).any():
-        raise ValueError("losses are -log p: canary losses must be >= 0 and reference losses > 0 (a reference "
-                         "of loss 0, probability 1 to float precision, has log-odds -inf)")
+        raise ValueError(
+            "losses are -log p: canary losses must be >= 0 and reference losses > 0 (a reference "
+            "of loss 0, probability 1 to float precision, has log-odds -inf)"
+        )
     shape, loc, scale = _fit_skewnorm(_log_odds(references))
     log_cdf = scipy.stats.skewnorm.logcdf(_log_odds(canaries).numpy(), shape, loc, scale)
     return torch.from_numpy(-log_cdf / math.log(2))
 
 
-def image_canaries(n: int, *, shape: Sequence[int], num_classes: int,
-                   generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Split:
+def image_canaries(
+    n: int,
+    *,
+    shape: Sequence[int],
+    num_classes: int,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Split:
     """``n`` random-pattern images (pixels uniform in [0, 1]) with uniformly random labels.
 
     Draw the canaries to insert and, from the same generator, the reference candidates to rank
@@ -200,8 +215,10 @@ def insert_canaries(data: Split, canaries: Split, *, repeats: int) -> Split:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if canaries.x.shape[1:] != data.x.shape[1:]:
         raise ValueError(f"canaries are {tuple(canaries.x.shape[1:])} but the data is {tuple(data.x.shape[1:])}")
-    return Split(torch.cat([data.x, canaries.x.repeat(repeats, *[1] * (canaries.x.dim() - 1)).to(data.x.dtype)]),
-                 torch.cat([data.y, canaries.y.repeat(repeats)]))
+    return Split(
+        torch.cat([data.x, canaries.x.repeat(repeats, *[1] * (canaries.x.dim() - 1)).to(data.x.dtype)]),
+        torch.cat([data.y, canaries.y.repeat(repeats)]),
+    )
 
 
 @dataclass
@@ -252,8 +269,13 @@ class TokenCanary:
         return torch.cat([self.prefix.expand(len(secrets), -1), secrets], 1)
 
 
-def token_canary(prefix: Union[Sequence[int], Tensor], *, slots: int, alphabet: Union[Sequence[int], Tensor],
-                 generator: Optional[torch.Generator] = None) -> TokenCanary:
+def token_canary(
+    prefix: Union[Sequence[int], Tensor],
+    *,
+    slots: int,
+    alphabet: Union[Sequence[int], Tensor],
+    generator: Optional[torch.Generator] = None,
+) -> TokenCanary:
     """A Secret Sharer canary: ``prefix`` followed by ``slots`` tokens drawn uniformly from ``alphabet``.
 
     Example: ``token_canary(encode("my number is"), slots=6, alphabet=encode("0123456789"))``.
@@ -261,8 +283,10 @@ def token_canary(prefix: Union[Sequence[int], Tensor], *, slots: int, alphabet: 
     prefix = torch.as_tensor(prefix, dtype=torch.int64).flatten()
     alphabet = torch.as_tensor(alphabet, dtype=torch.int64).flatten()
     if slots < 1 or len(alphabet) < 2 or len(alphabet.unique()) != len(alphabet):
-        raise ValueError(f"need slots >= 1 and an alphabet of >= 2 distinct tokens, got slots={slots}, "
-                         f"alphabet of {len(alphabet)} ({len(alphabet.unique())} distinct)")
+        raise ValueError(
+            f"need slots >= 1 and an alphabet of >= 2 distinct tokens, got slots={slots}, "
+            f"alphabet of {len(alphabet)} ({len(alphabet.unique())} distinct)"
+        )
     secret = alphabet[torch.randint(0, len(alphabet), (slots,), generator=generator)]
     return TokenCanary(prefix, secret, alphabet)
 
@@ -280,8 +304,9 @@ def log_perplexity(logits: Tensor, tokens: Tensor, *, start: int = 0) -> Tensor:
         ``[N]``, to be used as the losses of :func:`exposure`.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [N, L, V] and tokens [N, L]; got {tuple(logits.shape)} and "
-                         f"{tuple(tokens.shape)}")
+        raise ValueError(
+            f"logits must be [N, L, V] and tokens [N, L]; got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
     if not 0 <= start < tokens.shape[1]:
         raise ValueError(f"start must be in [0, {tokens.shape[1]}), got {start}")
     nll = F.cross_entropy(logits[:, start:].transpose(1, 2), tokens[:, start:], reduction="none")
@@ -314,7 +339,7 @@ class _Stepper:
             logits, state = self.model.step(ids, state)
         else:
             state = ids if state is None else torch.cat([state, ids], 1)
-            logits = self.model(state)[:, -ids.shape[1]:]
+            logits = self.model(state)[:, -ids.shape[1] :]
         return logits.float().log_softmax(-1), state
 
     def select(self, state, index: Tensor):
@@ -330,21 +355,30 @@ class _Stepper:
 
 def _check_canary(canary: TokenCanary, vocab_size: Optional[int] = None) -> None:
     if len(canary.prefix) < 1:
-        raise ValueError("the canary needs a prefix of at least one token: the context its first slot is "
-                         "predicted from")
+        raise ValueError(
+            "the canary needs a prefix of at least one token: the context its first slot is predicted from"
+        )
     if vocab_size is not None:
         tokens = torch.cat([canary.prefix, canary.alphabet])
         if tokens.min() < 0 or tokens.max() >= vocab_size:
-            raise ValueError(f"the canary's tokens must be ids in [0, {vocab_size}), got ids from {int(tokens.min())} "
-                             f"to {int(tokens.max())}")
+            raise ValueError(
+                f"the canary's tokens must be ids in [0, {vocab_size}), got ids from {int(tokens.min())} "
+                f"to {int(tokens.max())}"
+            )
 
 
 def _vocab_size(model: torch.nn.Module) -> Optional[int]:
     return getattr(model, "vocab_size", None)
 
 
-def enumerate_log_perplexities(model: torch.nn.Module, canary: TokenCanary, *, chunk_size: int = 8192,
-                               limit: int = ENUMERATION_LIMIT, progress: bool = False) -> Tensor:
+def enumerate_log_perplexities(
+    model: torch.nn.Module,
+    canary: TokenCanary,
+    *,
+    chunk_size: int = 8192,
+    limit: int = ENUMERATION_LIMIT,
+    progress: bool = False,
+) -> Tensor:
     """The log-perplexity of the slots of every candidate ``prefix + s`` for all ``s`` in ``alphabet^slots``.
 
     Candidates share their prefixes, so they are scored as a tree: one model step per node of
@@ -375,8 +409,10 @@ def enumerate_log_perplexities(model: torch.nn.Module, canary: TokenCanary, *, c
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if canary.space_size > limit:
-        raise ValueError(f"the canary has {canary.space_size} candidates, more than limit={limit}: use "
-                         "exposure_extrapolated on a sample (score_candidates)")
+        raise ValueError(
+            f"the canary has {canary.space_size} candidates, more than limit={limit}: use "
+            "exposure_extrapolated on a sample (score_candidates)"
+        )
     stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
     size, slots = len(alphabet), len(canary.secret)
     nodes = sum(size**d for d in range(1, slots))
@@ -421,8 +457,9 @@ def candidate_index(canary: TokenCanary, slots: Optional[Tensor] = None) -> Tens
     return (digits * place).sum(-1)
 
 
-def score_candidates(model: torch.nn.Module, canary: TokenCanary, slots: Tensor, *, batch_size: int = 4096,
-                     progress: bool = False) -> Tensor:
+def score_candidates(
+    model: torch.nn.Module, canary: TokenCanary, slots: Tensor, *, batch_size: int = 4096, progress: bool = False
+) -> Tensor:
     """Log-perplexities of the slots of given candidates ``prefix + slots[i]`` (for spaces too large to enumerate).
 
     Args:
@@ -446,7 +483,7 @@ def score_candidates(model: torch.nn.Module, canary: TokenCanary, slots: Tensor,
         log_probs, state = stepper.run(canary.prefix[None], None)
         first = -log_probs[0, -1].double().cpu()  # [V], the first slot's cost
         for start in tqdm(range(0, len(slots), batch_size), desc="candidates", disable=not progress, leave=False):
-            rows = slots[start:start + batch_size]
+            rows = slots[start : start + batch_size]
             cost = first[rows[:, 0]]
             if rows.shape[1] > 1:
                 start = stepper.select(state, torch.zeros(len(rows), dtype=torch.int64))
@@ -482,8 +519,15 @@ class Extraction:
         return self.secret_rank == 1
 
 
-def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int = 1000,
-            max_expansions: int = 20000, batch_size: int = 512, progress: bool = False) -> Extraction:
+def extract(
+    model: torch.nn.Module,
+    canary: TokenCanary,
+    *,
+    max_candidates: int = 1000,
+    max_expansions: int = 20000,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> Extraction:
     """The Secret Sharer's extraction attack: the most likely slot fillings, in order, by shortest-path search.
 
     The candidates form a tree of depth ``slots`` whose edges cost ``-log Pr(slot | prefix, earlier
@@ -515,15 +559,19 @@ def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int 
 
     _check_canary(canary, _vocab_size(model))
     if min(max_candidates, max_expansions, batch_size) < 1:
-        raise ValueError(f"max_candidates, max_expansions and batch_size must be >= 1, got {max_candidates}, "
-                         f"{max_expansions}, {batch_size}")
+        raise ValueError(
+            f"max_candidates, max_expansions and batch_size must be >= 1, got {max_candidates}, "
+            f"{max_expansions}, {batch_size}"
+        )
     stepper, alphabet = _Stepper(model), canary.alphabet.to(torch.int64)
     slots = len(canary.secret)
     order = itertools.count()  # breaks cost ties by insertion, never comparing the tuples
     found: list[tuple[float, tuple]] = []
     expansions = 0
-    with eval_mode(model), tqdm(total=max_expansions, desc="extraction", unit="node", disable=not progress,
-                               leave=False) as bar:
+    with (
+        eval_mode(model),
+        tqdm(total=max_expansions, desc="extraction", unit="node", disable=not progress, leave=False) as bar,
+    ):
         log_probs, state = stepper.run(canary.prefix[None], None)
         bank = [state]  # states of the nodes run so far, one entry per model call; a node points at (entry, row)
         root = (-log_probs[0, -1, alphabet.to(log_probs.device)].double().cpu()).tolist()
@@ -549,8 +597,12 @@ def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int 
                 for node in group:
                     parents[node[3][0]].append(node)
                 group = [node for nodes in parents.values() for node in nodes]
-                start = stepper.cat([stepper.select(bank[entry], torch.tensor([node[3][1] for node in nodes]))
-                                     for entry, nodes in parents.items()])
+                start = stepper.cat(
+                    [
+                        stepper.select(bank[entry], torch.tensor([node[3][1] for node in nodes]))
+                        for entry, nodes in parents.items()
+                    ]
+                )
                 tokens = alphabet[torch.tensor([node[2][-1] for node in group])]
                 log_probs, state = stepper.run(tokens[:, None], start)
                 bank.append(state)
@@ -563,5 +615,10 @@ def extract(model: torch.nn.Module, canary: TokenCanary, *, max_candidates: int 
     candidates = alphabet[torch.tensor([path for _, path in found], dtype=torch.int64).reshape(-1, slots)]
     costs = torch.tensor([cost for cost, _ in found], dtype=torch.float64)
     hits = (candidates == canary.secret).all(1).nonzero()
-    return Extraction(candidates, costs, int(hits[0]) + 1 if len(hits) else None, expansions,
-                      len(found) < max_candidates and expansions >= max_expansions)
+    return Extraction(
+        candidates,
+        costs,
+        int(hits[0]) + 1 if len(hits) else None,
+        expansions,
+        len(found) < max_candidates and expansions >= max_expansions,
+    )

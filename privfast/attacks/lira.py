@@ -20,8 +20,15 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, check_pool, predict_logits,
-                                     query_views, score_queries)
+from privfast.attacks.common import (
+    EVAL_BATCH,
+    AttackResult,
+    attack_result,
+    check_pool,
+    predict_logits,
+    query_views,
+    score_queries,
+)
 from privfast.attacks.training import ShadowModels
 
 __all__ = ["lira", "logit_confidence"]
@@ -97,10 +104,12 @@ def lira(
     """
     is_member = check_pool(shadows.in_mask, x, y, is_member)
     queries = query_views(x, mirror)
-    target = score_queries(partial(predict_logits, model, batch_size=batch_size), queries, y,
-                           logit_confidence)  # [N, Q]
-    shadow_phi = score_queries(partial(shadows.logits, batch_size=batch_size), queries, y,
-                               logit_confidence)  # [S, N, Q]
+    target = score_queries(
+        partial(predict_logits, model, batch_size=batch_size), queries, y, logit_confidence
+    )  # [N, Q]
+    shadow_phi = score_queries(
+        partial(shadows.logits, batch_size=batch_size), queries, y, logit_confidence
+    )  # [S, N, Q]
     in_mask = shadows.in_mask.cpu()
     mu_out, sigma_out = _fit(shadow_phi, ~in_mask, fix_variance)
     if online:

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from privfast import ops
-from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, example_losses, labelled,
-                                     predict_logits)
+from privfast.attacks.common import EVAL_BATCH, AttackResult, attack_result, example_losses, labelled, predict_logits
 from privfast.augment.mechanisms import Mechanism
 from privfast.data import Split
 from privfast.metrics import attack_summary
@@ -40,8 +39,10 @@ __all__ = [
 def _known(n: int, n_known: int, name: str, generator: Optional[torch.Generator]) -> Tensor:
     """Indices of the ``n_known`` examples of a set of ``n`` that the attacker knows (at least one stays unknown)."""
     if not 1 <= n_known < n:
-        raise ValueError(f"n_known must be in [1, {n - 1}]: the attacker knows some of the {n} {name} and "
-                         f"the rest are attacked; got {n_known}")
+        raise ValueError(
+            f"n_known must be in [1, {n - 1}]: the attacker knows some of the {n} {name} and "
+            f"the rest are attacked; got {n_known}"
+        )
     return torch.randperm(n, generator=generator)[:n_known]
 
 
@@ -51,12 +52,21 @@ def _best_threshold(member_scores: Tensor, nonmember_scores: Tensor) -> float:
 
 
 def _losses(model: nn.Module, members: Split, nonmembers: Split, batch_size: int) -> tuple[Tensor, Tensor]:
-    return (example_losses(model, *labelled(members, "members"), batch_size=batch_size).cpu(),
-            example_losses(model, *labelled(nonmembers, "nonmembers"), batch_size=batch_size).cpu())
+    return (
+        example_losses(model, *labelled(members, "members"), batch_size=batch_size).cpu(),
+        example_losses(model, *labelled(nonmembers, "nonmembers"), batch_size=batch_size).cpu(),
+    )
 
 
-def yeom(model: nn.Module, members: Split, nonmembers: Split, *, n_known: int = 100,
-         generator: Optional[torch.Generator] = None, batch_size: int = EVAL_BATCH) -> AttackResult:
+def yeom(
+    model: nn.Module,
+    members: Split,
+    nonmembers: Split,
+    *,
+    n_known: int = 100,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = EVAL_BATCH,
+) -> AttackResult:
     """Yeom et al.'s threshold attack: member iff loss <= the mean loss of ``n_known`` known members.
 
     Args:
@@ -73,25 +83,44 @@ def yeom(model: nn.Module, members: Split, nonmembers: Split, *, n_known: int = 
     member_losses, nonmember_losses = _losses(model, members, nonmembers, batch_size)
     known = _known(len(member_losses), n_known, "members", generator)
     threshold = member_losses[known].mean()
-    return attack_result(-member_losses, -nonmember_losses, member_threshold=-threshold,
-                         nonmember_threshold=-threshold, known=(known,), info={"threshold": float(threshold)})
+    return attack_result(
+        -member_losses,
+        -nonmember_losses,
+        member_threshold=-threshold,
+        nonmember_threshold=-threshold,
+        known=(known,),
+        info={"threshold": float(threshold)},
+    )
 
 
-def _known_pair(n_members: int, n_nonmembers: int, n_known: int, generator: Optional[torch.Generator]
-                ) -> tuple[Tensor, Tensor]:
-    return (_known(n_members, n_known, "members", generator),
-            _known(n_nonmembers, n_known, "nonmembers", generator))
+def _known_pair(
+    n_members: int, n_nonmembers: int, n_known: int, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    return (_known(n_members, n_known, "members", generator), _known(n_nonmembers, n_known, "nonmembers", generator))
 
 
-def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor, known_n: Tensor, *,
-                member_labels: Optional[Tensor] = None, nonmember_labels: Optional[Tensor] = None,
-                info: Optional[dict] = None) -> AttackResult:
+def _calibrated(
+    member_scores: Tensor,
+    nonmember_scores: Tensor,
+    known_m: Tensor,
+    known_n: Tensor,
+    *,
+    member_labels: Optional[Tensor] = None,
+    nonmember_labels: Optional[Tensor] = None,
+    info: Optional[dict] = None,
+) -> AttackResult:
     """Threshold on scores with the best accuracy on the known members and non-members; per class with labels."""
     overall = _best_threshold(member_scores[known_m], nonmember_scores[known_n])
     info = {**(info or {}), "threshold": overall}
     if member_labels is None:
-        return attack_result(member_scores, nonmember_scores, member_threshold=overall,
-                             nonmember_threshold=overall, known=(known_m, known_n), info=info)
+        return attack_result(
+            member_scores,
+            nonmember_scores,
+            member_threshold=overall,
+            nonmember_threshold=overall,
+            known=(known_m, known_n),
+            info=info,
+        )
     num_classes = int(max(member_labels.max(), nonmember_labels.max())) + 1
     per_class = torch.full((num_classes,), overall, dtype=torch.float64)
     for c in range(num_classes):  # a loop over classes, each a vectorized threshold search
@@ -99,15 +128,26 @@ def _calibrated(member_scores: Tensor, nonmember_scores: Tensor, known_m: Tensor
         if len(in_m) and len(in_n):  # a class the attacker has no examples of keeps the overall threshold
             per_class[c] = _best_threshold(member_scores[in_m], nonmember_scores[in_n])
     info["class_thresholds"] = per_class
-    return attack_result(member_scores, nonmember_scores,
-                         member_threshold=per_class[member_labels].to(member_scores.dtype),
-                         nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype),
-                         known=(known_m, known_n), info=info)
+    return attack_result(
+        member_scores,
+        nonmember_scores,
+        member_threshold=per_class[member_labels].to(member_scores.dtype),
+        nonmember_threshold=per_class[nonmember_labels].to(nonmember_scores.dtype),
+        known=(known_m, known_n),
+        info=info,
+    )
 
 
-def calibrated_threshold(model: nn.Module, members: Split, nonmembers: Split, *, n_known: int = 100,
-                         per_class: bool = False, generator: Optional[torch.Generator] = None,
-                         batch_size: int = EVAL_BATCH) -> AttackResult:
+def calibrated_threshold(
+    model: nn.Module,
+    members: Split,
+    nonmembers: Split,
+    *,
+    n_known: int = 100,
+    per_class: bool = False,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = EVAL_BATCH,
+) -> AttackResult:
     """The "powerful" attack of Kaya & Dumitraş: the loss threshold most accurate on N known members and N non-members.
 
     The search is exact: every threshold between the 2N known losses is tried (the reference sweeps
@@ -142,8 +182,18 @@ def _top3_posteriors(model: nn.Module, x: Tensor, batch_size: int) -> np.ndarray
     return probs.topk(3, dim=1).values.double().cpu().numpy()
 
 
-def salem_nn(model: nn.Module, members: Split, nonmembers: Split, *, shadow_model: nn.Module, shadow_members: Split,
-             shadow_nonmembers: Split, hidden: int = 64, seed: int = 0, batch_size: int = EVAL_BATCH) -> AttackResult:
+def salem_nn(
+    model: nn.Module,
+    members: Split,
+    nonmembers: Split,
+    *,
+    shadow_model: nn.Module,
+    shadow_members: Split,
+    shadow_nonmembers: Split,
+    hidden: int = 64,
+    seed: int = 0,
+    batch_size: int = EVAL_BATCH,
+) -> AttackResult:
     """Salem et al.'s attack: an MLP on the sorted top-3 posteriors, trained on one shadow model.
 
     The shadow model is trained by the attacker, with the target's recipe, on ``shadow_members``
@@ -167,9 +217,15 @@ def salem_nn(model: nn.Module, members: Split, nonmembers: Split, *, shadow_mode
     """
     from sklearn.neural_network import MLPClassifier
 
-    features = [_top3_posteriors(net, labelled(data, name)[0], batch_size) for net, data, name in (
-        (shadow_model, shadow_members, "shadow_members"), (shadow_model, shadow_nonmembers, "shadow_nonmembers"),
-        (model, members, "members"), (model, nonmembers, "nonmembers"))]
+    features = [
+        _top3_posteriors(net, labelled(data, name)[0], batch_size)
+        for net, data, name in (
+            (shadow_model, shadow_members, "shadow_members"),
+            (shadow_model, shadow_nonmembers, "shadow_nonmembers"),
+            (model, members, "members"),
+            (model, nonmembers, "nonmembers"),
+        )
+    ]
     # Equal numbers of shadow members and non-members, so that the attack model learns no prior.
     rng = np.random.default_rng(seed)
     size = min(len(features[0]), len(features[1]))
@@ -177,8 +233,9 @@ def salem_nn(model: nn.Module, members: Split, nonmembers: Split, *, shadow_mode
     labels = np.concatenate([np.ones(size), np.zeros(size)])
     attack = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=1000, random_state=seed).fit(train, labels)
     member_scores, nonmember_scores = (torch.from_numpy(attack.predict_proba(f)[:, 1]) for f in features[2:])
-    return attack_result(member_scores, nonmember_scores, member_threshold=0.5, nonmember_threshold=0.5,
-                         info={"attack_model": attack})
+    return attack_result(
+        member_scores, nonmember_scores, member_threshold=0.5, nonmember_threshold=0.5, info={"attack_model": attack}
+    )
 
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -191,8 +248,9 @@ REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 """Statistics of an example's losses under augmentation draws ``[N, draws] -> [N]``; low means "member"."""
 
 
-def _augmented_losses(model: nn.Module, x: Tensor, y: Tensor, draws: int, augment, generator, batch_size: int
-                      ) -> Tensor:
+def _augmented_losses(
+    model: nn.Module, x: Tensor, y: Tensor, draws: int, augment, generator, batch_size: int
+) -> Tensor:
     """Losses ``[N, draws]`` of each example under ``draws`` independent augmentations."""
     repeated_x, repeated_y = x.repeat_interleave(draws, 0), y.repeat_interleave(draws, 0)
     if isinstance(augment, Mechanism):
@@ -209,9 +267,17 @@ def _crop_and_flip(x: Tensor, *, generator: Optional[torch.Generator]) -> Tensor
     return ops.augment_batch(x, 1, crop_padding=min(4, min(x.shape[-2:]) - 1), flip=True, generator=generator)
 
 
-def augmentation_aware(model: nn.Module, members: Split, nonmembers: Split, *, draws: int = 20,
-                       augment: Union[Mechanism, Callable[..., Tensor]] = _crop_and_flip, n_known: int = 100,
-                       generator: Optional[torch.Generator] = None, batch_size: int = EVAL_BATCH) -> AttackResult:
+def augmentation_aware(
+    model: nn.Module,
+    members: Split,
+    nonmembers: Split,
+    *,
+    draws: int = 20,
+    augment: Union[Mechanism, Callable[..., Tensor]] = _crop_and_flip,
+    n_known: int = 100,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = EVAL_BATCH,
+) -> AttackResult:
     """The augmentation-aware attack: losses under ``draws`` augmentations, reduced by the best statistic.
 
     Each reduction of :data:`REDUCTIONS` (mean, median, min, max, std) of an example's losses is a
@@ -237,11 +303,18 @@ def augmentation_aware(model: nn.Module, members: Split, nonmembers: Split, *, d
         raise ValueError(f"draws must be >= 1, got {draws}")
     member_losses, nonmember_losses = (
         _augmented_losses(model, *labelled(data, name), draws, augment, generator, batch_size)
-        for data, name in ((members, "members"), (nonmembers, "nonmembers")))
+        for data, name in ((members, "members"), (nonmembers, "nonmembers"))
+    )
     known_m, known_n = _known_pair(len(member_losses), len(nonmember_losses), n_known, generator)
     known_advantage = {
         name: attack_summary(-reduce(member_losses[known_m]), -reduce(nonmember_losses[known_n]))["best_advantage"]
-        for name, reduce in REDUCTIONS.items()}
+        for name, reduce in REDUCTIONS.items()
+    }
     best = max(known_advantage, key=known_advantage.get)
-    return _calibrated(-REDUCTIONS[best](member_losses), -REDUCTIONS[best](nonmember_losses), known_m, known_n,
-                       info={"reduction": best, "known_advantage": known_advantage})
+    return _calibrated(
+        -REDUCTIONS[best](member_losses),
+        -REDUCTIONS[best](nonmember_losses),
+        known_m,
+        known_n,
+        info={"reduction": best, "known_advantage": known_advantage},
+    )

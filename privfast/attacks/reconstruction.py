@@ -93,7 +93,7 @@ def per_example_gradients(
     step = chunk_size or max(x.shape[0], 1)
     if x.shape[0] <= step:
         return list(per_example(params, x, y).values())
-    chunks = [per_example(params, x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
+    chunks = [per_example(params, x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step)]
     return [torch.cat([c[name] for c in chunks]) for name in params]
 
 
@@ -163,8 +163,9 @@ def total_variation(x: Tensor) -> Tensor:
 
 def _check_pair(x: Tensor, reference: Tensor) -> None:
     if x.shape != reference.shape or x.dim() != 4:
-        raise ValueError(f"expected two image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and "
-                         f"{tuple(reference.shape)}")
+        raise ValueError(
+            f"expected two image batches [N, C, H, W] of one shape, got {tuple(x.shape)} and {tuple(reference.shape)}"
+        )
 
 
 def psnr(x: Tensor, reference: Tensor, *, data_range: float = 1.0) -> Tensor:
@@ -179,7 +180,7 @@ def psnr(x: Tensor, reference: Tensor, *, data_range: float = 1.0) -> Tensor:
     """
     _check_pair(x, reference)
     mse = (x - reference).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
+    return 10 * torch.log10(data_range**2 / mse)
 
 
 def ssim(x: Tensor, reference: Tensor, *, data_range: float = 1.0, window: int = 7, sigma: float = 1.5) -> Tensor:
@@ -201,7 +202,7 @@ def ssim(x: Tensor, reference: Tensor, *, data_range: float = 1.0, window: int =
     size = min(window, x.shape[2], x.shape[3])
     size -= 1 - size % 2
     coords = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    g = torch.exp(-coords.pow(2) / (2 * sigma ** 2))
+    g = torch.exp(-coords.pow(2) / (2 * sigma**2))
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, size, size)
 
@@ -209,11 +210,11 @@ def ssim(x: Tensor, reference: Tensor, *, data_range: float = 1.0, window: int =
         return F.conv2d(t, kernel, groups=x.shape[1])
 
     mu_x, mu_r = blur(x), blur(reference)
-    var_x = blur(x * x) - mu_x ** 2
-    var_r = blur(reference * reference) - mu_r ** 2
+    var_x = blur(x * x) - mu_x**2
+    var_r = blur(reference * reference) - mu_r**2
     cov = blur(x * reference) - mu_x * mu_r
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    index = ((2 * mu_x * mu_r + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_r ** 2 + c1) * (var_x + var_r + c2))
+    index = ((2 * mu_x * mu_r + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_r**2 + c1) * (var_x + var_r + c2))
     return index.flatten(1).mean(1)
 
 
@@ -265,8 +266,9 @@ class AttackConfig:
 
 PRESETS: dict[str, AttackConfig] = {
     # The six attacks ATS evaluates ("optimizer+distance"), as inversefed configures them.
-    "lbfgs_l2": AttackConfig(cost="l2", optimizer="lbfgs", lr=1.0, iterations=300, signed=False, tv=0.0,
-                             lr_decay=False),
+    "lbfgs_l2": AttackConfig(
+        cost="l2", optimizer="lbfgs", lr=1.0, iterations=300, signed=False, tv=0.0, lr_decay=False
+    ),
     "adam_cosine": AttackConfig(),
     "lbfgs_cosine": AttackConfig(optimizer="lbfgs", lr=1.0, iterations=300, signed=False, lr_decay=False),
     "adam_l1": AttackConfig(cost="l1"),
@@ -359,8 +361,9 @@ def reconstruct(
         raise ValueError(f"target_grads has {len(target_grads)} tensors but the model has {len(params)} trainable ones")
     for t, (name, p) in zip(target_grads, params.items()):
         if t.shape[1:] != p.shape or t.shape[0] != n_targets:
-            raise ValueError(f"target gradient for {name} is {tuple(t.shape)}; expected "
-                             f"[T={n_targets}, *{tuple(p.shape)}]")
+            raise ValueError(
+                f"target gradient for {name} is {tuple(t.shape)}; expected [T={n_targets}, *{tuple(p.shape)}]"
+            )
     if labels is None:
         labels = recover_labels(model, target_grads)
     if labels.shape != (n_targets,):
@@ -397,8 +400,9 @@ def reconstruct(
         optimizer = torch.optim.LBFGS([x], lr=config.lr, line_search_fn="strong_wolfe")
     milestones = [int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if config.lr_decay else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    for _ in tqdm(range(config.iterations), desc=f"reconstruct {n_targets} x {config.restarts}",
-                  disable=not progress, leave=False):
+    for _ in tqdm(
+        range(config.iterations), desc=f"reconstruct {n_targets} x {config.restarts}", disable=not progress, leave=False
+    ):
         optimizer.step(closure)
         scheduler.step()
         if config.boxed:

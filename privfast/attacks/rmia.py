@@ -30,8 +30,16 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-from privfast.attacks.common import (EVAL_BATCH, AttackResult, attack_result, check_data, check_pool,
-                                     predict_logits, query_views, score_queries)
+from privfast.attacks.common import (
+    EVAL_BATCH,
+    AttackResult,
+    attack_result,
+    check_data,
+    check_pool,
+    predict_logits,
+    query_views,
+    score_queries,
+)
 from privfast.attacks.training import ShadowModels
 
 __all__ = ["A_GRID", "reference_probability", "rmia", "rmia_scores", "true_class_log_probability", "tune_offline_a"]
@@ -49,8 +57,9 @@ def true_class_log_probability(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.double().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
 
 
-def reference_probability(reference: Tensor, in_mask: Optional[Tensor], *, online: bool,
-                          offline_a: Optional[float]) -> Tensor:
+def reference_probability(
+    reference: Tensor, in_mask: Optional[Tensor], *, online: bool, offline_a: Optional[float]
+) -> Tensor:
     """``p(x)``, the reference models' probability of each example, as RMIA estimates it.
 
     Args:
@@ -80,9 +89,18 @@ def reference_probability(reference: Tensor, in_mask: Optional[Tensor], *, onlin
     return ((1 + offline_a) * mean_out + (1 - offline_a)) / 2
 
 
-def rmia_scores(target: Tensor, reference: Tensor, in_mask: Optional[Tensor], population_target: Tensor,
-                population_reference: Tensor, population_in_mask: Optional[Tensor], *, online: bool,
-                offline_a: Optional[float] = None, gamma: float = 1.0) -> Tensor:
+def rmia_scores(
+    target: Tensor,
+    reference: Tensor,
+    in_mask: Optional[Tensor],
+    population_target: Tensor,
+    population_reference: Tensor,
+    population_in_mask: Optional[Tensor],
+    *,
+    online: bool,
+    offline_a: Optional[float] = None,
+    gamma: float = 1.0,
+) -> Tensor:
     """RMIA's score of every example: the fraction of population points z with ``LR(x, z) >= gamma``.
 
     ``LR(x, z) = [p(x|theta) / p(x)] / [p(z|theta) / p(z)]`` (Zarifzadeh et al., ICML 2024, Eq. 4),
@@ -107,11 +125,17 @@ def rmia_scores(target: Tensor, reference: Tensor, in_mask: Optional[Tensor], po
     """
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    if target.dim() != 2 or reference.shape[1:] != target.shape or population_reference.shape[1:] != \
-            population_target.shape or population_target.shape[1] != target.shape[1]:
-        raise ValueError(f"shapes disagree: target {tuple(target.shape)} [N, Q], reference {tuple(reference.shape)} "
-                         f"[S, N, Q], population {tuple(population_target.shape)} [Z, Q] and "
-                         f"{tuple(population_reference.shape)} [S, Z, Q]")
+    if (
+        target.dim() != 2
+        or reference.shape[1:] != target.shape
+        or population_reference.shape[1:] != population_target.shape
+        or population_target.shape[1] != target.shape[1]
+    ):
+        raise ValueError(
+            f"shapes disagree: target {tuple(target.shape)} [N, Q], reference {tuple(reference.shape)} "
+            f"[S, N, Q], population {tuple(population_target.shape)} [Z, Q] and "
+            f"{tuple(population_reference.shape)} [S, Z, Q]"
+        )
     p_x = reference_probability(reference, in_mask, online=online, offline_a=offline_a)
     pop_online = online and population_in_mask is not None and bool(population_in_mask.any())
     p_z = reference_probability(population_reference, population_in_mask, online=pop_online, offline_a=offline_a)
@@ -133,15 +157,24 @@ def _per_query(logits_fn, queries: list[Tensor], y: Tensor) -> Tensor:
     return score_queries(logits_fn, queries, y, _true_class_probability)
 
 
-def _probabilities(model: nn.Module, shadows: ShadowModels, queries: list[Tensor], y: Tensor,
-                   batch_size: int) -> tuple[Tensor, Tensor]:
+def _probabilities(
+    model: nn.Module, shadows: ShadowModels, queries: list[Tensor], y: Tensor, batch_size: int
+) -> tuple[Tensor, Tensor]:
     """``p(y | query)`` of the target ``[N, Q]`` and of the shadows ``[S, N, Q]``."""
-    return (_per_query(partial(predict_logits, model, batch_size=batch_size), queries, y),
-            _shadow_probabilities(shadows, queries, y, batch_size))
+    return (
+        _per_query(partial(predict_logits, model, batch_size=batch_size), queries, y),
+        _shadow_probabilities(shadows, queries, y, batch_size),
+    )
 
 
-def _tune(reference: Tensor, in_mask: Tensor, pop_reference: Tensor, pop_in_mask: Optional[Tensor],
-          grid: Sequence[float], gamma: float) -> tuple[float, dict]:
+def _tune(
+    reference: Tensor,
+    in_mask: Tensor,
+    pop_reference: Tensor,
+    pop_in_mask: Optional[Tensor],
+    grid: Sequence[float],
+    gamma: float,
+) -> tuple[float, dict]:
     """The ``a`` whose offline RMIA on reference 0, with the other references OUT only, has the best AUC."""
     if reference.shape[0] < 2:
         raise ValueError("tuning offline_a attacks one reference model with the others: train at least 2 shadows")
@@ -150,9 +183,17 @@ def _tune(reference: Tensor, in_mask: Tensor, pop_reference: Tensor, pop_in_mask
         raise ValueError("reference model 0 must have members and non-members in the pool to tune offline_a")
     aucs = {}
     for a in grid:
-        scores = rmia_scores(reference[0], reference[1:], in_mask[1:], pop_reference[0], pop_reference[1:],
-                             None if pop_in_mask is None else pop_in_mask[1:], online=False, offline_a=float(a),
-                             gamma=gamma)
+        scores = rmia_scores(
+            reference[0],
+            reference[1:],
+            in_mask[1:],
+            pop_reference[0],
+            pop_reference[1:],
+            None if pop_in_mask is None else pop_in_mask[1:],
+            online=False,
+            offline_a=float(a),
+            gamma=gamma,
+        )
         aucs[float(a)] = float(roc_auc_score(truth, scores.numpy()))
     best = max(aucs, key=aucs.get)
     return best, aucs
@@ -166,8 +207,17 @@ def _population(shadows: ShadowModels, x: Tensor, y: Tensor, population) -> tupl
     return px, py, None
 
 
-def tune_offline_a(shadows: ShadowModels, x: Tensor, y: Tensor, *, population=None, grid: Sequence[float] = A_GRID,
-                   gamma: float = 1.0, mirror: bool = True, batch_size: int = EVAL_BATCH) -> tuple[float, dict]:
+def tune_offline_a(
+    shadows: ShadowModels,
+    x: Tensor,
+    y: Tensor,
+    *,
+    population=None,
+    grid: Sequence[float] = A_GRID,
+    gamma: float = 1.0,
+    mirror: bool = True,
+    batch_size: int = EVAL_BATCH,
+) -> tuple[float, dict]:
     """Tune offline RMIA's ``a`` as the paper does: attack one reference model with the rest, keep the best AUC.
 
     Shadow 0 plays the target (its pool memberships are known to the attacker, who trained it);
@@ -245,7 +295,19 @@ def rmia(
     a_auc = None
     if needs_a and offline_a is None:
         offline_a, a_auc = _tune(reference, in_mask, pop_reference, pop_mask, A_GRID, gamma)
-    scores = rmia_scores(target, reference, in_mask, pop_target, pop_reference, pop_mask, online=online,
-                         offline_a=offline_a if needs_a else None, gamma=gamma)
-    return attack_result(scores[is_member], scores[~is_member], info={
-        "online": online, "offline_a": offline_a if needs_a else None, "a_auc": a_auc, "gamma": gamma})
+    scores = rmia_scores(
+        target,
+        reference,
+        in_mask,
+        pop_target,
+        pop_reference,
+        pop_mask,
+        online=online,
+        offline_a=offline_a if needs_a else None,
+        gamma=gamma,
+    )
+    return attack_result(
+        scores[is_member],
+        scores[~is_member],
+        info={"online": online, "offline_a": offline_a if needs_a else None, "a_auc": a_auc, "gamma": gamma},
+    )

@@ -38,21 +38,34 @@ def _epoch_order(index: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return index.gather(1, keys.argsort(1))
 
 
-def _train_loop(step: Callable[[Tensor], None], index: Tensor, *, epochs: int, batch_size: int,
-                generator: Optional[torch.Generator], progress: bool, desc: str,
-                end_of_epoch: Callable[[int], None] = lambda epoch: None) -> None:
+def _train_loop(
+    step: Callable[[Tensor], None],
+    index: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: Optional[torch.Generator],
+    progress: bool,
+    desc: str,
+    end_of_epoch: Callable[[int], None] = lambda epoch: None,
+) -> None:
     """Run ``step(batch_index [S, b])`` over ``epochs`` shuffled passes of ``index [S, n]``."""
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         order = _epoch_order(index, generator)
         for start in range(0, order.shape[1], batch_size):
-            step(order[:, start:start + batch_size])
+            step(order[:, start : start + batch_size])
         end_of_epoch(epoch)
 
 
-def _through(mechanism: Optional[Callable], xb: Tensor, yb: Tensor, num_classes: Optional[int],
-             generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+def _through(
+    mechanism: Optional[Callable],
+    xb: Tensor,
+    yb: Tensor,
+    num_classes: Optional[int],
+    generator: Optional[torch.Generator],
+) -> tuple[Tensor, Tensor]:
     """A batch and its cross-entropy targets, passed through ``mechanism`` (probability targets) if any."""
     if mechanism is None:
         return xb, yb
@@ -110,8 +123,16 @@ def train_classifier(
         model.train()
 
     model.train()
-    _train_loop(step, torch.arange(len(y))[None], epochs=epochs, batch_size=batch_size, generator=generator,
-                progress=progress, desc="train", end_of_epoch=end_of_epoch)
+    _train_loop(
+        step,
+        torch.arange(len(y))[None],
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
+        desc="train",
+        end_of_epoch=end_of_epoch,
+    )
     return model
 
 
@@ -144,8 +165,9 @@ class ShadowModels:
         device = next(iter(self.params.values())).device
         with torch.no_grad():
             self.base.eval()
-            return torch.cat([forward(self.params, self.buffers, chunk.to(device)) for chunk in x.split(batch_size)],
-                             dim=1)
+            return torch.cat(
+                [forward(self.params, self.buffers, chunk.to(device)) for chunk in x.split(batch_size)], dim=1
+            )
 
 
 def _half_splits(n_shadows: int, n: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -208,8 +230,10 @@ def train_shadow_models(
     if len(y) < 2:
         raise ValueError(f"the pool needs at least 2 examples to be halved, got {len(y)}")
     if getattr(mechanism, "mixes_examples", False):
-        raise ValueError(f"{mechanism!r} mixes examples; the shadows' batches are augmented together, so it would "
-                         "mix one shadow's examples into another's")
+        raise ValueError(
+            f"{mechanism!r} mixes examples; the shadows' batches are augmented together, so it would "
+            "mix one shadow's examples into another's"
+        )
     in_mask = _half_splits(n_shadows, len(y), generator)
     # Each row lists its IN examples first; wrapping around fills the shorter halves to a common length.
     counts = in_mask.sum(1, keepdim=True)
@@ -232,8 +256,9 @@ def train_shadow_models(
     num_classes = shadows.logits(x[:1]).shape[-1] if mechanism is not None else None
 
     def step(batch: Tensor) -> None:
-        xb, targets = _through(mechanism, x[batch.flatten()].to(device), y[batch.flatten()].to(device), num_classes,
-                               generator)
+        xb, targets = _through(
+            mechanism, x[batch.flatten()].to(device), y[batch.flatten()].to(device), num_classes, generator
+        )
         optimizer.zero_grad(set_to_none=True)
         logits = batched_forward(params, buffers, xb.view(*batch.shape, *xb.shape[1:]))  # [S, b, K]
         # The loss stays outside vmap, where cross-entropy is one fused op over all S * b rows.
@@ -243,8 +268,15 @@ def train_shadow_models(
         optimizer.step()
 
     base.train()
-    _train_loop(step, index, epochs=epochs, batch_size=batch_size, generator=generator, progress=progress,
-                desc=f"{n_shadows} shadow models")
+    _train_loop(
+        step,
+        index,
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
+        desc=f"{n_shadows} shadow models",
+    )
     for tensor in params.values():
         tensor.requires_grad_(False)
     return shadows

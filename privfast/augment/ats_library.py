@@ -62,18 +62,61 @@ class Transform:
     magnitude: float = 0.0
 
 
-LIBRARY: tuple[Transform, ...] = tuple(Transform(op, m) for op, m in [
-    ("invert", 0), ("contrast", 0.3333), ("rotate", 6.6667), ("translate_x", 0.4532), ("sharpness", 0.0556),
-    ("sharpness", 0.1667), ("shear_y", 0.0667), ("translate_y", 0.1007), ("autocontrast", 0), ("equalize", 0),
-    ("shear_y", 0.1667), ("posterize", 6), ("color", 0.1667), ("brightness", 0.2778), ("sharpness", 0.5),
-    ("brightness", 0.5), ("equalize", 0), ("equalize", 0), ("contrast", 0.3889), ("sharpness", 0.2778),
-    ("color", 0.2778), ("translate_x", 0.2518), ("equalize", 0), ("autocontrast", 0), ("translate_y", 0.1511),
-    ("sharpness", 0.3333), ("brightness", 0.3333), ("color", 0.4444), ("solarize", 256), ("invert", 0),
-    ("equalize", 0), ("autocontrast", 0), ("equalize", 0), ("equalize", 0), ("color", 0.2778),
-    ("equalize", 0), ("autocontrast", 0), ("solarize", 142.2222), ("brightness", 0.1667), ("color", 0),
-    ("solarize", 227.5556), ("autocontrast", 0), ("translate_y", 0.1511), ("translate_y", 0.1511), ("autocontrast", 0),
-    ("solarize", 227.5556), ("equalize", 0), ("invert", 0), ("translate_y", 0.1511), ("autocontrast", 0),
-])
+LIBRARY: tuple[Transform, ...] = tuple(
+    Transform(op, m)
+    for op, m in [
+        ("invert", 0),
+        ("contrast", 0.3333),
+        ("rotate", 6.6667),
+        ("translate_x", 0.4532),
+        ("sharpness", 0.0556),
+        ("sharpness", 0.1667),
+        ("shear_y", 0.0667),
+        ("translate_y", 0.1007),
+        ("autocontrast", 0),
+        ("equalize", 0),
+        ("shear_y", 0.1667),
+        ("posterize", 6),
+        ("color", 0.1667),
+        ("brightness", 0.2778),
+        ("sharpness", 0.5),
+        ("brightness", 0.5),
+        ("equalize", 0),
+        ("equalize", 0),
+        ("contrast", 0.3889),
+        ("sharpness", 0.2778),
+        ("color", 0.2778),
+        ("translate_x", 0.2518),
+        ("equalize", 0),
+        ("autocontrast", 0),
+        ("translate_y", 0.1511),
+        ("sharpness", 0.3333),
+        ("brightness", 0.3333),
+        ("color", 0.4444),
+        ("solarize", 256),
+        ("invert", 0),
+        ("equalize", 0),
+        ("autocontrast", 0),
+        ("equalize", 0),
+        ("equalize", 0),
+        ("color", 0.2778),
+        ("equalize", 0),
+        ("autocontrast", 0),
+        ("solarize", 142.2222),
+        ("brightness", 0.1667),
+        ("color", 0),
+        ("solarize", 227.5556),
+        ("autocontrast", 0),
+        ("translate_y", 0.1511),
+        ("translate_y", 0.1511),
+        ("autocontrast", 0),
+        ("solarize", 227.5556),
+        ("equalize", 0),
+        ("invert", 0),
+        ("translate_y", 0.1511),
+        ("autocontrast", 0),
+    ]
+)
 """The 50 entries, indexed as in ATS's policies (magnitudes are AutoAugment's ``linspace`` grid values)."""
 
 
@@ -191,10 +234,13 @@ def _affine(x: Tensor, matrix: Tensor, *, fill: float, mode: str) -> Tensor:
     _, _, h, w = x.shape
     a, b, c, d, e, f = matrix.unbind(1)
     # The same map in affine_grid's normalized coordinates (u = 2X/W - 1, v = 2Y/H - 1).
-    theta = torch.stack([
-        torch.stack([a, b * h / w, a + b * h / w + 2 * c / w - 1], 1),
-        torch.stack([d * w / h, e, d * w / h + e + 2 * f / h - 1], 1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack([a, b * h / w, a + b * h / w + 2 * c / w - 1], 1),
+            torch.stack([d * w / h, e, d * w / h + e + 2 * f / h - 1], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # PIL fills the points that fall outside [0, W) x [0, H) and interpolates the others with
     # clamped neighbours, which is border padding plus this mask.
@@ -371,4 +417,3 @@ def random_policy(max_len: int = 3, *, generator: Optional[torch.Generator] = No
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     length = int(torch.randint(1, max_len + 1, (1,), generator=generator))
     return Policy([torch.randint(0, len(LIBRARY), (length,), generator=generator).tolist()])
-

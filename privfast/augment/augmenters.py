@@ -41,17 +41,27 @@ class DPMix:
         ValueError: on counts out of range, ``k_diff`` without a pool, or a malformed pool.
     """
 
-    def __init__(self, k_base: int, k_self: int, k_diff: int = 0, alpha: float = 0.2,
-                 pool: Optional[tuple[Tensor, Tensor]] = None, *, crop_padding: int = 4, flip: bool = True,
-                 num_classes: Optional[int] = None):
+    def __init__(
+        self,
+        k_base: int,
+        k_self: int,
+        k_diff: int = 0,
+        alpha: float = 0.2,
+        pool: Optional[tuple[Tensor, Tensor]] = None,
+        *,
+        crop_padding: int = 4,
+        flip: bool = True,
+        num_classes: Optional[int] = None,
+    ):
         if k_base < 1 or k_self < 0 or k_diff < 0:
             raise ValueError(f"need k_base >= 1, k_self >= 0, k_diff >= 0; got {k_base}, {k_self}, {k_diff}")
         if k_self and not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if k_diff and pool is None:
             raise ValueError("k_diff > 0 draws from a public/synthetic pool: pass pool=(x_pool, y_pool)")
-        if pool is not None and (len(pool) != 2 or pool[0].dim() != 4 or pool[0].shape[0] != pool[1].shape[0]
-                                 or pool[0].shape[0] == 0):
+        if pool is not None and (
+            len(pool) != 2 or pool[0].dim() != 4 or pool[0].shape[0] != pool[1].shape[0] or pool[0].shape[0] == 0
+        ):
             raise ValueError("pool must be (x [M, C, H, W], y [M] or [M, classes]) with M >= 1")
         self.k_base, self.k_self, self.k_diff, self.alpha = k_base, k_self, k_diff, alpha
         self.pool = pool
@@ -81,7 +91,9 @@ class DPMix:
             ``(x [B*K, C, H, W], soft labels [B*K, classes])``, rows of an example contiguous.
         """
         if x.dim() != 4 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"expected x [B, C, H, W] and y [B] or [B, classes], got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"expected x [B, C, H, W] and y [B] or [B, classes], got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         labels = self._soft(y, x.dtype).unsqueeze(1).expand(-1, self.k_base, -1)  # [B, k_base, classes]
         extra = None
         if self.k_diff:
@@ -91,8 +103,15 @@ class DPMix:
             extra = pool_x[picks].to(device=x.device, dtype=x.dtype)
             labels = torch.cat([labels, self._soft(pool_y, x.dtype)[picks].to(x.device)], dim=1)
         out, params = ops.augment_batch(
-            x, self.k_base, crop_padding=self.crop_padding, flip=self.flip, mixups=self.k_self, alpha=self.alpha,
-            extra=extra, generator=generator, return_params=True,
+            x,
+            self.k_base,
+            crop_padding=self.crop_padding,
+            flip=self.flip,
+            mixups=self.k_self,
+            alpha=self.alpha,
+            extra=extra,
+            generator=generator,
+            return_params=True,
         )
         if self.k_self:
             rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)

@@ -57,8 +57,10 @@ def _check_batch(x: Tensor, targets: Tensor) -> None:
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be float images [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
     if targets.dim() != 2 or targets.shape[0] != x.shape[0] or not targets.is_floating_point():
-        raise ValueError(f"targets must be float probabilities [B={x.shape[0]}, num_classes], got "
-                         f"{targets.dtype} {tuple(targets.shape)}; use one_hot_targets(y, num_classes)")
+        raise ValueError(
+            f"targets must be float probabilities [B={x.shape[0]}, num_classes], got "
+            f"{targets.dtype} {tuple(targets.shape)}; use one_hot_targets(y, num_classes)"
+        )
 
 
 def _generator_device(generator: Optional[torch.Generator], fallback: torch.device) -> torch.device:
@@ -71,8 +73,9 @@ class Mechanism:
     mixes_examples = False
     """True when an output row depends on several examples (then it is no DP self-augmentation)."""
 
-    def __call__(self, x: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, x: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None
+    ) -> tuple[Tensor, Tensor]:
         _check_batch(x, targets)
         return self._apply(x, targets, generator)
 
@@ -225,7 +228,7 @@ class GaussianAugmentation(Mechanism):
     def _apply(self, x, targets, generator):
         device = _generator_device(generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        return x + self.variance ** 0.5 * noise, targets
+        return x + self.variance**0.5 * noise, targets
 
 
 class Mixup(Mechanism):
@@ -255,8 +258,9 @@ class Mixup(Mechanism):
         return lam_x * x + (1 - lam_x) * x[partner], lam_t * targets + (1 - lam_t) * targets[partner]
 
 
-def self_augment(mechanism: Mechanism, x: Tensor, targets: Tensor, k: int, *,
-                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def self_augment(
+    mechanism: Mechanism, x: Tensor, targets: Tensor, k: int, *, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
     """K independent draws of a single-example mechanism per example, rows of an example contiguous.
 
     This is the layout DP-SGD with augmentation multiplicity expects: the per-example gradient

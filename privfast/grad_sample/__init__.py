@@ -3,5 +3,4 @@
 from privfast.grad_sample.base import RULES, ContractionGrads, LayerGrads, MaterializedGrads, register_rule
 from privfast.grad_sample.engine import MODES, GradSampleModule
 
-__all__ = ["MODES", "RULES", "ContractionGrads", "GradSampleModule", "LayerGrads", "MaterializedGrads",
-           "register_rule"]
+__all__ = ["MODES", "RULES", "ContractionGrads", "GradSampleModule", "LayerGrads", "MaterializedGrads", "register_rule"]

@@ -89,8 +89,10 @@ class ConvGrads(ContractionGrads):
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups
-        d = [fold_rows(g.reshape(g.shape[0], groups, g.shape[1] // groups, g.shape[2:].numel()), fold)
-             for g in (c.grads[0] for c in calls)]
+        d = [
+            fold_rows(g.reshape(g.shape[0], groups, g.shape[1] // groups, g.shape[2:].numel()), fold)
+            for g in (c.grads[0] for c in calls)
+        ]
         super().__init__(module.weight, module.bias, None, cat_positions(d))
         self.module, self.fold = module, fold
         self.inputs, self.outputs_grad = [c.args[0] for c in calls], [c.grads[0] for c in calls]
@@ -106,8 +108,11 @@ class ConvGrads(ContractionGrads):
 
     def _per_row(self) -> bool:
         # Off the CPU, one run per example would be a Python loop of B kernel launches: one grouped run there.
-        return (self.fold == 1 or self.inputs[0].device.type != "cpu"
-                or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS)
+        return (
+            self.fold == 1
+            or self.inputs[0].device.type != "cpu"
+            or self.module.in_channels // self.module.groups < PER_EXAMPLE_MIN_CHANNELS
+        )
 
     def materialize_cost(self) -> float:
         b, g, _, d, p = self._dims()
@@ -128,12 +133,19 @@ class ConvGrads(ContractionGrads):
         module, b, k = self.module, self.batch, self.fold
         if self._per_row():
             # [B*K, C, ...] -> [1, B*K*C, ...]: a view; every row's own gradient, then the sum over its fold.
-            parts = (_weight_gradient(module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]),
-                                      copies=b * k).reshape(b, k, -1).sum(1)
-                     for x, grad in zip(self.inputs, self.outputs_grad))
+            parts = (
+                _weight_gradient(
+                    module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]), copies=b * k
+                )
+                .reshape(b, k, -1)
+                .sum(1)
+                for x, grad in zip(self.inputs, self.outputs_grad)
+            )
         else:
-            parts = (torch.stack([_weight_gradient(module, *rows) for rows in zip(x.split(k), grad.split(k))])
-                     for x, grad in zip(self.inputs, self.outputs_grad))
+            parts = (
+                torch.stack([_weight_gradient(module, *rows) for rows in zip(x.split(k), grad.split(k))])
+                for x, grad in zip(self.inputs, self.outputs_grad)
+            )
         return functools.reduce(torch.add, parts)
 
     def _weight_contract(self, weights: Tensor) -> Tensor:

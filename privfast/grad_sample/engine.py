@@ -23,12 +23,13 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from privfast import _torch_ops, ops
+
 # Importing the rule modules registers them.
 from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear, sequence_bias  # noqa: F401
 from privfast.grad_sample.base import GHOST, MATERIALIZE, Call, LayerGrads, MaterializedGrads, rule_for, trainable
 from privfast.grad_sample.functorch import vmap_rule
 from privfast.grad_sample.layout import Layout, LayoutError, check_call, layer_layout, model_rows
-from privfast import _torch_ops, ops
 
 MODES = ("auto", "materialize", "ghost", "bk")
 # In ghost mode a layer whose Gram-matrix norms cost more than this many times building and reducing its
@@ -144,8 +145,16 @@ class GradSampleModule(nn.Module):
             batch's rows where the engine expects them.
     """
 
-    def __init__(self, module: nn.Module, *, mode: str = "auto", augmult: int = 1, microbatch_size: int = 1,
-                 loss_reduction: str = "mean", batch_first: Optional[bool] = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        mode: str = "auto",
+        augmult: int = 1,
+        microbatch_size: int = 1,
+        loss_reduction: str = "mean",
+        batch_first: Optional[bool] = None,
+    ):
         super().__init__()
         if batch_first is not None and not isinstance(batch_first, bool):
             raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
@@ -180,8 +189,11 @@ class GradSampleModule(nn.Module):
         self.loss_reduction = loss_reduction
         self.batch_first = True if batch_first is None else batch_first
         self._layers = [
-            _Layer(name, m, layer_layout(module, name, m, batch_first=self.batch_first, explicit=batch_first is not None))
-            for name, m in module.named_modules() if trainable(m)
+            _Layer(
+                name, m, layer_layout(module, name, m, batch_first=self.batch_first, explicit=batch_first is not None)
+            )
+            for name, m in module.named_modules()
+            if trainable(m)
         ]
         owners: dict[int, str] = {}
         for layer in self._layers:
@@ -204,10 +216,14 @@ class GradSampleModule(nn.Module):
                 self._handles.append(m.register_forward_pre_hook(self._enter_rnn))
                 self._handles.append(m.register_forward_hook(self._leave_rnn, always_call=True))
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_pre_hook(
-                functools.partial(self._before_forward, layer), with_kwargs=True))
-            self._handles.append(layer.module.register_forward_hook(
-                functools.partial(self._after_forward, layer), with_kwargs=True, always_call=True))
+            self._handles.append(
+                layer.module.register_forward_pre_hook(functools.partial(self._before_forward, layer), with_kwargs=True)
+            )
+            self._handles.append(
+                layer.module.register_forward_hook(
+                    functools.partial(self._after_forward, layer), with_kwargs=True, always_call=True
+                )
+            )
 
     # ------------------------------------------------------------------ wrapping
     @property
@@ -313,22 +329,30 @@ class GradSampleModule(nn.Module):
             )
         call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs], rows=rows)
         call.versions = [(a, a._version) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
-        if isinstance(layer.module, nn.EmbeddingBag) and ((len(args) > 1 and args[1] is not None)
-                                                          or kwargs.get("offsets") is not None):
+        if isinstance(layer.module, nn.EmbeddingBag) and (
+            (len(args) > 1 and args[1] is not None) or kwargs.get("offsets") is not None
+        ):
             raise LayoutError(
-                f"layer {layer.name!r} (EmbeddingBag) got 1-D ids with offsets, which pack the bags of all examples into "
+                f"layer {layer.name!r} (EmbeddingBag) got 1-D ids with offsets, which pack the bags of all "
+                f"examples into "
                 "one row: its per-example gradients cannot be told apart. Pass 2-D ids [N, L] (one bag per row; pad "
                 "with padding_idx) instead."
             )
         if layer.fallback:
             tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
             if not tensors:
-                raise LayoutError(f"layer {layer.name!r} ({type(layer.module).__name__}) got no tensor positional input "
-                                  "to find the examples in")
+                raise LayoutError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) got no tensor positional input "
+                    "to find the examples in"
+                )
             check_call(layer.name, layer.module, layout, rows, "input", tensors[0][1])
 
             def batched(t):
-                return layout.dim if isinstance(t, Tensor) and t.dim() > layout.dim and t.shape[layout.dim] == rows else None
+                return (
+                    layout.dim
+                    if isinstance(t, Tensor) and t.dim() > layout.dim and t.shape[layout.dim] == rows
+                    else None
+                )
 
             call.arg_dims = tuple(batched(a) for a in args)
             call.kwarg_dims = {k: batched(v) for k, v in kwargs.items()}
@@ -338,13 +362,19 @@ class GradSampleModule(nn.Module):
             call.out_dims = [layout.dim] * len(outputs)
             return call
         if not args or not isinstance(args[0], Tensor):
-            raise LayoutError(f"layer {layer.name!r} ({type(layer.module).__name__}) must get its input as the first "
-                              "positional argument")
+            raise LayoutError(
+                f"layer {layer.name!r} ({type(layer.module).__name__}) must get its input as the first "
+                "positional argument"
+            )
         x = args[0]
         call.out_dims = [0] * len(outputs)
         if isinstance(layer.module, RNNLinear) and self._packed and self._packed[-1] is not self._NOT_PACKED:
             sorted_indices = self._packed[-1]
-            index = torch.arange(x.shape[0], device=x.device) if sorted_indices is None else                 sorted_indices[:x.shape[0]].to(x.device)
+            index = (
+                torch.arange(x.shape[0], device=x.device)
+                if sorted_indices is None
+                else sorted_indices[: x.shape[0]].to(x.device)
+            )
             call.index = index
             call.args = (x.new_zeros(rows, *x.shape[1:]).index_copy_(0, index, x), *args[1:])
             return call
@@ -386,8 +416,9 @@ class GradSampleModule(nn.Module):
         if untracked and not any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves((args, kwargs))):
             # With its weights untracked the layer's output would carry no gradient to capture.
             anchor = torch.zeros((), requires_grad=True)
-            output = tree_map(lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point()
-                              else o, output)
+            output = tree_map(
+                lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point() else o, output
+            )
         outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         call = self._capture(layer, args, kwargs, outputs)
         for i, o in enumerate(outputs):
@@ -464,7 +495,8 @@ class GradSampleModule(nn.Module):
             raise ValueError(
                 f"per-example gradients of layer {layer.name!r} ({type(layer.module).__name__}) failed in the generic "
                 f"torch.func.vmap fallback: {type(error).__name__}: {error}\nThe layer's forward must work on one "
-                "example's rows at a time without in-place updates of its buffers or inputs. Replace the layer, or give "
+                "example's rows at a time without in-place updates of its buffers or inputs. Replace the "
+                "layer, or give "
                 "its type a rule with privfast.grad_sample.register_rule."
             ) from error
 
@@ -473,7 +505,8 @@ class GradSampleModule(nn.Module):
         if rows % self.fold:
             raise ValueError(
                 f"the batch has {rows} rows, not a multiple of augmult*microbatch_size = {self.fold}: every example "
-                "must appear as its K augmentations in contiguous rows, and the batch must split into whole microbatches"
+                "must appear as its K augmentations in contiguous rows, and the batch must split into whole "
+                "microbatches"
             )
         # mean: each row's gradient carries 1/rows, and a unit's gradient is the mean over its fold rows.
         return rows / self.fold if self.loss_reduction == "mean" else 1.0 / self.fold
@@ -494,7 +527,8 @@ class GradSampleModule(nn.Module):
         if self.mode == "auto" and grads.ghost_bytes() > self.ghost_memory_limit:
             return MATERIALIZE, MATERIALIZE
         if grads.ghost_bytes() > self.ghost_memory_limit or (
-                self.mode == "ghost" and ghost > GHOST_MAX_OVERCOST * (grads.materialize_cost() + grads.reduce_cost())):
+            self.mode == "ghost" and ghost > GHOST_MAX_OVERCOST * (grads.materialize_cost() + grads.reduce_cost())
+        ):
             # Gram matrices over K*T rows grow with (K*T)^2 (17 GB for one conv at 32x32 and K = 16): this
             # layer's norms come from its per-example gradients instead, built and dropped one layer at a
             # time, and its sum stays a contraction, so nothing per-example outlives the layer.
@@ -506,8 +540,11 @@ class GradSampleModule(nn.Module):
         materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
         ghost_total = ghost + grads.contract_cost()
         key = grads.plan_key()
-        if (key is not None and not torch.are_deterministic_algorithms_enabled()
-                and max(materialize, ghost_total) < AUTO_TIMED_WITHIN * min(materialize, ghost_total)):
+        if (
+            key is not None
+            and not torch.are_deterministic_algorithms_enabled()
+            and max(materialize, ghost_total) < AUTO_TIMED_WITHIN * min(materialize, ghost_total)
+        ):
             if key not in MEASURED_PLANS:
                 MEASURED_PLANS[key] = _faster_plan(grads)
             return MEASURED_PLANS[key]
@@ -523,8 +560,11 @@ class GradSampleModule(nn.Module):
 
         Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
         """
-        return {p: g.mul_(scale) for _, grads, scale in self._layer_grads()
-                for p, g in zip(grads.params, grads.per_example())}
+        return {
+            p: g.mul_(scale)
+            for _, grads, scale in self._layer_grads()
+            for p, g in zip(grads.params, grads.per_example())
+        }
 
     @torch.no_grad()
     def clipped_sum(self, max_grad_norm: float, *, check_finite: bool = True) -> dict[nn.Parameter, Tensor]:
@@ -614,7 +654,8 @@ class GradSampleModule(nn.Module):
             event.synchronize()
         if not bool(host):
             raise ops.non_finite_error(
-                "the previous step's per-example gradients had", "",
+                "the previous step's per-example gradients had",
+                "",
                 "its clipped sum and the update it made have them too (checked without a host sync, one step late). "
                 "Restore the model from a checkpoint; defer_finite_check=False stops at the step itself",
             )

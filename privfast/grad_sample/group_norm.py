@@ -24,8 +24,9 @@ def _statistics(module: nn.GroupNorm, call: Call, x: Tensor) -> tuple[Tensor, Te
     node = call.grad_fns[0] if call.grad_fns else None
     if type(node).__name__ == "NativeGroupNormBackward0":
         return node._saved_result1, node._saved_result2
-    _, mean, rstd = torch.native_group_norm(x, None, None, x.shape[0], module.num_channels, x.shape[2:].numel(),
-                                            module.num_groups, module.eps)
+    _, mean, rstd = torch.native_group_norm(
+        x, None, None, x.shape[0], module.num_channels, x.shape[2:].numel(), module.num_groups, module.eps
+    )
     return mean, rstd
 
 
@@ -43,8 +44,17 @@ def group_norm_rule(module: nn.GroupNorm, calls: list[Call], fold: int) -> Mater
         units = rows * channels
         # The gamma argument only scales the input gradient, which is not asked for; the kernel wants one.
         _, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-            d.view(1, units, positions), x.view(1, units, positions), mean.reshape(1, -1), rstd.reshape(1, -1),
-            x.new_ones(units), 1, units, positions, rows * groups, [False, weight is not None, bias is not None])
+            d.view(1, units, positions),
+            x.view(1, units, positions),
+            mean.reshape(1, -1),
+            rstd.reshape(1, -1),
+            x.new_ones(units),
+            1,
+            units,
+            positions,
+            rows * groups,
+            [False, weight is not None, bias is not None],
+        )
         parts = [p.reshape(rows // fold, fold, channels).sum(1) for p in (grad_weight, grad_bias) if p is not None]
         totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
     return MaterializedGrads([p for p in (weight, bias) if p is not None], totals)

@@ -5,8 +5,8 @@ where ``N`` is the number of rows of the batch (``B*K``: each example's K rows c
 engine never guesses it from the data alone; each layer's example dimension comes from:
 
 1. the layer's type where torch fixes it: convolutions and norm layers over channels always take
-   ``[N, C, ...]``, an ``EmbeddingBag`` ``[N, L]`` ids (one bag per row); Opacus's ``RNNLinear`` (the cells of ``DPLSTM``, ``DPGRU``, ``DPRNN``) is
-   called once per time step on ``[N, D]``;
+   ``[N, C, ...]``, an ``EmbeddingBag`` ``[N, L]`` ids (one bag per row); Opacus's ``RNNLinear``
+   (the cells of ``DPLSTM``, ``DPGRU``, ``DPRNN``) is called once per time step on ``[N, D]``;
 2. otherwise the nearest enclosing module (the layer itself included) that declares a layout:
    a ``batch_first`` attribute (``DPMultiheadAttention``, ``SequenceBias``, the DP RNNs, ...), or
    the attention of a ``TransformerEncoderLayer`` / ``TransformerDecoderLayer``;
@@ -26,8 +26,14 @@ from opacus.layers.dp_rnn import RNNLinear
 from torch import Tensor, nn
 
 # Layer types whose example dimension torch fixes at 0, whatever the model's layout.
-_BATCH_FIRST_TYPES = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-                      nn.modules.batchnorm._NormBase, nn.LocalResponseNorm, nn.EmbeddingBag)
+_BATCH_FIRST_TYPES = (
+    nn.modules.conv._ConvNd,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.batchnorm._NormBase,
+    nn.LocalResponseNorm,
+    nn.EmbeddingBag,
+)
 
 
 class LayoutError(ValueError):
@@ -91,7 +97,8 @@ def model_rows(args: tuple, kwargs: dict, *, batch_first: bool) -> Optional[int]
             dim = 0 if batch_first else 1
             if value.dim() <= dim:
                 raise LayoutError(
-                    f"the model's input has shape {list(value.shape)}, which has no dimension {dim} to hold the examples "
+                    f"the model's input has shape {list(value.shape)}, which has no dimension {dim} to hold "
+                    f"the examples "
                     f"(batch_first={batch_first}); pass the batch as [N, ...] with batch_first=True or [T, N, ...] "
                     "with batch_first=False"
                 )
@@ -117,20 +124,26 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
         hint = ""
         other = 1 - dim
         if t.dim() > other and shape[other] == rows:
-            hint = (f" Dimension {other} has {rows} entries: if this layer sees "
-                    f"{'time-first' if other == 1 else 'batch-first'} tensors, pass batch_first="
-                    f"{other == 0} to make_private / GradSampleModule.")
+            hint = (
+                f" Dimension {other} has {rows} entries: if this layer sees "
+                f"{'time-first' if other == 1 else 'batch-first'} tensors, pass batch_first="
+                f"{other == 0} to make_private / GradSampleModule."
+            )
         elif rows not in shape:
-            hint = (" No dimension has that size: a layer applied to something other than the batch (e.g. positions "
-                    "shared by all examples, or rows flattened across examples) has no per-example gradient; apply it to "
-                    "[N, ...] rows (e.g. positions expanded to [N, T]).")
+            hint = (
+                " No dimension has that size: a layer applied to something other than the batch (e.g. positions "
+                "shared by all examples, or rows flattened across examples) has no per-example gradient; apply it to "
+                "[N, ...] rows (e.g. positions expanded to [N, T])."
+            )
         raise LayoutError(
-            f"{label} got an {what} of shape {shape}; the engine expects the batch's {rows} rows at {layout.describe()}. "
+            f"{label} got an {what} of shape {shape}; the engine expects the batch's {rows} rows at "
+            f"{layout.describe()}. "
             f"Clipping anything else would not bound each example's contribution.{hint}"
         )
     if not layout.explicit and t.dim() >= 2 and shape[0] == shape[1] == rows and _has_positions(t):
         raise LayoutError(
-            f"{label} got an {what} of shape {shape}: both leading dimensions have the batch's {rows} rows, so the engine "
+            f"{label} got an {what} of shape {shape}: both leading dimensions have the batch's {rows} rows, "
+            f"so the engine "
             "cannot tell which holds the examples. Pass batch_first=True ([N, T, ...]) or batch_first=False "
             "([T, N, ...]) to make_private / GradSampleModule explicitly."
         )

@@ -52,9 +52,19 @@ class DPOptimizer(Optimizer):
 
     releases_per_step = 1  # Gaussian releases (accountant steps) per optimizer step
 
-    def __init__(self, optimizer: Optimizer, *, module: GradSampleModule, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: Optional[int], loss_reduction: str = "mean",
-                 generator: Optional[torch.Generator] = None, secure_mode: bool = False, check_finite: bool = True):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        module: GradSampleModule,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator: Optional[torch.Generator] = None,
+        secure_mode: bool = False,
+        check_finite: bool = True,
+    ):
         check_privacy_args(noise_multiplier, max_grad_norm)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -78,7 +88,9 @@ class DPOptimizer(Optimizer):
         self._summed: dict[nn.Parameter, Tensor] = {}
         owned = set(module.parameters())
         if any(p not in owned for p in self.params):
-            raise ValueError("the optimizer holds parameters that are not the module's: build it from model.parameters()")
+            raise ValueError(
+                "the optimizer holds parameters that are not the module's: build it from model.parameters()"
+            )
 
     # -- the wrapped optimizer's view ---------------------------------------------------------
     @property
@@ -166,8 +178,13 @@ class DPOptimizer(Optimizer):
             self.audit_canary.insert(self, self._summed)
         sums = [self._summed.get(p, torch.zeros_like(p)).unsqueeze(0) for p in params]
         noisy = ops.clip_accumulate_noise(
-            sums, math.inf, noise_std=self.noise_multiplier * self.max_grad_norm, scale=self.noise_scale,
-            generator=self.generator, secure_mode=self.secure_mode, check_finite=False,
+            sums,
+            math.inf,
+            noise_std=self.noise_multiplier * self.max_grad_norm,
+            scale=self.noise_scale,
+            generator=self.generator,
+            secure_mode=self.secure_mode,
+            check_finite=False,
         )
         for p, g in zip(params, noisy):
             p.grad = g.to(p.dtype).view_as(p)

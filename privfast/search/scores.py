@@ -75,8 +75,10 @@ def gradsim_curve_area(
     refs = per_example_gradients(model, targets, y, chunk_size=chunk_size)
     weights = torch.arange(bins, dtype=targets.dtype, device=targets.device) / bins
     # Points i < bins of image n are rows n * bins + i; point ``bins`` is the target, whose cosine is 1.
-    points = (weights.view(1, bins, 1, 1, 1) * targets.unsqueeze(1)
-              + (1 - weights).view(1, bins, 1, 1, 1) * start.unsqueeze(1)).flatten(0, 1)
+    points = (
+        weights.view(1, bins, 1, 1, 1) * targets.unsqueeze(1)
+        + (1 - weights).view(1, bins, 1, 1, 1) * start.unsqueeze(1)
+    ).flatten(0, 1)
     labels = y.repeat_interleave(bins)
     index = torch.arange(n, device=targets.device).repeat_interleave(bins)
     cosines = torch.empty(n * bins, dtype=targets.dtype, device=targets.device)
@@ -147,8 +149,16 @@ def privacy_score(
     elif start.shape != x.shape:
         raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
     with eval_mode(model, no_grad=False):
-        return gradsim_curve_area(model, normalize(transformed, mean, std), y, normalize(start, mean, std),
-                                  bins=bins, per_layer=per_layer, chunk_size=chunk_size, progress=progress)
+        return gradsim_curve_area(
+            model,
+            normalize(transformed, mean, std),
+            y,
+            normalize(start, mean, std),
+            bins=bins,
+            per_layer=per_layer,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
 
 
 def crop_and_flip(x: Tensor, *, padding: int = 4, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -165,8 +175,7 @@ def crop_and_flip(x: Tensor, *, padding: int = 4, generator: Optional[torch.Gene
     Returns:
         ``[N, C, H, W]`` images.
     """
-    cropped, _ = RandomCrop(padding)(x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device),
-                                     generator=generator)
+    cropped, _ = RandomCrop(padding)(x, torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device), generator=generator)
     mirror = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(mirror[:, None, None, None], cropped.flip(-1), cropped)
 
@@ -175,7 +184,7 @@ def one_per_class(y: Tensor, batches: int, *, generator: Optional[torch.Generato
     """``[batches, K]`` indices into ``y``: in each batch, one random example of each of the K labels present."""
     classes = torch.unique(y)
     scores = torch.rand(batches, y.shape[0], generator=generator).to(y.device)
-    member = (y.unsqueeze(0) == classes.unsqueeze(1))  # [K, N]
+    member = y.unsqueeze(0) == classes.unsqueeze(1)  # [K, N]
     return torch.where(member, scores.unsqueeze(1), -1.0).argmax(-1)
 
 

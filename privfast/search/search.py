@@ -64,18 +64,36 @@ class SearchResult:
         from privfast.reports import table
 
         ranked = sorted(self.table, key=lambda r: (math.isnan(r.privacy), r.privacy))
-        rows = [[str(r.policy), describe_policy(r.policy), "-" if math.isnan(r.privacy) else f"{r.privacy:.4f}",
-                 "-" if math.isnan(r.accuracy) else f"{r.accuracy:.3f}"] for r in ranked[:limit]]
+        rows = [
+            [
+                str(r.policy),
+                describe_policy(r.policy),
+                "-" if math.isnan(r.privacy) else f"{r.privacy:.4f}",
+                "-" if math.isnan(r.accuracy) else f"{r.accuracy:.3f}",
+            ]
+            for r in ranked[:limit]
+        ]
         text = table(["policy", "transforms", "S_pri", "S_acc"], rows, markdown=markdown, align="llrr")
         hybrid = f"hybrid: {self.hybrid} ({describe_policy(self.hybrid)})"
         return "\n".join([text, "", f"**{hybrid}**" if markdown else hybrid])
 
     def to_dict(self) -> dict:
         """JSON-ready: the S_acc threshold, the selected policies, the hybrid and every candidate's scores."""
-        return {"threshold": self.threshold, "selected": [str(p) for p in self.selected], "hybrid": str(self.hybrid),
-                "transforms": {str(p): describe_policy(p) for p in [*self.selected, self.hybrid]},
-                "table": [{"policy": str(r.policy), "transforms": describe_policy(r.policy), "s_pri": r.privacy,
-                           "s_acc": r.accuracy} for r in self.table]}
+        return {
+            "threshold": self.threshold,
+            "selected": [str(p) for p in self.selected],
+            "hybrid": str(self.hybrid),
+            "transforms": {str(p): describe_policy(p) for p in [*self.selected, self.hybrid]},
+            "table": [
+                {
+                    "policy": str(r.policy),
+                    "transforms": describe_policy(r.policy),
+                    "s_pri": r.privacy,
+                    "s_acc": r.accuracy,
+                }
+                for r in self.table
+            ],
+        }
 
     def write(self, out: str | os.PathLike) -> list[Path]:
         """Write ``search.json`` and the ranked table ``search.md`` into ``out``; returns the paths."""
@@ -83,10 +101,19 @@ class SearchResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "search.json").write_text(json.dumps(self.to_dict(), indent=1))
         threshold = "" if self.threshold is None else f"S_acc threshold {self.threshold:.3f}; "
-        (out / "search.md").write_text("\n".join([
-            "## ATS policy search", "", f"{threshold}lower S_pri is more private; policies are indices of the "
-            "ATS transformation library (Gao et al., CVPR 2021), named beside them.", "",
-            self.format_table(None, markdown=True), ""]))
+        (out / "search.md").write_text(
+            "\n".join(
+                [
+                    "## ATS policy search",
+                    "",
+                    f"{threshold}lower S_pri is more private; policies are indices of the "
+                    "ATS transformation library (Gao et al., CVPR 2021), named beside them.",
+                    "",
+                    self.format_table(None, markdown=True),
+                    "",
+                ]
+            )
+        )
         return [out / "search.json", out / "search.md"]
 
     def __str__(self) -> str:
@@ -181,9 +208,10 @@ def search(
     if not 0 <= rank < world_size:
         raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     if candidates < 1 or top_n < 1 or policies_per_pass < 1:
-        raise ValueError(f"candidates, top_n and policies_per_pass must be >= 1, got {candidates}, {top_n}, "
-                         f"{policies_per_pass}")
-    search_space = sum(50 ** k for k in range(1, max_len + 1))
+        raise ValueError(
+            f"candidates, top_n and policies_per_pass must be >= 1, got {candidates}, {top_n}, {policies_per_pass}"
+        )
+    search_space = sum(50**k for k in range(1, max_len + 1))
     if candidates > search_space:
         raise ValueError(f"candidates={candidates} exceeds the {search_space} policies of at most {max_len} entries")
     generator = torch.Generator().manual_seed(seed)
@@ -214,8 +242,14 @@ def search(
         transformed = torch.cat([policies[i](x_pri, generator=draws(i, 1)) for i in pending])
         repeats = len(pending)
         with eval_mode(model_semi_trained, no_grad=False):
-            area = gradsim_curve_area(model_semi_trained, normalize(transformed, mean, std), y_pri.repeat(repeats),
-                                      start.repeat(repeats, 1, 1, 1), bins=bins, chunk_size=chunk_size)
+            area = gradsim_curve_area(
+                model_semi_trained,
+                normalize(transformed, mean, std),
+                y_pri.repeat(repeats),
+                start.repeat(repeats, 1, 1, 1),
+                bins=bins,
+                chunk_size=chunk_size,
+            )
         for i, value in zip(pending, area.view(repeats, -1).mean(1).tolist()):
             privacy[i] = value
         pending.clear()
@@ -224,8 +258,9 @@ def search(
         if i % world_size != rank:  # another shard's candidate
             accuracy.append(math.nan)
             continue
-        accuracy.append(accuracy_score(model_init, x, y, policy=policy, batches=batches, mean=mean, std=std,
-                                       generator=draws(i, 0)))
+        accuracy.append(
+            accuracy_score(model_init, x, y, policy=policy, batches=batches, mean=mean, std=std, generator=draws(i, 0))
+        )
         if accuracy[-1] >= acc_threshold:
             pending.append(i)
         if len(pending) == policies_per_pass:
