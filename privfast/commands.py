@@ -69,36 +69,34 @@ _CHOICES = {
 }
 
 
-def _field_help() -> dict[str, str]:
-    """Each TrainConfig attribute's line from its docstring, so flags and fields never disagree."""
-    helps, current = {}, None
-    for line in (TrainConfig.__doc__ or "").splitlines():
-        match = re.match(r"\s{8}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            helps[current] = match.group(2)
-        elif current and line.startswith(" " * 12):
-            helps[current] += " " + line.strip()
-    # Sphinx markup reads badly in a terminal: ``x`` -> x, :class:`~a.b.C` -> C.
-    return {k: re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", v.replace("``", "")) for k, v in helps.items()}
+def _field_help(cls: type) -> dict[str, str]:
+    """Each attribute's entry in the dataclass's docstring, so that flags and fields never disagree."""
+    # Continuation lines included; Sphinx markup reads badly in a terminal: ``x`` -> x, :class:`~a.b.C` -> C.
+    entries = re.findall(r"\n {8}(\w+): (.*(?:\n {12}.*)*)", cls.__doc__ or "")
+    return {
+        k: re.sub(r"\s+", " ", re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", v.replace("``", ""))) for k, v in entries
+    }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field; flags not given keep the field's default (with
-    ``--resume``: the run's value). An optional field takes ``none`` to unset it."""
-    helps = _field_help()
-    hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("training configuration (privfast.config.TrainConfig)")
-    for field in dataclasses.fields(TrainConfig):
+def _add_dataclass_flags(group, cls: type, *, choices: Optional[dict] = None, defaults: Optional[dict] = None) -> None:
+    """One ``--flag`` per field of the dataclass ``cls``; flags not given keep the field's default (with
+    ``--resume``: the run's value). An optional field takes ``none`` to unset it.
+
+    Args:
+        group: the parser or argument group the flags go in.
+        cls: :class:`TrainConfig` or :class:`~privfast.secret_sharer.SecretSharerConfig`.
+        choices: allowed values per field name.
+        defaults: the help's default text per field name, where the field's own default does not say it.
+    """
+    choices, defaults = choices or {}, defaults or {}
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
         hint = hints[field.name]
         optional = type(None) in typing.get_args(hint)
         hint = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
-        if field.name in ("crop_padding", "flip"):
-            default = "per data set: " + ", ".join(
-                f"{name} {values[field.name]}" for name, values in DATASET_AUGMENTATION.items()
-            )
-        else:
-            default = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        default = defaults.get(field.name, field.default)
+        default = " ".join(map(str, default)) if isinstance(default, tuple) else default
         kwargs = dict(
             dest=field.name,
             default=argparse.SUPPRESS,
@@ -111,8 +109,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+")
             hint = typing.get_args(hint)[0]
         group.add_argument(
-            flag(field.name), type=_or_none(hint) if optional else hint, choices=_CHOICES.get(field.name), **kwargs
+            flag(field.name), type=_or_none(hint) if optional else hint, choices=choices.get(field.name), **kwargs
         )
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field (see :func:`_add_dataclass_flags`)."""
+    per_data_set = {
+        name: "per data set: " + ", ".join(f"{data} {values[name]}" for data, values in DATASET_AUGMENTATION.items())
+        for name in ("crop_padding", "flip")
+    }
+    group = parser.add_argument_group("training configuration (privfast.config.TrainConfig)")
+    _add_dataclass_flags(group, TrainConfig, choices=_CHOICES, defaults=per_data_set)
 
 
 def _or_none(kind: type):
@@ -665,25 +673,7 @@ def _add_secret_sharer(commands) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directory: exposure.json, report.md, plots, runs/")
     parser.add_argument("--resume", action="store_true", help="go on with the run in OUT (new epsilons are added)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # Each attribute's docstring entry (continuation lines included), Sphinx markup removed.
-    entries = re.findall(r"\n {8}(\w+): (.*(?:\n {12}.*)*)", SecretSharerConfig.__doc__ or "")
-    lines = {
-        k: re.sub(r"\s+", " ", re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", v.replace("``", ""))) for k, v in entries
-    }
-    hints = typing.get_type_hints(SecretSharerConfig)
-    for field in dataclasses.fields(SecretSharerConfig):
-        hint = hints[field.name]
-        many = typing.get_origin(hint) is tuple
-        kind = next(t for t in typing.get_args(hint) if t is not type(None)) if many or typing.get_args(hint) else hint
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            type=kind,
-            nargs="+" if many else None,
-            default=argparse.SUPPRESS,
-            help=f"{lines.get(field.name, '')} (default: "
-            f"{' '.join(map(str, field.default)) if many else field.default})",
-        )
+    _add_dataclass_flags(parser, SecretSharerConfig)
     parser.set_defaults(handler=_secret_sharer)
 
 
