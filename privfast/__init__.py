@@ -62,36 +62,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DPMix",
-    "DPOptimizer",
-    "GradSampleModule",
-    "MembershipAudit",
-    "PrivacyEngine",
-    "SAM",
-    "SelfAug",
-    "TrainConfig",
-    "Trainer",
-    "__version__",
-    "attacks",
-    "audit",
-    "auditing",
-    "augment",
-    "canaries",
-    "checkpoint",
-    "config",
-    "data",
-    "federated",
-    "grad_sample",
-    "has_extension",
-    "metrics",
-    "models",
-    "ops",
-    "optim",
-    "reports",
-    "search",
-    "secret_sharer",
-    "text",
-    "throughput",
-    "trainer",
-]
+__all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])
