@@ -151,7 +151,8 @@ class MembershipAudit:
                 raise ValueError(
                     f"the attacked sets hold {len(self.members[1])} members and "
                     f"{len(self.nonmembers[1])} non-members, but the attacker knows n_known={n_known} "
-                    f"of each and attacks the rest; lower n_known below {smallest} or give more examples"
+                    f"of each and attacks the rest; lower n_known (privfast audit --known) below {smallest} or "
+                    "attack more examples (--examples)"
                 )
             attacks = {name: partial(ATTACKS[name], n_known=n_known) for name in attacks}
         self.test = test if test is not None else nonmembers

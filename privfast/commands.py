@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="?",
         default=None,
-        help="a checkpoint.pt written by `privfast train` (optional with --attack rmia), or with "
+        help="a run directory of `privfast train` or its checkpoint.pt (optional with --attack rmia), or with "
         "--epsilon-bound one-run the directory of a `privfast secret-sharer` run",
     )
     audit.add_argument(
@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints",
         type=Path,
         nargs="+",
-        help="checkpoint.pt files written by `privfast train` (the audits `privfast audit` wrote "
-        "beside them are included)",
+        help="run directories of `privfast train` or their checkpoint.pt files (the audits `privfast audit` "
+        "wrote there since the checkpoint are included)",
     )
     report.add_argument("--out", type=Path, required=True, help="report directory")
     report.add_argument(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
@@ -292,10 +293,17 @@ def write_audit(audit: "ModelAudit", out: str | os.PathLike, *, source: Optional
 
 
 def load_audits(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """The audits ``privfast audit`` wrote in ``run_dir`` (:data:`AUDIT_FILES`), by kind; those absent are left out."""
+    """The audits ``privfast audit`` wrote in ``run_dir`` (:data:`AUDIT_FILES`), by kind; those absent are left out,
+    and so (with a warning) are those older than the run's checkpoint, which audited an earlier model."""
     found = {}
+    checkpoint = Path(run_dir) / "checkpoint.pt"
+    trained = checkpoint.stat().st_mtime if checkpoint.is_file() else None
     for kind, names in AUDIT_FILES.items():
         path = next((Path(run_dir) / name for name in names if (Path(run_dir) / name).is_file()), None)
+        if path is not None and trained is not None and path.stat().st_mtime < trained:
+            # Written before the checkpoint: an audit of an earlier model (a run resumed or overwritten since).
+            warnings.warn(f"{path} is older than {checkpoint} (it audited an earlier model): left out of the report")
+            continue
         if path is not None:
             try:
                 found[kind] = json.loads(path.read_text())

@@ -380,3 +380,18 @@ def test_report_includes_the_audits_written_next_to_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="rmia.json: not a readable audit"):
         load_audits(run)
     assert "## Audits" not in write_report(tmp_path / "plain", RUNS, attack="calibrated").read_text()
+
+
+def test_audits_older_than_the_checkpoint_are_left_out(tmp_path):
+    # privfast train --overwrite (or --resume) writes a new checkpoint: the audit beside it was of the old model.
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "audit.json").write_text(json.dumps(AUDIT))
+    (run / "checkpoint.pt").write_bytes(b"new model")
+    os.utime(run / "audit.json", (1_000_000, 1_000_000))
+    with pytest.warns(UserWarning, match="older than .*checkpoint.pt"):
+        assert load_audits(run) == {}
+    os.utime(run / "audit.json")  # audited after the checkpoint: kept
+    assert sorted(load_audits(run)) == ["membership"]
