@@ -1,8 +1,9 @@
-"""File writing shared by the engine's and the trainer's checkpoints."""
+"""File writing shared by the engine's and the trainer's checkpoints, and the progress bars' terminal check."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import torch
@@ -23,3 +24,9 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def nested_progress(progress: bool) -> bool:
+    """Whether bars nested inside another may show: only on a terminal. Nested bars move the cursor,
+    which a redirected log records as escape codes (``[A``); a log gets the outer bar alone."""
+    return progress and sys.stderr.isatty()

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from privfast._io import atomic_save
+from privfast._io import atomic_save, nested_progress
 from privfast.attacks.exposure import (
     ENUMERATION_LIMIT,
     TokenCanary,
@@ -523,7 +523,7 @@ def train_language_model(
     ):
         model.train()
         total, count = 0.0, 0
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not nested_progress(progress), leave=False):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = _lm_loss(trained(x), y)
@@ -724,12 +724,12 @@ def run_secret_sharer(
             noise_scaled_lr=True,
             seed=config.seed + zlib.crc32(run_dir.name.encode()),  # by epsilon, not position: order-free resume
             checkpoint=run_dir / "checkpoint.pt",
-            progress=progress,
+            progress=nested_progress(progress),  # inside the bar over epsilons
         )
         started = time.perf_counter()
         measure_generator = torch.Generator().manual_seed(config.seed)
         measured = []
-        for c in tqdm(canaries, desc="exposure", disable=not progress, leave=False):
+        for c in tqdm(canaries, desc="exposure", disable=not nested_progress(progress), leave=False):
             result = canary_exposure(
                 model,
                 c["canary"],
@@ -738,7 +738,7 @@ def run_secret_sharer(
                 extraction_expansions=config.extraction_expansions,
                 exact_limit=config.exact_limit,
                 generator=measure_generator,
-                progress=progress,
+                progress=nested_progress(progress),
             )
             top = result.pop("extraction_top")
             result["extraction_top"] = None if top is None else corpus.decode(torch.tensor(top))

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from privfast._io import nested_progress
 from privfast.attacks.exposure import insert_canaries
 from privfast.audit import MembershipAudit
 from privfast.canaries import make_canaries
@@ -284,9 +285,7 @@ class Trainer:
             torch.set_rng_state(partial["rng"])
             done, total, rows = partial["step"], partial["loss_sum"], partial["rows"]
         steps = len(self.loader)
-        # One bar over the epochs in a log; the bar over steps as well on a terminal (nested bars
-        # move the cursor, which a redirected log records as escape codes).
-        nested = self.progress and sys.stderr.isatty()
+        nested = nested_progress(self.progress)  # the bar over steps, inside the one over epochs
         with tqdm(
             total=steps, initial=done, desc=f"epoch {epoch + 1}", unit="step", disable=not nested, leave=False
         ) as bar:

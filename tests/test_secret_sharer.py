@@ -308,3 +308,22 @@ def test_character_level_canaries_spell_their_slots_as_characters():
     assert text.startswith("\nthe first number is ") and text.endswith("\n") and len(text) == 1 + 20 + 5 + 1
     assert text[21:26].isdigit() and first["canary"].space_size == 10**5
     assert corpus.decode(made[2]["canary"].prefix) == "\nthe first key is "
+
+
+def test_a_redirected_log_gets_one_bar_and_no_cursor_escapes(tmp_path):
+    # Nested bars move the cursor up ("\x1b[A"); with stderr not a terminal only the outer bar shows.
+    import subprocess
+    import sys
+
+    root = _tiny_ptb(tmp_path / "data")
+    flags = ["--corpus", "ptb", "--data-root", str(root), "--epsilons", "inf", "4", "--repeats", "1", "4"]
+    flags += ["--width", "8", "--window", "16", "--epochs", "2", "--batch-size", "32", "--min-count", "1"]
+    flags += ["--references", "200", "--extraction-candidates", "5", "--extraction-expansions", "200"]
+    done = subprocess.run(
+        [sys.executable, "-m", "privfast.cli", "--threads", "1", "secret-sharer", *flags, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\x1b[A" not in done.stderr and "epsilons" in done.stderr
+    assert "epoch 1" not in done.stderr and "exposure" not in done.stderr  # the nested bars stayed hidden
