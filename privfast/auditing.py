@@ -864,6 +864,35 @@ def mislabelled_canaries(data, *, canaries: int, num_classes: int, generator: to
     return Split(x[chosen], (y[chosen] + shift) % num_classes), Split(x[rest], y[rest])
 
 
+def _one_run_result(
+    scores,
+    inserted: Tensor,
+    *,
+    accountant: float,
+    delta: float,
+    confidence: float,
+    guesses: Optional[Sequence[int]],
+    start: float,
+    details: dict,
+) -> AuditResult:
+    """The :class:`AuditResult` of a one-run audit: :func:`one_run_bound` of the canaries' ``[m]`` scores."""
+    included = inserted.numpy()
+    bound = one_run_bound(scores, included, delta=delta, confidence=confidence, guesses=guesses)
+    return AuditResult(
+        "one-run",
+        float(accountant),
+        bound.epsilon,
+        bound.epsilon,
+        bound.epsilon,
+        confidence,
+        delta,
+        scores[included],
+        scores[~included],
+        time.perf_counter() - start,
+        {**bound.details, **details},
+    )
+
+
 def audit_one_run(
     config,
     *,
@@ -910,21 +939,15 @@ def audit_one_run(
     history = trainer.fit()
     train_seconds = time.perf_counter() - start
     scores = _canary_scores(score, trainer.model.eval(), canary.x, canary.y).numpy()
-    bound = one_run_bound(scores, inserted.numpy(), delta=config.delta, confidence=confidence, guesses=guesses)
-    accountant = history[-1].get("epsilon", math.inf)
-    return AuditResult(
-        "one-run",
-        float(accountant),
-        bound.epsilon,
-        bound.epsilon,
-        bound.epsilon,
-        confidence,
-        config.delta,
-        scores[inserted.numpy()],
-        scores[~inserted.numpy()],
-        time.perf_counter() - start,
-        {
-            **bound.details,
+    return _one_run_result(
+        scores,
+        inserted,
+        accountant=history[-1].get("epsilon", math.inf),
+        delta=config.delta,
+        confidence=confidence,
+        guesses=guesses,
+        start=start,
+        details={
             "score": score if isinstance(score, str) else getattr(score, "__name__", "custom"),
             "test_accuracy": history[-1]["test_accuracy"],
             "train_seconds": train_seconds,
@@ -1031,25 +1054,18 @@ def audit_one_run_language_model(
         scores = scores + torch.stack(
             [score_candidates(model, other, c.secret[None])[0] for other, c in zip(others, drawn)]
         )
-    scores = scores.numpy()
-    bound = one_run_bound(scores, inserted.numpy(), delta=config.delta, confidence=confidence, guesses=guesses)
-    test_ppl = perplexity(model, windows(corpus.test, length=config.window))
-    return AuditResult(
-        "one-run",
-        float(trained["epsilon"]),
-        bound.epsilon,
-        bound.epsilon,
-        bound.epsilon,
-        confidence,
-        config.delta,
-        scores[inserted.numpy()],
-        scores[~inserted.numpy()],
-        time.perf_counter() - start,
-        {
-            **bound.details,
+    return _one_run_result(
+        scores.numpy(),
+        inserted,
+        accountant=trained["epsilon"],
+        delta=config.delta,
+        confidence=confidence,
+        guesses=guesses,
+        start=start,
+        details={
             "score": score,
             "format": format,
-            "test_perplexity": test_ppl,
+            "test_perplexity": perplexity(model, windows(corpus.test, length=config.window)),
             "train_seconds": train_seconds,
         },
     )
