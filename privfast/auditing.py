@@ -1004,10 +1004,9 @@ def audit_one_run_language_model(
     from privfast.attacks.exposure import score_candidates
     from privfast.secret_sharer import (
         SecretSharerConfig,
-        build_language_model,
+        fit_language_model,
         perplexity,
         secret_canaries,
-        train_language_model,
     )
     from privfast.text import load_corpus, plant, windows
 
@@ -1028,22 +1027,8 @@ def audit_one_run_language_model(
     rows = windows(corpus.train, length=config.window)
     if chosen:
         rows, _ = plant(rows, chosen, [1] * len(chosen), generator=generator)
-    private = math.isfinite(epsilon)
-    torch.manual_seed(config.seed)
-    model = build_language_model(config, vocab_size=len(corpus.vocab))
-    trained = train_language_model(
-        model,
-        rows,
-        epsilon=epsilon,
-        delta=config.delta,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer if private else config.baseline_optimizer,
-        lr=config.lr if private else config.baseline_lr,
-        max_grad_norm=config.max_grad_norm,
-        noise_scaled_lr=True,
-        seed=config.seed,
-        progress=progress,
+    model, trained = fit_language_model(
+        config, rows, vocab_size=len(corpus.vocab), epsilon=epsilon, seed=config.seed, progress=progress
     )
     train_seconds = time.perf_counter() - start
     scores = -torch.stack([score_candidates(model.eval(), c, c.secret[None])[0] for c in drawn])
@@ -1266,7 +1251,7 @@ def _audit_secret_sharer_run(
 ) -> AuditResult:
     import json
 
-    from privfast.secret_sharer import SecretSharerConfig
+    from privfast.secret_sharer import SecretSharerConfig, training_recipe
 
     try:
         config = SecretSharerConfig.from_dict(json.loads(path.read_text()))
@@ -1292,7 +1277,7 @@ def _audit_secret_sharer_run(
         progress=progress,
     )
     result.details["checkpoint_epsilon"] = epsilon
-    optimizer = config.optimizer if math.isfinite(epsilon) else config.baseline_optimizer
+    optimizer, _ = training_recipe(config, epsilon)
     result.details["method"] = f"{config.model} language model ({optimizer})"
     return result
 

@@ -86,12 +86,14 @@ __all__ = [
     "SecretSharerConfig",
     "SecretSharerResult",
     "build_language_model",
+    "fit_language_model",
     "canary_exposure",
     "make_canaries",
     "perplexity",
     "run_secret_sharer",
     "secret_canaries",
     "train_language_model",
+    "training_recipe",
 ]
 
 LM_MODELS = ("lstm", "transformer")
@@ -363,6 +365,50 @@ def build_language_model(config: SecretSharerConfig, *, vocab_size: int) -> nn.M
     return TransformerLanguageModel(
         vocab_size, dim=config.width, heads=config.heads, layers=config.layers, context=config.window
     )
+
+
+def training_recipe(config: SecretSharerConfig, epsilon: float) -> tuple[str, float]:
+    """``(optimizer, lr)`` a model of ``config`` trains with at ``epsilon``: the baseline's when it is inf."""
+    if math.isfinite(epsilon):
+        return config.optimizer, config.lr
+    return config.baseline_optimizer, config.baseline_lr
+
+
+def fit_language_model(
+    config: SecretSharerConfig,
+    rows: Tensor,
+    *,
+    vocab_size: int,
+    epsilon: float,
+    seed: int,
+    checkpoint: Optional[str | os.PathLike] = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """The model of ``config`` built from ``config.seed`` and trained on ``rows`` at ``epsilon`` with its recipe:
+    ``config.optimizer`` and ``lr`` when private, the baseline's when ``epsilon`` is inf.
+
+    Returns:
+        ``(model, what :func:`train_language_model` returned)``.
+    """
+    optimizer, lr = training_recipe(config, epsilon)
+    torch.manual_seed(config.seed)  # the same initial model for every epsilon
+    model = build_language_model(config, vocab_size=vocab_size)
+    trained = train_language_model(
+        model,
+        rows,
+        epsilon=epsilon,
+        delta=config.delta,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        max_grad_norm=config.max_grad_norm,
+        noise_scaled_lr=True,
+        seed=seed,
+        checkpoint=checkpoint,
+        progress=progress,
+    )
+    return model, trained
 
 
 def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -706,22 +752,11 @@ def run_secret_sharer(
             records.append(json.loads(result_path.read_text()))
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        optimizer, lr = (
-            (config.optimizer, config.lr) if math.isfinite(epsilon) else (config.baseline_optimizer, config.baseline_lr)
-        )
-        torch.manual_seed(config.seed)  # the same initial model for every epsilon
-        model = build_language_model(config, vocab_size=len(corpus.vocab))
-        trained = train_language_model(
-            model,
+        model, trained = fit_language_model(
+            config,
             rows,
+            vocab_size=len(corpus.vocab),
             epsilon=epsilon,
-            delta=config.delta,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            max_grad_norm=config.max_grad_norm,
-            noise_scaled_lr=True,
             seed=config.seed + zlib.crc32(run_dir.name.encode()),  # by epsilon, not position: order-free resume
             checkpoint=run_dir / "checkpoint.pt",
             progress=nested_progress(progress),  # inside the bar over epsilons
@@ -750,7 +785,7 @@ def run_secret_sharer(
             "epsilon_spent": trained["epsilon"],
             "delta": config.delta if math.isfinite(epsilon) else None,
             "noise_multiplier": trained["noise_multiplier"],
-            "optimizer": optimizer,
+            "optimizer": training_recipe(config, epsilon)[0],
             "lr": trained["lr"],
             "private": math.isfinite(epsilon),
             "test_loss": math.log(test_ppl),
