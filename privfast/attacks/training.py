@@ -72,6 +72,19 @@ def _through(
     return mechanism(xb, F.one_hot(yb, num_classes).to(xb.dtype), generator=generator)
 
 
+def _transform_grads(params: list[Tensor], transform: Callable[[list[Tensor]], list[Tensor]]) -> None:
+    """Replace the gradients of ``params`` (those that have one) by ``transform`` of them."""
+    with_grad = [p for p in params if p.grad is not None]
+    new = list(transform([p.grad for p in with_grad]))
+    if len(new) != len(with_grad) or any(g.shape != p.shape for g, p in zip(new, with_grad)):
+        raise ValueError(
+            f"grad_transform must return {len(with_grad)} tensors shaped like its input, got "
+            f"{[tuple(g.shape) for g in new]} for {[tuple(p.shape) for p in with_grad]}"
+        )
+    for p, g in zip(with_grad, new):
+        p.grad = g.to(dtype=p.dtype, device=p.device)
+
+
 def train_classifier(
     model: nn.Module,
     x: Tensor,
@@ -85,6 +98,7 @@ def train_classifier(
     callbacks: Iterable[Callable[[nn.Module, int], object]] = (),
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    grad_transform: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
 ) -> nn.Module:
     """Train ``model`` in place with Adam on cross-entropy, optionally through an augmentation mechanism.
 
@@ -101,13 +115,23 @@ def train_classifier(
             :class:`privfast.audit.MembershipAudit`); the model is left in train mode after.
         generator: source of the shuffling and of the mechanism's draws.
         progress: show a progress bar over epochs.
+        grad_transform: called every step, after the backward pass and before the optimizer step, on
+            the list of the parameters' gradients (those that have one, in ``model.parameters()``
+            order); the tensors it returns (same number and shapes) replace them. It simulates a
+            one-client federated SGD in which the server steps on what a defended client shares,
+            e.g. ``lambda g: privfast.federated.add_noise(g, kind="gaussian", scale=1e-3)``.
+            None steps on the raw gradients.
 
     Returns:
         ``model``, trained.
+
+    Raises:
+        ValueError: if ``grad_transform`` returns a different number of tensors or other shapes.
     """
     check_data(x, y)
     device = next(model.parameters()).device
     optimizer = _adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(model.parameters())
     callbacks = list(callbacks)
     num_classes = predict_logits(model, x[:1]).shape[1] if mechanism is not None else None
 
@@ -115,6 +139,8 @@ def train_classifier(
         xb, targets = _through(mechanism, x[batch[0]].to(device), y[batch[0]].to(device), num_classes, generator)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), targets).backward()
+        if grad_transform is not None:
+            _transform_grads(params, grad_transform)
         optimizer.step()
 
     def end_of_epoch(epoch: int) -> None:
