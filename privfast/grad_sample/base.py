@@ -155,6 +155,7 @@ class ContractionGrads(LayerGrads):
         self.bias = bias if bias is not None and bias.requires_grad else None
         super().__init__([p for p in (self.weight, self.bias) if p is not None], d.shape[0])
         self._a, self.d = a, d
+        self._bias_sums: Optional[Tensor] = None
 
     @property
     def a(self) -> Tensor:
@@ -169,7 +170,10 @@ class ContractionGrads(LayerGrads):
         return t.permute(0, 2, 1, 4, 3).reshape(b, g, k * positions, c)
 
     def _bias_per_example(self) -> Tensor:
-        return self.d.sum(dim=(1, 4)).flatten(1)
+        """``[B, G*p]``, kept: the norms and the clipped sum both need it."""
+        if self._bias_sums is None:
+            self._bias_sums = self.d.sum(dim=(1, 4)).flatten(1)
+        return self._bias_sums
 
     def _dims(self) -> tuple[int, int, int, int, int]:
         """(B, G, R = K*T, d, p)."""
@@ -190,7 +194,7 @@ class ContractionGrads(LayerGrads):
 
     def contract_cost(self) -> float:
         b, g, r, d, p = self._dims()
-        return float(b * g * r * (d + 1) * p)  # the GEMM and the pass that scales D
+        return float(b * g * r * (d * p + min(d, p)))  # the GEMM and the pass that scales its smaller operand
 
     def ghost_bytes(self) -> float:
         b, g, r, _, _ = self._dims()
@@ -232,14 +236,16 @@ class ContractionGrads(LayerGrads):
 
     def _weight_contract(self, weights: Tensor) -> Tensor:
         b, g, r, d, p = self._dims()
-        # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group.
-        scaled = self.d * weights.to(self.d.dtype).view(b, 1, 1, 1, 1)
-        dw = scaled.permute(2, 3, 0, 1, 4).reshape(g, p, b * r)
-        a = self.a.permute(2, 0, 1, 4, 3).reshape(g, b * r, d)
+        # [G, p, B*R] @ [G, B*R, d]: the clipped sum is one GEMM per group. The weights scale whichever
+        # operand is smaller (a LM head's inputs are a fraction of its output gradients).
+        weights = weights.to(self.d.dtype).view(b, 1, 1, 1, 1)
+        a, dw = (self.a * weights, self.d) if d < p else (self.a, self.d * weights)
+        dw = dw.permute(2, 3, 0, 1, 4).reshape(g, p, b * r)
+        a = a.permute(2, 0, 1, 4, 3).reshape(g, b * r, d)
         return torch.bmm(dw, a)
 
     def release(self) -> None:
-        self._a = self.d = None
+        self._a = self.d = self._bias_sums = None
 
 
 Rule = Callable[[nn.Module, list[Call], int], LayerGrads]

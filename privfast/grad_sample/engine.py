@@ -45,6 +45,22 @@ GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
+def _tensors(*trees) -> list[Tensor]:
+    """The tensors among ``trees``' leaves. Flat tuples, lists and dicts skip pytree's generic walk,
+    which the hooks would otherwise take on every call (a recurrent cell: once per time step)."""
+    found = []
+    for tree in trees:
+        if isinstance(tree, Tensor):
+            found.append(tree)
+            continue
+        items = tree.values() if type(tree) is dict else tree if type(tree) in (tuple, list) else None
+        if items is not None and all(isinstance(x, (Tensor, int, float, bool, str, type(None))) for x in items):
+            found.extend(x for x in items if isinstance(x, Tensor))
+        else:
+            found.extend(x for x in tree_leaves(tree) if isinstance(x, Tensor))
+    return found
+
+
 class _Tap(torch.autograd.Function):
     """Identity that puts an untracked layer's output into the graph, so that a hook on it receives
     the output gradient; backward stops there (nothing before it needs a gradient), which spares
@@ -328,7 +344,7 @@ class GradSampleModule(nn.Module):
                 "rows): call the GradSampleModule, not the module inside it, or run under torch.no_grad()"
             )
         call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs], rows=rows)
-        call.versions = [(a, a._version) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        call.versions = [(a, a._version) for a in _tensors(args, kwargs)]
         if isinstance(layer.module, nn.EmbeddingBag) and (
             (len(args) > 1 and args[1] is not None) or kwargs.get("offsets") is not None
         ):
@@ -413,13 +429,13 @@ class GradSampleModule(nn.Module):
             p.requires_grad_(True)
         if not self._capturing():
             return None
-        if untracked and not any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves((args, kwargs))):
+        if untracked and not any(a.requires_grad for a in _tensors(args, kwargs)):
             # With its weights untracked the layer's output would carry no gradient to capture.
             anchor = torch.zeros((), requires_grad=True)
             output = tree_map(
                 lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point() else o, output
             )
-        outputs = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        outputs = _tensors(output)
         call = self._capture(layer, args, kwargs, outputs)
         for i, o in enumerate(outputs):
             if o.requires_grad:

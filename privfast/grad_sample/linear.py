@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fold_rows, register_rule
+from privfast.grad_sample.base import Call, ContractionGrads, fold_rows, register_rule
 
 
-def _channels_first(t: Tensor, fold: int) -> Tensor:
-    """``[B*fold, ..., c] -> [B, fold, 1, c, T]`` (a view)."""
-    folded = fold_rows(t, fold)
-    return folded.reshape(*folded.shape[:2], folded.shape[2:-1].numel(), t.shape[-1]).transpose(2, 3).unsqueeze(2)
+def _positions_last(parts: list[Tensor], fold: int) -> Tensor:
+    """``[B*fold, ..., c]`` per call -> ``[B, fold, 1, c, T]``, the calls' positions joined: a view of a
+    single call; several calls (a recurrent cell's time steps) are joined positions-major, as one
+    call's rows lie, so that the rule's GEMMs read them without another copy."""
+    folded = []
+    for t in parts:
+        f = fold_rows(t, fold)
+        folded.append(f.reshape(*f.shape[:2], f.shape[2:-1].numel(), t.shape[-1]))  # [B, fold, T_i, c]
+    joined = folded[0] if len(folded) == 1 else torch.cat(folded, dim=2)
+    return joined.transpose(2, 3).unsqueeze(2)
 
 
 @register_rule(nn.Linear)
 def linear_rule(module: nn.Linear, calls: list[Call], fold: int) -> ContractionGrads:
     """Inputs ``[B*fold, ..., d]`` and output gradients ``[B*fold, ..., p]``."""
-    a = [_channels_first(c.args[0], fold) for c in calls]
-    d = [_channels_first(c.grads[0], fold) for c in calls]
-    return ContractionGrads(module.weight, module.bias, cat_positions(a), cat_positions(d))
+    a = _positions_last([c.args[0] for c in calls], fold)
+    d = _positions_last([c.grads[0] for c in calls], fold)
+    return ContractionGrads(module.weight, module.bias, a, d)
