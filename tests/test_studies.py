@@ -129,3 +129,16 @@ def test_ats_study(tmp_path):
         "2",
     )
     assert len(result["per_seed"]) == 2 and len(result["per_seed"][0]["policies"]) == 3
+    # Every defense is attacked and trained; noise and pruning train on their defended gradients.
+    for r in result["per_seed"]:
+        assert (
+            set(r["accuracy"])
+            == set(r["defenses"])
+            == {
+                "no defense",
+                "Gaussian noise 0.001",
+                "pruning 70%",
+                "ATS hybrid",
+            }
+        )
+        assert all(0 <= a <= 1 for a in r["accuracy"].values())
