@@ -410,6 +410,36 @@ def test_empty_batch_gives_a_zero_sum(name, mode):
     assert all(s.shape == p.shape and not s.any() for p, s in sums.items())
 
 
+@pytest.mark.parametrize("name", ["linear_seq", "reuse", "cnn"])
+def test_per_example_memory_is_reused_across_steps_of_any_batch_size(name):
+    """The per-example gradients live in memory kept from step to step: the sums stay exact as the
+    (Poisson) batch size changes, and what per_sample_gradients handed out survives later steps."""
+    model, x, y = _setup(name, 12)
+    reference = copy.deepcopy(model)
+    wrapped = GradSampleModule(model, mode="materialize", batch_first=True)
+    F.cross_entropy(wrapped(x[:6]), y[:6]).backward()
+    handed_out = wrapped.per_sample_gradients()
+    kept = {p: g.clone() for p, g in handed_out.items()}
+    wrapped.clear()
+    for rows in (slice(0, 6), slice(6, 9), slice(2, 12), slice(5, 9)):
+        _, expected, _ = _naive_clipped_sum(reference, x[rows], y[rows], 1, 0.1)
+        F.cross_entropy(wrapped(x[rows]), y[rows]).backward()
+        got = wrapped.clipped_sum(0.1)
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
+    for p, g in handed_out.items():
+        assert torch.equal(g, kept[p])
+    if name != "cnn":  # a Linear's per-example gradients are written into its workspace, which keeps its memory
+        linear = [layer for layer in wrapped._layers if isinstance(layer.module, nn.Linear)][-1]  # called once
+        before = linear.workspace.nbytes()
+        F.cross_entropy(wrapped(x[:3]), y[:3]).backward()
+        per_example = wrapped._layer_grads()
+        layer, grads, _ = next(item for item in per_example if item[0] is linear)
+        assert before > 0 and linear.workspace.owns(grads.per_example()[0])
+        per_example.close()
+        wrapped.clear()
+
+
 def test_parameters_frozen_after_wrapping_stay_frozen():
     model, x, y = _setup("linear", 4)
     wrapped = GradSampleModule(model)

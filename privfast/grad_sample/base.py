@@ -63,6 +63,41 @@ class Call:
         self.grads = [None] * len(self.grads)
 
 
+class Workspace:
+    """Memory for one layer's per-example gradients, kept from one step to the next.
+
+    A step that materializes per-example gradients allocates megabytes per layer and frees them at
+    its end; glibc hands such blocks back to the kernel, so every step pays for fresh zeroed pages
+    (on the benchmark transformer as much as computing the gradients). Written into memory kept
+    here, they cost only their arithmetic. Grows to the largest batch seen (Poisson batches vary).
+    """
+
+    def __init__(self):
+        self._flat: Optional[Tensor] = None
+
+    def take(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Contiguous tensors of these shapes, in memory reused by the next call (their contents are not kept)."""
+        sizes = [math.prod(shape) for shape in shapes]
+        need = sum(sizes)
+        flat = self._flat
+        if flat is None or flat.numel() < need or flat.dtype != dtype or flat.device != device:
+            flat = self._flat = None  # free the old block before allocating the new one
+            flat = self._flat = torch.empty(need + need // 8, dtype=dtype, device=device)  # room for larger batches
+        out, start = [], 0
+        for shape, size in zip(shapes, sizes):
+            out.append(flat[start : start + size].view(shape))
+            start += size
+        return out
+
+    def owns(self, t: Tensor) -> bool:
+        """Whether ``t`` lives in this workspace's memory (and would be overwritten by the next step)."""
+        return self._flat is not None and t.untyped_storage().data_ptr() == self._flat.untyped_storage().data_ptr()
+
+    def nbytes(self) -> int:
+        """Bytes held between steps."""
+        return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+
+
 class LayerGrads:
     """Per-example gradients of one layer's parameters, computed on demand.
 
@@ -110,6 +145,12 @@ class LayerGrads:
 
     def _compute_per_example(self) -> list[Tensor]:
         raise NotImplementedError
+
+    def scaled_per_example(self, scale: float, workspace: Optional[Workspace] = None) -> list[Tensor]:
+        """Per-example gradients times ``scale`` (``[B, *p.shape]`` each). Rules that can write them into
+        ``workspace`` do so: the caller must then consume them before the layer's next step."""
+        per_example = self._per_example if self._per_example is not None else self._compute_per_example()
+        return per_example if scale == 1.0 else [g.mul_(scale) for g in per_example]
 
     def norm_sq(self, how: str) -> Tensor:
         """``[B]`` squared per-example norms over this layer's parameters."""
@@ -206,6 +247,23 @@ class ContractionGrads(LayerGrads):
 
     def _weight_per_example(self) -> Tensor:
         return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
+
+    def scaled_per_example(self, scale: float, workspace: Optional[Workspace] = None) -> list[Tensor]:
+        # The scale rides on the GEMM (its alpha) instead of a pass over the [B, p, d] result.
+        b, g, r, d, p = self._dims()
+        shapes = [(b, *param.shape) for param in self.params]
+        if workspace is None:
+            out = [torch.empty(shape, dtype=self.d.dtype, device=self.d.device) for shape in shapes]
+        else:
+            out = workspace.take(shapes, self.d.dtype, self.d.device)
+        if self.weight is not None:
+            dt = self._rows(self.d).transpose(-1, -2).reshape(b * g, p, r)
+            a = self._rows(self.a).reshape(b * g, r, d)
+            target = out[0].view(b * g, p, d)
+            torch.baddbmm(target, dt, a, beta=0, alpha=scale, out=target)
+        if self.bias is not None:
+            torch.mul(self._bias_per_example(), scale, out=out[-1].view(b, g * p))
+        return out
 
     def _compute_per_example(self) -> list[Tensor]:
         out = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, ContractionGrads, cat_positions, fold_rows, register_rule
+from privfast.grad_sample.base import Call, ContractionGrads, LayerGrads, cat_positions, fold_rows, register_rule
 
 Conv = Union[nn.Conv1d, nn.Conv2d]
 
@@ -86,6 +86,9 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
 
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
+
+    # The per-example gradients come from convolution backwards, not one GEMM with an alpha: scaled in place.
+    scaled_per_example = LayerGrads.scaled_per_example
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups

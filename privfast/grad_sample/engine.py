@@ -27,7 +27,16 @@ from privfast import _torch_ops, ops
 
 # Importing the rule modules registers them.
 from privfast.grad_sample import conv, embedding, group_norm, layer_norm, linear, sequence_bias  # noqa: F401
-from privfast.grad_sample.base import GHOST, MATERIALIZE, Call, LayerGrads, MaterializedGrads, rule_for, trainable
+from privfast.grad_sample.base import (
+    GHOST,
+    MATERIALIZE,
+    Call,
+    LayerGrads,
+    MaterializedGrads,
+    Workspace,
+    rule_for,
+    trainable,
+)
 from privfast.grad_sample.functorch import vmap_rule
 from privfast.grad_sample.layout import Layout, LayoutError, check_call, layer_layout, model_rows
 
@@ -92,6 +101,7 @@ class _Layer:
         self.rule = vmap_rule if rule is None else rule
         self.calls: list[Call] = []
         self.materialized: Optional[MaterializedGrads] = None  # per-example gradients built during backward
+        self.workspace = Workspace()  # their memory, reused step after step
         self.untracked: list[nn.Parameter] = []  # parameters the forward in flight stopped tracking
 
     def pending(self) -> list[Call]:
@@ -107,8 +117,10 @@ def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
     weights = torch.linspace(0.5, 1.0, grads.batch, dtype=torch.float64, device=grads.params[0].device)
     cuda = grads.params[0].device.type == "cuda"
 
+    workspace = Workspace()  # as the step reuses its memory: the second run times the steady state
+
     def materialize():
-        per_example = grads._compute_per_example()
+        per_example = grads.scaled_per_example(1.0, workspace)
         ops.per_sample_norms(per_example)
         for g in per_example:
             torch.tensordot(weights.to(g.dtype), g, dims=1)
@@ -460,11 +472,11 @@ class GradSampleModule(nn.Module):
             grads = self._apply_rule(layer, [call])
             if self._plan(grads, layer) != (MATERIALIZE, MATERIALIZE):
                 return
-            per_example = [g.mul_(scale) for g in grads.per_example()]
             if layer.materialized is None:
+                per_example = grads.scaled_per_example(scale, layer.workspace)
                 layer.materialized = MaterializedGrads(grads.params, per_example)
             else:
-                for total, g in zip(layer.materialized.per_example(), per_example):
+                for total, g in zip(layer.materialized.per_example(), grads.scaled_per_example(scale)):
                     total.add_(g)
         layer.calls.remove(call)
         call.drop()
@@ -490,7 +502,7 @@ class GradSampleModule(nn.Module):
                 grads = self._apply_rule(layer, calls)
                 if layer.materialized is not None:  # calls that planned otherwise join the built part
                     built = layer.materialized.per_example()
-                    per_example = [a + b.mul_(scale) for a, b in zip(built, grads.per_example())]
+                    per_example = [a + b for a, b in zip(built, grads.scaled_per_example(scale))]
                     grads, scale = MaterializedGrads(grads.params, per_example), 1.0
                 yield layer, grads, scale
         if not found:
@@ -576,10 +588,11 @@ class GradSampleModule(nn.Module):
 
         Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
         """
+        # Copies of what lives in a layer's workspace: the caller keeps these past the next step.
         return {
-            p: g.mul_(scale)
-            for _, grads, scale in self._layer_grads()
-            for p, g in zip(grads.params, grads.per_example())
+            p: g.clone() if layer.workspace.owns(g) else g
+            for layer, grads, scale in self._layer_grads()
+            for p, g in zip(grads.params, grads.scaled_per_example(scale))
         }
 
     @torch.no_grad()
@@ -608,7 +621,7 @@ class GradSampleModule(nn.Module):
         for layer, grads, scale in self._layer_grads():
             norm_how, sum_how = self._plan(grads, layer)
             if sum_how == MATERIALIZE:
-                materialized.append((grads.params, [g.mul_(scale) for g in grads.per_example()]))
+                materialized.append((grads.params, grads.scaled_per_example(scale, layer.workspace)))
                 grads.release()
             else:
                 contracted.append((grads, scale, norm_how))
