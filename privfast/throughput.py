@@ -400,11 +400,15 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def peak_bytes(step: Callable[[], None]) -> Optional[int]:
-    """Peak resident memory added by one call of ``step`` (Linux; None elsewhere).
+    """Peak resident memory of two calls of a step never run before, above the resident memory before
+    them (Linux; None elsewhere): what the step allocates for itself, including what it keeps from one
+    step to the next (per-example workspaces, ``.grad``).
 
-    The kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, and glibc is told
-    to serve blocks above 64 KiB by mmap, so that freed tensors leave the resident set at once and
-    the mark follows the live allocations.
+    glibc is told to serve blocks above 64 KiB by mmap, so that freed tensors leave the resident set
+    at once and the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) follows the
+    live allocations. That setting stays for the rest of the process and makes every later large
+    allocation fault in fresh pages: run this in a process of its own (:func:`compare_family` does),
+    not before timing anything.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -415,14 +419,40 @@ def peak_bytes(step: Callable[[], None]) -> Optional[int]:
 
     libc = ctypes.CDLL(None)
     libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    step()  # settle the allocator under the new threshold
     gc.collect()
     libc.malloc_trim(0)  # freed memory still resident would hide the step's own peak below the baseline
     before = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
+    step()
     return status("VmHWM:") - before
+
+
+def _family_peaks(name: str, k: int, variants: Sequence[str], seed: int, threads: int) -> dict[str, Optional[int]]:
+    """:func:`peak_bytes` of each variant's step on one family and K (run in a child process)."""
+    torch.set_num_threads(threads)
+    family = FAMILIES[name]
+    x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
+    peaks = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for variant in variants:
+            torch.manual_seed(seed)
+            step = training_step(variant, family.make_model(), x, y, augmult=k)
+            peaks[variant] = peak_bytes(step)
+            del step
+    return peaks
+
+
+def _peaks_in_child(name: str, k: int, variants: Sequence[str], seed: int) -> dict[str, Optional[int]]:
+    """The peaks measured in a fresh process: the allocator setting they need must not reach the timings."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_family_peaks, name, k, list(variants), seed, torch.get_num_threads()).result()
 
 
 def compare_family(
@@ -463,11 +493,7 @@ def compare_family(
             except Exception as error:  # noqa: BLE001 (reported in the table, not hidden)
                 failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         check_same_update(family.make_model, x, y, augmult=k, variants=list(steps), seed=seed)
-        peaks = {}
-        if memory:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                peaks = {v: peak_bytes(step) for v, step in steps.items()}
+        peaks = _peaks_in_child(name, k, list(steps), seed) if memory else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             timings = measure(steps, rounds=rounds)

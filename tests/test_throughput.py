@@ -1,6 +1,7 @@
 """The benchmark's machinery: variants that must agree do, a disagreement is caught, the table is built."""
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -62,3 +63,18 @@ def test_token_families_and_the_table(monkeypatch, one_thread):
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown family 'nope'"):
         compare_family("nope")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from Linux's /proc")
+def test_peak_memory_is_measured_away_from_the_timings(monkeypatch, one_thread):
+    """Measuring peaks switches glibc to mmap for every block above 64 KiB, which would make the timed
+    steps fault in fresh pages: the peaks come from a child process, never from this one."""
+
+    def in_this_process(step):
+        raise AssertionError("peak_bytes ran in the timing process")
+
+    monkeypatch.setattr(throughput, "peak_bytes", in_this_process)
+    rows = compare_family(
+        "cnn", augmults=[1], variants=["non-private", "privfast-materialize"], rounds=1, progress=False
+    )
+    assert all(isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0 for r in rows)
