@@ -54,19 +54,23 @@ GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
+_FLAT_LEAVES = (Tensor, int, float, bool, str, type(None))
+
+
 def _tensors(*trees) -> list[Tensor]:
-    """The tensors among ``trees``' leaves. Flat tuples, lists and dicts skip pytree's generic walk,
-    which the hooks would otherwise take on every call (a recurrent cell: once per time step)."""
+    """The tensors among ``trees``' leaves. Tensors and flat tuples, lists and dicts skip pytree's
+    generic walk: the hooks run this on every call of a layer (a recurrent cell: once per time step)."""
     found = []
     for tree in trees:
         if isinstance(tree, Tensor):
             found.append(tree)
             continue
-        items = tree.values() if type(tree) is dict else tree if type(tree) in (tuple, list) else None
-        if items is not None and all(isinstance(x, (Tensor, int, float, bool, str, type(None))) for x in items):
-            found.extend(x for x in items if isinstance(x, Tensor))
+        kind = type(tree)
+        items = tree.values() if kind is dict else tree if kind is tuple or kind is list else None
+        if items is not None and all(isinstance(x, _FLAT_LEAVES) for x in items):
+            found += [x for x in items if isinstance(x, Tensor)]
         else:
-            found.extend(x for x in tree_leaves(tree) if isinstance(x, Tensor))
+            found += [x for x in tree_leaves(tree) if isinstance(x, Tensor)]
     return found
 
 
@@ -341,7 +345,7 @@ class GradSampleModule(nn.Module):
         if self._packed:
             self._packed.pop()
 
-    def _capture(self, layer: _Layer, args: tuple, kwargs: dict, outputs: list[Tensor]) -> Call:
+    def _capture(self, layer: _Layer, args: tuple, kwargs: dict, inputs: list[Tensor], outputs: list[Tensor]) -> Call:
         """The call as its rule will see it, after the guard has checked where its examples are.
 
         Registered rules get the example dimension moved first (a view); a recurrent cell's call on
@@ -356,7 +360,7 @@ class GradSampleModule(nn.Module):
                 "rows): call the GradSampleModule, not the module inside it, or run under torch.no_grad()"
             )
         call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs], rows=rows)
-        call.versions = [(a, a._version) for a in _tensors(args, kwargs)]
+        call.versions = [(a, a._version) for a in inputs]
         if isinstance(layer.module, nn.EmbeddingBag) and (
             (len(args) > 1 and args[1] is not None) or kwargs.get("offsets") is not None
         ):
@@ -441,14 +445,15 @@ class GradSampleModule(nn.Module):
             p.requires_grad_(True)
         if not self._capturing():
             return None
-        if untracked and not any(a.requires_grad for a in _tensors(args, kwargs)):
+        inputs = _tensors(args, kwargs)
+        if untracked and not any(a.requires_grad for a in inputs):
             # With its weights untracked the layer's output would carry no gradient to capture.
             anchor = torch.zeros((), requires_grad=True)
             output = tree_map(
                 lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point() else o, output
             )
         outputs = _tensors(output)
-        call = self._capture(layer, args, kwargs, outputs)
+        call = self._capture(layer, args, kwargs, inputs, outputs)
         for i, o in enumerate(outputs):
             if o.requires_grad:
                 o.register_hook(functools.partial(self._on_grad, layer, call, i))
