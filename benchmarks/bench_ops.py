@@ -117,6 +117,29 @@ def test_clip_accumulate_noise(benchmark, impl, device, batch, total):
     run(benchmark, device, fn, bytes_moved=2 * 4 * TOTALS[total])
 
 
+# Large per-example rows (a 1M-parameter model: 4 MB a row): a thread's share of a row no longer fits its L2
+# between the norm pass and the accumulate pass. "one read" is a single pass over the same gradients
+# (per_sample_norms), the floor the fused op is compared with; sigma = 0 leaves the noise out.
+LARGE = [(d, b) for d in DEVICES for b in (64, 256)]
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused-sigma0", "eager", "one read"])
+@pytest.mark.parametrize("device,batch", LARGE, ids=[f"{d}-B{b}" for d, b in LARGE])
+def test_clip_large_rows(benchmark, impl, device, batch):
+    per_row = 1 << 20
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(batch, n, generator=gen).to(device) for n in (per_row // 2, per_row // 4, per_row // 4)]
+    benchmark.group = f"clip_accumulate_noise {device} B={batch} 4 MB rows"
+    noise = torch.Generator(device=device).manual_seed(0)
+    fn = {
+        "fused": lambda: ops.clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, noise),
+        "fused-sigma0": lambda: ops.clip_accumulate_noise(grads, 1.0, 0.0, 1 / batch),
+        "eager": lambda: eager_clip_accumulate_noise(grads, 1.0, 1.0, 1 / batch, noise),
+        "one read": lambda: ops.per_sample_norms(grads),
+    }[impl]
+    run(benchmark, device, fn, bytes_moved=4 * batch * per_row, rounds=5)
+
+
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 @pytest.mark.parametrize("device,batch,total", CASES, ids=IDS)
 def test_per_sample_norms(benchmark, impl, device, batch, total):

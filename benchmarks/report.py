@@ -24,11 +24,22 @@ def main(path: str) -> None:
     print("|---|---:|---:|---:|---:|")
     for group in sorted(groups):
         pair = groups[group]
-        if set(pair) != {"fused", "eager"}:
+        if not {"fused", "eager"} <= set(pair):
             continue
         fused, eager = pair["fused"]["stats"]["median"], pair["eager"]["stats"]["median"]
         gbps = pair["fused"]["extra_info"]["bytes"] / fused / 1e9
         print(f"| {group} | {fused * 1e3:.3f} | {eager * 1e3:.3f} | {eager / fused:.2f}x | {gbps:.1f} |")
+    floors = {g: pair for g, pair in groups.items() if "one read" in pair}
+    if floors:
+        print("\nLarge rows against one read of the same gradients (medians):\n")
+        print("| case | fused / one read | fused (sigma = 0) / one read | eager / fused |")
+        print("|---|---:|---:|---:|")
+        for group in sorted(floors):
+            pair = floors[group]
+            read = pair["one read"]["stats"]["median"]
+            fused, eager = pair["fused"]["stats"]["median"], pair["eager"]["stats"]["median"]
+            quiet = pair["fused-sigma0"]["stats"]["median"]
+            print(f"| {group} | {fused / read:.2f}x | {quiet / read:.2f}x | {eager / fused:.2f}x |")
 
 
 if __name__ == "__main__":
