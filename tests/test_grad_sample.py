@@ -195,6 +195,17 @@ MODELS = {
 }
 
 
+@pytest.fixture(params=["kernel", "unfold"])
+def conv_path(request, monkeypatch):
+    """A convolution's per-example gradients from its weight-gradient kernel or from one GEMM over the
+    unfolded input: privfast picks by the output positions, and every test model is small enough for
+    either, so both are checked."""
+    from privfast.grad_sample import conv
+
+    monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0 if request.param == "kernel" else 1 << 30)
+    return request.param
+
+
 def _setup(name, rows, seed=0):
     make_model, make_input, classes = MODELS[name]
     torch.manual_seed(seed)
@@ -221,7 +232,7 @@ def _naive_clipped_sum(model, x, y, k, max_grad_norm):
 @pytest.mark.parametrize("k", [2, 4, 16])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_clipped_sum_matches_naive_loop(name, mode, k):
+def test_clipped_sum_matches_naive_loop(name, mode, k, conv_path):
     model, x, y = _setup(name, 3 * k)
     params, expected, norms = _naive_clipped_sum(model, x, y, k, 1.0)
     max_grad_norm = float(norms.median())  # some examples clipped, some not
@@ -235,7 +246,7 @@ def test_clipped_sum_matches_naive_loop(name, mode, k):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_per_sample_gradients_match_naive_loop(name):
+def test_per_sample_gradients_match_naive_loop(name, conv_path):
     k = 2
     model, x, y = _setup(name, 3 * k)
     params = [p for p in model.parameters()]
@@ -255,7 +266,7 @@ def test_per_sample_gradients_match_naive_loop(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["materialize", "bk"])
 @pytest.mark.parametrize("name", ["cnn", "conv_wide", "conv_reuse", "groupnorm_first"])
-def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout):
+def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout, conv_path):
     """The convolution and GroupNorm rules given rows with a stride, or channels-last images, in
     float32 as in float64, against the naive loop in float64 on the same values."""
     k = 4
@@ -293,7 +304,7 @@ def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout):
         set(MODELS) - {"reuse", "conv1d", "conv2d", "conv_wide", "embedding", "conv_first_inplace", "embedding_bag"}
     ),
 )
-def test_update_matches_opacus(name, mode):
+def test_update_matches_opacus(name, mode, conv_path):
     """K = 1, sigma = 0: the privatized gradient equals Opacus's GradSampleModule + DPOptimizer."""
     model, x, y = _setup(name, 8)
     reference = copy.deepcopy(model)
@@ -401,7 +412,7 @@ def test_unused_batch_is_not_silently_mixed_into_the_next():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", sorted(set(MODELS) - {"fallback_convs"}))  # torch's instance_norm fails on 0 rows
-def test_empty_batch_gives_a_zero_sum(name, mode):
+def test_empty_batch_gives_a_zero_sum(name, mode, conv_path):
     model, x, y = _setup(name, 4)
     wrapped = GradSampleModule(model, mode=mode, augmult=2)
     F.cross_entropy(wrapped(x[:0]), y[:0], reduction="sum").backward()
@@ -411,7 +422,7 @@ def test_empty_batch_gives_a_zero_sum(name, mode):
 
 
 @pytest.mark.parametrize("name", ["linear_seq", "reuse", "cnn"])
-def test_per_example_memory_is_reused_across_steps_of_any_batch_size(name):
+def test_per_example_memory_is_reused_across_steps_of_any_batch_size(name, conv_path):
     """The per-example gradients live in memory kept from step to step: the sums stay exact as the
     (Poisson) batch size changes, and what per_sample_gradients handed out survives later steps."""
     model, x, y = _setup(name, 12)
@@ -493,6 +504,7 @@ def test_conv_falls_back_to_a_dense_placeholder_weight(monkeypatch):
     """A backend refusing the stride-0 placeholder weight (as cuDNN might) gets a dense one, same result."""
     from privfast.grad_sample import conv
 
+    monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0)  # the kernel's path, whatever the positions
     model, x, y = _setup("conv_wide", 8)
     reference = GradSampleModule(copy.deepcopy(model), mode="materialize", augmult=2)
     F.cross_entropy(reference(x), y).backward()

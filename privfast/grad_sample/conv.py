@@ -2,13 +2,14 @@
 the unfolded input: ``grad W_b[g] = sum_t D[b, g, t] A[b, g, t]^T`` with ``t`` over the K
 augmentations and the output positions. Conv1d is unfolded as a convolution of height 1.
 
-Only ghost norms unfold the input (a copy ``prod(kernel)`` times its size). The per-example
-gradients and the clipped sum come from the convolution's own weight-gradient kernel, which sums
-over its batch: for the per-example gradients, a narrow layer runs it once with every row as a
+Ghost norms unfold the input (a copy ``prod(kernel)`` times its size). The clipped sum comes
+from the convolution's own weight-gradient kernel, which sums over its batch, in one run over all
+rows, each scaled by its example's clip factor. The per-example gradients come from that kernel too,
+except for a layer with few output positions on the CPU, where they are one batched GEMM over the
+unfolded input (see UNFOLD_MAX_POSITIONS): a narrow layer runs the kernel once with every row as a
 group of a batch of one (a view; the rows' gradients, small with few input channels, are summed
 over the fold after) and a wider one runs it once per example with the example's fold rows as the
-batch (contiguous: no copy); the clipped sum is one run over all rows, each scaled by its example's
-clip factor.
+batch (contiguous: no copy).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ Conv = Union[nn.Conv1d, nn.Conv2d]
 # copies (the timings that set it: benchmarks/RESULTS.md, "Notes moved from docstrings"). With
 # fold 1 the rows are the examples, and one run with a group per row does it without a copy.
 PER_EXAMPLE_MIN_CHANNELS = 8
+
+# At or below this many output positions per row, a convolution's per-example weight gradients on the
+# CPU are the unfolded input times the output gradients in one batched GEMM: there the weight-gradient
+# kernel, run with one group per example, spends more on its many small groups than on the arithmetic
+# (4x slower on WRN-16-4's 8x8 stage with 256 channels, 6x on a 16 -> 32 channel conv at 4x4), while
+# from 16x16 on it is as fast or faster (benchmarks/RESULTS.md).
+UNFOLD_MAX_POSITIONS = 64
 
 # Per device type: whether convolution_backward takes the stride-0 placeholder weight (see _weight_gradient).
 _EXPANDED_WEIGHT_OK: dict[str, bool] = {}
@@ -87,9 +95,6 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
-    # The per-example gradients come from convolution backwards, not one GEMM with an alpha: scaled in place.
-    scaled_per_example = LayerGrads.scaled_per_example
-
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups
         d = [
@@ -109,6 +114,17 @@ class ConvGrads(ContractionGrads):
     def weight_columns(self) -> int:
         return self.module.weight[0].numel()
 
+    def _unfolds(self) -> bool:
+        """Whether the per-example gradients are one GEMM over the unfolded input (see UNFOLD_MAX_POSITIONS)."""
+        positions = self.outputs_grad[0].shape[2:].numel()
+        return self.inputs[0].device.type == "cpu" and positions <= UNFOLD_MAX_POSITIONS
+
+    def scaled_per_example(self, scale: float, workspace=None) -> list[Tensor]:
+        if self._unfolds():  # one GEMM: the scale rides on its alpha, the result goes to the workspace
+            return super().scaled_per_example(scale, workspace)
+        # Convolution backwards, not one GEMM with an alpha: scaled in place.
+        return LayerGrads.scaled_per_example(self, scale, workspace)
+
     def _per_row(self) -> bool:
         # Off the CPU, one run per example would be a Python loop of B kernel launches: one grouped run there.
         return (
@@ -118,7 +134,9 @@ class ConvGrads(ContractionGrads):
         )
 
     def materialize_cost(self) -> float:
-        b, g, _, d, p = self._dims()
+        b, g, r, d, p = self._dims()
+        if self._unfolds():
+            return super().materialize_cost() + b * g * r * d  # the GEMM and the unfolding
         partials = b * self.fold * g * d * p if self._per_row() else 0  # the rows' gradients, summed over the fold
         return super().materialize_cost() + partials
 
@@ -131,7 +149,7 @@ class ConvGrads(ContractionGrads):
         return super().materialize_cost() + scaled
 
     def _weight_per_example(self) -> Tensor:
-        if self.batch == 0:  # the kernel takes no zero groups
+        if self.batch == 0 or self._unfolds():  # the kernel takes no zero groups
             return super()._weight_per_example()
         module, b, k = self.module, self.batch, self.fold
         if self._per_row():
