@@ -135,6 +135,17 @@ def training_step(
     return step
 
 
+def _seeded_step(
+    variant: str, make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, augmult: int, seed: int
+) -> Callable[[], None]:
+    """:func:`training_step` on a model built after ``torch.manual_seed(seed)``: every variant starts from
+    the same weights (Opacus's construction warnings silenced)."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return training_step(variant, make_model(), x, y, augmult=augmult)
+
+
 def check_same_update(
     make_model: Callable[[], nn.Module],
     x: torch.Tensor,
@@ -251,8 +262,7 @@ def run_benchmark(
         y = torch.randint(0, num_classes, (batch_size * k,), generator=g)
         steps = {}
         for variant in variants:
-            torch.manual_seed(seed)
-            steps[variant] = training_step(variant, make_model(), x, y, augmult=k)
+            steps[variant] = _seeded_step(variant, make_model, x, y, augmult=k, seed=seed)
         with warnings.catch_warnings():  # Opacus's hooks warn on inputs without gradients, at every step
             warnings.simplefilter("ignore")
             timings = measure(steps, rounds=rounds)
@@ -435,13 +445,12 @@ def _family_peaks(name: str, k: int, variants: Sequence[str], seed: int, threads
     family = FAMILIES[name]
     x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
     peaks = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for variant in variants:
-            torch.manual_seed(seed)
-            step = training_step(variant, family.make_model(), x, y, augmult=k)
+    for variant in variants:
+        step = _seeded_step(variant, family.make_model, x, y, augmult=k, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             peaks[variant] = peak_bytes(step)
-            del step
+        del step
     return peaks
 
 
@@ -483,11 +492,10 @@ def compare_family(
         x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
         steps, failed = {}, {}
         for variant in variants:
-            torch.manual_seed(seed)
             try:
+                step = _seeded_step(variant, family.make_model, x, y, augmult=k, seed=seed)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    step = training_step(variant, family.make_model(), x, y, augmult=k)
                     step()  # a variant that cannot run this model fails here, before anything is timed
                 steps[variant] = step
             except Exception as error:  # noqa: BLE001 (reported in the table, not hidden)

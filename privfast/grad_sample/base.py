@@ -81,8 +81,8 @@ class Workspace:
         need = sum(sizes)
         flat = self._flat
         if flat is None or flat.numel() < need or flat.dtype != dtype or flat.device != device:
-            flat = self._flat = None  # free the old block before allocating the new one
-            flat = self._flat = torch.empty(need + need // 8, dtype=dtype, device=device)  # room for larger batches
+            self._flat = flat = None  # free the old block before allocating the new one
+            self._flat = flat = torch.empty(need + need // 8, dtype=dtype, device=device)  # room for larger batches
         out, start = [], 0
         for shape, size in zip(shapes, sizes):
             out.append(flat[start : start + size].view(shape))
@@ -246,21 +246,26 @@ class ContractionGrads(LayerGrads):
         return type(self).__name__, b.bit_length(), g, r, d, p, self.d.dtype, self.d.device.type
 
     def _weight_per_example(self) -> Tensor:
-        return torch.matmul(self._rows(self.d).transpose(-1, -2), self._rows(self.a))
+        return self._weight_gemm()
+
+    def _weight_gemm(self, scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
+        """``[B*G, p, d]``: each example's weight gradient times ``scale``, written into ``out`` if given.
+        One batched GEMM; the scale is its alpha, not a pass over the result."""
+        b, g, r, d, p = self._dims()
+        dt = self._rows(self.d).transpose(-1, -2).reshape(b * g, p, r)
+        a = self._rows(self.a).reshape(b * g, r, d)
+        out = dt.new_empty(b * g, p, d) if out is None else out
+        return torch.baddbmm(out, dt, a, beta=0, alpha=scale, out=out)
 
     def scaled_per_example(self, scale: float, workspace: Optional[Workspace] = None) -> list[Tensor]:
-        # The scale rides on the GEMM (its alpha) instead of a pass over the [B, p, d] result.
-        b, g, r, d, p = self._dims()
+        b, g, _, d, p = self._dims()
         shapes = [(b, *param.shape) for param in self.params]
         if workspace is None:
-            out = [torch.empty(shape, dtype=self.d.dtype, device=self.d.device) for shape in shapes]
+            out = [self.d.new_empty(shape) for shape in shapes]
         else:
             out = workspace.take(shapes, self.d.dtype, self.d.device)
         if self.weight is not None:
-            dt = self._rows(self.d).transpose(-1, -2).reshape(b * g, p, r)
-            a = self._rows(self.a).reshape(b * g, r, d)
-            target = out[0].view(b * g, p, d)
-            torch.baddbmm(target, dt, a, beta=0, alpha=scale, out=target)
+            self._weight_gemm(scale, out[0].view(b * g, p, d))
         if self.bias is not None:
             torch.mul(self._bias_per_example(), scale, out=out[-1].view(b, g * p))
         return out

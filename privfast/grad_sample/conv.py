@@ -150,7 +150,7 @@ class ConvGrads(ContractionGrads):
 
     def _weight_per_example(self) -> Tensor:
         if self.batch == 0 or self._unfolds():  # the kernel takes no zero groups
-            return super()._weight_per_example()
+            return self._weight_gemm()
         module, b, k = self.module, self.batch, self.fold
         if self._per_row():
             # [B*K, C, ...] -> [1, B*K*C, ...]: a view; every row's own gradient, then the sum over its fold.

@@ -366,9 +366,8 @@ class GradSampleModule(nn.Module):
         ):
             raise LayoutError(
                 f"layer {layer.name!r} (EmbeddingBag) got 1-D ids with offsets, which pack the bags of all "
-                f"examples into "
-                "one row: its per-example gradients cannot be told apart. Pass 2-D ids [N, L] (one bag per row; pad "
-                "with padding_idx) instead."
+                "examples into one row: its per-example gradients cannot be told apart. Pass 2-D ids [N, L] (one "
+                "bag per row; pad with padding_idx) instead."
             )
         if layer.fallback:
             tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
@@ -529,8 +528,7 @@ class GradSampleModule(nn.Module):
                 f"per-example gradients of layer {layer.name!r} ({type(layer.module).__name__}) failed in the generic "
                 f"torch.func.vmap fallback: {type(error).__name__}: {error}\nThe layer's forward must work on one "
                 "example's rows at a time without in-place updates of its buffers or inputs. Replace the "
-                "layer, or give "
-                "its type a rule with privfast.grad_sample.register_rule."
+                "layer, or give its type a rule with privfast.grad_sample.register_rule."
             ) from error
 
     def _loss_scale(self, rows: int) -> float:

@@ -98,9 +98,8 @@ def model_rows(args: tuple, kwargs: dict, *, batch_first: bool) -> Optional[int]
             if value.dim() <= dim:
                 raise LayoutError(
                     f"the model's input has shape {list(value.shape)}, which has no dimension {dim} to hold "
-                    f"the examples "
-                    f"(batch_first={batch_first}); pass the batch as [N, ...] with batch_first=True or [T, N, ...] "
-                    "with batch_first=False"
+                    f"the examples (batch_first={batch_first}); pass the batch as [N, ...] with batch_first=True "
+                    "or [T, N, ...] with batch_first=False"
                 )
             return int(value.shape[dim])
     return None
@@ -137,15 +136,13 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
             )
         raise LayoutError(
             f"{label} got an {what} of shape {shape}; the engine expects the batch's {rows} rows at "
-            f"{layout.describe()}. "
-            f"Clipping anything else would not bound each example's contribution.{hint}"
+            f"{layout.describe()}. Clipping anything else would not bound each example's contribution.{hint}"
         )
     if not layout.explicit and t.dim() >= 2 and shape[0] == shape[1] == rows and _has_positions(t):
         raise LayoutError(
             f"{label} got an {what} of shape {shape}: both leading dimensions have the batch's {rows} rows, "
-            f"so the engine "
-            "cannot tell which holds the examples. Pass batch_first=True ([N, T, ...]) or batch_first=False "
-            "([T, N, ...]) to make_private / GradSampleModule explicitly."
+            "so the engine cannot tell which holds the examples. Pass batch_first=True ([N, T, ...]) or "
+            "batch_first=False ([T, N, ...]) to make_private / GradSampleModule explicitly."
         )
 
 
