@@ -424,17 +424,18 @@ def perplexity(model: nn.Module, rows: Tensor, *, batch_size: int = 256) -> floa
     ``[:, 1:]``)."""
     training = model.training
     model.eval()
-    total, count = 0.0, 0
     device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync a batch
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size].to(device)
             logits = model(batch[:, :-1])
-            total += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            )
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            ).double()
             count += batch[:, 1:].numel()
     model.train(training)
+    total = float(total)
     return math.exp(total / count)
 
 
@@ -568,15 +569,17 @@ def train_language_model(
         range(len(history), epochs), desc=f"train eps={_epsilon_label(epsilon)}", disable=not progress, leave=False
     ):
         model.train()
-        total, count = 0.0, 0
+        # The epoch's loss is summed on the device and read once: a float() per step would stall a GPU step.
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not nested_progress(progress), leave=False):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = _lm_loss(trained(x), y)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach().double() * len(y)
             count += len(y)
+        total = float(total)
         record = {
             "epoch": epoch + 1,
             "train_loss": total / count if count else math.nan,

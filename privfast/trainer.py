@@ -252,8 +252,9 @@ class Trainer:
     def _augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.augmenter(x, y) if self.augmenter is not None else (x, y)
 
-    def _step(self, x: Tensor, y: Tensor) -> float:
-        """One optimizer step on an (augmented) batch; returns its summed loss."""
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimizer step on an (augmented) batch; returns its summed loss (a float64 scalar on the
+        device: reading it every step would stall a GPU step on a host sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = _soft_cross_entropy(self.trained(x), y)
         loss.backward()
@@ -262,7 +263,7 @@ class Trainer:
             self.optimizer.step(lambda: _soft_cross_entropy(self.trained(x), y).backward())
         else:
             self.optimizer.step()
-        return float(loss.detach()) * len(y)
+        return loss.detach().double() * len(y)
 
     def _train_epoch(self, epoch: int, interrupt: _DeferredInterrupt, partial: Optional[dict] = None) -> float:
         """The mean training loss of epoch ``epoch`` (0-based), continued from ``partial`` (an
@@ -277,6 +278,7 @@ class Trainer:
         epoch_rng = torch.get_rng_state()
         batches = iter(self.loader)  # draws from the generator too (the loader's base seed, a shuffle)
         done, total, rows = 0, 0.0, 0
+        device = next(self.model.parameters()).device
         if partial is not None:
             # Replay the draws of the steps already made (batch sampling, augmentations: nothing
             # else of a step touches the global generator) so that the loader stands where it stood.
@@ -284,6 +286,7 @@ class Trainer:
                 self._augment(*next(batches))
             torch.set_rng_state(partial["rng"])
             done, total, rows = partial["step"], partial["loss_sum"], partial["rows"]
+        total = torch.tensor(total, dtype=torch.float64, device=device)  # read once, at the end or a stop
         steps = len(self.loader)
         nested = nested_progress(self.progress)  # the bar over steps, inside the one over epochs
         with tqdm(
@@ -296,8 +299,8 @@ class Trainer:
                 done += 1
                 bar.update()
                 if interrupt.requested and done < steps:
-                    raise _StoppedWithinEpoch(done, total, rows, epoch_rng)
-        return total / rows if rows else math.nan
+                    raise _StoppedWithinEpoch(done, float(total), rows, epoch_rng)
+        return float(total) / rows if rows else math.nan
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
         """Train up to ``config.epochs`` epochs, auditing and checkpointing after each.
