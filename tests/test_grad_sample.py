@@ -348,6 +348,7 @@ def test_auto_picks_the_cheaper_strategy_per_layer(monkeypatch):
     from privfast.grad_sample import engine
 
     monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", 1.0)
+    monkeypatch.setattr(engine, "MIXED_PATH_COST", 0.0)  # the per-layer plans, not the step's (next test)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 64), nn.Tanh(), nn.Linear(64, 64))
     wrapped = GradSampleModule(model, mode="auto", augmult=2)
     wrapped(torch.randn(8, 1, 16, 16)).sum().backward()
@@ -358,6 +359,39 @@ def test_auto_picks_the_cheaper_strategy_per_layer(monkeypatch):
     wrapped.mode = "bk"
     wrapped(torch.randn(8, 1, 16, 16)).sum().backward()
     assert all(how_sum == "ghost" for _, how_sum in wrapped.layer_plans().values())
+
+
+@pytest.mark.parametrize("width", [16, 1024])
+def test_auto_builds_small_contracted_layers_to_keep_the_fused_clip(monkeypatch, width):
+    """One contracted layer takes the whole step off the fused clip: auto builds the per-example gradients
+    of layers it planned to contract when they are small (building them costs less than the mixed path's
+    fixed part), and keeps large ones contracted."""
+    from privfast.grad_sample import engine
+
+    monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", 1.0)  # the cost model: ghost for both, on one row each
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width)).double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, width, dtype=torch.float64)
+    params = list(model.parameters())
+    per_example = [torch.autograd.grad(((model(x[b : b + 1]) - y[b : b + 1]) ** 2).sum(), params) for b in range(4)]
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))]
+
+    wrapped = GradSampleModule(model, mode="auto")
+    fused = []
+    real = engine.ops.clip_accumulate_noise
+    monkeypatch.setattr(engine.ops, "clip_accumulate_noise", lambda *a, **k: fused.append(1) or real(*a, **k))
+    ((wrapped(x) - y) ** 2).sum(1).mean().backward()
+    alone = {layer.name: wrapped._plan(grads, layer) for layer, grads, _ in wrapped._layer_grads()}
+    assert set(alone.values()) == {("ghost", "ghost")}
+    small = width == 16
+    assert set(wrapped.layer_plans().values()) == {("materialize",) * 2 if small else ("ghost",) * 2}
+    got = wrapped.clipped_sum(bound)
+    assert fused == ([1] if small else [])
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
 
 
 def test_refuses_batchnorm_with_a_fix():
@@ -558,6 +592,7 @@ def test_auto_times_close_calls_once_per_layer_and_shape(monkeypatch):
     monkeypatch.setattr(engine, "_faster_plan", fake)
     monkeypatch.setattr(engine, "MEASURED_PLANS", {})
     monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", math.inf)  # every layer a close call
+    monkeypatch.setattr(engine, "MIXED_PATH_COST", 0.0)  # the per-layer plans stand
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     wrapped = GradSampleModule(model, mode="auto")
     for rows in (8, 8, 12, 16):  # 8 and 12 share a bucket (8 to 15); 16 does not

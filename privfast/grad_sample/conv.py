@@ -154,14 +154,13 @@ class ConvGrads(ContractionGrads):
         module, b, k = self.module, self.batch, self.fold
         if self._per_row():
             # [B*K, C, ...] -> [1, B*K*C, ...]: a view; every row's own gradient, then the sum over its fold.
-            parts = (
+            rows = (
                 _weight_gradient(
                     module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]), copies=b * k
-                )
-                .reshape(b, k, -1)
-                .sum(1)
+                ).reshape(b, k, -1)
                 for x, grad in zip(self.inputs, self.outputs_grad)
             )
+            parts = (r[:, 0] if k == 1 else r.sum(1) for r in rows)  # a sum over one row would be a copy
         else:
             parts = (
                 torch.stack([_weight_gradient(module, *rows) for rows in zip(x.split(k), grad.split(k))])

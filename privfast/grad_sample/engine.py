@@ -49,6 +49,9 @@ GHOST_MAX_OVERCOST = 4.0
 AUTO_TIMED_WITHIN = 8.0
 # auto's timed choices, per layer shape, for the whole process (see GradSampleModule._plan).
 MEASURED_PLANS: dict[tuple, tuple[str, str]] = {}
+# The fixed cost of a step whose clipped sum is not the one fused pass (about 0.5 ms of small ops and Python on
+# the benchmark CNN), in the cost model's units (multiply-adds, or elements passed over).
+MIXED_PATH_COST = 4e6
 # Bytes of Gram matrices one layer may allocate for its norms (attribute ghost_memory_limit to change it).
 GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -585,6 +588,25 @@ class GradSampleModule(nn.Module):
         # only lowers the peak memory.
         return (MATERIALIZE, MATERIALIZE) if materialize <= ghost_total else (GHOST, GHOST)
 
+    def _fuse_instead(self, contracted: list, flat: float) -> bool:
+        """Whether ``auto`` should build the per-example gradients of the layers it planned to contract.
+
+        Each layer's plan is made alone, but one contracted layer takes the whole step off the fused
+        clip: every materialized gradient is then read once for the norms and once more for the sum,
+        with a dozen small ops per layer. Where the contracted layers are small (a classifier head
+        over a few rows), building them and keeping the fused pass costs less than that.
+
+        Args:
+            contracted: ``(grads, scale, norm method, layer)`` of the layers planned to contract.
+            flat: elements of the materialized layers' per-example gradients.
+        """
+        if self.mode != "auto":
+            return False
+        # A sufficient condition only: the mixed path costs at least the second read and its fixed part, and
+        # the plans' own comparison (timed, where the cost model is unsure) stands for larger layers.
+        build = sum(grads.materialize_cost() + grads.reduce_cost() for grads, _, _, _ in contracted)
+        return build < flat + MIXED_PATH_COST
+
     @torch.no_grad()
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """Materialized per-example gradients ``{param: [B, *param.shape]}`` of the last backward.
@@ -620,14 +642,21 @@ class GradSampleModule(nn.Module):
             ValueError: on a non-finite gradient (e.g. a NaN loss), when ``check_finite``.
         """
         materialized: list[tuple[list[nn.Parameter], list[Tensor]]] = []
-        contracted: list[tuple[LayerGrads, float, str]] = []
+        contracted: list[tuple[LayerGrads, float, str, _Layer]] = []
+        built = 0.0
         for layer, grads, scale in self._layer_grads():
             norm_how, sum_how = self._plan(grads, layer)
             if sum_how == MATERIALIZE:
                 materialized.append((grads.params, grads.scaled_per_example(scale, layer.workspace)))
+                built += grads.reduce_cost()
                 grads.release()
             else:
-                contracted.append((grads, scale, norm_how))
+                contracted.append((grads, scale, norm_how, layer))
+        if contracted and self._fuse_instead(contracted, built):
+            for grads, scale, _, layer in contracted:
+                materialized.append((grads.params, grads.scaled_per_example(scale, layer.workspace)))
+                grads.release()
+            contracted = []
         self.clear()
         flat = [g for _, per_example in materialized for g in per_example]
         some = flat[0] if flat else contracted[0][0].params[0]
@@ -640,7 +669,7 @@ class GradSampleModule(nn.Module):
             return dict(zip([p for params, _ in materialized for p in params], sums))
         # The materialized layers' norms in one multi-tensor pass, then the contracted layers' own.
         squares = [ops.per_sample_norms(flat).pow(2)] if flat else []
-        squares += [grads.norm_sq(how) * scale**2 for grads, scale, how in contracted]
+        squares += [grads.norm_sq(how) * scale**2 for grads, scale, how, _ in contracted]
         norms = torch.stack(squares).sum(0).sqrt()
         if defer:
             self._defer_finite(torch.isfinite(norms).all())
@@ -650,7 +679,7 @@ class GradSampleModule(nn.Module):
         out = {}
         for params, per_example in materialized:
             out.update(zip(params, (torch.tensordot(factors.to(g.dtype), g, dims=1) for g in per_example)))
-        for grads, scale, _ in contracted:
+        for grads, scale, _, _ in contracted:
             out.update(zip(grads.params, grads.contract(factors * scale)))
         return out
 
@@ -694,5 +723,13 @@ class GradSampleModule(nn.Module):
 
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
-        named = [layer.name for layer in self._layers if layer.pending() or layer.materialized is not None]
-        return dict(zip(named, (self._plan(grads, layer) for layer, grads, _ in self._layer_grads())))
+        plans, contracted, built = {}, [], 0.0
+        for layer, grads, scale in self._layer_grads():
+            plans[layer.name] = plan = self._plan(grads, layer)
+            if plan[1] == MATERIALIZE:
+                built += grads.reduce_cost()
+            else:
+                contracted.append((grads, scale, plan[0], layer))
+        if contracted and self._fuse_instead(contracted, built):
+            plans = dict.fromkeys(plans, (MATERIALIZE, MATERIALIZE))
+        return plans
