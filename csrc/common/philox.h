@@ -174,17 +174,31 @@ PF_HOST_DEVICE void sincos_two_pi(double v, double* sin_out, double* cos_out) {
   *cos_out = (q & 2) ? -cos_q : cos_q;
 }
 
+// The Philox words of counter `group` of the stream (seed, offset).
+PF_HOST_DEVICE Words stream_words(uint64_t seed, uint64_t offset, uint64_t group) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), static_cast<uint32_t>(offset),
+                       static_cast<uint32_t>(offset >> 32), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+constexpr double kTwoPowMinus53 = 1.1102230246251565e-16;
+
+// Box-Muller's radius sqrt(-2 log u1), u1 in (0, 1] from words 0 and 1 of a counter.
+PF_HOST_DEVICE double radius_of(uint32_t w0, uint32_t w1) {
+  const double u1 = mul(add(uniform53(w0, w1), 1.0), kTwoPowMinus53);  // (0, 1]
+  return sqrt(mul(-2.0, log_unit(u1)));
+}
+
+// Box-Muller's angle 2*pi*u2 as (sin, cos), u2 in [0, 1) from words 2 and 3 of a counter.
+PF_HOST_DEVICE void angle_of(uint32_t w2, uint32_t w3, double* sin_t, double* cos_t) {
+  sincos_two_pi(mul(uniform53(w2, w3), kTwoPowMinus53), sin_t, cos_t);
+}
+
 // The normal pair of counter `group` of the stream (seed, offset): elements 2*group and 2*group+1.
 PF_HOST_DEVICE void normal_pair(uint64_t seed, uint64_t offset, uint64_t group, double* z0, double* z1) {
-  const Words r = philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                                static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                                static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  constexpr double kTwoPowMinus53 = 1.1102230246251565e-16;
-  const double u1 = mul(add(uniform53(r.w[0], r.w[1]), 1.0), kTwoPowMinus53);  // (0, 1]
-  const double u2 = mul(uniform53(r.w[2], r.w[3]), kTwoPowMinus53);            // [0, 1)
-  const double radius = sqrt(mul(-2.0, log_unit(u1)));
+  const Words r = stream_words(seed, offset, group);
+  const double radius = radius_of(r.w[0], r.w[1]);
   double sin_t, cos_t;
-  sincos_two_pi(u2, &sin_t, &cos_t);
+  angle_of(r.w[2], r.w[3], &sin_t, &cos_t);
   *z0 = mul(radius, cos_t);
   *z1 = mul(radius, sin_t);
 }

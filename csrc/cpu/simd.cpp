@@ -6,6 +6,8 @@
 #include "../common/philox.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
+#define PRIVFAST_X86 1
 #define PRIVFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PRIVFAST_CLONES
@@ -80,12 +82,98 @@ PRIVFAST_CLONES void scale_store(scalar_t* out, const at::opmath_type<scalar_t>*
   for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(scale * acc[j]);
 }
 
-// Normal pairs of groups [first_group, first_group + count) into z[2 * count].
-PRIVFAST_CLONES static void normal_pairs(double* z, uint64_t first_group, int64_t count, uint64_t seed,
-                                         uint64_t offset) {
-  for (int64_t g = 0; g < count; ++g) {
-    philox::normal_pair(seed, offset, first_group + static_cast<uint64_t>(g), &z[2 * g], &z[2 * g + 1]);
+namespace {
+
+// The Philox words of groups [first_group, first_group + count) into w[i][g] (word i of group g).
+void stream_words(uint32_t (*w)[kNoiseBlock], uint64_t first_group, int64_t from, int64_t count, uint64_t seed,
+                  uint64_t offset) {
+  for (int64_t g = from; g < count; ++g) {
+    const philox::Words r = philox::stream_words(seed, offset, first_group + static_cast<uint64_t>(g));
+    for (int i = 0; i < 4; ++i) w[i][g] = r.w[i];
   }
+}
+
+#if defined(PRIVFAST_X86)
+// Eight lanes' 32x32 -> 64-bit products with a constant, as (low words, high words).
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i a, __m256i* lo, __m256i* hi) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6 as 64-bit products
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// stream_words eight counters at a time. Integer arithmetic only, so the words are those of
+// philox::stream_words bit for bit; GCC's own vectorization of that loop spends most of its
+// instructions shuffling 32-bit lanes into and out of 64-bit products.
+__attribute__((target("avx2"))) void stream_words_avx2(uint32_t (*w)[kNoiseBlock], uint64_t first_group, int64_t count,
+                                                       uint64_t seed, uint64_t offset) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kM1));
+  const __m256i offset_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m256i offset_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  int64_t g = 0;
+  for (; g + 8 <= count; g += 8) {
+    alignas(32) uint32_t group_lo[8], group_hi[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t group = first_group + static_cast<uint64_t>(g + i);
+      group_lo[i] = static_cast<uint32_t>(group);
+      group_hi[i] = static_cast<uint32_t>(group >> 32);
+    }
+    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_lo));
+    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_hi));
+    __m256i c2 = offset_lo, c3 = offset_hi;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i lo0, hi0, lo1, hi1;
+      mulhilo8(m0, c0, &lo0, &hi0);
+      mulhilo8(m1, c2, &lo1, &hi1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c1 = lo1;
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c3 = lo0;
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[0][g]), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[1][g]), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[2][g]), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[3][g]), c3);
+  }
+  stream_words(w, first_group, g, count, seed, offset);
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+// Normal pairs from their words, in loops short enough that consecutive groups overlap in the
+// out-of-order core (one loop over the whole transform is bound by the latency of its long
+// dependency chain); the same operations as philox::normal_pair, so the same bits.
+PRIVFAST_CLONES void normals_from_words(double* z, const uint32_t (*w)[kNoiseBlock], int64_t count) {
+  double radius[kNoiseBlock];
+  for (int64_t g = 0; g < count; ++g) radius[g] = philox::radius_of(w[0][g], w[1][g]);
+  for (int64_t g = 0; g < count; ++g) {
+    double sin_t, cos_t;
+    philox::angle_of(w[2][g], w[3][g], &sin_t, &cos_t);
+    z[2 * g] = philox::mul(radius[g], cos_t);
+    z[2 * g + 1] = philox::mul(radius[g], sin_t);
+  }
+}
+
+}  // namespace
+
+// Normal pairs of groups [first_group, first_group + count) into z[2 * count], count <= kNoiseBlock.
+static void normal_pairs(double* z, uint64_t first_group, int64_t count, uint64_t seed, uint64_t offset) {
+  uint32_t w[4][kNoiseBlock];
+#if defined(PRIVFAST_X86)
+  if (kHasAvx2) {
+    stream_words_avx2(w, first_group, count, seed, offset);
+  } else {
+    stream_words(w, first_group, 0, count, seed, offset);
+  }
+#else
+  stream_words(w, first_group, 0, count, seed, offset);
+#endif
+  normals_from_words(z, w, count);
 }
 
 template <typename acc_t>
