@@ -52,7 +52,16 @@ from privfast.reports import (
     write_report,
 )
 from privfast.search import ats_search
-from privfast.throughput import FAMILIES, VARIANTS, compare_family, format_markdown, format_rows, run_benchmark
+from privfast.throughput import (
+    FAMILIES,
+    VARIANTS,
+    compare_family,
+    format_markdown,
+    format_phases,
+    format_rows,
+    phase_times,
+    run_benchmark,
+)
 from privfast.trainer import Trainer, TrainingInterrupted
 
 __all__ = ["DEMO_RUNS", "DEMO_TRAIN_EXAMPLES", "build_parser", "main"]
@@ -353,11 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=int, default=32)
     bench.add_argument("--classes", type=int, default=10)
     bench.add_argument("--batch", type=int, default=16, help="examples per step (B)")
-    bench.add_argument("--k", type=int, nargs="+", default=[1, 4], help="augmentations per example (K)")
+    bench.add_argument(
+        "--k", type=int, nargs="+", default=None, help="augmentations per example (K; default 1 4, a family's own)"
+    )
     bench.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     bench.add_argument("--rounds", type=int, default=5, help="timed steps per measurement")
     bench.add_argument("--out", type=Path, default=None, help="write bench.json there")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--phases",
+        choices=MODES,
+        default=None,
+        metavar="MODE",
+        help="with --family: where the private step's time goes in this mode (forward, backward, clip, noise, "
+        "update) beside the non-private step's, at each --k",
+    )
     bench.set_defaults(handler=_bench)
     _add_secret_sharer(commands)
     return parser
@@ -636,8 +655,18 @@ def _invert(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.phases is not None:
+        if args.family is None:
+            raise SystemExit("privfast bench: --phases needs --family")
+        print(f"{args.family}: {FAMILIES[args.family].description}; {torch.get_num_threads()} thread(s)")
+        for k in args.k or FAMILIES[args.family].augmults:
+            print(f"K = {k}:")
+            print(format_phases(phase_times(args.family, augmult=k, mode=args.phases, rounds=args.rounds)))
+        return 0
     if args.family is not None:
-        rows = compare_family(args.family, variants=args.variants, rounds=args.rounds, progress=not args.no_progress)
+        rows = compare_family(
+            args.family, augmults=args.k, variants=args.variants, rounds=args.rounds, progress=not args.no_progress
+        )
         print(f"{args.family}: {FAMILIES[args.family].description}; {torch.get_num_threads()} thread(s)")
         print(format_markdown(rows))
         if args.out is not None:
@@ -650,7 +679,7 @@ def _bench(args: argparse.Namespace) -> int:
         (args.channels, args.image_size, args.image_size),
         num_classes=args.classes,
         batch_size=args.batch,
-        augmults=args.k,
+        augmults=args.k or [1, 4],
         variants=args.variants,
         rounds=args.rounds,
         progress=not args.no_progress,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import statistics
 import sys
 import time
@@ -37,6 +38,8 @@ __all__ = [
     "format_rows",
     "measure",
     "peak_bytes",
+    "phase_times",
+    "format_phases",
     "run_benchmark",
     "training_step",
 ]
@@ -577,3 +580,100 @@ def format_markdown(rows: Sequence[dict]) -> str:
             ]
         )
     return table(header, body, markdown=True, align="lrl" + "r" * 6)
+
+
+PHASES = ("forward", "backward", "clip", "noise", "update")
+"""A step's phases in :func:`phase_times`: the forward pass and loss (with the engine's capture hooks), the
+backward pass (per-example gradients built there where planned), the norms, clipping and sum
+(``clipped_sum``), the noise (``add_noise``) and the optimizer's update."""
+
+
+def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int = 5, seed: int = 0) -> dict:
+    """Where the time of a private step goes, phase by phase, beside the non-private step's.
+
+    Both steps run interleaved, round by round, on the family's model and batch (see :data:`FAMILIES`);
+    each phase's time is its fastest round (so the phases of one step need not add up to its
+    fastest total). The non-private step has no clip and no noise phase.
+
+    Args:
+        name: a family of :data:`FAMILIES`.
+        augmult: K.
+        mode: the private step's per-example gradient mode (``GradSampleModule``'s ``mode``).
+        rounds: timed rounds after one untimed warm-up.
+        seed: seeds the models (the same initial weights) and the batch.
+
+    Returns:
+        ``{"non-private": {phase: seconds}, "privfast-<mode>": {phase: seconds}}`` over :data:`PHASES`.
+    """
+    from privfast.grad_sample import GradSampleModule
+    from privfast.optim import DPOptimizer
+
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds}")
+    family = FAMILIES[name]
+    x, y = family.make_batch(augmult, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    plain = family.make_model()
+    torch.manual_seed(seed)
+    private = GradSampleModule(family.make_model(), mode=mode, augmult=augmult, batch_first=True)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.01)
+    dp = DPOptimizer(
+        torch.optim.SGD(private.parameters(), lr=0.01),
+        module=private,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=x.shape[0] // augmult,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+    def plain_step() -> list[float]:
+        sgd.zero_grad()
+        marks = [time.perf_counter()]
+        loss = _loss(plain(x), y)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        sgd.step()
+        marks.append(time.perf_counter())
+        return marks
+
+    def private_step() -> list[float]:
+        dp.zero_grad()
+        marks = [time.perf_counter()]
+        loss = _loss(private(x), y)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        dp.clip_and_accumulate()
+        marks.append(time.perf_counter())
+        dp.add_noise()
+        marks.append(time.perf_counter())
+        dp.original_optimizer.step()
+        marks.append(time.perf_counter())
+        return marks
+
+    runs = {"non-private": (plain_step, ("forward", "backward", "update")), f"privfast-{mode}": (private_step, PHASES)}
+    best: dict[str, dict[str, float]] = {variant: {} for variant in runs}
+    for round_ in range(rounds + 1):
+        for variant, (step, phases) in runs.items():
+            marks = step()
+            if round_ == 0:
+                continue  # warm-up: lazy initialization, auto's timing of each layer's strategies
+            for phase, start, end in zip(phases, marks, marks[1:]):
+                best[variant][phase] = min(best[variant].get(phase, math.inf), end - start)
+    return best
+
+
+def format_phases(times: Mapping[str, Mapping[str, float]]) -> str:
+    """:func:`phase_times`' result as a Markdown table: ms per phase and the private step's extra time."""
+    from privfast.reports import table
+
+    (plain, plain_times), (private, private_times) = times.items()
+    body = []
+    for phase in (*PHASES, "total"):
+        a = sum(plain_times.values()) if phase == "total" else plain_times.get(phase, 0.0)
+        b = sum(private_times.values()) if phase == "total" else private_times[phase]
+        body.append([phase, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"])
+    return table(["phase", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")

@@ -295,6 +295,23 @@ def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
     assert "Opacus / this" in capsys.readouterr().out
 
 
+def test_bench_phases_prints_a_breakdown_per_k(monkeypatch, capsys):
+    from privfast import throughput
+    from privfast.models import ConvNet
+
+    def images(k, g):
+        return torch.rand(2 * k, 1, 8, 8, generator=g), torch.randint(0, 3, (2 * k,), generator=g)
+
+    tiny = throughput.Family(lambda: ConvNet(in_channels=1, num_classes=3, width=4, image_size=8), images, (1,), "t")
+    monkeypatch.setitem(throughput.FAMILIES, "cnn", tiny)
+    assert main(["bench", "--family", "cnn", "--phases", "ghost", "--k", "1", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| phase | non-private ms | privfast-ghost ms | extra ms |") == 2
+    assert "K = 1:" in out and "K = 2:" in out and out.count("| noise |") == 2
+    with pytest.raises(SystemExit, match="--phases needs --family"):
+        main(["bench", "--phases", "auto"])
+
+
 def test_audit_writes_beside_the_checkpoint_and_report_includes_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--method", "nonprivate", "--epochs", "1", "--no-progress", *TINY]) == 0

@@ -2,6 +2,7 @@
 
 import itertools
 import sys
+import time
 
 import pytest
 import torch
@@ -78,3 +79,34 @@ def test_peak_memory_is_measured_away_from_the_timings(monkeypatch, one_thread):
         "cnn", augmults=[1], variants=["non-private", "privfast-materialize"], rounds=1, progress=False
     )
     assert all(isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0 for r in rows)
+
+
+def test_phase_times_puts_each_phase_where_it_runs(monkeypatch, one_thread):
+    """A delay planted in the clipping, then in the noise, shows up in that phase of the private step only."""
+    from privfast.grad_sample import GradSampleModule
+    from privfast.optim import DPOptimizer
+
+    monkeypatch.setitem(throughput.FAMILIES, "tiny-cnn", Family(_tiny_cnn, _images, (1,), "tiny"))
+    for target, phase in ((GradSampleModule, "clip"), (DPOptimizer, "noise")):
+        method = "clipped_sum" if phase == "clip" else "add_noise"
+        real = getattr(target, method)
+
+        def slow(*args, real=real, **kwargs):
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(target, method, slow)
+            times = throughput.phase_times("tiny-cnn", augmult=2, mode="materialize", rounds=2)
+        assert set(times) == {"non-private", "privfast-materialize"}
+        assert set(times["non-private"]) == {"forward", "backward", "update"}
+        private = times["privfast-materialize"]
+        assert set(private) == set(throughput.PHASES)
+        assert private[phase] >= 0.05 and all(t < 0.05 for p, t in private.items() if p != phase)
+    table = throughput.format_phases(times)
+    assert table.count("\n") == len(throughput.PHASES) + 2 and "| total |" in table
+
+
+def test_phase_times_refuses_an_unknown_family():
+    with pytest.raises(ValueError, match="unknown family"):
+        throughput.phase_times("nope")
