@@ -27,7 +27,7 @@ MATERIALIZE = "materialize"
 GHOST = "ghost"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: built and read on every call of every layer
 class Call:
     """One forward call of a layer: its positional and keyword inputs, then its output gradients.
 

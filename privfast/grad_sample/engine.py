@@ -442,25 +442,37 @@ class GradSampleModule(nn.Module):
         return None
 
     def _after_forward(self, layer: _Layer, module, args, kwargs, output):
-        untracked, layer.untracked = layer.untracked, []
-        for p in untracked:
-            p.requires_grad_(True)
-        if not self._capturing():
+        # This runs on every call of a layer (a recurrent cell: once per time step), hence the shortcuts
+        # for the common single-tensor input and output.
+        untracked = layer.untracked
+        if untracked:
+            layer.untracked = []
+            for p in untracked:
+                p.requires_grad_(True)
+        if self._suspended or not torch.is_grad_enabled():
             return None
-        inputs = _tensors(args, kwargs)
+        inputs = [args[0]] if not kwargs and len(args) == 1 and isinstance(args[0], Tensor) else _tensors(args, kwargs)
         if untracked and not any(a.requires_grad for a in inputs):
             # With its weights untracked the layer's output would carry no gradient to capture.
             anchor = torch.zeros((), requires_grad=True)
             output = tree_map(
                 lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point() else o, output
             )
-        outputs = _tensors(output)
+        outputs = [output] if isinstance(output, Tensor) else _tensors(output)
         call = self._capture(layer, args, kwargs, inputs, outputs)
         for i, o in enumerate(outputs):
             if o.requires_grad:
-                o.register_hook(functools.partial(self._on_grad, layer, call, i))
+                # A hook on the output's node, not on the tensor (Tensor.register_hook costs twice as much
+                # in Python): it sees the gradient of this output as it was when the layer returned,
+                # also when the output is later modified in place, as a tensor hook registered here would.
+                o.grad_fn.register_prehook(functools.partial(self._on_node_grads, layer, call, i, o.output_nr))
         layer.calls.append(call)
         return output
+
+    def _on_node_grads(self, layer: _Layer, call: Call, index: int, output_nr: int, grads: tuple) -> None:
+        grad = grads[output_nr]
+        if grad is not None:
+            self._on_grad(layer, call, index, grad)
 
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
         """Keep an output gradient; a single-output layer called once that will materialize does so

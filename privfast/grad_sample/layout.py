@@ -117,7 +117,10 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
         t: the tensor.
     """
     dim = layout.dim
-    shape = list(t.shape)
+    shape = t.shape
+    if t.dim() > dim and shape[dim] == rows and (layout.explicit or t.dim() < 2 or shape[0] != shape[1]):
+        return  # the common case, checked before anything is built for a message (this runs on every call)
+    shape = list(shape)
     label = f"layer {layer_name!r} ({type(module).__name__})"
     if t.dim() <= dim or shape[dim] != rows:
         hint = ""
