@@ -209,7 +209,8 @@ def measure(steps: Mapping[str, Callable[[], None]], *, rounds: int = 5, warmup:
         warmup: untimed calls of each step first (lazy initialization, allocator, first kernel calls).
 
     Returns:
-        name -> ``{"min_s", "median_s", "rounds"}``.
+        name -> ``{"min_s", "median_s", "rounds", "times_s"}``, ``times_s`` every round's time in order
+        (round ``r`` of every step ran back to back, for ratios paired by round).
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
@@ -222,7 +223,10 @@ def measure(steps: Mapping[str, Callable[[], None]], *, rounds: int = 5, warmup:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: {"min_s": min(t), "median_s": statistics.median(t), "rounds": rounds} for name, t in times.items()}
+    return {
+        name: {"min_s": min(t), "median_s": statistics.median(t), "rounds": rounds, "times_s": t}
+        for name, t in times.items()
+    }
 
 
 def run_benchmark(
@@ -484,8 +488,9 @@ def compare_family(
     is reported with its error instead of a time.
 
     Returns:
-        One dict per (K, variant) as :func:`run_benchmark`'s rows, plus ``family``, ``peak_bytes`` and
-        ``opacus_best_over_this`` (the faster Opacus mode's time over this one), or ``error``.
+        One dict per (K, variant) as :func:`run_benchmark`'s rows, plus ``family``, ``peak_bytes``,
+        ``paired_vs_nonprivate`` (the median over rounds of the time over non-private's in the same round)
+        and ``opacus_best_over_this`` (the faster Opacus mode's time over this one), or ``error``.
     """
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
@@ -525,6 +530,15 @@ def compare_family(
     return rows
 
 
+def _paired_ratio(row: dict, base: dict) -> float:
+    """Median over rounds of this variant's time over ``base``'s in the same round.
+
+    A shared machine's speed drifts by tens of percent over minutes; the fastest rounds of two variants
+    can come from different moments, while the two steps of one round ran seconds apart.
+    """
+    return statistics.median(a / b for a, b in zip(row["times_s"], base["times_s"]))
+
+
 def _add_ratios(rows: list[dict]) -> None:
     for row in rows:
         if "min_s" not in row:
@@ -536,6 +550,7 @@ def _add_ratios(rows: list[dict]) -> None:
         }
         if "non-private" in same:
             row["vs_nonprivate"] = row["min_s"] / same["non-private"]["min_s"]
+            row["paired_vs_nonprivate"] = _paired_ratio(row, same["non-private"])
             if row.get("peak_bytes") is not None and same["non-private"].get("peak_bytes"):
                 row["peak_vs_nonprivate"] = row["peak_bytes"] / same["non-private"]["peak_bytes"]
         if "opacus" in same:
@@ -556,6 +571,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         "min ms",
         "median ms",
         "x non-private",
+        "x non-private, paired",
         "fastest Opacus / this",
         "peak MB",
         "peak / non-private",
@@ -563,7 +579,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["family"], r["k"], r["variant"], f"n/a: {r['error']}", *[""] * 5])
+            body.append([r["family"], r["k"], r["variant"], f"n/a: {r['error']}", *[""] * 6])
             continue
         peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}"
         body.append(
@@ -574,12 +590,13 @@ def format_markdown(rows: Sequence[dict]) -> str:
                 f"{1e3 * r['min_s']:.1f}",
                 f"{1e3 * r['median_s']:.1f}",
                 _ratio(r.get("vs_nonprivate")),
+                _ratio(r.get("paired_vs_nonprivate")),
                 _ratio(r.get("opacus_best_over_this")),
                 peak,
                 _ratio(r.get("peak_vs_nonprivate")),
             ]
         )
-    return table(header, body, markdown=True, align="lrl" + "r" * 6)
+    return table(header, body, markdown=True, align="lrl" + "r" * 7)
 
 
 PHASES = ("forward", "backward", "clip", "noise", "update")
