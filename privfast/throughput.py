@@ -645,40 +645,33 @@ def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int 
         generator=torch.Generator().manual_seed(seed),
     )
 
-    def plain_step() -> list[float]:
-        sgd.zero_grad()
-        marks = [time.perf_counter()]
-        loss = _loss(plain(x), y)
-        marks.append(time.perf_counter())
+    def marks(model: nn.Module, zero_grad: Callable[[], None], after: Sequence[Callable[[], object]]) -> list[float]:
+        """Clock readings around the forward (with the loss), the backward and each of ``after``."""
+        zero_grad()
+        clock = [time.perf_counter()]
+        loss = _loss(model(x), y)
+        clock.append(time.perf_counter())
         loss.backward()
-        marks.append(time.perf_counter())
-        sgd.step()
-        marks.append(time.perf_counter())
-        return marks
+        clock.append(time.perf_counter())
+        for part in after:
+            part()
+            clock.append(time.perf_counter())
+        return clock
 
-    def private_step() -> list[float]:
-        dp.zero_grad()
-        marks = [time.perf_counter()]
-        loss = _loss(private(x), y)
-        marks.append(time.perf_counter())
-        loss.backward()
-        marks.append(time.perf_counter())
-        dp.clip_and_accumulate()
-        marks.append(time.perf_counter())
-        dp.add_noise()
-        marks.append(time.perf_counter())
-        dp.original_optimizer.step()
-        marks.append(time.perf_counter())
-        return marks
-
-    runs = {"non-private": (plain_step, ("forward", "backward", "update")), f"privfast-{mode}": (private_step, PHASES)}
+    runs = {
+        "non-private": (lambda: marks(plain, sgd.zero_grad, [sgd.step]), ("forward", "backward", "update")),
+        f"privfast-{mode}": (
+            lambda: marks(private, dp.zero_grad, [dp.clip_and_accumulate, dp.add_noise, dp.original_optimizer.step]),
+            PHASES,
+        ),
+    }
     best: dict[str, dict[str, float]] = {variant: {} for variant in runs}
     for round_ in range(rounds + 1):
         for variant, (step, phases) in runs.items():
-            marks = step()
+            clock = step()
             if round_ == 0:
                 continue  # warm-up: lazy initialization, auto's timing of each layer's strategies
-            for phase, start, end in zip(phases, marks, marks[1:]):
+            for phase, start, end in zip(phases, clock, clock[1:]):
                 best[variant][phase] = min(best[variant].get(phase, math.inf), end - start)
     return best
 
