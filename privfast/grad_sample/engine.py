@@ -49,8 +49,8 @@ GHOST_MAX_OVERCOST = 4.0
 AUTO_TIMED_WITHIN = 8.0
 # auto's timed choices, per layer shape, for the whole process (see GradSampleModule._plan).
 MEASURED_PLANS: dict[tuple, tuple[str, str]] = {}
-# The fixed cost of a step whose clipped sum is not the one fused pass (about 0.5 ms of small ops and Python on
-# the benchmark CNN), in the cost model's units (multiply-adds, or elements passed over).
+# The fixed cost of a step whose clipped sum is not the one fused pass (its small ops and Python; on the
+# benchmark CNN as much as the whole fused pass), in the cost model's units (multiply-adds, or elements passed).
 MIXED_PATH_COST = 4e6
 # Bytes of Gram matrices one layer may allocate for its norms (attribute ghost_memory_limit to change it).
 GHOST_MEMORY_LIMIT = 1 << 30
@@ -449,7 +449,7 @@ class GradSampleModule(nn.Module):
             layer.untracked = []
             for p in untracked:
                 p.requires_grad_(True)
-        if self._suspended or not torch.is_grad_enabled():
+        if not self._capturing():
             return None
         inputs = [args[0]] if not kwargs and len(args) == 1 and isinstance(args[0], Tensor) else _tensors(args, kwargs)
         if untracked and not any(a.requires_grad for a in inputs):
