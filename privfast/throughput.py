@@ -117,17 +117,14 @@ def training_step(
             shape = output.shape if output.dim() == 3 else None
             return criterion(output.reshape(-1, output.shape[-1]), target.reshape(-1), shape=shape)
     elif variant.startswith("privfast"):
-        from privfast.grad_sample import GradSampleModule
-        from privfast.optim import DPOptimizer
-
-        model = GradSampleModule(model, mode=variant.split("-", 1)[1], augmult=augmult, batch_first=True)
-        optimizer = DPOptimizer(
+        model, optimizer = _privfast(
+            model,
             optimizer,
-            module=model,
+            mode=variant.split("-", 1)[1],
+            augmult=augmult,
+            examples=examples,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=examples,
-            generator=torch.Generator().manual_seed(0),
         )
 
     def step() -> None:
@@ -136,6 +133,40 @@ def training_step(
         optimizer.step()
 
     return step
+
+
+def _privfast(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    mode: str,
+    augmult: int,
+    examples: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int = 0,
+):
+    """``(GradSampleModule, DPOptimizer)``: privfast's private training of ``model`` with ``optimizer``, the
+    noise keyed by ``seed``."""
+    from privfast.grad_sample import GradSampleModule
+    from privfast.optim import DPOptimizer
+
+    model = GradSampleModule(model, mode=mode, augmult=augmult, batch_first=True)
+    optimizer = DPOptimizer(
+        optimizer,
+        module=model,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=examples,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return model, optimizer
+
+
+def _family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def _seeded_step(
@@ -492,9 +523,7 @@ def compare_family(
         ``paired_vs_nonprivate`` (the median over rounds of the time over non-private's in the same round)
         and ``opacus_best_over_this`` (the faster Opacus mode's time over this one), or ``error``.
     """
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
-    family = FAMILIES[name]
+    family = _family(name)
     rows = []
     for k in tqdm(list(augmults or family.augmults), desc=f"bench {name} (K)", disable=not progress):
         x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
@@ -622,27 +651,24 @@ def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int 
     Returns:
         ``{"non-private": {phase: seconds}, "privfast-<mode>": {phase: seconds}}`` over :data:`PHASES`.
     """
-    from privfast.grad_sample import GradSampleModule
-    from privfast.optim import DPOptimizer
-
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")
-    family = FAMILIES[name]
+    family = _family(name)
     x, y = family.make_batch(augmult, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     plain = family.make_model()
     torch.manual_seed(seed)
-    private = GradSampleModule(family.make_model(), mode=mode, augmult=augmult, batch_first=True)
+    model = family.make_model()
     sgd = torch.optim.SGD(plain.parameters(), lr=0.01)
-    dp = DPOptimizer(
-        torch.optim.SGD(private.parameters(), lr=0.01),
-        module=private,
+    private, dp = _privfast(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        mode=mode,
+        augmult=augmult,
+        examples=x.shape[0] // augmult,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        expected_batch_size=x.shape[0] // augmult,
-        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
     )
 
     def marks(model: nn.Module, zero_grad: Callable[[], None], after: Sequence[Callable[[], object]]) -> list[float]:

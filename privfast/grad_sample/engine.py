@@ -600,7 +600,7 @@ class GradSampleModule(nn.Module):
         # only lowers the peak memory.
         return (MATERIALIZE, MATERIALIZE) if materialize <= ghost_total else (GHOST, GHOST)
 
-    def _fuse_instead(self, contracted: list, flat: float) -> bool:
+    def _fuse_instead(self, contracted: list[LayerGrads], flat: float) -> bool:
         """Whether ``auto`` should build the per-example gradients of the layers it planned to contract.
 
         Each layer's plan is made alone, but one contracted layer takes the whole step off the fused
@@ -609,14 +609,14 @@ class GradSampleModule(nn.Module):
         over a few rows), building them and keeping the fused pass costs less than that.
 
         Args:
-            contracted: ``(grads, scale, norm method, layer)`` of the layers planned to contract.
+            contracted: the layers planned to contract.
             flat: elements of the materialized layers' per-example gradients.
         """
         if self.mode != "auto":
             return False
         # A sufficient condition only: the mixed path costs at least the second read and its fixed part, and
         # the plans' own comparison (timed, where the cost model is unsure) stands for larger layers.
-        build = sum(grads.materialize_cost() + grads.reduce_cost() for grads, _, _, _ in contracted)
+        build = sum(grads.materialize_cost() + grads.reduce_cost() for grads in contracted)
         return build < flat + MIXED_PATH_COST
 
     @torch.no_grad()
@@ -664,7 +664,7 @@ class GradSampleModule(nn.Module):
                 grads.release()
             else:
                 contracted.append((grads, scale, norm_how, layer))
-        if contracted and self._fuse_instead(contracted, built):
+        if contracted and self._fuse_instead([grads for grads, _, _, _ in contracted], built):
             for grads, scale, _, layer in contracted:
                 materialized.append((grads.params, grads.scaled_per_example(scale, layer.workspace)))
                 grads.release()
@@ -736,12 +736,12 @@ class GradSampleModule(nn.Module):
     def layer_plans(self) -> dict[str, tuple[str, str]]:
         """``{layer name: (norm method, sum method)}`` for the captured batch (for inspection)."""
         plans, contracted, built = {}, [], 0.0
-        for layer, grads, scale in self._layer_grads():
+        for layer, grads, _ in self._layer_grads():
             plans[layer.name] = plan = self._plan(grads, layer)
             if plan[1] == MATERIALIZE:
                 built += grads.reduce_cost()
             else:
-                contracted.append((grads, scale, plan[0], layer))
+                contracted.append(grads)
         if contracted and self._fuse_instead(contracted, built):
             plans = dict.fromkeys(plans, (MATERIALIZE, MATERIALIZE))
         return plans
