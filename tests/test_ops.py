@@ -2,6 +2,9 @@
 
 import ast
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -137,6 +140,27 @@ def test_noise_is_bit_identical_to_the_reference_generator(device, out_dtype):
     got = ops.clip_accumulate_noise(zero_grads, 1.0, 1.0, 1.0, torch.Generator().manual_seed(5))
     want = _torch_ops.philox_normal(seed, offset, numel).to(out_dtype)
     assert torch.equal(torch.cat([o.cpu() for o in got]), want)
+
+
+_NARROWER_PATH_CHECK = """
+import torch
+from privfast import _torch_ops, ops
+numel = 5001  # 2501 counters: whole 8- and 16-lane blocks and a tail
+zeros = [torch.zeros(0, numel, dtype=torch.float64)]
+got = ops.clip_accumulate_noise(zeros, 1.0, 1.0, 1.0, torch.Generator().manual_seed(7))[0]
+key = ops._noise_key(torch.Generator().manual_seed(7), _torch_ops.philox_counters(numel), False)
+assert torch.equal(got, _torch_ops.philox_normal(*key, numel)), "noise differs from the reference"
+"""
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_cpu_philox_path_gives_the_reference_noise(isa):
+    # The kernel takes the widest Philox path the CPU has; PRIVFAST_CPU_ISA, read at load, caps it, so
+    # that the narrower paths are checked on machines where they would otherwise never run.
+    env = {**os.environ, "PRIVFAST_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", _NARROWER_PATH_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @CUDA
