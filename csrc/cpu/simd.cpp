@@ -166,16 +166,14 @@ __attribute__((target("avx512f"))) void stream_words_avx512(uint32_t (*w)[kNoise
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
   const __m512i offset_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m512i offset_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t g = 0;
   for (; g + 16 <= count; g += 16) {
-    alignas(64) uint32_t group_lo[16], group_hi[16];
-    for (int i = 0; i < 16; ++i) {
-      const uint64_t group = first_group + static_cast<uint64_t>(g + i);
-      group_lo[i] = static_cast<uint32_t>(group);
-      group_hi[i] = static_cast<uint32_t>(group >> 32);
-    }
-    __m512i c0 = _mm512_load_si512(group_lo);
-    __m512i c1 = _mm512_load_si512(group_hi);
+    const uint64_t group = first_group + static_cast<uint64_t>(g);
+    // Sixteen consecutive counters share their high word unless the low word wraps inside them.
+    if (static_cast<uint32_t>(group) > 0xFFFFFFFFu - 15u) break;
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group))), lanes);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
     __m512i c2 = offset_lo, c3 = offset_hi;
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
