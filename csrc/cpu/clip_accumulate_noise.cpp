@@ -89,7 +89,7 @@ bool clip_accumulate_noise_kernel(const ClipPlan& plan, double max_grad_norm, do
   // Rows per block: a thread's share of a block stays in its L2 between the block's two reads.
   // A multiple of 4 when possible, the rows accumulate_rows takes per pass over the sums.
   const int64_t share_bytes = std::max<int64_t>(1, total * static_cast<int64_t>(sizeof(scalar_t)) / threads);
-  int64_t block_rows = std::clamp<int64_t>(kCacheBudget / share_bytes, 1, std::max<int64_t>(rows, 1));
+  int64_t block_rows = std::clamp<int64_t>(kCacheBudget / share_bytes, std::min<int64_t>(rows, 4), std::max<int64_t>(rows, 1));
   if (block_rows > 4) block_rows -= block_rows % 4;
   // Partial squared norms per (column, block row), two buffers so that one barrier per block
   // suffices: a thread writing block k + 1's partials never meets one still reading block k's.
@@ -106,41 +106,48 @@ bool clip_accumulate_noise_kernel(const ClipPlan& plan, double max_grad_norm, do
 #else
     const int me = 0;
 #endif
-    std::vector<acc_t> factors(block_rows);
-    for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
-      const Columns& c = columns[i];
-      cpu::fill_noise(acc_of(c), stream_start[c.tensor] + c.begin, c.end - c.begin, noise_std, seed, offset);
-    }
+    std::vector<acc_t> factors(block_rows, acc_t(1));
+    // With no bound every factor is 1 (clip_factor(norm, inf) is 1 for any norm, inf and NaN included),
+    // so only the finite check needs the norms.
+    const bool norms_needed = std::isfinite(max_grad_norm) || check_finite;
     bool finite = true;
-    for (int64_t r0 = 0, block = 0; r0 < rows && finite; r0 += block_rows, ++block) {
-      const int64_t r1 = std::min(rows, r0 + block_rows);
-      double* block_partial = partial.data() + (block % 2) * num_columns * block_rows;
-      for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
+    // The noise goes into a segment's sums right before the first block adds to them and the scaled output
+    // is written right after the last block did, while the segment is in cache: a batch of one block passes
+    // over the sums once instead of three times. An empty batch still takes one block, of no rows.
+    const int64_t blocks = rows == 0 ? 1 : (rows + block_rows - 1) / block_rows;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t r0 = block * block_rows, r1 = std::min(rows, r0 + block_rows);
+      if (norms_needed && r1 > r0) {
+        double* block_partial = partial.data() + (block % 2) * num_columns * block_rows;
+        for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
+          for (int64_t r = r0; r < r1; ++r) {
+            block_partial[i * block_rows + r - r0] =
+                cpu::sum_squares(row_of(columns[i], r), columns[i].end - columns[i].begin);
+          }
+        }
+#pragma omp barrier
         for (int64_t r = r0; r < r1; ++r) {
-          block_partial[i * block_rows + r - r0] = cpu::sum_squares(row_of(columns[i], r), columns[i].end - columns[i].begin);
+          double square = 0;
+          for (int64_t i = 0; i < num_columns; ++i) square += block_partial[i * block_rows + r - r0];
+          const double norm = std::sqrt(square);
+          finite = finite && (std::isfinite(norm) || !check_finite);
+          factors[r - r0] = static_cast<acc_t>(clip_factor(norm, max_grad_norm));
+        }
+        if (!finite) break;  // every thread sees the same factors and stops: no one is left at a barrier
+      }
+      const bool first = block == 0, last = block == blocks - 1;
+      for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
+        const Columns& c = columns[i];
+        acc_t* acc = acc_of(c);
+        if (first) cpu::fill_noise(acc, stream_start[c.tensor] + c.begin, c.end - c.begin, noise_std, seed, offset);
+        cpu::accumulate_rows(acc, factors.data(), row_of(c, r0), n[c.tensor], r1 - r0, c.end - c.begin);
+        if (last) {
+          cpu::scale_store(outputs[c.tensor].data_ptr<scalar_t>() + c.begin, acc, static_cast<acc_t>(scale),
+                           c.end - c.begin);
         }
       }
-#pragma omp barrier
-      for (int64_t r = r0; r < r1; ++r) {
-        double square = 0;
-        for (int64_t i = 0; i < num_columns; ++i) square += block_partial[i * block_rows + r - r0];
-        const double norm = std::sqrt(square);
-        finite = finite && (std::isfinite(norm) || !check_finite);
-        factors[r - r0] = static_cast<acc_t>(clip_factor(norm, max_grad_norm));
-      }
-      if (!finite) break;  // every thread sees the same factors and stops: no one is left at a barrier
-      for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
-        const Columns& c = columns[i];
-        cpu::accumulate_rows(acc_of(c), factors.data(), row_of(c, r0), n[c.tensor], r1 - r0, c.end - c.begin);
-      }
     }
-    if (finite) {
-      for (int64_t i = runs[me]; i < runs[me + 1]; ++i) {
-        const Columns& c = columns[i];
-        cpu::scale_store(outputs[c.tensor].data_ptr<scalar_t>() + c.begin, acc_of(c), static_cast<acc_t>(scale),
-                         c.end - c.begin);
-      }
-    } else if (me == 0) {
+    if (!finite && me == 0) {
       all_finite = false;
     }
   }

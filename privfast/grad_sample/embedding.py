@@ -6,10 +6,12 @@ Materialized it is ``[B, V, E]`` (large for big vocabularies), so the ghost form
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, LayerGrads, fold_rows, register_rule
+from privfast.grad_sample.base import Call, LayerGrads, Workspace, fold_rows, register_rule
 
 
 class EmbeddingGrads(LayerGrads):
@@ -36,10 +38,21 @@ class EmbeddingGrads(LayerGrads):
         return float(2 * self.d.shape[0] * self.d.shape[1] ** 2 * self.d.element_size())  # id matches, Gram matrix
 
     def _compute_per_example(self) -> list[Tensor]:
+        return self.scaled_per_example(1.0)
+
+    def scaled_per_example(self, scale: float, workspace: Optional[Workspace] = None) -> list[Tensor]:
+        # [B, V, E] is mostly zeros: written into kept memory (a fresh block costs its page faults every step)
+        # and scaled through the B*R gradient rows that fill it, not by a pass over all of it.
         vocab, dim = self.weight.shape
+        shape = (self.batch, vocab, dim)
+        if workspace is None:
+            out = self.d.new_zeros(shape)
+        else:
+            out = workspace.take([shape], self.d.dtype, self.d.device)[0].zero_()
         rows = self.ids + vocab * torch.arange(self.batch, device=self.ids.device).unsqueeze(1)
-        out = self.d.new_zeros(self.batch * vocab, dim).index_add_(0, rows.flatten(), self.d.reshape(-1, dim))
-        return [out.reshape(self.batch, vocab, dim)]
+        d = self.d.reshape(-1, dim)
+        out.view(-1, dim).index_add_(0, rows.flatten(), d, alpha=scale)
+        return [out]
 
     def _ghost_norm_sq(self) -> Tensor:
         same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(self.d.dtype)
