@@ -158,42 +158,60 @@ __attribute__((target("avx512f"))) inline void mulhilo16(__m512i m, __m512i a, _
   *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 
-// stream_words_avx2 sixteen counters at a time, for the machines that have AVX-512: the same
-// integer operations, so the same words.
-__attribute__((target("avx512f"))) void stream_words_avx512(uint32_t (*w)[kNoiseBlock], uint64_t first_group,
-                                                           int64_t count, uint64_t seed, uint64_t offset) {
+// Philox's ten rounds on V independent vectors of sixteen counters each (c[v] holds their four words),
+// interleaved round by round: one vector alone waits on each round's multiply latency.
+template <int V>
+__attribute__((target("avx512f"))) inline void philox_rounds16(__m512i (&c)[V][4], uint64_t seed) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      __m512i lo0, hi0, lo1, hi1;
+      mulhilo16(m0, c[v][0], &lo0, &hi0);
+      mulhilo16(m1, c[v][2], &lo1, &hi1);
+      c[v][0] = _mm512_xor_si512(_mm512_xor_si512(hi1, c[v][1]), key0);
+      c[v][1] = lo1;
+      c[v][2] = _mm512_xor_si512(_mm512_xor_si512(hi0, c[v][3]), key1);
+      c[v][3] = lo0;
+    }
+    k0 += philox::kW0;
+    k1 += philox::kW1;
+  }
+}
+
+// stream_words_avx2 sixteen counters a vector, V vectors at a time, for the machines that have AVX-512:
+// the same integer operations, so the same words. Returns the groups done (a multiple of 16 * V).
+template <int V>
+__attribute__((target("avx512f"))) int64_t stream_words_avx512(uint32_t (*w)[kNoiseBlock], uint64_t first_group,
+                                                              int64_t from, int64_t count, uint64_t seed,
+                                                              uint64_t offset) {
   const __m512i offset_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m512i offset_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t g = 0;
-  for (; g + 16 <= count; g += 16) {
+  int64_t g = from;
+  for (; g + 16 * V <= count; g += 16 * V) {
     const uint64_t group = first_group + static_cast<uint64_t>(g);
-    // Sixteen consecutive counters share their high word unless the low word wraps inside them.
-    if (static_cast<uint32_t>(group) > 0xFFFFFFFFu - 15u) break;
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group))), lanes);
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
-    __m512i c2 = offset_lo, c3 = offset_hi;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m512i lo0, hi0, lo1, hi1;
-      mulhilo16(m0, c0, &lo0, &hi0);
-      mulhilo16(m1, c2, &lo1, &hi1);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      c1 = lo1;
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-      c3 = lo0;
-      k0 += philox::kW0;
-      k1 += philox::kW1;
+    // The counters of one pass share their high word unless the low word wraps inside them.
+    if (static_cast<uint32_t>(group) > 0xFFFFFFFFu - (16u * V - 1u)) break;
+    __m512i c[V][4];
+    for (int v = 0; v < V; ++v) {
+      const __m512i low = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group) + 16u * v));
+      c[v][0] = _mm512_add_epi32(low, lanes);
+      c[v][1] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
+      c[v][2] = offset_lo;
+      c[v][3] = offset_hi;
     }
-    _mm512_storeu_si512(&w[0][g], c0);
-    _mm512_storeu_si512(&w[1][g], c1);
-    _mm512_storeu_si512(&w[2][g], c2);
-    _mm512_storeu_si512(&w[3][g], c3);
+    philox_rounds16<V>(c, seed);
+    for (int v = 0; v < V; ++v) {
+      for (int i = 0; i < 4; ++i) _mm512_storeu_si512(&w[i][g + 16 * v], c[v][i]);
+    }
   }
-  stream_words(w, first_group, g, count, seed, offset);
+  return g;
 }
+
 #pragma GCC diagnostic pop
 
 // The widest Philox path this CPU runs: 2 AVX-512, 1 AVX2, 0 scalar. PRIVFAST_CPU_ISA=avx2 or scalar
@@ -230,7 +248,8 @@ static void normal_pairs(double* z, uint64_t first_group, int64_t count, uint64_
   uint32_t w[4][kNoiseBlock];
 #if defined(PRIVFAST_X86)
   if (kPhiloxWidth == 2) {
-    stream_words_avx512(w, first_group, count, seed, offset);
+    const int64_t done = stream_words_avx512<4>(w, first_group, 0, count, seed, offset);
+    stream_words(w, first_group, stream_words_avx512<1>(w, first_group, done, count, seed, offset), count, seed, offset);
   } else if (kPhiloxWidth == 1) {
     stream_words_avx2(w, first_group, count, seed, offset);
   } else {
