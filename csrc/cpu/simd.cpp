@@ -106,44 +106,59 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i a, __m25
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// stream_words eight counters at a time. Integer arithmetic only, so the words are those of
-// philox::stream_words bit for bit; GCC's own vectorization of that loop spends most of its
-// instructions shuffling 32-bit lanes into and out of 64-bit products.
-__attribute__((target("avx2"))) void stream_words_avx2(uint32_t (*w)[kNoiseBlock], uint64_t first_group, int64_t count,
-                                                       uint64_t seed, uint64_t offset) {
+// Philox's ten rounds on V independent vectors of eight counters each (c[v] holds their four words),
+// interleaved round by round: one vector alone waits on each round's multiply latency. Integer
+// arithmetic only, so the words are those of philox::stream_words bit for bit; GCC's own
+// vectorization of that loop spends most of its instructions shuffling 32-bit lanes into and out of
+// 64-bit products.
+template <int V>
+__attribute__((target("avx2"))) inline void philox_rounds8(__m256i (&c)[V][4], uint64_t seed) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kM1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      __m256i lo0, hi0, lo1, hi1;
+      mulhilo8(m0, c[v][0], &lo0, &hi0);
+      mulhilo8(m1, c[v][2], &lo1, &hi1);
+      c[v][0] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[v][1]), key0);
+      c[v][1] = lo1;
+      c[v][2] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[v][3]), key1);
+      c[v][3] = lo0;
+    }
+    k0 += philox::kW0;
+    k1 += philox::kW1;
+  }
+}
+
+// stream_words eight counters a vector, V vectors at a time; returns the groups done (a multiple of 8 * V).
+template <int V>
+__attribute__((target("avx2"))) int64_t stream_words_avx2(uint32_t (*w)[kNoiseBlock], uint64_t first_group,
+                                                         int64_t from, int64_t count, uint64_t seed, uint64_t offset) {
   const __m256i offset_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m256i offset_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  int64_t g = 0;
-  for (; g + 8 <= count; g += 8) {
-    alignas(32) uint32_t group_lo[8], group_hi[8];
-    for (int i = 0; i < 8; ++i) {
-      const uint64_t group = first_group + static_cast<uint64_t>(g + i);
-      group_lo[i] = static_cast<uint32_t>(group);
-      group_hi[i] = static_cast<uint32_t>(group >> 32);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t g = from;
+  for (; g + 8 * V <= count; g += 8 * V) {
+    const uint64_t group = first_group + static_cast<uint64_t>(g);
+    // The counters of one pass share their high word unless the low word wraps inside them.
+    if (static_cast<uint32_t>(group) > 0xFFFFFFFFu - (8u * V - 1u)) break;
+    __m256i c[V][4];
+    for (int v = 0; v < V; ++v) {
+      const __m256i low = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group) + 8u * v));
+      c[v][0] = _mm256_add_epi32(low, lanes);
+      c[v][1] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
+      c[v][2] = offset_lo;
+      c[v][3] = offset_hi;
     }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_lo));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_hi));
-    __m256i c2 = offset_lo, c3 = offset_hi;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m256i lo0, hi0, lo1, hi1;
-      mulhilo8(m0, c0, &lo0, &hi0);
-      mulhilo8(m1, c2, &lo1, &hi1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c1 = lo1;
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c3 = lo0;
-      k0 += philox::kW0;
-      k1 += philox::kW1;
+    philox_rounds8<V>(c, seed);
+    for (int v = 0; v < V; ++v) {
+      for (int i = 0; i < 4; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[i][g + 8 * v]), c[v][i]);
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[0][g]), c0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[1][g]), c1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[2][g]), c2);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w[3][g]), c3);
   }
-  stream_words(w, first_group, g, count, seed, offset);
+  return g;
 }
 
 // GCC 12's AVX-512 shift intrinsics start from _mm512_undefined_epi32(), which -Wmaybe-uninitialized
@@ -182,7 +197,7 @@ __attribute__((target("avx512f"))) inline void philox_rounds16(__m512i (&c)[V][4
   }
 }
 
-// stream_words_avx2 sixteen counters a vector, V vectors at a time, for the machines that have AVX-512:
+// stream_words_avx2's passes with sixteen counters a vector, V vectors at a time, for the machines that have AVX-512:
 // the same integer operations, so the same words. Returns the groups done (a multiple of 16 * V).
 template <int V>
 __attribute__((target("avx512f"))) int64_t stream_words_avx512(uint32_t (*w)[kNoiseBlock], uint64_t first_group,
@@ -251,7 +266,8 @@ static void normal_pairs(double* z, uint64_t first_group, int64_t count, uint64_
     const int64_t done = stream_words_avx512<4>(w, first_group, 0, count, seed, offset);
     stream_words(w, first_group, stream_words_avx512<1>(w, first_group, done, count, seed, offset), count, seed, offset);
   } else if (kPhiloxWidth == 1) {
-    stream_words_avx2(w, first_group, count, seed, offset);
+    const int64_t done = stream_words_avx2<4>(w, first_group, 0, count, seed, offset);
+    stream_words(w, first_group, stream_words_avx2<1>(w, first_group, done, count, seed, offset), count, seed, offset);
   } else {
     stream_words(w, first_group, 0, count, seed, offset);
   }
