@@ -493,13 +493,19 @@ def _family_peaks(name: str, k: int, variants: Sequence[str], seed: int, threads
 
 
 def _peaks_in_child(name: str, k: int, variants: Sequence[str], seed: int) -> dict[str, Optional[int]]:
-    """The peaks measured in a fresh process: the allocator setting they need must not reach the timings."""
+    """The peaks, each variant's measured in a fresh process of its own: the allocator setting they need
+    must not reach the timings, and what one variant leaves behind in a process (memory the allocator
+    kept, kernels and plans initialized once per process) must not lower or raise the next one's."""
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_family_peaks, name, k, list(variants), seed, torch.get_num_threads()).result()
+    peaks = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        threads = torch.get_num_threads()
+        for variant in variants:
+            peaks.update(pool.submit(_family_peaks, name, k, [variant], seed, threads).result())
+    return peaks
 
 
 def compare_family(

@@ -81,6 +81,16 @@ def test_peak_memory_is_measured_away_from_the_timings(monkeypatch, one_thread):
     assert all(isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0 for r in rows)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from Linux's /proc")
+def test_a_variants_peak_does_not_depend_on_the_variants_measured_before_it():
+    """Each variant's peak comes from a process of its own. In one shared process, materialize measured
+    after auto read a third of its peak alone: auto had left memory behind and initialized what
+    materialize would otherwise allocate in its first step."""
+    after_auto = throughput._peaks_in_child("cnn", 1, ["privfast-auto", "privfast-materialize"], 0)
+    alone = throughput._peaks_in_child("cnn", 1, ["privfast-materialize"], 0)
+    assert after_auto["privfast-materialize"] == pytest.approx(alone["privfast-materialize"], rel=0.15)
+
+
 def test_phase_times_puts_each_phase_where_it_runs(monkeypatch, one_thread):
     """A delay planted in the clipping, then in the noise, shows up in that phase of the private step only."""
     from privfast.grad_sample import GradSampleModule
