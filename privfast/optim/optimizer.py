@@ -176,7 +176,7 @@ class DPOptimizer(Optimizer):
         params = self.params
         if self.audit_canary is not None:
             self.audit_canary.insert(self, self._summed)
-        sums = [self._summed.get(p, torch.zeros_like(p)).unsqueeze(0) for p in params]
+        sums = [(self._summed[p] if p in self._summed else torch.zeros_like(p)).unsqueeze(0) for p in params]
         noisy = ops.clip_accumulate_noise(
             sums,
             math.inf,
