@@ -109,6 +109,38 @@ def test_clip_accumulate_noise_matches_reference(device, dtype, tol, strided, ba
         torch.testing.assert_close(out.cpu(), ref, rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_clip_accumulate_noise_matches_reference(device, half):
+    """float16 and bfloat16 sum in a float32 buffer, not in the output: with 7 rows and a 40000-wide
+    tensor the kernel takes several row blocks, the noise going in before the first and the output
+    written after the last."""
+    grads = make_grads(7, half, device)
+    got = ops.clip_accumulate_noise(grads, 3.0, 0.7, 1 / 8, torch.Generator().manual_seed(12))
+    seed, offset = key_of(12, sum(math.prod(g.shape[1:]) for g in grads))
+    want = _reference.clip_accumulate_noise(as_cpu(grads), 3.0, 0.7, 1 / 8, seed, offset)
+    for out, ref in zip(got, want):
+        assert out.dtype == half
+        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=2e-2, atol=1e-2)
+
+
+def test_an_infinite_bound_without_the_finite_check_reads_no_norms(device):
+    """With no bound every clip factor is 1, so the kernel skips the norms unless it must check them:
+    the same bits either way, and a NaN example, refused by the check, makes only its tensor's sum NaN."""
+    grads = make_grads(3, torch.float32, device)
+
+    def call(check):
+        return ops.clip_accumulate_noise(
+            grads, math.inf, 0.5, 0.25, torch.Generator().manual_seed(4), check_finite=check
+        )
+
+    assert all(torch.equal(a, b) for a, b in zip(call(True), call(False)))
+    grads[1][1, 0] = float("nan")
+    with pytest.raises(ValueError):
+        call(True)
+    unchecked = call(False)
+    assert torch.isnan(unchecked[1]).any() and not torch.isnan(unchecked[0]).any()
+
+
 def test_clip_accumulate_noise_equals_naive_clipping(device):
     """Independent of the reference: clip each example by hand, sum, scale."""
     grads = make_grads(6, torch.float64, device)
