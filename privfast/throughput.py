@@ -477,19 +477,15 @@ def peak_bytes(step: Callable[[], None]) -> Optional[int]:
     return status("VmHWM:") - before
 
 
-def _family_peaks(name: str, k: int, variants: Sequence[str], seed: int, threads: int) -> dict[str, Optional[int]]:
-    """:func:`peak_bytes` of each variant's step on one family and K (run in a child process)."""
+def _family_peak(name: str, k: int, variant: str, seed: int, threads: int) -> Optional[int]:
+    """:func:`peak_bytes` of one variant's step on one family and K (run in a process of its own)."""
     torch.set_num_threads(threads)
     family = FAMILIES[name]
     x, y = family.make_batch(k, torch.Generator().manual_seed(seed))
-    peaks = {}
-    for variant in variants:
-        step = _seeded_step(variant, family.make_model, x, y, augmult=k, seed=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peaks[variant] = peak_bytes(step)
-        del step
-    return peaks
+    step = _seeded_step(variant, family.make_model, x, y, augmult=k, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peak_bytes(step)
 
 
 def _peaks_in_child(name: str, k: int, variants: Sequence[str], seed: int) -> dict[str, Optional[int]]:
@@ -500,12 +496,9 @@ def _peaks_in_child(name: str, k: int, variants: Sequence[str], seed: int) -> di
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    peaks = {}
+    threads = torch.get_num_threads()
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
-        threads = torch.get_num_threads()
-        for variant in variants:
-            peaks.update(pool.submit(_family_peaks, name, k, [variant], seed, threads).result())
-    return peaks
+        return {v: pool.submit(_family_peak, name, k, v, seed, threads).result() for v in variants}
 
 
 def compare_family(

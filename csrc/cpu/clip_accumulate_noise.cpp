@@ -86,10 +86,12 @@ bool clip_accumulate_noise_kernel(const ClipPlan& plan, double max_grad_norm, do
   auto row_of = [&](const Columns& c, int64_t r) {
     return grads[c.tensor].const_data_ptr<scalar_t>() + r * n[c.tensor] + c.begin;
   };
-  // Rows per block: a thread's share of a block stays in its L2 between the block's two reads.
-  // A multiple of 4 when possible, the rows accumulate_rows takes per pass over the sums.
+  // Rows per block: a thread's share of a block stays in its L2 between the block's two reads. At
+  // least four (the rows accumulate_rows takes per pass over the sums) or all of them, and a multiple
+  // of 4 when possible: wider rows would make one-row blocks, each passing over the sums once more.
   const int64_t share_bytes = std::max<int64_t>(1, total * static_cast<int64_t>(sizeof(scalar_t)) / threads);
-  int64_t block_rows = std::clamp<int64_t>(kCacheBudget / share_bytes, std::min<int64_t>(rows, 4), std::max<int64_t>(rows, 1));
+  int64_t block_rows =
+      std::clamp<int64_t>(kCacheBudget / share_bytes, std::min<int64_t>(rows, 4), std::max<int64_t>(rows, 1));
   if (block_rows > 4) block_rows -= block_rows % 4;
   // Partial squared norms per (column, block row), two buffers so that one barrier per block
   // suffices: a thread writing block k + 1's partials never meets one still reading block k's.
