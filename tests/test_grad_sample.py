@@ -534,6 +534,37 @@ def test_deferred_finite_check_raises_at_the_next_forward(mode):
     wrapped.check_finite_pending()  # raised once
 
 
+def test_conv_falls_back_to_a_dense_placeholder_weight(monkeypatch):
+    """Off the CPU: a backend refusing the stride-0 placeholder weight (as cuDNN might) gets a dense one,
+    same result."""
+    from privfast.grad_sample import conv
+
+    monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0)  # the kernel's path, whatever the positions
+    model, x, y = _setup("conv_wide", 8)
+    reference = GradSampleModule(copy.deepcopy(model), mode="materialize", augmult=2)
+    F.cross_entropy(reference(x), y).backward()
+    expected = list(reference.clipped_sum(0.5).values())
+
+    real = torch.ops.aten.convolution_backward
+    refused = []
+
+    def strict(grad, inp, weight, *args):
+        if 0 in weight.stride():
+            refused.append(weight.shape)
+            raise RuntimeError("dense weight required")
+        return real(grad, inp, weight, *args)
+
+    monkeypatch.setattr(conv.torch.ops.aten, "convolution_backward", strict)
+    monkeypatch.setattr(conv, "_EXPANDED_WEIGHT_OK", {})
+    monkeypatch.setattr(conv, "_DENSE_PLACEHOLDER_DEVICES", set())  # the stride-0 path other devices take
+    wrapped = GradSampleModule(model, mode="materialize", augmult=2)
+    F.cross_entropy(wrapped(x), y).backward()
+    got = list(wrapped.clipped_sum(0.5).values())
+    assert len(refused) == 1 and conv._EXPANDED_WEIGHT_OK == {"cpu": False}  # tried once, then dense
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
 def test_conv_weight_gradients_take_one_kept_dense_placeholder_weight(monkeypatch):
     """The weight-gradient kernel reads only its weight's shape, but the backends copy a stride-0 view into
     a dense one on every call: every run gets a dense view of one kept buffer instead. Same result."""

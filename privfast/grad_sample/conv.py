@@ -39,8 +39,13 @@ PER_EXAMPLE_MIN_CHANNELS = 8
 # from 16x16 on it is as fast or faster (benchmarks/RESULTS.md).
 UNFOLD_MAX_POSITIONS = 64
 
-# Per (device, dtype): memory whose first elements serve as the placeholder weight of every weight-gradient
-# run (see _weight_gradient); grows to the largest placeholder asked for.
+# Device types whose weight-gradient runs get a dense placeholder weight in kept memory: oneDNN copies a
+# stride-0 view into a dense weight on every call (copies x the weight). Elsewhere the stride-0 view,
+# which cuDNN reads without a copy; _EXPANDED_WEIGHT_OK records a backend that refuses it.
+_DENSE_PLACEHOLDER_DEVICES = {"cpu"}
+_EXPANDED_WEIGHT_OK: dict[str, bool] = {}
+# Per (device, dtype): memory whose first elements serve as the dense placeholder weight; grows to the
+# largest placeholder asked for.
 _PLACEHOLDERS: dict[tuple, Tensor] = {}
 
 
@@ -98,9 +103,19 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
     grad = grad.unsqueeze(2) if grad.dim() == 3 else grad
     shape = (copies * module.out_channels, module.weight.shape[1], *kernel)
     args = (list(stride), list(padding), list(dilation), False, [0, 0], copies * module.groups, [False, True, False])
-    # Only the weight's shape is read when just the weight gradient is asked for, but the backends want it
-    # dense (oneDNN copies a stride-0 view into a dense one, copies x the weight, on every call).
-    return torch.ops.aten.convolution_backward(grad, x, _placeholder(shape, grad), None, *args)[1]
+    # Only the weight's shape is read when just the weight gradient is asked for.
+    if grad.device.type in _DENSE_PLACEHOLDER_DEVICES:
+        return torch.ops.aten.convolution_backward(grad, x, _placeholder(shape, grad), None, *args)[1]
+    if _EXPANDED_WEIGHT_OK.get(grad.device.type, True):
+        # A stride-0 view spares allocating copies x the weight (B*K x it for one copy per row).
+        shape_only = grad.new_empty(1).view(1, 1, 1, 1).expand(shape)
+        try:
+            return torch.ops.aten.convolution_backward(grad, x, shape_only, None, *args)[1]
+        except RuntimeError:
+            # A backend (e.g. a cuDNN version) that wants a dense weight: allocate one from now on. Any
+            # other error recurs with the dense weight below and surfaces there.
+            _EXPANDED_WEIGHT_OK[grad.device.type] = False
+    return torch.ops.aten.convolution_backward(grad, x, grad.new_empty(shape), None, *args)[1]
 
 
 class ConvGrads(ContractionGrads):
