@@ -669,6 +669,42 @@ def test_auto_times_close_calls_once_per_layer_and_shape(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize(
+    "layer, ghost_over_materialize, plan",
+    [
+        ("linear", 1.8, "ghost"),  # a Linear's allowance: ghost up to 2x its timed materialized strategy
+        ("linear", 2.2, "materialize"),
+        ("conv", 1.2, "materialize"),  # a convolution's: none
+        ("conv", 0.9, "ghost"),
+    ],
+)
+def test_timed_plan_allows_ghost_its_margin(monkeypatch, layer, ghost_over_materialize, plan):
+    """auto's timing (a fake clock that each strategy moves by its own cost) takes ghost within the
+    layer's ghost_margin of materializing."""
+    from privfast.grad_sample import engine
+
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    module = nn.Linear(6, 5) if layer == "linear" else nn.Conv2d(2, 3, 3)
+    x = torch.randn(4, 7, 6) if layer == "linear" else torch.randn(4, 2, 6, 6)
+    wrapped = GradSampleModule(module, mode="bk", batch_first=True)  # bk keeps the operands for the timing
+    wrapped(x).sum().backward()
+    ((_, grads, _),) = list(wrapped._layer_grads())
+    build, norms = grads.scaled_per_example, grads._ghost_norm_sq
+
+    def timed_build(*args):
+        clock[0] += 1.0
+        return build(*args)
+
+    def timed_norms():
+        clock[0] += ghost_over_materialize
+        return norms()
+
+    monkeypatch.setattr(grads, "scaled_per_example", timed_build)
+    monkeypatch.setattr(grads, "_ghost_norm_sq", timed_norms)
+    assert engine._faster_plan(grads) == (plan, plan)
+
+
 @pytest.mark.parametrize("wide", [True, False])
 def test_timed_plan_picks_the_faster_strategy_on_clear_cases(wide):
     """A wide Linear on few rows: ghost norms (R x R Gram matrices) are far cheaper than [B, p, d]

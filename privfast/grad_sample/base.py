@@ -105,6 +105,10 @@ class LayerGrads:
     override :meth:`ghost_cost`, :meth:`contract_cost`, :meth:`_ghost_norm_sq` and :meth:`contract`.
     """
 
+    # auto takes the ghost strategy where, timed alone, it ran at most this many times as long as
+    # materializing (see engine._faster_plan).
+    ghost_margin = 1.0
+
     def __init__(self, params: Sequence[nn.Parameter], batch: int):
         self.params = list(params)
         self.batch = batch
@@ -190,6 +194,14 @@ class ContractionGrads(LayerGrads):
         a: inputs ``[B, K, G, d, T]`` (unfolded for convolutions; T positions).
         d: output gradients ``[B, K, G, p, T]``.
     """
+
+    # A Linear's materialized strategy timed alone builds its per-example gradients and reads them twice
+    # while they are in cache; in a step they are built during the backward and read by the clip from
+    # memory, and the backward of ghost clipping computes no weight gradient at all. On the benchmark
+    # transformer and LSTM every Linear timed 15-45% faster materialized, yet ghost clipping made the
+    # step 4-8% faster with half the peak memory (benchmarks/RESULTS.md); and a fresh process's first
+    # timings vary by up to 40%. Convolutions keep 1: ghost norms over many positions lose by far more.
+    ghost_margin = 2.0
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Tensor):
         self.weight = weight if weight.requires_grad else None

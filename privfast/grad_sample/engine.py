@@ -119,7 +119,8 @@ class _Layer:
 def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
     """Time the materialized and the ghost strategy of one layer (norms and a clipped sum with random
     clip factors, best of three runs each, alternating so that a drift in the machine's speed hits
-    both alike) and return the faster as a plan."""
+    both alike) and return ghost's plan unless materializing was faster by more than the layer's
+    ``ghost_margin``."""
     # Clip factors of no consequence, drawn without touching torch's random state (a draw here would
     # shift every later one: augmentations, dropout, a run's reproducibility).
     weights = torch.linspace(0.5, 1.0, grads.batch, dtype=torch.float64, device=grads.params[0].device)
@@ -146,7 +147,8 @@ def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
         if cuda:
             torch.cuda.synchronize()
         best[plan] = min(best.get(plan, math.inf), time.perf_counter() - start)
-    return min(best, key=best.get)
+    take_ghost = best[(GHOST, GHOST)] <= grads.ghost_margin * best[(MATERIALIZE, MATERIALIZE)]
+    return (GHOST, GHOST) if take_ghost else (MATERIALIZE, MATERIALIZE)
 
 
 class GradSampleModule(nn.Module):
