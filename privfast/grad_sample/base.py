@@ -197,10 +197,9 @@ class ContractionGrads(LayerGrads):
 
     # A Linear's materialized strategy timed alone builds its per-example gradients and reads them twice
     # while they are in cache; in a step they are built during the backward and read by the clip from
-    # memory, and the backward of ghost clipping computes no weight gradient at all. On the benchmark
-    # transformer and LSTM every Linear timed 15-45% faster materialized, yet ghost clipping made the
-    # step 4-8% faster with half the peak memory (benchmarks/RESULTS.md); and a fresh process's first
-    # timings vary by up to 40%. Convolutions keep 1: ghost norms over many positions lose by far more.
+    # memory, and ghost's backward computes no weight gradient at all, so the timing favours
+    # materializing where the step does not, and a fresh process's first timings are noisy
+    # (benchmarks/RESULTS.md, "auto's Linear margin"). Convolutions keep 1.
     ghost_margin = 2.0
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Tensor):

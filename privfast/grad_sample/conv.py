@@ -69,7 +69,7 @@ def _unfold(module: Conv, x: Tensor) -> Tensor:
     """``[n, C_in, *spatial] -> [n, G, C_in/G * prod(kernel), T]``, what ``F.unfold`` gives.
 
     A strided view of the padded input copied once (a parallel copy), instead of ``F.unfold``'s im2col,
-    which is 1.5-5x slower on the CPU for the layers auto unfolds (benchmarks/RESULTS.md).
+    which is slower on the CPU (benchmarks/RESULTS.md).
     """
     x, (kh, kw), (dh, dw), (sh, sw) = _as_2d(module, _padded(module, x))
     n, c, h, w = x.shape
@@ -121,7 +121,7 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
-    ghost_margin = 1.0  # over many positions ghost norms cost far more; where close (WRN-16-4's 8x8 stage), no faster
+    ghost_margin = 1.0  # ghost norms over many positions cost far more, and where close the step was no faster
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups
