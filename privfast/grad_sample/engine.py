@@ -165,7 +165,8 @@ class GradSampleModule(nn.Module):
             gradients ``[B, *shape]``, then the fused op), ``"ghost"`` (Gram-matrix norms and the
             clipped sum as one contraction, nothing per-example stored), ``"bk"`` (book-keeping:
             the cheaper of the two for the norms, the contraction for the sum) or ``"auto"`` (the
-            cheaper complete strategy per layer). Layers without a ghost form always materialize.
+            cheaper complete strategy per layer, timed where the cost model is unsure). Layers without a
+            ghost form always materialize.
         augmult: K, the augmentations per example.
         microbatch_size: examples whose mean gradient is clipped together (1: per-example clipping).
         loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces over the rows.
@@ -563,8 +564,9 @@ class GradSampleModule(nn.Module):
         """(how the norms, how the clipped sum) of one layer are computed.
 
         ``auto`` times both complete strategies the first time the process sees a layer shape (the
-        batch size rounded to a power of two) and keeps the faster: operation counts do not say what
-        a batched GEMM, a Gram matrix or a pass over memory cost on a given machine. The choice is
+        batch size rounded to a power of two) and keeps the faster, a Linear's ghost strategy within its
+        ``ghost_margin``: operation counts do not say what a batched GEMM, a Gram matrix or a pass over
+        memory cost on a given machine. The choice is
         kept for the process (MEASURED_PLANS, saved in PrivacyEngine checkpoints so that a resumed
         run computes bit for bit as before). Layers without such a key, the other modes, and runs
         under torch.use_deterministic_algorithms(True) use the cost model.
