@@ -15,14 +15,21 @@ batch (contiguous: no copy).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, ContractionGrads, LayerGrads, cat_positions, fold_rows, register_rule
+from privfast.grad_sample.base import (
+    Call,
+    ContractionGrads,
+    LayerGrads,
+    Workspace,
+    cat_positions,
+    fold_rows,
+    register_rule,
+)
 
 Conv = Union[nn.Conv1d, nn.Conv2d]
 
@@ -44,9 +51,8 @@ UNFOLD_MAX_POSITIONS = 64
 # which cuDNN reads without a copy; _EXPANDED_WEIGHT_OK records a backend that refuses it.
 _DENSE_PLACEHOLDER_DEVICES = {"cpu"}
 _EXPANDED_WEIGHT_OK: dict[str, bool] = {}
-# Per (device, dtype): memory whose first elements serve as the dense placeholder weight; grows to the
-# largest placeholder asked for.
-_PLACEHOLDERS: dict[tuple, Tensor] = {}
+# Per (device, dtype): the kept memory of the dense placeholder weights.
+_PLACEHOLDERS: dict[tuple, Workspace] = {}
 
 
 def _padded(module: Conv, x: Tensor) -> Tensor:
@@ -81,12 +87,8 @@ def _unfold(module: Conv, x: Tensor) -> Tensor:
 
 def _placeholder(shape: tuple, like: Tensor) -> Tensor:
     """A dense tensor of ``shape`` whose values do not matter, in memory kept for the next call."""
-    numel = math.prod(shape)
-    key = (like.device, like.dtype)
-    memory = _PLACEHOLDERS.get(key)
-    if memory is None or memory.numel() < numel:
-        _PLACEHOLDERS[key] = memory = like.new_empty(numel)
-    return memory[:numel].view(shape)
+    workspace = _PLACEHOLDERS.setdefault((like.device, like.dtype), Workspace())
+    return workspace.take([shape], like.dtype, like.device)[0]
 
 
 def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> Tensor:
