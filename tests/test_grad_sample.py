@@ -2,6 +2,7 @@
 
 import copy
 import math
+import weakref
 
 import opacus
 import pytest
@@ -734,3 +735,95 @@ def test_timing_the_plans_leaves_the_random_state_alone(monkeypatch):
     after = torch.rand(3)
     torch.manual_seed(5)
     torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
+
+
+def test_shared_operand_needs_the_very_same_live_sources():
+    """Layers share an operand only when handed the very same live tensors; equal values, another key, a
+    recycled id or a released operand each build anew, and the Gram matrix is computed once for all users."""
+    from privfast.grad_sample import base
+
+    built = []
+
+    def build(t):
+        def make():
+            built.append(t)
+            return t * 2
+
+        return make
+
+    x = torch.randn(3)
+    first = base.shared_operand(("test", 1), [x], build(x))
+    second = base.shared_operand(("test", 1), [x], build(x))
+    assert second is first and first.users == 2 and len(built) == 1
+    assert base.shared_operand(("test", 1), [x.clone()], build(x)) is not first  # equal values: not the same tensor
+    assert base.shared_operand(("test", 2), [x], build(x)) is not first
+    assert len(built) == 3
+
+    # An entry whose source is another object under the same id (Python recycles ids of dead objects).
+    y = torch.randn(3)
+    other = torch.randn(3)
+    held = base.SharedOperand(other)
+    base._OPERANDS[(("test", 3), id(y))] = ([weakref.ref(other)], weakref.ref(held))
+    assert base.shared_operand(("test", 3), [y], build(y)).tensor.equal(y * 2)
+
+    # Held weakly: once its layers let go, the next request builds again.
+    del first, second
+    assert base.shared_operand(("test", 1), [x], build(x)).users == 1
+
+    computed = []
+    operand = base.SharedOperand(x)
+    operand.users = 2
+    grams = [operand.gram(lambda: computed.append(1) or torch.outer(x, x)) for _ in range(3)]
+    assert grams[0] is grams[1] and len(computed) == 2  # the third request (past the users) recomputes
+
+
+def test_recurrent_cell_linears_share_their_gradient_and_its_gram_matrix(monkeypatch):
+    """A DPLSTM cell's ih and hh Linear get the same gate gradients: ghost norms join them over the time
+    steps and multiply them out once per cell, and the clipped sum still matches the naive loop."""
+    from opacus.layers import DPLSTM
+
+    from privfast.grad_sample import base
+
+    computed, handed = [], []
+    gram = base.SharedOperand.gram
+
+    def counting_gram(self, compute):
+        return gram(self, lambda: computed.append(self) or compute())
+
+    def recording(key, sources, make):
+        operand = base.shared_operand(key, sources, make)
+        if len(sources) > 1:  # a cell's time steps (held here; the head's single call would then be shared too)
+            handed.append(operand)
+        return operand
+
+    monkeypatch.setattr(base.SharedOperand, "gram", counting_gram)
+    monkeypatch.setattr("privfast.grad_sample.linear.shared_operand", recording)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = DPLSTM(4, 5, num_layers=2, batch_first=True)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0]).sum(1)
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x = torch.randn(6, 7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = [torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params) for i in range(6)]
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))]
+
+    wrapped = GradSampleModule(model, mode="ghost")
+    F.cross_entropy(wrapped(x), y).backward()
+    got = wrapped.clipped_sum(bound)
+    for p, e in zip(params, expected):
+        assert torch.allclose(got[p], e, rtol=1e-9, atol=1e-12)
+    cells = list(dict.fromkeys(handed))
+    assert len(handed) == 4 and len(cells) == 2  # ih and hh of each layer of the LSTM share one
+    assert sum(op in cells for op in computed) == 2  # each cell's Gram matrix computed once

@@ -14,6 +14,7 @@ offers the per-example squared norms and the clipped sum in up to two ways:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -96,6 +97,66 @@ class Workspace:
     def nbytes(self) -> int:
         """Bytes held between steps."""
         return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+
+
+class SharedOperand:
+    """A rule's operand that several layers build from the very same captured tensors, and its Gram
+    matrix, computed once for all of them.
+
+    A recurrent cell's input-to-hidden and hidden-to-hidden Linear both receive the gradient of the
+    gates they are summed into (autograd hands both the one tensor): joined over the time steps and
+    multiplied into a Gram matrix once, it costs half. Get one from :func:`shared_operand`.
+    """
+
+    __slots__ = ("tensor", "users", "_gram", "_served", "__weakref__")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self.users = 0  # layers handed this operand
+        self._gram: Optional[Tensor] = None
+        self._served = 0
+
+    def gram(self, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` (the operand's Gram matrix), kept until every user has had it.
+
+        The count only decides how long the result is kept: a user that asks again (auto's timing) or
+        one that never asks costs a recomputation or memory until the layers release the operand, never
+        a wrong matrix, since the matrix is of this operand only."""
+        gram = self._gram if self._gram is not None else compute()
+        self._served += 1
+        self._gram = gram if self._served < self.users else None
+        return gram
+
+
+# (id of each source, ...) -> (weak references to the sources, weak reference to their SharedOperand)
+_OPERANDS: dict[tuple, tuple[list, weakref.ref]] = {}
+
+
+def shared_operand(key: tuple, sources: Sequence[Tensor], build: Callable[[], Tensor]) -> SharedOperand:
+    """The operand ``build()`` makes of ``sources``, shared with every layer that asks for ``key`` with
+    the very same source objects (not equal values) while an earlier result is still held.
+
+    Sources and results are held weakly: a hit needs each source to be the live object that was
+    passed before, so an id that Python recycled never matches, and nothing is kept past its layers.
+
+    Args:
+        key: what ``build`` makes of the sources and how (e.g. a rule's name and its fold).
+        sources: the captured tensors the operand is made of.
+        build: makes the operand.
+    """
+    ids = (key, *map(id, sources))
+    entry = _OPERANDS.get(ids)
+    operand = None
+    if entry is not None and all(ref() is s for ref, s in zip(entry[0], sources)):
+        operand = entry[1]()
+    if operand is None:
+        operand = SharedOperand(build())
+        if len(_OPERANDS) >= 256:
+            for dead in [k for k, (_, ref) in _OPERANDS.items() if ref() is None]:
+                del _OPERANDS[dead]
+        _OPERANDS[ids] = ([weakref.ref(s) for s in sources], weakref.ref(operand))
+    operand.users += 1
+    return operand
 
 
 class LayerGrads:
@@ -193,6 +254,8 @@ class ContractionGrads(LayerGrads):
         weight, bias: the layer's parameters (``bias`` may be None or frozen).
         a: inputs ``[B, K, G, d, T]`` (unfolded for convolutions; T positions).
         d: output gradients ``[B, K, G, p, T]``.
+        shared_d: ``d`` as a :class:`SharedOperand`, where other layers may share it (its Gram matrix is
+            then computed once).
     """
 
     # A Linear's materialized strategy timed alone builds its per-example gradients and reads them twice
@@ -202,12 +265,21 @@ class ContractionGrads(LayerGrads):
     # (benchmarks/RESULTS.md, "auto's Linear margin"). Convolutions keep 1.
     ghost_margin = 2.0
 
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Tensor):
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: Optional[nn.Parameter],
+        a: Tensor,
+        d: Tensor,
+        *,
+        shared_d: Optional[SharedOperand] = None,
+    ):
         self.weight = weight if weight.requires_grad else None
         self.bias = bias if bias is not None and bias.requires_grad else None
         super().__init__([p for p in (self.weight, self.bias) if p is not None], d.shape[0])
         self._a, self.d = a, d
         self._bias_sums: Optional[Tensor] = None
+        self._shared_d = shared_d
 
     @property
     def a(self) -> Tensor:
@@ -294,7 +366,10 @@ class ContractionGrads(LayerGrads):
         if self.weight is not None:
             a, d = self._rows(self.a), self._rows(self.d)
             gram_a = torch.matmul(a, a.transpose(-1, -2))
-            gram_d = torch.matmul(d, d.transpose(-1, -2))
+            if self._shared_d is None:
+                gram_d = torch.matmul(d, d.transpose(-1, -2))
+            else:
+                gram_d = self._shared_d.gram(lambda: torch.matmul(d, d.transpose(-1, -2)))
             total = total + (gram_a * gram_d).sum(dim=(1, 2, 3))
         if self.bias is not None:
             total = total + self._bias_per_example().pow(2).sum(1)
@@ -319,7 +394,7 @@ class ContractionGrads(LayerGrads):
         return torch.bmm(dw, a)
 
     def release(self) -> None:
-        self._a = self.d = self._bias_sums = None
+        self._a = self.d = self._bias_sums = self._shared_d = None
 
 
 Rule = Callable[[nn.Module, list[Call], int], LayerGrads]

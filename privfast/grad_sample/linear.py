@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, ContractionGrads, fold_rows, register_rule
+from privfast.grad_sample.base import Call, ContractionGrads, fold_rows, register_rule, shared_operand
 
 
 def _positions_last(parts: list[Tensor], fold: int) -> Tensor:
@@ -24,5 +24,7 @@ def _positions_last(parts: list[Tensor], fold: int) -> Tensor:
 def linear_rule(module: nn.Linear, calls: list[Call], fold: int) -> ContractionGrads:
     """Inputs ``[B*fold, ..., d]`` and output gradients ``[B*fold, ..., p]``."""
     a = _positions_last([c.args[0] for c in calls], fold)
-    d = _positions_last([c.grads[0] for c in calls], fold)
-    return ContractionGrads(module.weight, module.bias, a, d)
+    grads = [c.grads[0] for c in calls]
+    # A recurrent cell's two Linear get the same gradient tensors (of the gates they are summed into).
+    d = shared_operand(("linear", fold), grads, lambda: _positions_last(grads, fold))
+    return ContractionGrads(module.weight, module.bias, a, d.tensor, shared_d=d)
