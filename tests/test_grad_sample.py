@@ -335,8 +335,10 @@ def test_update_matches_opacus(name, mode, conv_path):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_autograd_skips_the_unclipped_gradient():
-    model, x, y = _setup("cnn", 8)
+@pytest.mark.parametrize("name", ["cnn", "embedding", "embedding_bag"])
+def test_autograd_skips_the_unclipped_gradient(name):
+    """Not even an Embedding of integer ids (whose output is tapped) gets its dense unclipped gradient."""
+    model, x, y = _setup(name, 8)
     wrapped = GradSampleModule(model, augmult=2)
     F.cross_entropy(wrapped(x), y).backward()
     assert all(p.grad is None for p in model.parameters())

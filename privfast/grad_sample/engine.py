@@ -4,8 +4,8 @@ and the clipped sum of per-example gradients computed from them, layer by layer.
 Autograd never computes the unclipped ``.grad`` of a captured layer: while the layer runs, its
 parameters stop requiring a gradient, so backward computes only input gradients; a hook on the
 layer's output keeps the output gradient ``D``. A layer with no input that requires a gradient
-(the first layer) gets its output tapped by :class:`_Tap` so that it still carries one. (A layer
-whose inputs are all integer ids, an Embedding, keeps its parameters tracked instead.)
+(the first layer, an Embedding of integer ids) gets its output tapped by :class:`_Tap` so that it
+still carries one.
 """
 
 from __future__ import annotations
@@ -436,8 +436,6 @@ class GradSampleModule(nn.Module):
 
     def _before_forward(self, layer: _Layer, module, args, kwargs):
         if not self._capturing():
-            return None
-        if not any(isinstance(a, Tensor) and a.is_floating_point() for a in args):
             return None
         layer.untracked = [p for p in layer.params if p.requires_grad]  # the user may have frozen some since
         for p in layer.untracked:
