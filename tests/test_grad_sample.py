@@ -829,3 +829,38 @@ def test_recurrent_cell_linears_share_their_gradient_and_its_gram_matrix(monkeyp
     cells = list(dict.fromkeys(handed))
     assert len(handed) == 4 and len(cells) == 2  # ih and hh of each layer of the LSTM share one
     assert sum(op in cells for op in computed) == 2  # each cell's Gram matrix computed once
+
+
+class FunctionalTie(nn.Module):
+    """A language model whose output layer reuses the embedding table through F.linear."""
+
+    def __init__(self, tied=True):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(10, 4), nn.Linear(4, 4)
+        self.head = None if tied else nn.Linear(4, 10, bias=False)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
+
+
+@pytest.mark.parametrize("use", ["tied_output", "penalty_in_loss"])
+def test_a_parameter_used_outside_its_layer_is_refused(use):
+    """Such a use's per-example gradients are never captured: refused by name, not left out of the update."""
+    torch.manual_seed(0)
+    model = FunctionalTie(tied=use == "tied_output")
+    wrapped = GradSampleModule(model)
+    ids = torch.randint(0, 10, (3, 5))
+    loss = F.cross_entropy(wrapped(ids).reshape(-1, 10), ids.reshape(-1))
+    if use == "penalty_in_loss":
+        loss = loss + 1e-3 * model.mix.weight.pow(2).sum()
+    layer = "embed" if use == "tied_output" else "mix"
+    with pytest.raises(RuntimeError, match=f"parameter 'weight' of layer '{layer}'.*outside that layer's own forward"):
+        loss.backward()
+    # Untied, without the penalty: the same model trains, and no hook is left once detached.
+    untied = GradSampleModule(FunctionalTie(tied=False))
+    F.cross_entropy(untied(ids).reshape(-1, 10), ids.reshape(-1)).backward()
+    assert set(untied.clipped_sum(1.0)) == {p for p in untied.parameters()}
+    wrapped.remove_hooks()
+    F.cross_entropy(model(ids).reshape(-1, 10), ids.reshape(-1)).backward()
+    assert model.embed.weight.grad is not None

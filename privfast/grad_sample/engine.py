@@ -116,6 +116,19 @@ class _Layer:
         return [c for c in self.calls if any(g is not None for g in c.grads)]
 
 
+def _used_outside(layer: _Layer, name: str, grad: Tensor) -> None:
+    """Tensor hook on a captured parameter: autograd computed a gradient for it, so it was used while
+    tracked, outside its own layer's calls. That use's per-example gradients are not captured."""
+    raise RuntimeError(
+        f"parameter {name!r} of layer {layer.name!r} ({type(layer.module).__name__}) received a gradient from a use "
+        "outside that layer's own forward call (e.g. a tied output layer computed as F.linear(h, embed.weight), or a "
+        "penalty on the weights added to the loss). The engine captures each layer's per-example gradients in the "
+        "layer's calls only, so this use would be left out of the clipped update without a word. Give that use a "
+        "module of its own (untied weights), or apply a weight penalty through the optimizer (weight_decay), which "
+        "acts on the released update and costs no privacy."
+    )
+
+
 def _faster_plan(grads: LayerGrads) -> tuple[str, str]:
     """Time the materialized and the ghost strategy of one layer (norms and a clipped sum with random
     clip factors, best of three runs each, alternating so that a drift in the machine's speed hits
@@ -254,6 +267,11 @@ class GradSampleModule(nn.Module):
                 self._handles.append(m.register_forward_pre_hook(self._enter_rnn))
                 self._handles.append(m.register_forward_hook(self._leave_rnn, always_call=True))
         for layer in self._layers:
+            for name, p in trainable(layer.module):
+                # Inside its layer's calls a parameter is untracked: a gradient reaching it came from another use.
+                hook = functools.partial(_used_outside, layer, name)
+                hook.__torch_unserializable__ = True  # torch.save of the model need not warn that it is left out
+                self._handles.append(p.register_hook(hook))
             self._handles.append(
                 layer.module.register_forward_pre_hook(functools.partial(self._before_forward, layer), with_kwargs=True)
             )
