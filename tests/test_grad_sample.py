@@ -364,14 +364,24 @@ def test_auto_picks_the_cheaper_strategy_per_layer(monkeypatch):
     assert all(how_sum == "ghost" for _, how_sum in wrapped.layer_plans().values())
 
 
-@pytest.mark.parametrize("width", [16, 1024])
-def test_auto_builds_small_contracted_layers_to_keep_the_fused_clip(monkeypatch, width):
-    """One contracted layer takes the whole step off the fused clip: auto builds the per-example gradients
-    of layers it planned to contract when they are small (building them costs less than the mixed path's
-    fixed part), and keeps large ones contracted."""
+@pytest.mark.parametrize(
+    "width, mixed_path_cost, fused",
+    [
+        (16, None, True),  # both layers small: each built in its hook, never planned to contract
+        (1024, 10e6, True),  # the wide layer planned to contract, then built: cheaper than the mixed path
+        (1024, None, False),  # ... or kept contracted where building it costs more
+    ],
+)
+def test_auto_builds_small_contracted_layers_to_keep_the_fused_clip(monkeypatch, width, mixed_path_cost, fused):
+    """One contracted layer takes the whole step off the fused clip: auto plans a layer whose per-example
+    gradients cost less to build than the mixed path's fixed part as materialized, builds those of larger
+    layers it planned to contract when that still costs less than the mixed path, and keeps the others
+    contracted."""
     from privfast.grad_sample import engine
 
     monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", 1.0)  # the cost model: ghost for both, on one row each
+    if mixed_path_cost is not None:
+        monkeypatch.setattr(engine, "MIXED_PATH_COST", mixed_path_cost)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width)).double()
     x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, width, dtype=torch.float64)
@@ -383,16 +393,16 @@ def test_auto_builds_small_contracted_layers_to_keep_the_fused_clip(monkeypatch,
     expected = [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))]
 
     wrapped = GradSampleModule(model, mode="auto")
-    fused = []
+    calls = []
     real = engine.ops.clip_accumulate_noise
-    monkeypatch.setattr(engine.ops, "clip_accumulate_noise", lambda *a, **k: fused.append(1) or real(*a, **k))
+    monkeypatch.setattr(engine.ops, "clip_accumulate_noise", lambda *a, **k: calls.append(1) or real(*a, **k))
     ((wrapped(x) - y) ** 2).sum(1).mean().backward()
-    alone = {layer.name: wrapped._plan(grads, layer) for layer, grads, _ in wrapped._layer_grads()}
-    assert set(alone.values()) == {("ghost", "ghost")}
-    small = width == 16
-    assert set(wrapped.layer_plans().values()) == {("materialize",) * 2 if small else ("ghost",) * 2}
+    alone = {layer.name: wrapped._plan(grads, layer)[0] for layer, grads, _ in wrapped._layer_grads()}
+    assert alone == ({"0": "materialize", "2": "materialize"} if width == 16 else {"0": "materialize", "2": "ghost"})
+    step = wrapped.layer_plans()
+    assert step["2"] == (("materialize",) * 2 if fused else ("ghost",) * 2)
     got = wrapped.clipped_sum(bound)
-    assert fused == ([1] if small else [])
+    assert calls == ([1] if fused else [])
     for p, e in zip(params, expected):
         torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
 
@@ -728,6 +738,7 @@ def test_timing_the_plans_leaves_the_random_state_alone(monkeypatch):
 
     monkeypatch.setattr(engine, "MEASURED_PLANS", {})
     monkeypatch.setattr(engine, "AUTO_TIMED_WITHIN", math.inf)
+    monkeypatch.setattr(engine, "MIXED_PATH_COST", 0.0)  # layers this small would be built without timing
     wrapped = GradSampleModule(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), mode="auto")
     x = torch.randn(8, 6)
     torch.manual_seed(5)

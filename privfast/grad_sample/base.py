@@ -280,6 +280,7 @@ class ContractionGrads(LayerGrads):
         self._a, self.d = a, d
         self._bias_sums: Optional[Tensor] = None
         self._shared_d = shared_d
+        self._dims_kept: Optional[tuple[int, int, int, int, int]] = None
 
     @property
     def a(self) -> Tensor:
@@ -300,9 +301,11 @@ class ContractionGrads(LayerGrads):
         return self._bias_sums
 
     def _dims(self) -> tuple[int, int, int, int, int]:
-        """(B, G, R = K*T, d, p)."""
-        b, k, g, p, positions = self.d.shape
-        return b, g, k * positions, self.weight_columns(), p
+        """(B, G, R = K*T, d, p), kept: auto's plan asks for them a dozen times a step."""
+        if self._dims_kept is None:
+            b, k, g, p, positions = self.d.shape
+            self._dims_kept = b, g, k * positions, self.weight_columns(), p
+        return self._dims_kept
 
     def weight_columns(self) -> int:
         """d: the weight's input columns per group."""

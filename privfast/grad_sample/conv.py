@@ -15,6 +15,7 @@ batch (contiguous: no copy).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Union
 
 import torch
@@ -142,7 +143,7 @@ class ConvGrads(ContractionGrads):
         return self._a
 
     def weight_columns(self) -> int:
-        return self.module.weight[0].numel()
+        return math.prod(self.module.weight.shape[1:])
 
     def _unfolds(self) -> bool:
         """Whether the per-example gradients are one GEMM over the unfolded input (see UNFOLD_MAX_POSITIONS)."""

@@ -604,6 +604,10 @@ class GradSampleModule(nn.Module):
         if self.mode == "bk":
             return (GHOST if ghost < grads.materialize_cost() + grads.reduce_cost() else MATERIALIZE), GHOST
         materialize = grads.materialize_cost() + 2 * grads.reduce_cost()  # build, then norm and sum passes
+        if self.mode == "auto" and materialize < MIXED_PATH_COST:
+            # Contracted, a layer this small (a classifier head) would take the step off the fused clip, which
+            # _fuse_instead would undo after the backward, rebuilding it then: built in its hook it costs less.
+            return MATERIALIZE, MATERIALIZE
         ghost_total = ghost + grads.contract_cost()
         key = grads.plan_key()
         if (
