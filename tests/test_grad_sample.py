@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 import weakref
 
 import opacus
@@ -875,3 +876,23 @@ def test_a_parameter_used_outside_its_layer_is_refused(use):
     wrapped.remove_hooks()
     F.cross_entropy(model(ids).reshape(-1, 10), ids.reshape(-1)).backward()
     assert model.embed.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "reparametrize",
+    [
+        torch.nn.utils.parametrizations.weight_norm,
+        torch.nn.utils.parametrizations.spectral_norm,
+        torch.nn.utils.weight_norm,  # the older, hook-based forms
+        torch.nn.utils.spectral_norm,
+    ],
+    ids=["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"],
+)
+def test_reparametrized_weights_are_refused_with_the_fix(reparametrize):
+    """A weight computed from other parameters before the forward (weight_norm and the like) hides their
+    per-example gradients from the engine: refused when wrapping, naming the layer and the way out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old forms are deprecated
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), reparametrize(nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"layer '2' .*computes weight from other parameters.*remove_parametrizations"):
+        GradSampleModule(model)

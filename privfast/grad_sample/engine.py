@@ -116,6 +116,16 @@ class _Layer:
         return [c for c in self.calls if any(g is not None for g in c.grads)]
 
 
+def _reparametrized(module: nn.Module) -> list[str]:
+    """The names of ``module``'s tensors computed from other parameters: by torch.nn.utils.parametrize
+    (``parametrizations.weight_norm`` and the like) or by the older weight_norm / spectral_norm hooks."""
+    names = list(module.parametrizations) if nn.utils.parametrize.is_parametrized(module) else []
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
+            names.append(hook.name)
+    return names
+
+
 def _used_outside(layer: _Layer, name: str, grad: Tensor) -> None:
     """Tensor hook on a captured parameter: autograd computed a gradient for it, so it was used while
     tracked, outside its own layer's calls. That use's per-example gradients are not captured."""
@@ -217,6 +227,18 @@ class GradSampleModule(nn.Module):
                     f"gradients. Fix it with `model = opacus.validators.ModuleValidator.fix(model)`, which replaces it "
                     f"with Opacus's DP{kind} (the same weights and options, built from Linear "
                     "cells that privfast clips exactly), or build the model with opacus.layers.DPLSTM / DPGRU / DPRNN."
+                )
+        for name, m in module.named_modules():
+            reparametrized = _reparametrized(m)
+            if reparametrized:
+                computed = ", ".join(reparametrized)
+                raise ValueError(
+                    f"layer {name or 'the model'!r} ({type(m).__name__}) computes {computed} from other parameters "
+                    "(torch.nn.utils.parametrize, weight_norm, spectral_norm) before its forward: the per-example "
+                    "gradients of those parameters flow through that computation, which the engine does not capture, "
+                    "so they would be left out of the clipped update. Remove it before make_private: "
+                    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (or "
+                    "torch.nn.utils.remove_weight_norm(layer)) folds it into a plain weight."
                 )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
