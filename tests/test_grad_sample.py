@@ -896,3 +896,22 @@ def test_reparametrized_weights_are_refused_with_the_fix(reparametrize):
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), reparametrize(nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"layer '2' .*computes weight from other parameters.*remove_parametrizations"):
         GradSampleModule(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_refused_by_name(reentrant):
+    """torch.utils.checkpoint recomputes a layer's forward inside the backward: refused, saying so."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda t: torch.tanh(self.inner(t)), x, use_reentrant=reentrant))
+
+    wrapped = GradSampleModule(Checkpointed())
+    x = torch.randn(3, 4, requires_grad=reentrant)  # the reentrant form needs an input that requires a gradient
+    with pytest.raises(RuntimeError, match="layer 'inner' ran during a backward pass: activation checkpointing"):
+        wrapped(x).sum().backward()

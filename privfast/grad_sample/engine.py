@@ -400,6 +400,13 @@ class GradSampleModule(nn.Module):
         the tensors as the layer saw them, with their example dimensions.
         """
         rows, layout = self._rows, layer.layout
+        if rows is None and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"layer {layer.name!r} ran during a backward pass: activation checkpointing (torch.utils.checkpoint) "
+                "recomputes a forward there, where the engine cannot tie the layer's calls to the batch it clips. "
+                "Per-example gradients need each layer's forward to run in the wrapped model's forward: remove the "
+                "checkpointing around layers with trainable parameters."
+            )
         if rows is None:
             raise RuntimeError(
                 f"layer {layer.name!r} ran outside the wrapped model's forward (the engine does not know the batch's "
