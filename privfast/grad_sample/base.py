@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from opacus.layers.param_rename import RenameParamsMixin
@@ -253,9 +253,8 @@ class ContractionGrads(LayerGrads):
     Args:
         weight, bias: the layer's parameters (``bias`` may be None or frozen).
         a: inputs ``[B, K, G, d, T]`` (unfolded for convolutions; T positions).
-        d: output gradients ``[B, K, G, p, T]``.
-        shared_d: ``d`` as a :class:`SharedOperand`, where other layers may share it (its Gram matrix is
-            then computed once).
+        d: output gradients ``[B, K, G, p, T]``, or a :class:`SharedOperand` holding them where other layers
+            may share them (their Gram matrix is then computed once).
     """
 
     # A Linear's materialized strategy timed alone builds its per-example gradients and reads them twice
@@ -265,21 +264,14 @@ class ContractionGrads(LayerGrads):
     # (benchmarks/RESULTS.md, "auto's Linear margin"). Convolutions keep 1.
     ghost_margin = 2.0
 
-    def __init__(
-        self,
-        weight: nn.Parameter,
-        bias: Optional[nn.Parameter],
-        a: Tensor,
-        d: Tensor,
-        *,
-        shared_d: Optional[SharedOperand] = None,
-    ):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Union[Tensor, SharedOperand]):
+        self._shared_d = d if isinstance(d, SharedOperand) else None
+        d = d.tensor if isinstance(d, SharedOperand) else d
         self.weight = weight if weight.requires_grad else None
         self.bias = bias if bias is not None and bias.requires_grad else None
         super().__init__([p for p in (self.weight, self.bias) if p is not None], d.shape[0])
         self._a, self.d = a, d
         self._bias_sums: Optional[Tensor] = None
-        self._shared_d = shared_d
         self._dims_kept: Optional[tuple[int, int, int, int, int]] = None
 
     @property

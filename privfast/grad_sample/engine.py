@@ -21,6 +21,8 @@ import torch
 from opacus.layers.dp_rnn import DPRNNBase, RNNLinear
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from privfast import _torch_ops, ops
@@ -121,7 +123,7 @@ def _reparametrized(module: nn.Module) -> list[str]:
     (``parametrizations.weight_norm`` and the like) or by the older weight_norm / spectral_norm hooks."""
     names = list(module.parametrizations) if nn.utils.parametrize.is_parametrized(module) else []
     for hook in module._forward_pre_hooks.values():
-        if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
             names.append(hook.name)
     return names
 

@@ -27,4 +27,4 @@ def linear_rule(module: nn.Linear, calls: list[Call], fold: int) -> ContractionG
     grads = [c.grads[0] for c in calls]
     # A recurrent cell's two Linear get the same gradient tensors (of the gates they are summed into).
     d = shared_operand(("linear", fold), grads, lambda: _positions_last(grads, fold))
-    return ContractionGrads(module.weight, module.bias, a, d.tensor, shared_d=d)
+    return ContractionGrads(module.weight, module.bias, a, d)
