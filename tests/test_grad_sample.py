@@ -915,3 +915,20 @@ def test_activation_checkpointing_is_refused_by_name(reentrant):
     x = torch.randn(3, 4, requires_grad=reentrant)  # the reentrant form needs an input that requires a gradient
     with pytest.raises(RuntimeError, match="layer 'inner' ran during a backward pass: activation checkpointing"):
         wrapped(x).sum().backward()
+
+
+def test_a_module_unfrozen_after_wrapping_is_refused_not_left_to_noise():
+    """A module with nothing trainable when wrapped gets no hooks: unfrozen later (gradual unfreezing), its
+    update would be noise alone. Refused at the clipped sum; freezing after wrapping stays fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    wrapped = GradSampleModule(model)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    F.cross_entropy(wrapped(x), y).backward()
+    assert set(wrapped.clipped_sum(1.0)) == set(model[2].parameters())  # still frozen: nothing to refuse
+    wrapped.clear()
+    model[0].weight.requires_grad_(True)
+    F.cross_entropy(wrapped(x), y).backward()
+    with pytest.raises(ValueError, match="parameter '0.weight' requires a gradient, but its module had no trainable"):
+        wrapped.clipped_sum(1.0)

@@ -270,6 +270,10 @@ class GradSampleModule(nn.Module):
             for name, m in module.named_modules()
             if trainable(m)
         ]
+        # Parameters of modules that had nothing trainable when wrapped get no capture: unfrozen later, they
+        # would be updated by noise alone (see _check_uncaptured).
+        layered = {id(p) for layer in self._layers for p in layer.module.parameters(recurse=False)}
+        self._uncaptured = [(n, p) for n, p in module.named_parameters() if id(p) not in layered]
         owners: dict[int, str] = {}
         for layer in self._layers:
             for p in layer.params:
@@ -708,6 +712,7 @@ class GradSampleModule(nn.Module):
         Raises:
             ValueError: on a non-finite gradient (e.g. a NaN loss), when ``check_finite``.
         """
+        self._check_uncaptured()
         materialized: list[tuple[list[nn.Parameter], list[Tensor]]] = []
         contracted: list[tuple[LayerGrads, float, str, _Layer]] = []
         built = 0.0
@@ -749,6 +754,18 @@ class GradSampleModule(nn.Module):
         for grads, scale, _, _ in contracted:
             out.update(zip(grads.params, grads.contract(factors * scale)))
         return out
+
+    def _check_uncaptured(self) -> None:
+        """Refuse a parameter that was frozen, with its whole module, when the model was wrapped and has
+        been unfrozen since: no hook captures that module, so its clipped sum would be missing."""
+        for name, p in self._uncaptured:
+            if p.requires_grad:
+                raise ValueError(
+                    f"parameter {name!r} requires a gradient, but its module had no trainable parameter when the "
+                    "model was wrapped, so the engine captures none of its per-example gradients: the optimizer would "
+                    "update it with noise alone. Unfreeze every parameter you will train before make_private "
+                    "(freezing some afterwards is fine), or wrap the model again after unfreezing."
+                )
 
     # ------------------------------------------------------------------ deferred finite check
     defer_finite_check: Optional[bool] = None
