@@ -932,3 +932,16 @@ def test_a_module_unfrozen_after_wrapping_is_refused_not_left_to_noise():
     F.cross_entropy(wrapped(x), y).backward()
     with pytest.raises(ValueError, match="parameter '0.weight' requires a gradient, but its module had no trainable"):
         wrapped.clipped_sum(1.0)
+
+
+@pytest.mark.parametrize("mode", ["materialize", "ghost"])
+def test_a_second_backward_through_one_forward_is_refused(mode):
+    """Each example's gradient comes from one backward per forward: a second one (two losses, retain_graph)
+    would leave part of it out of the clipped sum, so it is refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    wrapped = GradSampleModule(model, mode=mode)
+    out = wrapped(torch.randn(5, 4))
+    out.pow(2).mean().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second backward pass reached layer '2' for the same forward"):
+        out.sum().backward()

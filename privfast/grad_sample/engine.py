@@ -531,6 +531,13 @@ class GradSampleModule(nn.Module):
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
         """Keep an output gradient; a single-output layer called once that will materialize does so
         right away, so that its inputs and output gradient can be freed during the backward pass."""
+        if not call.args or call.grads[index] is not None:  # consumed (dropped), or given a gradient already
+            raise RuntimeError(
+                f"a second backward pass reached layer {layer.name!r} for the same forward (e.g. "
+                "loss1.backward(retain_graph=True) then loss2.backward(), or a backward through an output kept from an "
+                "earlier batch): the engine takes each example's gradient from one backward per forward, and would "
+                "clip only part of it. Add the losses and call backward once."
+            )
         if call.moved:
             grad = grad.movedim(call.moved, 0)
         if call.index is not None:
