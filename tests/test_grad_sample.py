@@ -945,3 +945,22 @@ def test_a_second_backward_through_one_forward_is_refused(mode):
     out.pow(2).mean().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="a second backward pass reached layer '2' for the same forward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["materialize", "auto"])
+def test_per_example_memory_does_not_grow_with_k(mode):
+    """The per-example gradients kept from one step to the next are [B, *shape] whatever K: an example's K
+    rows fold into one gradient, never [B*K, *shape]."""
+    kept = {}
+    for k in (1, 4, 16):
+        torch.manual_seed(0)
+        model = ConvNet(in_channels=3, num_classes=10, width=8, image_size=16, groups=4)
+        wrapped = GradSampleModule(model, mode=mode, augmult=k)
+        x, y = torch.randn(4 * k, 3, 16, 16), torch.randint(0, 10, (4 * k,))
+        F.cross_entropy(wrapped(x), y).backward()
+        wrapped.clipped_sum(1.0)
+        kept[k] = sum(layer.workspace.nbytes() for layer in wrapped._layers)
+    built = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    per_example = 4 * sum(p.numel() for m in built for p in m.parameters()) * 4  # B = 4 float32 gradients
+    assert kept[1] == kept[4] == kept[16]
+    assert per_example <= kept[1] <= per_example * 9 / 8 + 4 * len(built)  # Workspace keeps 1/8 of room to grow
