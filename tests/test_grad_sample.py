@@ -199,12 +199,13 @@ MODELS = {
 
 @pytest.fixture(params=["kernel", "unfold"])
 def conv_path(request, monkeypatch):
-    """A convolution's per-example gradients from its weight-gradient kernel or from one GEMM over the
-    unfolded input: privfast picks by the output positions, and every test model is small enough for
-    either, so both are checked."""
+    """A convolution's per-example gradients from its weight-gradient kernel or from GEMMs over the
+    unfolded input: privfast picks by the output positions and the input channels, and every test model
+    is small enough for either, so both are checked."""
     from privfast.grad_sample import conv
 
     monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0 if request.param == "kernel" else 1 << 30)
+    monkeypatch.setattr(conv, "UNFOLD_NARROW", request.param == "unfold")
     return request.param
 
 
@@ -554,6 +555,7 @@ def test_conv_falls_back_to_a_dense_placeholder_weight(monkeypatch):
     from privfast.grad_sample import conv
 
     monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0)  # the kernel's path, whatever the positions
+    monkeypatch.setattr(conv, "UNFOLD_NARROW", False)  # ... and the channels
     model, x, y = _setup("conv_wide", 8)
     reference = GradSampleModule(copy.deepcopy(model), mode="materialize", augmult=2)
     F.cross_entropy(reference(x), y).backward()
@@ -585,6 +587,7 @@ def test_conv_weight_gradients_take_one_kept_dense_placeholder_weight(monkeypatc
     from privfast.grad_sample import conv
 
     monkeypatch.setattr(conv, "UNFOLD_MAX_POSITIONS", 0)  # the kernel's path, whatever the positions
+    monkeypatch.setattr(conv, "UNFOLD_NARROW", False)  # ... and the channels
     model, x, y = _setup("conv_wide", 8)
     _, expected, _ = _naive_clipped_sum(copy.deepcopy(model), x, y, 2, 0.5)
     real = torch.ops.aten.convolution_backward

@@ -5,11 +5,11 @@ augmentations and the output positions. Conv1d is unfolded as a convolution of h
 Ghost norms unfold the input (a copy ``prod(kernel)`` times its size). The clipped sum comes
 from the convolution's own weight-gradient kernel, which sums over its batch, in one run over all
 rows, each scaled by its example's clip factor. The per-example gradients come from that kernel too,
-except for a layer with few output positions on the CPU, where they are one batched GEMM over the
-unfolded input (see UNFOLD_MAX_POSITIONS): a narrow layer runs the kernel once with every row as a
-group of a batch of one (a view; the rows' gradients, small with few input channels, are summed
-over the fold after) and a wider one runs it once per example with the example's fold rows as the
-batch (contiguous: no copy).
+except on the CPU for a layer with few output positions or few input channels, where they are batched
+GEMMs over the unfolded input (see UNFOLD_MAX_POSITIONS, UNFOLD_NARROW). With the kernel, a narrow
+layer runs it once with every row as a group of a batch of one (a view; the rows' gradients, small
+with few input channels, are summed over the fold after) and a wider one runs it once per example
+with the example's fold rows as the batch (contiguous: no copy).
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ PER_EXAMPLE_MIN_CHANNELS = 8
 # (4x slower on WRN-16-4's 8x8 stage with 256 channels, 6x on a 16 -> 32 channel conv at 4x4), while
 # from 16x16 on it is as fast or faster (benchmarks/RESULTS.md).
 UNFOLD_MAX_POSITIONS = 64
+
+# On the CPU an ungrouped layer with fewer than PER_EXAMPLE_MIN_CHANNELS input channels (a first layer on
+# RGB images) is unfolded at any number of positions: its unfolded input is small, and the GEMMs over it
+# ran 1.3-2.3x faster than the kernel with a group per row (benchmarks/RESULTS.md). False: the kernel.
+UNFOLD_NARROW = True
 
 # Device types whose weight-gradient runs get a dense placeholder weight in kept memory: oneDNN copies a
 # stride-0 view into a dense weight on every call (copies x the weight). Elsewhere the stride-0 view,
@@ -146,9 +151,12 @@ class ConvGrads(ContractionGrads):
         return math.prod(self.module.weight.shape[1:])
 
     def _unfolds(self) -> bool:
-        """Whether the per-example gradients are one GEMM over the unfolded input (see UNFOLD_MAX_POSITIONS)."""
-        positions = self.outputs_grad[0].shape[2:].numel()
-        return self.inputs[0].device.type == "cpu" and positions <= UNFOLD_MAX_POSITIONS
+        """Whether the per-example gradients are GEMMs over the unfolded input (see UNFOLD_MAX_POSITIONS and
+        UNFOLD_NARROW)."""
+        if self.inputs[0].device.type != "cpu":
+            return False
+        narrow = self.module.groups == 1 and self.module.in_channels < PER_EXAMPLE_MIN_CHANNELS
+        return (UNFOLD_NARROW and narrow) or self.outputs_grad[0].shape[2:].numel() <= UNFOLD_MAX_POSITIONS
 
     def _weight_gemm(self, scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
         b, g, _, d, p = self._dims()
