@@ -41,7 +41,7 @@ Conv = Union[nn.Conv1d, nn.Conv2d]
 PER_EXAMPLE_MIN_CHANNELS = 8
 
 # At or below this many output positions per row, a convolution's per-example weight gradients on the
-# CPU are the unfolded input times the output gradients in one batched GEMM: there the weight-gradient
+# CPU are the unfolded input times the output gradients in batched GEMMs: there the weight-gradient
 # kernel, run with one group per example, spends more on its many small groups than on the arithmetic
 # (4x slower on WRN-16-4's 8x8 stage with 256 channels, 6x on a 16 -> 32 channel conv at 4x4), while
 # from 16x16 on it is as fast or faster (benchmarks/RESULTS.md).
@@ -173,7 +173,7 @@ class ConvGrads(ContractionGrads):
         return out
 
     def scaled_per_example(self, scale: float, workspace=None) -> list[Tensor]:
-        if self._unfolds():  # one GEMM: the scale rides on its alpha, the result goes to the workspace
+        if self._unfolds():  # GEMMs: the scale rides on their alpha, the result goes to the workspace
             return super().scaled_per_example(scale, workspace)
         # Convolution backwards, not one GEMM with an alpha: scaled in place.
         return LayerGrads.scaled_per_example(self, scale, workspace)
