@@ -360,11 +360,12 @@ class ContractionGrads(LayerGrads):
         total = self.a.new_zeros(self.batch)
         if self.weight is not None:
             a, d = self._rows(self.a), self._rows(self.d)
-            gram_a = torch.matmul(a, a.transpose(-1, -2))
-            if self._shared_d is None:
-                gram_d = torch.matmul(d, d.transpose(-1, -2))
-            else:
-                gram_d = self._shared_d.gram(lambda: torch.matmul(d, d.transpose(-1, -2)))
+
+            def gram(x: Tensor) -> Tensor:
+                return torch.matmul(x, x.transpose(-1, -2))
+
+            gram_a = gram(a)
+            gram_d = gram(d) if self._shared_d is None else self._shared_d.gram(lambda: gram(d))
             total = total + (gram_a * gram_d).sum(dim=(1, 2, 3))
         if self.bias is not None:
             total = total + self._bias_per_example().pow(2).sum(1)

@@ -230,7 +230,6 @@ class GradSampleModule(nn.Module):
                     f"with Opacus's DP{kind} (the same weights and options, built from Linear "
                     "cells that privfast clips exactly), or build the model with opacus.layers.DPLSTM / DPGRU / DPRNN."
                 )
-        for name, m in module.named_modules():
             reparametrized = _reparametrized(m)
             if reparametrized:
                 computed = ", ".join(reparametrized)
