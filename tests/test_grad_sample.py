@@ -790,22 +790,25 @@ def test_shared_operand_needs_the_very_same_live_sources():
     computed = []
     operand = base.SharedOperand(x)
     operand.users = 2
-    grams = [operand.gram(lambda: computed.append(1) or torch.outer(x, x)) for _ in range(3)]
+    grams = [operand.derived("gram", lambda: computed.append(1) or torch.outer(x, x)) for _ in range(3)]
     assert grams[0] is grams[1] and len(computed) == 2  # the third request (past the users) recomputes
+    sums = [operand.derived("sums", lambda: computed.append(2) or x.sum()) for _ in range(2)]
+    assert sums[0] is sums[1] and computed.count(2) == 1  # kept by name: the Gram matrix did not stand in
 
 
 def test_recurrent_cell_linears_share_their_gradient_and_its_gram_matrix(monkeypatch):
     """A DPLSTM cell's ih and hh Linear get the same gate gradients: ghost norms join them over the time
-    steps and multiply them out once per cell, and the clipped sum still matches the naive loop."""
+    steps, multiply them out and sum them for the biases once per cell, and the clipped sum still matches
+    the naive loop."""
     from opacus.layers import DPLSTM
 
     from privfast.grad_sample import base
 
     computed, handed = [], []
-    gram = base.SharedOperand.gram
+    derived = base.SharedOperand.derived
 
-    def counting_gram(self, compute):
-        return gram(self, lambda: computed.append(self) or compute())
+    def counting(self, what, compute):
+        return derived(self, what, lambda: computed.append((what, self)) or compute())
 
     def recording(key, sources, make):
         operand = base.shared_operand(key, sources, make)
@@ -813,7 +816,7 @@ def test_recurrent_cell_linears_share_their_gradient_and_its_gram_matrix(monkeyp
             handed.append(operand)
         return operand
 
-    monkeypatch.setattr(base.SharedOperand, "gram", counting_gram)
+    monkeypatch.setattr(base.SharedOperand, "derived", counting)
     monkeypatch.setattr("privfast.grad_sample.linear.shared_operand", recording)
 
     class Model(nn.Module):
@@ -843,7 +846,8 @@ def test_recurrent_cell_linears_share_their_gradient_and_its_gram_matrix(monkeyp
         assert torch.allclose(got[p], e, rtol=1e-9, atol=1e-12)
     cells = list(dict.fromkeys(handed))
     assert len(handed) == 4 and len(cells) == 2  # ih and hh of each layer of the LSTM share one
-    assert sum(op in cells for op in computed) == 2  # each cell's Gram matrix computed once
+    for what in ("gram", "bias sums"):  # each computed once per cell
+        assert sum(op in cells for name, op in computed if name == what) == 2, what
 
 
 class FunctionalTie(nn.Module):

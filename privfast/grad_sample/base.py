@@ -100,32 +100,33 @@ class Workspace:
 
 
 class SharedOperand:
-    """A rule's operand that several layers build from the very same captured tensors, and its Gram
-    matrix, computed once for all of them.
+    """A rule's operand that several layers build from the very same captured tensors, and what they
+    compute from it (its Gram matrix, its sums over positions), computed once for all of them.
 
     A recurrent cell's input-to-hidden and hidden-to-hidden Linear both receive the gradient of the
     gates they are summed into (autograd hands both the one tensor): joined over the time steps and
     multiplied into a Gram matrix once, it costs half. Get one from :func:`shared_operand`.
     """
 
-    __slots__ = ("tensor", "users", "_gram", "_served", "__weakref__")
+    __slots__ = ("tensor", "users", "_kept", "__weakref__")
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
         self.users = 0  # layers handed this operand
-        self._gram: Optional[Tensor] = None
-        self._served = 0
+        self._kept: dict[str, tuple[Tensor, int]] = {}  # what -> (value, users served)
 
-    def gram(self, compute: Callable[[], Tensor]) -> Tensor:
-        """``compute()`` (the operand's Gram matrix), kept until every user has had it.
+    def derived(self, what: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a function of the operand alone named ``what`` (e.g. ``"gram"``), kept until every
+        user has had it.
 
         The count only decides how long the result is kept: a user that asks again (auto's timing) or
         one that never asks costs a recomputation or memory until the layers release the operand, never
-        a wrong matrix, since the matrix is of this operand only."""
-        gram = self._gram if self._gram is not None else compute()
-        self._served += 1
-        self._gram = gram if self._served < self.users else None
-        return gram
+        a wrong value, since the value is of this operand only."""
+        value, served = self._kept.pop(what, (None, 0))
+        value = compute() if value is None else value
+        if served + 1 < self.users:
+            self._kept[what] = (value, served + 1)
+        return value
 
 
 # (id of each source, ...) -> (weak references to the sources, weak reference to their SharedOperand)
@@ -289,7 +290,11 @@ class ContractionGrads(LayerGrads):
     def _bias_per_example(self) -> Tensor:
         """``[B, G*p]``, kept: the norms and the clipped sum both need it."""
         if self._bias_sums is None:
-            self._bias_sums = self.d.sum(dim=(1, 4)).flatten(1)
+
+            def sums() -> Tensor:
+                return self.d.sum(dim=(1, 4)).flatten(1)
+
+            self._bias_sums = sums() if self._shared_d is None else self._shared_d.derived("bias sums", sums)
         return self._bias_sums
 
     def _dims(self) -> tuple[int, int, int, int, int]:
@@ -365,7 +370,7 @@ class ContractionGrads(LayerGrads):
                 return torch.matmul(x, x.transpose(-1, -2))
 
             gram_a = gram(a)
-            gram_d = gram(d) if self._shared_d is None else self._shared_d.gram(lambda: gram(d))
+            gram_d = gram(d) if self._shared_d is None else self._shared_d.derived("gram", lambda: gram(d))
             total = total + (gram_a * gram_d).sum(dim=(1, 2, 3))
         if self.bias is not None:
             total = total + self._bias_per_example().pow(2).sum(1)
