@@ -129,7 +129,12 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
-    ghost_margin = 1.0  # ghost norms over many positions cost far more, and where close the step was no faster
+    # As for a Linear (ContractionGrads.ghost_margin), timed alone the materialized strategy reads its
+    # per-example gradients while they are in cache, which in the step come from memory. Measured on
+    # WRN-16-4 at K = 1, its 8x8 stage (ghost timed at 0.97x and 1.3x materializing) made the step 4% faster
+    # and its peak 19 MB lower with ghost; where ghost timed at 1.9x or more (its 1x1 shortcut, the stage at
+    # K = 4) the step was slower (benchmarks/RESULTS.md, "A convolution's ghost margin").
+    ghost_margin = 1.5
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
         groups = module.groups
