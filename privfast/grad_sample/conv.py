@@ -126,6 +126,11 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
     return torch.ops.aten.convolution_backward(grad, x, grad.new_empty(shape), None, *args)[1]
 
 
+# The most rows (B*K) whose clipped sum over an unfolded input is one GEMM per row (a Python loop) rather than one
+# GEMM over all rows after a copy of the unfolded input.
+CONTRACT_LOOP_MAX_ROWS = 64
+
+
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
@@ -227,6 +232,20 @@ class ConvGrads(ContractionGrads):
         return functools.reduce(torch.add, parts)
 
     def _weight_contract(self, weights: Tensor) -> Tensor:
+        b, g, _, d, p = self._dims()
+        k = self.fold
+        if self._a is not None and self._unfolds() and b * k <= CONTRACT_LOOP_MAX_ROWS:
+            # The ghost norms unfolded the input already: GEMMs over it, one per row with its clip factor as
+            # alpha, beat the weight-gradient kernel at these few positions, and joining the rows into one
+            # operand would first copy the unfolded input (WRN-16-4's 256-channel 8x8 conv at B = 4, in the
+            # step: 1.1 against 2.2 ms for the kernel and 2.3 for the copy and one GEMM).
+            a, dd = self.a, self.d  # [B, K, G, d, T], [B, K, G, p, T]
+            out = dd.new_zeros(g, p, d) if b == 0 else dd.new_empty(g, p, d)
+            for i, alpha in enumerate(weights.tolist()):
+                for j in range(k):
+                    beta = 0 if i == j == 0 else 1
+                    torch.baddbmm(out, dd[i, j], a[i, j].transpose(1, 2), beta=beta, alpha=alpha, out=out)
+            return out
         rows = weights.to(self.d.dtype).repeat_interleave(self.fold)
         parts = []
         for x, grad in zip(self.inputs, self.outputs_grad):
