@@ -126,19 +126,19 @@ def _weight_gradient(module: Conv, x: Tensor, grad: Tensor, copies: int = 1) -> 
     return torch.ops.aten.convolution_backward(grad, x, grad.new_empty(shape), None, *args)[1]
 
 
-# The most rows (B*K) whose clipped sum over an unfolded input is one GEMM per row (a Python loop) rather than one
-# GEMM over all rows after a copy of the unfolded input.
-CONTRACT_LOOP_MAX_ROWS = 64
+# The most rows (B*K) whose clipped sum over an unfolded input is one GEMM per row rather than the
+# weight-gradient kernel: on more rows the kernel's one run over the batch is the faster (benchmarks/RESULTS.md,
+# "The clipped sum over the unfolded input").
+CONTRACT_LOOP_MAX_ROWS = 8
 
 
 class ConvGrads(ContractionGrads):
     """A convolution's captured calls; the unfolded input is built only for ghost norms."""
 
     # As for a Linear (ContractionGrads.ghost_margin), timed alone the materialized strategy reads its
-    # per-example gradients while they are in cache, which in the step come from memory. Measured on
-    # WRN-16-4 at K = 1, its 8x8 stage (ghost timed at 0.97x and 1.3x materializing) made the step 4% faster
-    # and its peak 19 MB lower with ghost; where ghost timed at 1.9x or more (its 1x1 shortcut, the stage at
-    # K = 4) the step was slower (benchmarks/RESULTS.md, "A convolution's ghost margin").
+    # per-example gradients while they are in cache, which in the step come from memory: layers that timed
+    # ghost a little slower made the step faster with it, and those at about 2x and more slower
+    # (benchmarks/RESULTS.md, "A convolution's ghost margin").
     ghost_margin = 1.5
 
     def __init__(self, module: Conv, calls: list[Call], fold: int):
@@ -235,10 +235,9 @@ class ConvGrads(ContractionGrads):
         b, g, _, d, p = self._dims()
         k = self.fold
         if self._a is not None and self._unfolds() and b * k <= CONTRACT_LOOP_MAX_ROWS:
-            # The ghost norms unfolded the input already: GEMMs over it, one per row with its clip factor as
-            # alpha, beat the weight-gradient kernel at these few positions, and joining the rows into one
-            # operand would first copy the unfolded input (WRN-16-4's 256-channel 8x8 conv at B = 4, in the
-            # step: 1.1 against 2.2 ms for the kernel and 2.3 for the copy and one GEMM).
+            # The input is unfolded already (for the ghost norms or the per-example GEMMs): on a few rows, GEMMs
+            # over it, one per row with its clip factor as alpha, beat the weight-gradient kernel, and joining
+            # the rows into one operand would first copy the unfolded input.
             a, dd = self.a, self.d  # [B, K, G, d, T], [B, K, G, p, T]
             out = dd.new_zeros(g, p, d) if b == 0 else dd.new_empty(g, p, d)
             for i, alpha in enumerate(weights.tolist()):
