@@ -43,6 +43,22 @@ class ConvReuse(nn.Module):
         return self.head(x.flatten(1))
 
 
+class NormReuse(nn.Module):
+    """A GroupNorm and a LayerNorm, each applied twice in a forward: their rules run once both calls'
+    gradients are in, after the backward has freed the statistics their forward saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.group = nn.GroupNorm(2, 4)
+        self.layer = nn.LayerNorm(9)
+        self.head = nn.Linear(36, 3)
+
+    def forward(self, x):
+        h = self.group(torch.tanh(self.group(self.conv(x)))).flatten(2)  # [N, 4, 9]
+        return self.head(self.layer(torch.tanh(self.layer(h))).flatten(1))
+
+
 class TokenModel(nn.Module):
     """Embedding (with a padding id), LayerNorm, mean pooling and a Linear head."""
 
@@ -192,6 +208,7 @@ MODELS = {
         3,
     ),
     "reuse": (Reuse, lambda n, g: torch.randn(n, 6, generator=g, dtype=torch.float64), 3),
+    "norm_reuse": (NormReuse, _images(2, 5), 3),
     "conv_reuse": (ConvReuse, _images(2, 5), 3),
     "cnn": (lambda: ConvNet(in_channels=1, num_classes=4, width=8, image_size=8, groups=4), _images(1, 8), 4),
 }

@@ -404,6 +404,28 @@ Rule = Callable[[nn.Module, list[Call], int], LayerGrads]
 RULES: dict[type, Rule] = {}
 
 
+def saved_by_forward(call: Call, node_type: str, *names: str) -> Optional[tuple[Tensor, ...]]:
+    """What the layer's forward saved for its backward (e.g. a norm's mean and reciprocal standard
+    deviation), read from the autograd node of its output, so that a rule need not recompute it.
+
+    Args:
+        call: the layer's call; its ``grad_fns[0]`` is the output's node.
+        node_type: the class name that node must have (e.g. ``"NativeLayerNormBackward0"``).
+        names: the node's saved attributes, e.g. ``"_saved_result1"``.
+
+    Returns:
+        The saved tensors, or None where the output's node is another (a first layer's output is tapped)
+        or its backward has run and freed them (a layer called more than once waits for all its calls).
+    """
+    node = call.grad_fns[0] if call.grad_fns else None
+    if type(node).__name__ != node_type:
+        return None
+    try:
+        return tuple(getattr(node, name) for name in names)
+    except RuntimeError:  # "...saved tensors after they have already been freed"
+        return None
+
+
 def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
     """Register ``rule`` for these module types, and for subclasses that keep their ``forward``
     (e.g. Opacus's ``RNNLinear``); a subclass with a ``forward`` of its own falls back to vmap."""

@@ -10,20 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, MaterializedGrads, register_rule
+from privfast.grad_sample.base import Call, MaterializedGrads, register_rule, saved_by_forward
 
 
 def _statistics(module: nn.GroupNorm, call: Call, x: Tensor) -> tuple[Tensor, Tensor]:
     """The group means and reciprocal standard deviations ``[rows, groups]`` of the call's input ``x``
     (contiguous, as the kernels want it).
 
-    The forward saved them for its backward, and the rule runs from the output hook, before that
-    backward frees them; a first layer's output is tapped (its node is not the layer's), so there
-    the layer's own kernel recomputes them (torch.var_mean is several times slower on CPU).
+    The forward saved them for its backward, and a layer called once runs its rule from the output
+    hook, before that backward frees them. Where they are not there (a tapped first layer, a layer
+    called twice), the layer's own kernel recomputes them (torch.var_mean is several times slower on CPU).
     """
-    node = call.grad_fns[0] if call.grad_fns else None
-    if type(node).__name__ == "NativeGroupNormBackward0":
-        return node._saved_result1, node._saved_result2
+    saved = saved_by_forward(call, "NativeGroupNormBackward0", "_saved_result1", "_saved_result2")
+    if saved is not None:
+        return saved
     _, mean, rstd = torch.native_group_norm(
         x, None, None, x.shape[0], module.num_channels, x.shape[2:].numel(), module.num_groups, module.eps
     )
