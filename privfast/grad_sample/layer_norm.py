@@ -6,13 +6,21 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privfast.grad_sample.base import Call, MaterializedGrads, fold_rows, register_rule
+from privfast.grad_sample.base import Call, MaterializedGrads, fold_rows, register_rule, saved_by_forward
 
 
-def _normalized(module: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(module, nn.LayerNorm):
+def _normalized(module: nn.Module, call: Call) -> Tensor:
+    """The call's input normalized, without the affine part."""
+    x = call.args[0]
+    if not isinstance(module, nn.LayerNorm):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    # With the statistics the forward saved for its backward, normalizing is one pass over x instead of
+    # F.layer_norm's recomputation (benchmarks/RESULTS.md, "The LayerNorm rule").
+    saved = saved_by_forward(call, "NativeLayerNormBackward0", "_saved_result1", "_saved_result2")
+    if saved is None:
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    mean, rstd = saved
+    return ((x - mean) * rstd).to(x.dtype)
 
 
 @register_rule(nn.LayerNorm, nn.RMSNorm)
@@ -32,7 +40,7 @@ def layer_norm_rule(module: nn.Module, calls: list[Call], fold: int) -> Material
         d = call.grads[0]
         parts = []
         if weight is not None:
-            parts.append(per_example(_normalized(module, call.args[0]) * d))
+            parts.append(per_example(_normalized(module, call) * d))
         if bias is not None:
             parts.append(per_example(d))
         totals = parts if totals is None else [t + p for t, p in zip(totals, parts)]
