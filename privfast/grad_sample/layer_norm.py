@@ -19,7 +19,7 @@ def _normalized(module: nn.Module, call: Call) -> Tensor:
     saved = saved_by_forward(call, "NativeLayerNormBackward0", "_saved_result1", "_saved_result2")
     if saved is None:
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    mean, rstd = saved
+    mean, rstd = (t.movedim(call.moved, 0) for t in saved)  # as the engine moved x's example dimension first
     return ((x - mean) * rstd).to(x.dtype)
 
 
