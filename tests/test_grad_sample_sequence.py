@@ -343,6 +343,43 @@ def test_ambiguous_layout_is_refused_unless_given():
     GradSampleModule(model, batch_first=False)(x)  # explicit: accepted
 
 
+def test_pooled_head_of_a_time_first_model_needs_its_own_layout():
+    """A time-first model pools over time and ends in a Linear on [N, C]. With C == N (a square head as
+    wide as the batch) dimension 1 has N entries too: taken for the examples, the engine would clip
+    features. It refuses, naming the fix, and with the head's layout declared it clips examples."""
+
+    class Pooled(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.inner, self.head = nn.Linear(D, width), nn.Linear(width, width)
+
+        def forward(self, x):  # [T, N, D]
+            return self.head(torch.tanh(self.inner(x)).mean(0))
+
+    torch.manual_seed(0)
+    n = 6
+    model = Pooled(n).double()
+    x = torch.randn(T, n, D, dtype=torch.float64)
+    y = torch.randint(0, n, (n,))
+    refused = GradSampleModule(model, batch_first=False)
+    with pytest.raises(LayoutError, match=r"layer 'head' \(Linear\).*\[6, 6\].*model\.head\.batch_first = True"):
+        refused(x)
+    refused.remove_hooks()
+    model.head.batch_first = True
+    params = list(model.parameters())
+    per_example = [torch.autograd.grad(F.cross_entropy(model(x[:, b : b + 1]), y[b : b + 1]), params) for b in range(n)]
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))]
+    for mode in MODES:
+        wrapped = GradSampleModule(model, mode=mode, batch_first=False)
+        F.cross_entropy(wrapped(x), y).backward()
+        got = wrapped.clipped_sum(bound)
+        _assert_close([got[p] for p in params], expected)
+        wrapped.remove_hooks()
+
+
 def test_positions_shared_by_all_examples_are_refused():
     class Positional(nn.Module):
         def __init__(self):

@@ -52,6 +52,10 @@ class Layout:
         return f"dim {self.dim} ({self.source})"
 
 
+# Layer types whose tensors end in their features (a 2-D one is [N, C] whatever the model's layout).
+_FEATURES_LAST = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+
+
 def _declared(module: nn.Module) -> Optional[bool]:
     """``batch_first`` as the module declares it, or None."""
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
@@ -118,10 +122,27 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
     """
     dim = layout.dim
     shape = t.shape
-    if t.dim() > dim and shape[dim] == rows and (layout.explicit or t.dim() < 2 or shape[0] != shape[1]):
+    # A Linear's or a norm's [A, C] has its features at dim 1: a time-first layout finds no examples there (one
+    # that did would be C = N by coincidence, and clip features).
+    featured = dim == 1 and t.dim() == 2 and isinstance(module, _FEATURES_LAST)
+    if (
+        t.dim() > dim
+        and shape[dim] == rows
+        and not featured
+        and (layout.explicit or t.dim() < 2 or shape[0] != shape[1])
+    ):
         return  # the common case, checked before anything is built for a message (this runs on every call)
     shape = list(shape)
     label = f"layer {layer_name!r} ({type(module).__name__})"
+    if featured:
+        raise LayoutError(
+            f"{label} got an {what} of shape {shape}: dimension 1 of a 2-D {type(module).__name__} tensor is its "
+            f"features, but the layer's layout is time-first ([T, N, ...], examples at {layout.describe()}). A layer "
+            "that sees [N, C] "
+            "in a time-first model (e.g. a head after pooling over time) needs its own layout: set `batch_first = "
+            f"True` on it (`model.{layer_name}.batch_first = True`) or on a module around it, before make_private / "
+            "GradSampleModule."
+        )
     if t.dim() <= dim or shape[dim] != rows:
         hint = ""
         other = 1 - dim
