@@ -506,10 +506,17 @@ class GradSampleModule(nn.Module):
             return None
         inputs = [args[0]] if not kwargs and len(args) == 1 and isinstance(args[0], Tensor) else _tensors(args, kwargs)
         if untracked and not any(a.requires_grad for a in inputs):
-            # With its weights untracked the layer's output would carry no gradient to capture.
+            # With its weights untracked the layer's output would carry no gradient to capture. An output that
+            # carries one already came through layers inside this one (a model with parameters of its own, such
+            # as a class token, around its layers): a tap there would cut the backward off from them.
             anchor = torch.zeros((), requires_grad=True)
             output = tree_map(
-                lambda o: _Tap.apply(anchor, o) if isinstance(o, Tensor) and o.is_floating_point() else o, output
+                lambda o: (
+                    _Tap.apply(anchor, o)
+                    if isinstance(o, Tensor) and o.is_floating_point() and not o.requires_grad
+                    else o
+                ),
+                output,
             )
         outputs = [output] if isinstance(output, Tensor) else _tensors(output)
         call = self._capture(layer, args, kwargs, inputs, outputs)
