@@ -993,6 +993,19 @@ def test_a_second_backward_through_one_forward_is_refused(mode):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("mode", ["materialize", "ghost"])
+def test_a_backward_through_two_forwards_is_refused(mode):
+    """Two forwards, then one backward of both losses (e.g. two views of each example): each forward starts a
+    new batch, so the first one's share of every example's gradient is gone; refused, saying how to do it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    wrapped = GradSampleModule(model, mode=mode)
+    x = torch.randn(5, 4)
+    loss = wrapped(x).pow(2).mean() + wrapped(x.flip(1)).pow(2).mean()
+    with pytest.raises(RuntimeError, match="earlier forward pass of the wrapped model.*augmult=K"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("mode", ["materialize", "auto"])
 def test_per_example_memory_does_not_grow_with_k(mode):
     """The per-example gradients kept from one step to the next are [B, *shape] whatever K: an example's K

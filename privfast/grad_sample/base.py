@@ -56,6 +56,8 @@ class Call:
     """For a recurrent cell on a PackedSequence: the batch rows its rows belong to."""
     versions: list = field(default_factory=list)
     """``(tensor, version)`` of every input when the layer ran, to detect later in-place changes."""
+    superseded: bool = False
+    """Dropped because the wrapped model ran another forward before this call's backward."""
 
     def drop(self) -> None:
         """Release the tensors. The output hooks still reference the call while the user keeps the

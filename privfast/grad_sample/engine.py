@@ -321,6 +321,9 @@ class GradSampleModule(nn.Module):
                     "the per-example gradients of the previous batch were never used: call optimizer.step() "
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
                 )
+        for layer in self._layers:
+            for call in layer.calls:
+                call.superseded = True  # a backward that still reaches it is told so (see _on_grad)
         self.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
         self.check_finite_pending()
         self._rows = model_rows(args, kwargs, batch_first=self.batch_first)
@@ -537,6 +540,14 @@ class GradSampleModule(nn.Module):
     def _on_grad(self, layer: _Layer, call: Call, index: int, grad: Tensor) -> None:
         """Keep an output gradient; a single-output layer called once that will materialize does so
         right away, so that its inputs and output gradient can be freed during the backward pass."""
+        if call.superseded:
+            raise RuntimeError(
+                f"layer {layer.name!r} got the gradient of an output of an earlier forward pass of the wrapped model: "
+                "each forward starts a new batch and drops what the one before captured, so that forward's share of "
+                "each example's gradient would be lost. Run one forward per backward: to combine several inputs "
+                "of each example (e.g. two augmented views), pass them as K rows per example with augmult=K, or "
+                "concatenate them into one forward."
+            )
         if not call.args or call.grads[index] is not None:  # consumed (dropped), or given a gradient already
             raise RuntimeError(
                 f"a second backward pass reached layer {layer.name!r} for the same forward (e.g. "
