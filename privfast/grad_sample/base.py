@@ -264,7 +264,7 @@ class ContractionGrads(LayerGrads):
     # while they are in cache; in a step they are built during the backward and read by the clip from
     # memory, and ghost's backward computes no weight gradient at all, so the timing favours
     # materializing where the step does not, and a fresh process's first timings are noisy
-    # (benchmarks/RESULTS.md, "auto's Linear margin"). Convolutions keep 1.
+    # (benchmarks/RESULTS.md, "auto's Linear margin"). Convolutions have a margin of their own (ConvGrads).
     ghost_margin = 2.0
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], a: Tensor, d: Union[Tensor, SharedOperand]):

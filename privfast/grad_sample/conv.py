@@ -4,7 +4,8 @@ augmentations and the output positions. Conv1d is unfolded as a convolution of h
 
 Ghost norms unfold the input (a copy ``prod(kernel)`` times its size). The clipped sum comes
 from the convolution's own weight-gradient kernel, which sums over its batch, in one run over all
-rows, each scaled by its example's clip factor. The per-example gradients come from that kernel too,
+rows, each scaled by its example's clip factor; on a few rows whose input is unfolded already it is
+one GEMM per row instead (see CONTRACT_LOOP_MAX_ROWS). The per-example gradients come from that kernel too,
 except on the CPU for a layer with few output positions or few input channels, where they are batched
 GEMMs over the unfolded input (see UNFOLD_MAX_POSITIONS, UNFOLD_NARROW). With the kernel, a narrow
 layer runs it once with every row as a group of a batch of one (a view; the rows' gradients, small
@@ -170,7 +171,7 @@ class ConvGrads(ContractionGrads):
 
     def _weight_gemm(self, scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
         b, g, _, d, p = self._dims()
-        k = self.d.shape[1]
+        k = self.fold
         if k == 1 or g != 1:
             return super()._weight_gemm(scale, out)
         # One batched GEMM per augmentation, accumulating: joining an example's K rows into one operand

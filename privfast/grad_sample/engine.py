@@ -321,10 +321,7 @@ class GradSampleModule(nn.Module):
                     "the per-example gradients of the previous batch were never used: call optimizer.step() "
                     "(or optimizer.zero_grad() to drop them) before the next forward pass"
                 )
-        for layer in self._layers:
-            for call in layer.calls:
-                call.superseded = True  # a backward that still reaches it is told so (see _on_grad)
-        self.clear()  # forwards that saw no backward (e.g. evaluation with grad enabled)
+        self._drop_captured(superseded=True)  # forwards that saw no backward (e.g. evaluation with grad enabled)
         self.check_finite_pending()
         self._rows = model_rows(args, kwargs, batch_first=self.batch_first)
         if self._capturing():
@@ -372,9 +369,15 @@ class GradSampleModule(nn.Module):
 
     def clear(self) -> None:
         """Drop everything captured since the last step."""
+        self._drop_captured(superseded=False)
+
+    def _drop_captured(self, *, superseded: bool) -> None:
+        """Drop the captured calls; ``superseded``: by a new forward, so that a backward still reaching one
+        is told so (see _on_grad)."""
         for layer in self._layers:
             for call in layer.calls:
                 call.drop()
+                call.superseded = superseded
             layer.calls.clear()
             layer.materialized = None
 
@@ -639,7 +642,7 @@ class GradSampleModule(nn.Module):
         """(how the norms, how the clipped sum) of one layer are computed.
 
         ``auto`` times both complete strategies the first time the process sees a layer shape (the
-        batch size rounded to a power of two) and keeps the faster, a Linear's ghost strategy within its
+        batch size rounded to a power of two) and keeps the faster, a layer's ghost strategy within its
         ``ghost_margin``: operation counts do not say what a batched GEMM, a Gram matrix or a pass over
         memory cost on a given machine. The choice is
         kept for the process (MEASURED_PLANS, saved in PrivacyEngine checkpoints so that a resumed

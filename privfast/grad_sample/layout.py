@@ -138,10 +138,9 @@ def check_call(layer_name: str, module: nn.Module, layout: Layout, rows: int, wh
         raise LayoutError(
             f"{label} got an {what} of shape {shape}: dimension 1 of a 2-D {type(module).__name__} tensor is its "
             f"features, but the layer's layout is time-first ([T, N, ...], examples at {layout.describe()}). A layer "
-            "that sees [N, C] "
-            "in a time-first model (e.g. a head after pooling over time) needs its own layout: set `batch_first = "
-            f"True` on it (`model.{layer_name}.batch_first = True`) or on a module around it, before make_private / "
-            "GradSampleModule."
+            "that sees [N, C] in a time-first model (e.g. a head after pooling over time) needs its own layout: set "
+            f"`batch_first = True` on it (`model.{layer_name}.batch_first = True`) or on a module around it, before "
+            "make_private / GradSampleModule."
         )
     if t.dim() <= dim or shape[dim] != rows:
         hint = ""
