@@ -1,8 +1,8 @@
 """PrivacyEngine: Opacus's entry point, with augmentation multiplicity, DP-Mix and fast clipping.
 
-An Opacus user changes the import; ``make_private`` takes the same arguments plus ``augmult`` /
-``augmentation`` and ``grad_sample_mode``. Accountants, Poisson sampling and physical batching
-are Opacus's own.
+An Opacus user changes the import; ``make_private`` takes the same arguments (Opacus's
+``grad_sample_mode`` names, ``clipping="flat"``, ``criterion``) plus ``augmult`` / ``augmentation``.
+Accountants, Poisson sampling and physical batching are Opacus's own.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from privfast.grad_sample import GradSampleModule
 from privfast.grad_sample.engine import MEASURED_PLANS
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 from privfast.optim.optimizer import check_privacy_args
+
+# Opacus's grad_sample_mode names for its ways of building per-sample gradients (hooks, functorch, expanded
+# weights): all clip the same exact per-example gradients, which "auto" computes by the cheapest rule per layer.
+_OPACUS_MODES = {"hooks": "auto", "functorch": "auto", "ew": "auto"}
 
 
 class _AugmentingCollate:
@@ -92,7 +96,9 @@ class PrivacyEngine:
         noise_generator: Optional[torch.Generator] = None,
         check_finite: bool = True,
         batch_first: Optional[bool] = None,
-    ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+        criterion: Optional[nn.Module] = None,
+        clipping: str = "flat",
+    ) -> tuple:
         """Wrap the training objects for DP-SGD with augmentation multiplicity.
 
         Args:
@@ -111,7 +117,8 @@ class PrivacyEngine:
             poisson_sampling: sample each example with probability ``1 / len(data_loader)`` (Opacus's
                 DPDataLoader), as the accounting assumes.
             grad_sample_mode: ``"auto"``, ``"materialize"``, ``"ghost"`` or ``"bk"`` (see
-                :class:`~privfast.grad_sample.GradSampleModule`).
+                :class:`~privfast.grad_sample.GradSampleModule`). Opacus's ``"hooks"``, ``"functorch"``
+                and ``"ew"`` run ``"auto"``: the same exact per-example clipping.
             loss_reduction: ``"mean"`` or ``"sum"``.
             microbatch_size: clip the mean gradient of this many consecutive examples (1: per-example
                 clipping). Above 1 the sensitivity is 2C and the accounting says so.
@@ -125,16 +132,39 @@ class PrivacyEngine:
                 and attention, transformer layers) follow that module. Each batch the loader yields is
                 checked against the model's input: the wrong layout raises instead of clipping time
                 steps as examples.
+            criterion: the loss, as Opacus takes it for ghost clipping. Where given, its reduction
+                must be ``loss_reduction``. It comes back unchanged (a plain ``loss.backward()``
+                clips in every mode), in Opacus's place for ``grad_sample_mode="ghost"``.
+            clipping: ``"flat"``, the only one: each example's whole gradient is clipped to
+                ``max_grad_norm``.
 
         Returns:
-            ``(model, optimizer, data_loader)`` to train with as before.
+            ``(model, optimizer, data_loader)`` to train with as before; ``(model, optimizer,
+            criterion, data_loader)`` for ``grad_sample_mode="ghost"`` with a ``criterion``, as
+            Opacus returns them.
 
         Raises:
             ValueError: on bad privacy parameters, an optimizer over other parameters, a model
-                DP-SGD cannot train, ``augmult`` disagreeing with ``augmentation``, or microbatches
-                with Poisson sampling (whose batches do not split into whole microbatches).
+                DP-SGD cannot train, ``augmult`` disagreeing with ``augmentation``, microbatches
+                with Poisson sampling (whose batches do not split into whole microbatches), a
+                clipping other than flat, or a criterion reducing otherwise than ``loss_reduction``.
         """
         check_privacy_args(noise_multiplier, max_grad_norm)  # before building anything
+        if clipping != "flat":
+            raise ValueError(
+                f"clipping={clipping!r} is not supported: privfast clips each example's whole gradient to "
+                "max_grad_norm (clipping='flat'); per-layer and adaptive clipping are not implemented"
+            )
+        reduction = getattr(criterion, "reduction", None)
+        if reduction in ("mean", "sum") and reduction != loss_reduction:
+            # The engine turns row gradients into per-example ones by loss_reduction: a mismatch scales every
+            # per-example gradient by the batch's rows (or their inverse) before clipping, with no error.
+            raise ValueError(
+                f"the criterion reduces by {reduction!r} but loss_reduction={loss_reduction!r}: pass "
+                f"loss_reduction={reduction!r}, as the loss the model is trained with reduces"
+            )
+        opacus_ghost = criterion is not None and grad_sample_mode == "ghost"
+        grad_sample_mode = _OPACUS_MODES.get(grad_sample_mode, grad_sample_mode)
         if augmentation is not None:
             if augmult not in (1, augmentation.augmult):
                 raise ValueError(
@@ -182,6 +212,8 @@ class PrivacyEngine:
             self.accountant.step(noise_multiplier=opt.accounting_noise_multiplier, sample_rate=sample_rate)
 
         private_optimizer.attach_step_hook(account)
+        if opacus_ghost:
+            return model, private_optimizer, criterion, loader
         return model, private_optimizer, loader
 
     def make_private_with_epsilon(

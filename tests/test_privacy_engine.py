@@ -114,6 +114,61 @@ def test_bad_arguments_are_refused(bad, message):
         _make(**bad)
 
 
+def _opacus_style_update(engine, **kwargs):
+    """One step of Opacus's tutorial loop through ``engine.make_private(**kwargs)`` (no noise, clipping
+    active, float64): the parameters it leaves, and what make_private returned."""
+    torch.manual_seed(0)
+    model = ConvNet(width=4).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = _dataset().tensors
+    loader = DataLoader(TensorDataset(x.double(), y), batch_size=16)
+    returned = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=0.05,
+        poisson_sampling=False,
+        **kwargs,
+    )
+    model, optimizer, *criterion, loader = returned
+    criterion = criterion[0] if criterion else nn.CrossEntropyLoss()
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    criterion(model(x), y).backward()
+    optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], returned
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_opacus_code_runs_unchanged_and_steps_as_opacus(mode):
+    """The arguments an Opacus user passes (its mode names, ``clipping``, ``criterion``) are taken, what
+    comes back unpacks as in Opacus, and the step equals Opacus's."""
+    kwargs = dict(grad_sample_mode=mode, clipping="flat", criterion=nn.CrossEntropyLoss())
+    expected, opacus_returned = _opacus_style_update(opacus.PrivacyEngine(), **kwargs)
+    got, returned = _opacus_style_update(PrivacyEngine(), **kwargs)
+    assert len(returned) == len(opacus_returned) == (4 if mode == "ghost" else 3)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    reference, _ = _opacus_style_update(PrivacyEngine(), grad_sample_mode="auto")
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(clipping="per_layer"), "clipping='flat'"),
+        (dict(max_grad_norm=[1.0, 1.0]), "per-layer bounds"),
+        (dict(criterion=nn.CrossEntropyLoss(reduction="sum")), "loss_reduction='sum'"),
+        (dict(criterion=nn.CrossEntropyLoss(), loss_reduction="sum"), "loss_reduction='mean'"),
+    ],
+)
+def test_opacus_options_privfast_does_not_implement_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _make(**bad)
+
+
 def test_batchnorm_is_refused_with_the_fix():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
     with pytest.raises(ValueError, match="ModuleValidator.fix"):

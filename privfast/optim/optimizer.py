@@ -20,6 +20,11 @@ from privfast.grad_sample import GradSampleModule
 
 def check_privacy_args(noise_multiplier: float, max_grad_norm: float) -> None:
     """Raise ValueError unless ``0 <= noise_multiplier < inf`` and ``0 < max_grad_norm < inf`` (NaN fails both)."""
+    if isinstance(max_grad_norm, (list, tuple)):
+        raise ValueError(
+            f"max_grad_norm must be one bound, got {max_grad_norm!r}: each example's whole gradient is clipped to it "
+            "(Opacus's clipping='flat'); per-layer bounds are not supported"
+        )
     if not (0 <= noise_multiplier < math.inf):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     if not (0 < max_grad_norm < math.inf):
