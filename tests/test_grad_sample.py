@@ -9,6 +9,7 @@ import opacus
 import pytest
 import torch
 import torch.nn.functional as F
+from opacus.layers.dp_rnn import DPLSTMCell
 from torch import nn
 
 from privfast.grad_sample import MODES, GradSampleModule
@@ -76,6 +77,52 @@ class ClassToken(nn.Module):
     def forward(self, x):  # [N, 3, 6]
         tokens = torch.cat([self.cls.expand(x.shape[0], 1, 4), self.embed(x)], 1) + self.pos
         return self.head(self.norm(torch.tanh(tokens))[:, 0])
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization in ``_conv_forward`` (as in NF-ResNets): Conv2d's forward, but the gradient of
+    another function of the parameter than Conv2d's, which the conv rule would compute."""
+
+    def _conv_forward(self, x, weight, bias):
+        centered = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, centered / (centered.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1).sqrt(), bias)
+
+
+class ComputedWeight(nn.Linear):
+    """Linear's forward, with ``weight`` a property computed from another parameter."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features)
+        raw = self.weight.detach().clone()
+        del self.weight
+        self.raw = nn.Parameter(raw)
+
+    @property
+    def weight(self):
+        return 2 * torch.tanh(self.raw)
+
+
+def _hooked():
+    """A forward hook that changes a layer's output, registered before the model is wrapped."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].register_forward_hook(lambda module, args, output: 2 * output + 1)
+    return model
+
+
+class CellLoop(nn.Module):
+    """Opacus's DPLSTMCell stepped over time by the model (``[N, T, C]`` inputs), as a user replacing
+    ``nn.LSTMCell`` writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = DPLSTMCell(3, 4, bias=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0])
 
 
 class TokenModel(nn.Module):
@@ -230,6 +277,19 @@ MODELS = {
     "norm_reuse": (NormReuse, _images(2, 5), 3),
     "class_token": (ClassToken, lambda n, g: torch.randn(n, 3, 6, generator=g, dtype=torch.float64), 3),
     "conv_reuse": (ConvReuse, _images(2, 5), 3),
+    # Subclasses that change what a rule's layer computes: through the vmap fallback.
+    "standardized_conv": (
+        lambda: nn.Sequential(StandardizedConv(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+        _images(2, 5),
+        3,
+    ),
+    "computed_weight": (
+        lambda: nn.Sequential(ComputedWeight(5, 6), nn.Tanh(), nn.Linear(6, 3)),
+        lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64),
+        3,
+    ),
+    "hooked": (_hooked, lambda n, g: torch.randn(n, 5, generator=g, dtype=torch.float64), 3),
+    "cell_loop": (CellLoop, lambda n, g: torch.randn(n, 4, 3, generator=g, dtype=torch.float64), 3),
     "cnn": (lambda: ConvNet(in_channels=1, num_classes=4, width=8, image_size=8, groups=4), _images(1, 8), 4),
 }
 
@@ -337,13 +397,24 @@ def test_clipped_sum_in_each_dtype_and_layout(name, mode, dtype, layout, conv_pa
 # "conv_wide" and "embedding" are compared with the naive loop only; so is "conv_first_inplace", since
 # Opacus's full backward hooks refuse an in-place op on a hooked module's output; Opacus's EmbeddingBag
 # sampler takes only 1-D ids with offsets (privfast refuses those: they pack examples into one row). For
-# "class_token" Opacus's update of the model's own parameters differs from the naive loop, which privfast's matches.
+# "class_token" Opacus's update of the model's own parameters differs from the naive loop, which privfast's matches;
+# for "hooked" Opacus captures the output as the user's hook changed it, not the layer's own.
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "name",
     sorted(
         set(MODELS)
-        - {"reuse", "conv1d", "conv2d", "conv_wide", "embedding", "conv_first_inplace", "embedding_bag", "class_token"}
+        - {
+            "reuse",
+            "conv1d",
+            "conv2d",
+            "conv_wide",
+            "embedding",
+            "conv_first_inplace",
+            "embedding_bag",
+            "class_token",
+            "hooked",
+        }
     ),
 )
 def test_update_matches_opacus(name, mode, conv_path):
@@ -977,6 +1048,107 @@ def test_a_module_unfrozen_after_wrapping_is_refused_not_left_to_noise():
     model[0].weight.requires_grad_(True)
     F.cross_entropy(wrapped(x), y).backward()
     with pytest.raises(ValueError, match="parameter '0.weight' requires a gradient, but its module had no trainable"):
+        wrapped.clipped_sum(1.0)
+
+
+def test_wrapping_again_detaches_the_earlier_wrapper():
+    """The refusal above says to wrap the model again after unfreezing: the new wrapper trains (every layer
+    captured, as the naive loop), the earlier one refuses to run instead of capturing nothing, and a wrapper
+    is not wrapped."""
+    model, x, y = _setup("linear", 4)
+    _, _, norms = _naive_clipped_sum(model, x, y, 1, 1.0)
+    params, expected, _ = _naive_clipped_sum(model, x, y, 1, float(norms.median()))
+    model[0].requires_grad_(False)
+    first = GradSampleModule(model)
+    model[0].requires_grad_(True)
+    second = GradSampleModule(model)
+    F.cross_entropy(second(x), y).backward()
+    got = second.clipped_sum(float(norms.median()))
+    assert set(got) == set(params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="detached from its model"):
+        first(x)
+    with pytest.raises(ValueError, match="a GradSampleModule already"):
+        GradSampleModule(second)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_torch_rnn_cells_are_refused_with_the_fix(cell):
+    model = nn.Sequential(cell(3, 4))
+    with pytest.raises(ValueError, match=f"opacus.layers.dp_rnn.DP{cell.__name__}"):
+        GradSampleModule(model)
+
+
+def test_a_layer_returning_its_input_leaves_the_callers_tensor_alone():
+    """A first layer without a rule that returns its (untracked) input among its outputs: the tap that puts
+    its outputs into the graph must not give the caller's tensor a history, which made the next step on the
+    same batch fail."""
+
+    class PassThrough(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return x, x * self.scale
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.head = PassThrough(), nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            raw, scaled = self.first(x)
+            return self.head(torch.tanh(scaled) + raw)
+
+    torch.manual_seed(0)
+    model = Model()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    _, _, norms = _naive_clipped_sum(model, x, y, 1, 1.0)
+    params, expected, _ = _naive_clipped_sum(model, x, y, 1, float(norms.median()))
+    wrapped = GradSampleModule(model)
+    for _ in range(2):  # full-batch training: the same tensor every step (the parameters do not change here)
+        F.cross_entropy(wrapped(x), y).backward()
+        assert x.grad_fn is None and not x.requires_grad
+        got = wrapped.clipped_sum(float(norms.median()))
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", ["buffer", "parameter"])
+def test_a_layer_on_a_table_all_examples_share_is_refused(shared):
+    """A Linear over a table of class embeddings ``[P, D]`` (a CLIP-style head): its rows are no examples, and
+    when P equals the batch's N the row count alone cannot tell."""
+
+    class Prototypes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            table = torch.randn(6, 5)
+            if shared == "buffer":
+                self.register_buffer("table", table)
+            else:
+                self.table = nn.Parameter(table, requires_grad=False)
+            self.project, self.embed = nn.Linear(5, 4), nn.Linear(7, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.embed(x)) @ self.project(self.table).T
+
+    wrapped = GradSampleModule(Prototypes())
+    with pytest.raises(ValueError, match="layer 'project' .* was applied to a parameter or buffer"):
+        F.cross_entropy(wrapped(torch.randn(6, 7)), torch.randint(0, 6, (6,))).backward()
+
+
+def test_a_rule_given_a_tensor_that_is_no_parameter_of_its_layer_is_refused():
+    """A weight assigned to the layer as a tensor computed from a parameter: the rule would clip the gradient of
+    that tensor, which no optimizer steps."""
+    model = nn.Sequential(nn.Linear(5, 3))
+    weight = model[0].weight
+    del model[0].weight
+    model[0].weight = weight * 1.0
+    wrapped = GradSampleModule(model)
+    with pytest.raises(ValueError, match="layer '0' .* not one of its own parameters"):
+        F.cross_entropy(wrapped(torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()  # the rule runs in its hook
         wrapped.clipped_sum(1.0)
 
 

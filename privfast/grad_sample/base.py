@@ -13,6 +13,7 @@ offers the per-example squared norms and the clipped sum in up to two ways:
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -429,8 +430,8 @@ def saved_by_forward(call: Call, node_type: str, *names: str) -> Optional[tuple[
 
 
 def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for these module types, and for subclasses that keep their ``forward``
-    (e.g. Opacus's ``RNNLinear``); a subclass with a ``forward`` of its own falls back to vmap."""
+    """Register ``rule`` for these module types, and for subclasses that keep what their ``forward``
+    calls and reads (e.g. Opacus's ``RNNLinear``); other subclasses fall back to vmap (see :func:`rule_for`)."""
 
     def decorate(rule: Rule) -> Rule:
         for t in module_types:
@@ -440,11 +441,37 @@ def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
     return decorate
 
 
+# Methods of the layers with rules that their forward does not run: a subclass may redefine them.
+_OUTSIDE_FORWARD = frozenset({"reset_parameters", "extra_repr", "_fill_padding_idx_with_zero", "from_pretrained"})
+
+
+def _redefines_forward_path(module_type: type, base: type) -> Optional[str]:
+    """The first name that a class between ``module_type`` and ``base`` redefines of what ``base``'s forward runs
+    or reads: ``forward`` itself, a method it calls (``Conv2d._conv_forward``), a parameter or a setting (a
+    ``weight`` property computed from another parameter). None where there is none."""
+    read = {"weight", "bias"}
+    for cls in base.__mro__:
+        if cls is nn.Module:
+            break
+        read |= {n for n in vars(cls) if not n.startswith("__")} | set(inspect.get_annotations(cls))
+    read -= _OUTSIDE_FORWARD
+    for cls in module_type.__mro__:
+        if cls is base:
+            return None
+        redefined = sorted(read & set(vars(cls)))
+        if redefined:
+            return redefined[0]
+    return None
+
+
 def rule_for(module: nn.Module) -> Optional[Rule]:
-    """The registered rule of ``module``'s type or of the nearest base whose ``forward`` it keeps."""
+    """The registered rule of ``module``'s type or of its nearest registered base, unless the module's class
+    redefines what that base's forward runs or reads: the rule would then compute the gradient of another
+    function (e.g. of a standardized weight, not of the parameter). None: the vmap fallback, exact for any
+    forward."""
     for cls in type(module).__mro__:
         if cls in RULES:
-            return RULES[cls] if cls.forward is type(module).forward else None
+            return None if _redefines_forward_path(type(module), cls) else RULES[cls]
     return None
 
 

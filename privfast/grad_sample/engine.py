@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 import time
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -58,6 +59,10 @@ MIXED_PATH_COST = 4e6
 GHOST_MEMORY_LIMIT = 1 << 30
 LOSS_REDUCTIONS = ("mean", "sum")
 
+# Each wrapped model's GradSampleModule: wrapping it again detaches the earlier one, whose hooks would refuse
+# the new wrapper's forward (they see a layer run outside their own).
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 _FLAT_LEAVES = (Tensor, int, float, bool, str, type(None))
 
@@ -85,16 +90,20 @@ class _Tap(torch.autograd.Function):
     the input gradient that making the layer's input require one would cost (a whole convolution)."""
 
     @staticmethod
-    def forward(ctx, anchor: Tensor, x: Tensor) -> Tensor:
-        """``anchor``: a scalar that requires a gradient, so that the output requires one."""
-        if x._base is not None:  # marking a view dirty would give its base (e.g. the user's input) a history
+    def forward(ctx, anchor: Tensor, x: Tensor, layer_input: bool = False) -> Tensor:
+        """``anchor``: a scalar that requires a gradient, so that the output requires one; ``layer_input``: ``x``
+        is also one of the layer's inputs."""
+        ctx.layer_input = layer_input
+        if x._base is not None or ctx.layer_input:
+            # Marking a view dirty would give its base a history, and marking a tensor the layer got (returned
+            # as one of its outputs) would give the caller's tensor one (e.g. the user's input).
             return x.clone()
         ctx.mark_dirty(x)  # the output itself, not a view: in-place layers after it (ReLU(inplace=True)) still work
         return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, None]:
-        return None, None
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None]:
+        return None, None, None
 
 
 class _Layer:
@@ -105,6 +114,7 @@ class _Layer:
         self.module = module
         self.layout = layout
         self.params = [p for _, p in trainable(module)]
+        self.own = list(module.parameters(recurse=False))  # a rule may name no other tensor as its parameter
         rule = rule_for(module)
         self.fallback = rule is None
         self.rule = vmap_rule if rule is None else rule
@@ -221,7 +231,19 @@ class GradSampleModule(nn.Module):
         super().__init__()
         if batch_first is not None and not isinstance(batch_first, bool):
             raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
+        if isinstance(module, GradSampleModule):
+            raise ValueError(
+                "the model is a GradSampleModule already: wrap the model inside it (its ._module), which detaches "
+                "the earlier wrapper"
+            )
         for name, m in module.named_modules():
+            if isinstance(m, nn.RNNCellBase):
+                kind = type(m).__name__
+                raise ValueError(
+                    f"layer {name or 'the model'!r} is torch's nn.{kind}, whose fused kernel gives no per-example "
+                    f"gradients. Replace it with Opacus's opacus.layers.dp_rnn.DP{kind} (the same forward, "
+                    "built from Linear layers that privfast clips exactly) and copy its weights over."
+                )
             if isinstance(m, nn.RNNBase):
                 kind = type(m).__name__
                 raise ValueError(
@@ -256,7 +278,13 @@ class GradSampleModule(nn.Module):
                 "`model = opacus.validators.ModuleValidator.fix(model)` (BatchNorm becomes GroupNorm) before "
                 "make_private, or replace those layers yourself."
             )
+        earlier = _WRAPPERS.get(module)
+        earlier = earlier() if earlier is not None else None
+        if earlier is not None and earlier._module is module:
+            earlier.remove_hooks()
+        _WRAPPERS[module] = weakref.ref(self)
         self._module = module
+        self._detached = False
         self.mode = mode
         self.augmult = augmult
         self.microbatch_size = microbatch_size
@@ -284,6 +312,7 @@ class GradSampleModule(nn.Module):
                 owners[id(p)] = layer.name
         self._suspended = False
         self._rows: Optional[int] = None  # N of the forward in flight
+        self._model_buffers: set[int] = set()  # ids of the model's buffers in the forward in flight
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
         self._pending_finite: Optional[tuple] = None  # (host flag, CUDA event) of a deferred finite check
         self.ghost_memory_limit = GHOST_MEMORY_LIMIT
@@ -303,8 +332,9 @@ class GradSampleModule(nn.Module):
                 layer.module.register_forward_pre_hook(functools.partial(self._before_forward, layer), with_kwargs=True)
             )
             self._handles.append(
+                # prepend: the layer's own output, before forward hooks the user registered earlier change it
                 layer.module.register_forward_hook(
-                    functools.partial(self._after_forward, layer), with_kwargs=True, always_call=True
+                    functools.partial(self._after_forward, layer), with_kwargs=True, always_call=True, prepend=True
                 )
             )
 
@@ -315,6 +345,11 @@ class GradSampleModule(nn.Module):
         return self.augmult * self.microbatch_size
 
     def forward(self, *args, **kwargs):
+        if self._detached:
+            raise RuntimeError(
+                "this GradSampleModule is detached from its model (remove_hooks(), or the model was wrapped again "
+                "since): it captures nothing. Train through the newer wrapper."
+            )
         for layer in self._layers:
             if layer.pending() or layer.materialized is not None:
                 raise RuntimeError(
@@ -324,6 +359,7 @@ class GradSampleModule(nn.Module):
         self._drop_captured(superseded=True)  # forwards that saw no backward (e.g. evaluation with grad enabled)
         self.check_finite_pending()
         self._rows = model_rows(args, kwargs, batch_first=self.batch_first)
+        self._model_buffers = {id(b) for b in self._module.buffers()}
         if self._capturing():
             self._check_against_loaded(args, kwargs)
         self._packed.clear()
@@ -362,10 +398,12 @@ class GradSampleModule(nn.Module):
             return getattr(super().__getattr__("_module"), name)
 
     def remove_hooks(self) -> None:
-        """Detach the engine from the model (it then trains like a plain module)."""
+        """Detach the engine from the model (it then trains like a plain module). Wrapping the model again does
+        this to the earlier wrapper."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._detached = True
 
     def clear(self) -> None:
         """Drop everything captured since the last step."""
@@ -422,6 +460,15 @@ class GradSampleModule(nn.Module):
             raise RuntimeError(
                 f"layer {layer.name!r} ran outside the wrapped model's forward (the engine does not know the batch's "
                 "rows): call the GradSampleModule, not the module inside it, or run under torch.no_grad()"
+            )
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if isinstance(first, nn.Parameter) or id(first) in self._model_buffers:
+            # Its rows belong to no example: were there N of them, they would be clipped as the examples.
+            raise LayoutError(
+                f"layer {layer.name!r} ({type(layer.module).__name__}) was applied to a parameter or buffer of the "
+                "model, which all examples share (e.g. a table of class embeddings): per-example gradients cannot "
+                "tell the examples apart in it. Expand it to the batch's rows first (e.g. table.expand(N, *table.shape)"
+                " and a layer over the last dimension), so that each example's gradient is its own."
             )
         call = Call(args, kwargs, [None] * len(outputs), [o.grad_fn for o in outputs], rows=rows)
         call.versions = [(a, a._version) for a in inputs]
@@ -518,7 +565,7 @@ class GradSampleModule(nn.Module):
             anchor = torch.zeros((), requires_grad=True)
             output = tree_map(
                 lambda o: (
-                    _Tap.apply(anchor, o)
+                    _Tap.apply(anchor, o, any(o is a for a in inputs))
                     if isinstance(o, Tensor) and o.is_floating_point() and not o.requires_grad
                     else o
                 ),
@@ -616,7 +663,15 @@ class GradSampleModule(nn.Module):
         for call in calls:
             self._check_unchanged(layer, call)
         if not layer.fallback:
-            return layer.rule(layer.module, calls, self.fold)
+            grads = layer.rule(layer.module, calls, self.fold)
+            if not all(any(p is q for q in layer.own) for p in grads.params):
+                raise ValueError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) uses as its weight or bias a tensor that is "
+                    "not one of its own parameters (e.g. an attribute computed from them): its per-example "
+                    "gradients would be those of the computed tensor. Compute the weight in the layer's forward, "
+                    "which the engine then differentiates exactly, or register it as a parameter."
+                )
+            return grads
         try:
             return layer.rule(layer.module, calls, self.fold)
         except Exception as error:  # vmap's errors name no layer and suggest nothing
