@@ -1051,6 +1051,52 @@ def test_a_module_unfrozen_after_wrapping_is_refused_not_left_to_noise():
         wrapped.clipped_sum(1.0)
 
 
+class Mixed(nn.Module):
+    """A layer of each rule and one through the vmap fallback (PReLU, on a Linear's bfloat16 output), for
+    autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.group = nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)
+        self.linear, self.norm, self.embed = nn.Linear(36, 8), nn.LayerNorm(8), nn.Embedding(5, 8)
+        self.act, self.head = nn.PReLU(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, :3].abs() * 3).long().clamp(max=4)
+        h = self.norm(self.act(self.linear(torch.tanh(self.group(self.conv(x))).flatten(1)))) + self.embed(ids).mean(1)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_clips_as_the_naive_loop_under_autocast(mode):
+    """Under CPU autocast (bfloat16) the layers get lower-precision inputs and output gradients than their
+    float32 parameters: the rules compute in float32, the fallback runs the layer under autocast again. The
+    naive loop's own gradients are bfloat16 products, hence the tolerance; a wrong clip factor or a missing
+    augmentation is off by far more."""
+    torch.manual_seed(0)
+    model = Mixed()
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+
+    def forward(module, rows):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(rows).float()
+
+    params = list(model.parameters())
+    per_example = [
+        torch.autograd.grad(F.cross_entropy(forward(model, x[b : b + 1]), y[b : b + 1]), params) for b in range(6)
+    ]
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * grads[i] for f, grads in zip(factors, per_example)) for i in range(len(params))]
+    wrapped = GradSampleModule(model, mode=mode)
+    F.cross_entropy(forward(wrapped, x), y).backward()
+    got = wrapped.clipped_sum(bound)
+    for p, e in zip(params, expected):
+        assert got[p].dtype == torch.float32
+        torch.testing.assert_close(got[p], e, rtol=0, atol=0.03 * float(e.abs().max()))
+
+
 def test_wrapping_again_detaches_the_earlier_wrapper():
     """The refusal above says to wrap the model again after unfreezing: the new wrapper trains (every layer
     captured, as the naive loop), the earlier one refuses to run instead of capturing nothing, and a wrapper

@@ -59,6 +59,8 @@ class Call:
     """``(tensor, version)`` of every input when the layer ran, to detect later in-place changes."""
     superseded: bool = False
     """Dropped because the wrapped model ran another forward before this call's backward."""
+    autocast: Optional[tuple] = None
+    """``(device_type, dtype)`` of the autocast the call ran under, for the vmap fallback to run it so again."""
 
     def drop(self) -> None:
         """Release the tensors. The output hooks still reference the call while the user keeps the

@@ -488,6 +488,9 @@ class GradSampleModule(nn.Module):
                     "to find the examples in"
                 )
             check_call(layer.name, layer.module, layout, rows, "input", tensors[0][1])
+            device_type = tensors[0][1].device.type
+            if torch.is_autocast_enabled(device_type):
+                call.autocast = (device_type, torch.get_autocast_dtype(device_type))
 
             def batched(t):
                 return (
@@ -509,6 +512,12 @@ class GradSampleModule(nn.Module):
                 "positional argument"
             )
         x = args[0]
+        dtype = layer.params[0].dtype
+        if x.is_floating_point() and x.dtype != dtype:
+            # Autocast ran the layer in a lower precision (its output gradients are cast in _on_grad too): the rule
+            # computes in the parameters' dtype, as the clipped sum is kept.
+            x = x.to(dtype)
+            call.args = args = (x, *args[1:])
         call.out_dims = [0] * len(outputs)
         if isinstance(layer.module, RNNLinear) and self._packed and self._packed[-1] is not self._NOT_PACKED:
             sorted_indices = self._packed[-1]
@@ -607,6 +616,9 @@ class GradSampleModule(nn.Module):
             )
         if call.moved:
             grad = grad.movedim(call.moved, 0)
+        dtype = layer.params[0].dtype
+        if grad.dtype != dtype and not layer.fallback:  # autocast: see _capture
+            grad = grad.to(dtype)
         if call.index is not None:
             grad = grad.new_zeros(call.rows, *grad.shape[1:]).index_copy_(0, call.index, grad)
         call.grads[index] = grad

@@ -9,6 +9,9 @@ rows. Outputs that received no gradient (an unused ``h_n``) are left out of the 
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_leaves
@@ -55,6 +58,9 @@ def vmap_rule(module: nn.Module, calls: list[Call], fold: int) -> MaterializedGr
                 {k: call.kwarg_dims.get(k) for k in kwargs},
                 [call.out_dims[i] for i in used],
             )
-            per_example = vmap(grad(objective), in_dims=in_dims)(params, args, kwargs, grads)
+            # The layer's calls under autocast run under it again: its gradients are those of what it computed.
+            precision = torch.autocast(*call.autocast) if call.autocast else contextlib.nullcontext()
+            with precision:
+                per_example = vmap(grad(objective), in_dims=in_dims)(params, args, kwargs, grads)
         totals = per_example if totals is None else {n: totals[n] + per_example[n] for n in totals}
     return MaterializedGrads([p for _, p in named], [totals[name] for name, _ in named])
