@@ -525,6 +525,22 @@ def test_refuses_batchnorm_with_a_fix():
         GradSampleModule(model)
 
 
+@pytest.mark.parametrize(
+    "norm, message",
+    [
+        (nn.BatchNorm2d(4, affine=False), "statistics of the batch"),
+        (nn.BatchNorm2d(4, affine=False, track_running_stats=False), "statistics of the batch"),
+        (nn.InstanceNorm2d(4, track_running_stats=True), "running statistics"),
+    ],
+    ids=["batchnorm", "batchnorm_no_stats", "instancenorm_stats"],
+)
+def test_refuses_norms_that_mix_examples_even_without_parameters(norm, message):
+    """Opacus's validator lets these through (nothing of theirs is trained), but a BatchNorm in training mixes the
+    examples in every later layer's gradient, and running statistics release an unnoised average of them."""
+    with pytest.raises(ValueError, match=f"layer '1' .*{message}.*ModuleValidator.fix"):
+        GradSampleModule(nn.Sequential(nn.Conv2d(1, 4, 3), norm))
+
+
 def test_refuses_tied_weights():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     b.weight = a.weight
@@ -1002,8 +1018,9 @@ def test_a_parameter_used_outside_its_layer_is_refused(use):
         torch.nn.utils.parametrizations.spectral_norm,
         torch.nn.utils.weight_norm,  # the older, hook-based forms
         torch.nn.utils.spectral_norm,
+        lambda layer: torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5),
     ],
-    ids=["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"],
+    ids=["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm", "prune"],
 )
 def test_reparametrized_weights_are_refused_with_the_fix(reparametrize):
     """A weight computed from other parameters before the forward (weight_norm and the like) hides their

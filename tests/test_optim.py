@@ -1,6 +1,7 @@
 """DPOptimizer (noise, physical batches, microbatches, any torch optimizer), SAM and DP-SAM."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -246,6 +247,33 @@ def test_rejects_parameters_outside_the_module():
         DPOptimizer(
             torch.optim.SGD(other.parameters(), lr=0.1),
             module=GradSampleModule(model),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+        )
+
+
+def test_warns_about_trainable_parameters_the_optimizer_leaves_out():
+    """Their per-example gradients count in every example's norm (clipping harder than the stepped parameters
+    need): the user is told how to leave them out, and nothing is said when the optimizer takes them all."""
+    model = _model()
+    wrapped = GradSampleModule(model)
+    head = list(model.parameters())[-2:]
+    with pytest.warns(UserWarning, match=r"leaves out 2 trainable parameter\(s\).*requires_grad_\(False\)"):
+        DPOptimizer(
+            torch.optim.SGD(head, lr=0.1),
+            module=wrapped,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+        )
+    for p in list(model.parameters())[:-2]:
+        p.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DPOptimizer(
+            torch.optim.SGD(head, lr=0.1),
+            module=wrapped,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             expected_batch_size=8,

@@ -22,6 +22,7 @@ import torch
 from opacus.layers.dp_rnn import DPRNNBase, RNNLinear
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
@@ -130,11 +131,14 @@ class _Layer:
 
 def _reparametrized(module: nn.Module) -> list[str]:
     """The names of ``module``'s tensors computed from other parameters: by torch.nn.utils.parametrize
-    (``parametrizations.weight_norm`` and the like) or by the older weight_norm / spectral_norm hooks."""
+    (``parametrizations.weight_norm`` and the like), by the older weight_norm / spectral_norm hooks, or by
+    torch.nn.utils.prune's mask."""
     names = list(module.parametrizations) if nn.utils.parametrize.is_parametrized(module) else []
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, (WeightNorm, SpectralNorm)):
             names.append(hook.name)
+        elif isinstance(hook, BasePruningMethod):
+            names.append(hook._tensor_name)
     return names
 
 
@@ -237,6 +241,22 @@ class GradSampleModule(nn.Module):
                 "the earlier wrapper"
             )
         for name, m in module.named_modules():
+            # Opacus's validator passes these when they have no trainable parameters, yet they break DP whatever
+            # is trained: a BatchNorm in training normalizes each example with statistics of the others (so one
+            # example changes every example's gradient), and running statistics average the examples into buffers
+            # that are released with the model, with no noise.
+            mixes = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if mixes or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
+                raise ValueError(
+                    f"layer {name or 'the model'!r} ({type(m).__name__}) "
+                    + (
+                        "normalizes each example with the statistics of the batch"
+                        if mixes
+                        else "averages the examples into running statistics, released with the model without noise"
+                    )
+                    + ", which DP-SGD cannot bound. Fix it with `model = opacus.validators.ModuleValidator.fix(model)` "
+                    "(BatchNorm becomes GroupNorm, InstanceNorm stops tracking running statistics) before make_private."
+                )
             if isinstance(m, nn.RNNCellBase):
                 kind = type(m).__name__
                 raise ValueError(
@@ -257,11 +277,12 @@ class GradSampleModule(nn.Module):
                 computed = ", ".join(reparametrized)
                 raise ValueError(
                     f"layer {name or 'the model'!r} ({type(m).__name__}) computes {computed} from other parameters "
-                    "(torch.nn.utils.parametrize, weight_norm, spectral_norm) before its forward: the per-example "
-                    "gradients of those parameters flow through that computation, which the engine does not capture, "
-                    "so they would be left out of the clipped update. Remove it before make_private: "
+                    "(torch.nn.utils.parametrize, weight_norm, spectral_norm, prune) before its forward: the "
+                    "per-example gradients of those parameters flow through that computation, which the engine does "
+                    "not capture, so they would be left out of the clipped update. Remove it before make_private: "
                     "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (or "
-                    "torch.nn.utils.remove_weight_norm(layer)) folds it into a plain weight."
+                    "torch.nn.utils.remove_weight_norm(layer), or torch.nn.utils.prune.remove(layer, 'weight'), after "
+                    "which the pruned entries may train again) folds it into a plain weight."
                 )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -275,7 +296,8 @@ class GradSampleModule(nn.Module):
             listed = "\n  - ".join(str(e).split(". ")[0] for e in errors)
             raise ValueError(
                 f"the model has layers that DP-SGD cannot train:\n  - {listed}\nFix it with "
-                "`model = opacus.validators.ModuleValidator.fix(model)` (BatchNorm becomes GroupNorm) before "
+                "`model = opacus.validators.ModuleValidator.fix(model)` (BatchNorm becomes GroupNorm, InstanceNorm "
+                "stops tracking running statistics, nn.MultiheadAttention becomes Opacus's DP version) before "
                 "make_private, or replace those layers yourself."
             )
         earlier = _WRAPPERS.get(module)

@@ -8,6 +8,7 @@ and the noise added once per logical step by the fused op.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -95,6 +96,16 @@ class DPOptimizer(Optimizer):
         if any(p not in owned for p in self.params):
             raise ValueError(
                 "the optimizer holds parameters that are not the module's: build it from model.parameters()"
+            )
+        stepped = set(self.params)
+        idle = [name for name, p in module.named_parameters() if p.requires_grad and p not in stepped]
+        if idle:
+            warnings.warn(
+                f"the optimizer leaves out {len(idle)} trainable parameter(s) of the model (e.g. {idle[0]!r}): their "
+                "per-example gradients are still computed and count in each example's norm, so every example is "
+                "clipped harder than the updated parameters need (Opacus leaves them out of the norm). Freeze them "
+                "with requires_grad_(False) before make_private to train only the optimizer's parameters.",
+                stacklevel=2,
             )
 
     # -- the wrapped optimizer's view ---------------------------------------------------------
