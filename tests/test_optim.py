@@ -259,25 +259,18 @@ def test_warns_about_trainable_parameters_the_optimizer_leaves_out():
     model = _model()
     wrapped = GradSampleModule(model)
     head = list(model.parameters())[-2:]
+
+    def head_only():
+        sgd = torch.optim.SGD(head, lr=0.1)
+        return DPOptimizer(sgd, module=wrapped, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+
     with pytest.warns(UserWarning, match=r"leaves out 2 trainable parameter\(s\).*requires_grad_\(False\)"):
-        DPOptimizer(
-            torch.optim.SGD(head, lr=0.1),
-            module=wrapped,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=8,
-        )
+        head_only()
     for p in list(model.parameters())[:-2]:
         p.requires_grad_(False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DPOptimizer(
-            torch.optim.SGD(head, lr=0.1),
-            module=wrapped,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=8,
-        )
+        head_only()
 
 
 def test_nan_loss_never_steps():

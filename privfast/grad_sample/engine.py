@@ -257,20 +257,19 @@ class GradSampleModule(nn.Module):
                     + ", which DP-SGD cannot bound. Fix it with `model = opacus.validators.ModuleValidator.fix(model)` "
                     "(BatchNorm becomes GroupNorm, InstanceNorm stops tracking running statistics) before make_private."
                 )
-            if isinstance(m, nn.RNNCellBase):
+            if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
                 kind = type(m).__name__
-                raise ValueError(
-                    f"layer {name or 'the model'!r} is torch's nn.{kind}, whose fused kernel gives no per-example "
-                    f"gradients. Replace it with Opacus's opacus.layers.dp_rnn.DP{kind} (the same forward, "
-                    "built from Linear layers that privfast clips exactly) and copy its weights over."
+                fix = (
+                    f"Fix it with `model = opacus.validators.ModuleValidator.fix(model)`, which replaces it with "
+                    f"Opacus's DP{kind} (the same weights and options, built from Linear cells that privfast clips "
+                    "exactly), or build the model with opacus.layers.DPLSTM / DPGRU / DPRNN."
+                    if isinstance(m, nn.RNNBase)
+                    else f"Replace it with Opacus's opacus.layers.dp_rnn.DP{kind} (the same forward, built from Linear "
+                    "layers that privfast clips exactly) and copy its weights over."
                 )
-            if isinstance(m, nn.RNNBase):
-                kind = type(m).__name__
                 raise ValueError(
                     f"layer {name or 'the model'!r} is torch's nn.{kind}, whose fused kernel gives no per-example "
-                    f"gradients. Fix it with `model = opacus.validators.ModuleValidator.fix(model)`, which replaces it "
-                    f"with Opacus's DP{kind} (the same weights and options, built from Linear "
-                    "cells that privfast clips exactly), or build the model with opacus.layers.DPLSTM / DPGRU / DPRNN."
+                    f"gradients. {fix}"
                 )
             reparametrized = _reparametrized(m)
             if reparametrized:
