@@ -1085,17 +1085,17 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_autocast_clips_as_the_naive_loop_under_autocast(mode):
-    """Under CPU autocast (bfloat16) the layers get lower-precision inputs and output gradients than their
+def test_autocast_clips_as_the_naive_loop_under_autocast(mode, device):
+    """Under autocast (bfloat16) the layers get lower-precision inputs and output gradients than their
     float32 parameters: the rules compute in float32, the fallback runs the layer under autocast again. The
     naive loop's own gradients are bfloat16 products, hence the tolerance; a wrong clip factor or a missing
     augmentation is off by far more."""
     torch.manual_seed(0)
-    model = Mixed()
-    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    model = Mixed().to(device)
+    x, y = torch.randn(6, 2, 5, 5, device=device), torch.randint(0, 3, (6,), device=device)
 
     def forward(module, rows):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             return module(rows).float()
 
     params = list(model.parameters())

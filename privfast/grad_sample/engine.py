@@ -482,7 +482,9 @@ class GradSampleModule(nn.Module):
                 f"layer {layer.name!r} ran outside the wrapped model's forward (the engine does not know the batch's "
                 "rows): call the GradSampleModule, not the module inside it, or run under torch.no_grad()"
             )
-        first = next((a for a in args if isinstance(a, Tensor)), None)
+        first = (
+            args[0] if args and isinstance(args[0], Tensor) else next((a for a in args if isinstance(a, Tensor)), None)
+        )
         if isinstance(first, nn.Parameter) or id(first) in self._model_buffers:
             # Its rows belong to no example: were there N of them, they would be clipped as the examples.
             raise LayoutError(
