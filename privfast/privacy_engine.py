@@ -319,10 +319,14 @@ class PrivacyEngine:
         optimizer: Optional[Optimizer] = None,
         checkpoint_dict: Optional[dict] = None,
     ) -> None:
-        """Write model, optimizer and engine state to ``path`` atomically (a crash leaves the old file)."""
+        """Write model, optimizer and engine state to ``path`` atomically (a crash leaves the old file).
+
+        The accountant's state also goes where Opacus keeps it (``privacy_accountant_state_dict``), so that
+        Opacus's ``load_checkpoint`` resumes the run too."""
         checkpoint = dict(checkpoint_dict or {})
         checkpoint["module_state_dict"] = module.state_dict()
         checkpoint["privacy_engine_state_dict"] = self.state_dict()
+        checkpoint["privacy_accountant_state_dict"] = self.accountant.state_dict()
         if optimizer is not None:
             checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         atomic_save(checkpoint, path)
@@ -330,10 +334,25 @@ class PrivacyEngine:
     def load_checkpoint(
         self, *, path: str | os.PathLike, module: nn.Module, optimizer: Optional[Optimizer] = None
     ) -> dict:
-        """Load what :meth:`save_checkpoint` wrote into ``module``, ``optimizer`` and this engine."""
+        """Load what :meth:`save_checkpoint` wrote into ``module``, ``optimizer`` and this engine.
+
+        A checkpoint Opacus's ``save_checkpoint`` wrote resumes too: its accountant's history is loaded, and
+        the noise continues from this engine's own generator (Opacus keeps no noise state).
+
+        Raises:
+            ValueError: when the file holds no privacy accounting (neither privfast's nor Opacus's).
+        """
         checkpoint = torch.load(path, weights_only=False)
+        if "privacy_engine_state_dict" not in checkpoint and "privacy_accountant_state_dict" not in checkpoint:
+            raise ValueError(
+                f"{path} holds no privacy accounting (written by save_checkpoint of privfast or Opacus?): resuming "
+                "from it would restart the epsilon at zero"
+            )
         module.load_state_dict(checkpoint["module_state_dict"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        if "privacy_engine_state_dict" in checkpoint:
+            self.load_state_dict(checkpoint["privacy_engine_state_dict"])
+        else:
+            self.accountant.load_state_dict(checkpoint["privacy_accountant_state_dict"])
         return checkpoint

@@ -1136,6 +1136,30 @@ def test_wrapping_again_detaches_the_earlier_wrapper():
         GradSampleModule(second)
 
 
+def test_disabled_hooks_give_the_plain_gradient_and_enabled_ones_capture_again():
+    """Opacus's disable_hooks / enable_hooks / to_standard_module: a step with the hooks off is a plain
+    backward (no refusal of the now tracked parameters), and one with them on again is clipped as before."""
+    model, x, y = _setup("reuse", 4)
+    expected = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    _, _, norms = _naive_clipped_sum(model, x, y, 1, 1.0)
+    params, clipped, _ = _naive_clipped_sum(model, x, y, 1, float(norms.median()))
+    wrapped = GradSampleModule(model)
+    wrapped.disable_hooks()
+    F.cross_entropy(wrapped(x), y).backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-14)
+        p.grad = None
+    wrapped.enable_hooks()
+    F.cross_entropy(wrapped(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    got = wrapped.clipped_sum(float(norms.median()))
+    for p, e in zip(params, clipped):
+        torch.testing.assert_close(got[p], e, rtol=1e-9, atol=1e-12)
+    assert wrapped.to_standard_module() is model
+    with pytest.raises(RuntimeError, match="detached"):
+        wrapped(x)
+
+
 @pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
 def test_torch_rnn_cells_are_refused_with_the_fix(cell):
     model = nn.Sequential(cell(3, 4))

@@ -312,6 +312,48 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     assert resumed_engine.get_epsilon(1e-5) == pytest.approx(eps_uninterrupted, rel=1e-12)
 
 
+@pytest.mark.parametrize("writer", ["opacus", "privfast"])
+def test_a_run_resumes_across_opacus_and_privfast_checkpoints(tmp_path, writer):
+    """A run saved by one library's save_checkpoint resumes in the other's load_checkpoint: the model, the
+    optimizer and the epsilon spent."""
+    engines = {"opacus": opacus.PrivacyEngine, "privfast": PrivacyEngine}
+    reader = "privfast" if writer == "opacus" else "opacus"
+
+    def private(kind, seed):
+        torch.manual_seed(seed)
+        model = ConvNet(width=4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = engines[kind]()
+        model, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(_dataset(), batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+        return engine, model, optimizer
+
+    engine, model, optimizer = private(writer, 0)
+    _train(model, optimizer, list(DataLoader(_dataset(), batch_size=16))[:3])
+    path = tmp_path / "checkpoint.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=optimizer)
+    resumed, resumed_model, resumed_optimizer = private(reader, 1)
+    resumed.load_checkpoint(path=path, module=resumed_model, optimizer=resumed_optimizer)
+    assert resumed.get_epsilon(1e-5) == engine.get_epsilon(1e-5) > 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+    momenta = [resumed_optimizer.state[p]["momentum_buffer"] for p in resumed_model.parameters()]
+    assert all(torch.equal(a, optimizer.state[p]["momentum_buffer"]) for a, p in zip(momenta, model.parameters()))
+
+
+def test_a_checkpoint_without_privacy_accounting_is_refused(tmp_path):
+    engine, model, optimizer, _ = _make()
+    path = tmp_path / "weights.pt"
+    torch.save({"module_state_dict": model.state_dict()}, path)
+    with pytest.raises(ValueError, match="no privacy accounting"):
+        engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
+
+
 def test_batch_memory_manager_splits_logical_batches():
     engine, model, optimizer, loader = _make(batch_size=32, augmentation=SelfAug(2, crop_padding=1, num_classes=10))
     logical_steps, seen = 0, []

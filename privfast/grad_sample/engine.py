@@ -142,9 +142,12 @@ def _reparametrized(module: nn.Module) -> list[str]:
     return names
 
 
-def _used_outside(layer: _Layer, name: str, grad: Tensor) -> None:
+def _used_outside(engine: "GradSampleModule", layer: _Layer, name: str, grad: Tensor) -> None:
     """Tensor hook on a captured parameter: autograd computed a gradient for it, so it was used while
-    tracked, outside its own layer's calls. That use's per-example gradients are not captured."""
+    tracked, outside its own layer's calls. That use's per-example gradients are not captured. (With the
+    engine's hooks disabled every use is tracked, and the gradient is the plain one asked for.)"""
+    if not engine._hooks_enabled:
+        return
     raise RuntimeError(
         f"parameter {name!r} of layer {layer.name!r} ({type(layer.module).__name__}) received a gradient from a use "
         "outside that layer's own forward call (e.g. a tied output layer computed as F.linear(h, embed.weight), or a "
@@ -332,6 +335,7 @@ class GradSampleModule(nn.Module):
                     )
                 owners[id(p)] = layer.name
         self._suspended = False
+        self._hooks_enabled = True  # see disable_hooks
         self._rows: Optional[int] = None  # N of the forward in flight
         self._model_buffers: set[int] = set()  # ids of the model's buffers in the forward in flight
         self._loaded: collections.deque = collections.deque(maxlen=16)  # shapes of batches the loader yielded
@@ -346,7 +350,7 @@ class GradSampleModule(nn.Module):
         for layer in self._layers:
             for name, p in trainable(layer.module):
                 # Inside its layer's calls a parameter is untracked: a gradient reaching it came from another use.
-                hook = functools.partial(_used_outside, layer, name)
+                hook = functools.partial(_used_outside, self, layer, name)
                 hook.__torch_unserializable__ = True  # torch.save of the model need not warn that it is left out
                 self._handles.append(p.register_hook(hook))
             self._handles.append(
@@ -418,6 +422,20 @@ class GradSampleModule(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("_module"), name)
 
+    def disable_hooks(self) -> None:
+        """Capture nothing until :meth:`enable_hooks` (Opacus's name): the model computes ``.grad`` as a plain
+        module does, e.g. for a non-private step. The optimizer's ``step()`` then has nothing to clip."""
+        self._hooks_enabled = False
+
+    def enable_hooks(self) -> None:
+        """Capture again after :meth:`disable_hooks`."""
+        self._hooks_enabled = True
+
+    def to_standard_module(self) -> nn.Module:
+        """Detach the engine (:meth:`remove_hooks`) and return the model inside (Opacus's name)."""
+        self.remove_hooks()
+        return self._module
+
     def remove_hooks(self) -> None:
         """Detach the engine from the model (it then trains like a plain module). Wrapping the model again does
         this to the earlier wrapper."""
@@ -449,7 +467,7 @@ class GradSampleModule(nn.Module):
             self._suspended = previous
 
     def _capturing(self) -> bool:
-        return not self._suspended and torch.is_grad_enabled()
+        return self._hooks_enabled and not self._suspended and torch.is_grad_enabled()
 
     _NOT_PACKED = object()
 
