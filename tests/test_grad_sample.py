@@ -1160,6 +1160,25 @@ def test_disabled_hooks_give_the_plain_gradient_and_enabled_ones_capture_again()
         wrapped(x)
 
 
+def test_a_fallback_layer_drawing_random_numbers_is_refused_by_cause():
+    """A layer without a rule reruns per example under vmap: a Dropout inside it would draw other masks than the
+    forward did, so vmap's refusal comes with its cause and the fix."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(5))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x) * self.gamma
+
+    wrapped = GradSampleModule(nn.Sequential(nn.Linear(5, 5), Scaled(), nn.Linear(5, 3)))
+    with pytest.raises(ValueError, match="(?s)layer '1' .*draws random numbers in its forward"):
+        F.cross_entropy(wrapped(torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()
+        wrapped.clipped_sum(1.0)
+
+
 @pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
 def test_torch_rnn_cells_are_refused_with_the_fix(cell):
     model = nn.Sequential(cell(3, 4))

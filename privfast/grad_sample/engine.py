@@ -728,10 +728,17 @@ class GradSampleModule(nn.Module):
         try:
             return layer.rule(layer.module, calls, self.fold)
         except Exception as error:  # vmap's errors name no layer and suggest nothing
+            random = (
+                "The layer draws random numbers in its forward (e.g. a Dropout inside it), which a rerun per example "
+                "would draw anew, unlike the forward it differentiates: give the random op a module of its own, "
+                "outside the layer with the parameters. "
+                if "randomness" in str(error)
+                else ""
+            )
             raise ValueError(
                 f"per-example gradients of layer {layer.name!r} ({type(layer.module).__name__}) failed in the generic "
-                f"torch.func.vmap fallback: {type(error).__name__}: {error}\nThe layer's forward must work on one "
-                "example's rows at a time without in-place updates of its buffers or inputs. Replace the "
+                f"torch.func.vmap fallback: {type(error).__name__}: {error}\n{random}The layer's forward must "
+                "work on one example's rows at a time without in-place updates of its buffers or inputs. Replace the "
                 "layer, or give its type a rule with privfast.grad_sample.register_rule."
             ) from error
 
