@@ -64,7 +64,10 @@ def exposure(canary_losses: Tensor, reference_losses: Tensor) -> Tensor:
     """Rank-based exposure of each canary among the candidates.
 
     The candidates are the canary and the R references, so ``|candidates| = R + 1``; the canary's
-    rank is 1 + the number of references with a strictly lower loss (ties favour the canary).
+    rank is 1 + the number of references with a strictly lower loss (ties favour the canary, so a
+    tie reports more exposure, never less). TF Privacy's ``compute_exposure_interpolation`` counts
+    ``|R|`` candidates and ranks ties by an unstable sort: ``log2((R + 1) / R)`` bits lower without
+    ties, and up to the tied references' share below them with.
 
     Args:
         canary_losses: ``[M]`` losses (log-perplexities) of the inserted canaries.

@@ -11,6 +11,19 @@ not (OUT) are fitted with Gaussians; the target model's confidence is then teste
 
 With ``mirror`` every example is queried as is and mirrored left-right; the per-query statistics
 are averaged, as in the reference implementation.
+
+Where the reference code (``mi_lira_2021/plot.py``, TF Privacy's ``compute_score_lira``) differs, privfast
+follows the paper, so its scores are not a monotone transform of the reference's:
+
+- Gaussians are fitted by the mean and the unbiased (ddof 1) standard deviation of every IN and OUT
+  shadow; the reference centres on the median with ddof 0, and ``plot.py`` first cuts every example to the
+  fewest IN / OUT shadows any example has.
+- With ``fix_variance`` one variance per side (IN, OUT) is the mean of the per-example variances; ``plot.py``
+  takes one global standard deviation of all IN confidences for both sides (between-example spread included).
+- Offline, the test is the paper's one-sided ``log Pr[Z <= phi]``; both reference codes score the two-sided
+  ``-log N(phi; mu_out, sigma_out)``, which ranks a confidence far below the OUT fit as member-like.
+- ``tpr_at_fpr`` (:func:`privfast.metrics.attack_summary`) reads the ROC at FPR <= the level; ``plot.py`` at
+  FPR < the level. They differ only where the level times the non-members is a whole number.
 """
 
 from __future__ import annotations

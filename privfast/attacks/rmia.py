@@ -18,6 +18,13 @@ over reference models, ``(p_IN(x) + p_OUT(x)) / 2``:
 The shadows are the vectorized ones LiRA uses, so the two attacks run on the same reference models
 (:func:`~privfast.attacks.lira`). With ``mirror`` each example is also queried mirrored and the
 scores of the two queries averaged, as LiRA does.
+
+Where the authors' code (privacytrustlab/ml_privacy_meter) differs, privfast follows the paper's text:
+``p(x)`` and ``p(z)`` are plain means over the references (the paper's runs take a 20% trimmed mean, and
+the current code the largest half of the OUT signals); a ratio counts when ``LR >= gamma`` (Eq. 4; the code
+counts ``>``, which differs on ties); two queries (``mirror``) average their fractions (the code takes a
+majority vote per pair, which with two queries is an AND); the population defaults to the whole pool; and
+the signal is the plain softmax probability (the paper's runs use a Taylor soft-margin softmax).
 """
 
 from __future__ import annotations
