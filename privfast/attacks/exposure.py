@@ -67,7 +67,7 @@ def exposure(canary_losses: Tensor, reference_losses: Tensor) -> Tensor:
     rank is 1 + the number of references with a strictly lower loss (ties favour the canary, so a
     tie reports more exposure, never less). TF Privacy's ``compute_exposure_interpolation`` counts
     ``|R|`` candidates and ranks ties by an unstable sort: ``log2((R + 1) / R)`` bits lower without
-    ties, and up to the tied references' share below them with.
+    ties, and with ``t`` references tied up to ``log2((rank + t) / rank)`` bits lower still.
 
     Args:
         canary_losses: ``[M]`` losses (log-perplexities) of the inserted canaries.
