@@ -24,7 +24,7 @@ from privfast._io import atomic_save
 from privfast.augment import DPMix
 from privfast.data_loader import SecureUniformWithReplacementSampler, observe_batches, rebuild_data_loader
 from privfast.grad_sample import GradSampleModule
-from privfast.grad_sample.engine import MEASURED_PLANS
+from privfast.grad_sample.engine import LOSS_REDUCTIONS, MEASURED_PLANS
 from privfast.optim import SAM, DPOptimizer, DPSAMOptimizer
 from privfast.optim.optimizer import check_privacy_args
 
@@ -156,7 +156,7 @@ class PrivacyEngine:
                 "max_grad_norm (clipping='flat'); per-layer and adaptive clipping are not implemented"
             )
         reduction = getattr(criterion, "reduction", None)
-        if reduction in ("mean", "sum") and reduction != loss_reduction:
+        if reduction in LOSS_REDUCTIONS and reduction != loss_reduction:
             # The engine turns row gradients into per-example ones by loss_reduction: a mismatch scales every
             # per-example gradient by the batch's rows (or their inverse) before clipping, with no error.
             raise ValueError(

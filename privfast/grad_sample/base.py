@@ -447,23 +447,17 @@ def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
 _OUTSIDE_FORWARD = frozenset({"reset_parameters", "extra_repr", "_fill_padding_idx_with_zero", "from_pretrained"})
 
 
-def _redefines_forward_path(module_type: type, base: type) -> Optional[str]:
-    """The first name that a class between ``module_type`` and ``base`` redefines of what ``base``'s forward runs
-    or reads: ``forward`` itself, a method it calls (``Conv2d._conv_forward``), a parameter or a setting (a
-    ``weight`` property computed from another parameter). None where there is none."""
+def _redefines_forward_path(module_type: type, base: type) -> bool:
+    """Whether a class between ``module_type`` and ``base`` redefines something ``base``'s forward runs or reads:
+    ``forward`` itself, a method it calls (``Conv2d._conv_forward``), a parameter or a setting (a ``weight``
+    property computed from another parameter)."""
     read = {"weight", "bias"}
     for cls in base.__mro__:
         if cls is nn.Module:
             break
         read |= {n for n in vars(cls) if not n.startswith("__")} | set(inspect.get_annotations(cls))
     read -= _OUTSIDE_FORWARD
-    for cls in module_type.__mro__:
-        if cls is base:
-            return None
-        redefined = sorted(read & set(vars(cls)))
-        if redefined:
-            return redefined[0]
-    return None
+    return any(read & set(vars(cls)) for cls in module_type.__mro__[: module_type.__mro__.index(base)])
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:

@@ -94,8 +94,7 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, anchor: Tensor, x: Tensor, layer_input: bool = False) -> Tensor:
         """``anchor``: a scalar that requires a gradient, so that the output requires one; ``layer_input``: ``x``
         is also one of the layer's inputs."""
-        ctx.layer_input = layer_input
-        if x._base is not None or ctx.layer_input:
+        if x._base is not None or layer_input:
             # Marking a view dirty would give its base a history, and marking a tensor the layer got (returned
             # as one of its outputs) would give the caller's tensor one (e.g. the user's input).
             return x.clone()
@@ -123,6 +122,11 @@ class _Layer:
         self.materialized: Optional[MaterializedGrads] = None  # per-example gradients built during backward
         self.workspace = Workspace()  # their memory, reused step after step
         self.untracked: list[nn.Parameter] = []  # parameters the forward in flight stopped tracking
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, read at each call (``model.double()`` after wrapping changes it)."""
+        return self.params[0].dtype
 
     def pending(self) -> list[Call]:
         """Calls whose output gradients have arrived and are not consumed yet."""
@@ -553,7 +557,7 @@ class GradSampleModule(nn.Module):
                 "positional argument"
             )
         x = args[0]
-        dtype = layer.params[0].dtype
+        dtype = layer.dtype
         if x.is_floating_point() and x.dtype != dtype:
             # Autocast ran the layer in a lower precision (its output gradients are cast in _on_grad too): the rule
             # computes in the parameters' dtype, as the clipped sum is kept.
@@ -657,9 +661,8 @@ class GradSampleModule(nn.Module):
             )
         if call.moved:
             grad = grad.movedim(call.moved, 0)
-        dtype = layer.params[0].dtype
-        if grad.dtype != dtype and not layer.fallback:  # autocast: see _capture
-            grad = grad.to(dtype)
+        if grad.dtype != layer.dtype and not layer.fallback:  # autocast: see _capture
+            grad = grad.to(layer.dtype)
         if call.index is not None:
             grad = grad.new_zeros(call.rows, *grad.shape[1:]).index_copy_(0, call.index, grad)
         call.grads[index] = grad
