@@ -29,8 +29,7 @@ at::Tensor gradsim_cpu(at::TensorList grads_in, at::TensorList refs_in, const at
     sums = cpu::reduce_rows<3>(n, grads[0].size(0), [&](const Segment& s) {
       const scalar_t* a = a_data[s.tensor] + s.row * n[s.tensor] + s.begin;
       const scalar_t* r = r_data[s.tensor] + ref_of[s.row] * n[s.tensor] + s.begin;
-      const int64_t len = s.end - s.begin;
-      return std::array<double, 3>{cpu::dot(a, r, len), cpu::dot(a, a, len), cpu::dot(r, r, len)};
+      return cpu::cosine_sums(a, r, s.end - s.begin);
     });
   });
   return cosines_from_sums(sums, per_layer, grads[0].scalar_type());

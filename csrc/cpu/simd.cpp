@@ -36,7 +36,40 @@ PRIVFAST_CLONES double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   }
   double total = 0;
   for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  // A row shorter than the lanes (a bias) skips their sum: all zero, it would change no bit.
+  if (n >= kLanes) {
+    for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  }
+  return total;
+}
+
+template <typename scalar_t>
+PRIVFAST_CLONES std::array<double, 3> cosine_sums(const scalar_t* a, const scalar_t* r, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t ar[kLanes] = {}, aa[kLanes] = {}, rr[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t u = static_cast<acc_t>(a[j + l]), v = static_cast<acc_t>(r[j + l]);
+      ar[l] += u * v;
+      aa[l] += u * u;
+      rr[l] += v * v;
+    }
+  }
+  std::array<double, 3> total = {0, 0, 0};
+  for (; j < n; ++j) {
+    const double u = static_cast<double>(a[j]), v = static_cast<double>(r[j]);
+    total[0] += u * v;
+    total[1] += u * u;
+    total[2] += v * v;
+  }
+  if (n >= kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      total[0] += static_cast<double>(ar[l]);
+      total[1] += static_cast<double>(aa[l]);
+      total[2] += static_cast<double>(rr[l]);
+    }
+  }
   return total;
 }
 
@@ -53,7 +86,10 @@ PRIVFAST_CLONES double sum_squares(const scalar_t* a, int64_t n) {
   }
   double total = 0;
   for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(a[j]);
-  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  // A row shorter than the lanes (a bias) skips their sum: all zero, it would change no bit.
+  if (n >= kLanes) {
+    for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  }
   return total;
 }
 
@@ -295,6 +331,7 @@ void fill_noise(acc_t* acc, int64_t first, int64_t n, double noise_std, uint64_t
 
 #define PRIVFAST_INSTANTIATE(T)                                                                   \
   template double dot<T>(const T*, const T*, int64_t);                                           \
+  template std::array<double, 3> cosine_sums<T>(const T*, const T*, int64_t);                     \
   template double sum_squares<T>(const T*, int64_t);                                             \
   template void accumulate_rows<T>(at::opmath_type<T>*, const at::opmath_type<T>*, const T*, int64_t, int64_t,  \
                                   int64_t);                                                         \

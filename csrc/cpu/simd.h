@@ -6,6 +6,7 @@
 
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <cstdint>
 
 namespace privfast {
@@ -14,6 +15,10 @@ namespace cpu {
 // sum_j a[j] * b[j], summed in the accumulate type (float, or double for double), returned as double.
 template <typename scalar_t>
 double dot(const scalar_t* a, const scalar_t* b, int64_t n);
+
+// {sum_j a[j] * r[j], sum_j a[j]^2, sum_j r[j]^2} in one pass, each summed like dot.
+template <typename scalar_t>
+std::array<double, 3> cosine_sums(const scalar_t* a, const scalar_t* r, int64_t n);
 
 // sum_j a[j]^2, summed like dot(a, a, n) but with one load per element.
 template <typename scalar_t>
