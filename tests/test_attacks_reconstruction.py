@@ -30,15 +30,55 @@ def _lenet(seed=0, dtype=torch.float32):
     return model
 
 
-def test_per_example_gradients_equal_one_backward_per_example(digits, dtype):
+@pytest.mark.parametrize("graph", [False, True], ids=["engine", "vmap"])
+def test_per_example_gradients_equal_one_backward_per_example(digits, dtype, graph):
+    # Without a graph back to x the engine computes them, with one vmap (see the test below).
     model = ConvNet(width=8).to(dtype)
-    x, y = digits.x[:5].to(dtype), digits.y[:5]
+    x, y = digits.x[:5].to(dtype).requires_grad_(graph), digits.y[:5]
     grads = R.per_example_gradients(model, x, y, chunk_size=2)
+    assert all((g.grad_fn is not None) == graph for g in grads)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
     for n in range(5):
         expected = torch.autograd.grad(F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), list(model.parameters()))
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g[n], e, rtol=rtol, atol=atol)
+
+
+def test_per_example_gradients_use_the_engine_and_leave_the_model_as_it_was(digits, monkeypatch):
+    model = ConvNet(width=8).eval()
+    model.features[1].train()  # a submodule in another mode than the model: kept so
+    modes = [m.training for m in model.modules()]
+    x, y = digits.x[:6], digits.y[:6]
+    expected = R.per_example_gradients(model, x.clone().requires_grad_(), y)  # vmap
+    monkeypatch.setattr(R, "_vmapped", None)  # the engine path must not fall back to vmap
+    chunks = R.per_example_gradient_chunks(model, x, y, chunk_size=4)
+    first = next(chunks)
+    for g, e in zip(first, expected):
+        torch.testing.assert_close(g, e[:4].detach())
+    chunks.close()  # a caller that stops early: the engine leaves the model all the same
+    for grads in (R.per_example_gradients(model, x, y, chunk_size=4), R.per_example_gradients(model, x, y)):
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e.detach())
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(p._backward_hooks for p in model.parameters())
+
+
+def test_per_example_gradients_of_a_model_in_private_training(digits):
+    # An attack on a model while a privacy engine wraps it: its hooks stay out of the way, and it trains on after.
+    from privfast.grad_sample import GradSampleModule
+
+    model = ConvNet(width=8)
+    x, y = digits.x[:3], digits.y[:3]
+    expected = R.per_example_gradients(model, x, y)
+    wrapper = GradSampleModule(model, loss_reduction="sum")
+    grads = R.per_example_gradients(model, x, y)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    F.cross_entropy(wrapper(x), y, reduction="sum").backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(wrapper.per_sample_gradients()[p], g)
 
 
 def test_gradient_distances_match_their_formulas():

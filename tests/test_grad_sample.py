@@ -606,6 +606,10 @@ def test_per_example_memory_is_reused_across_steps_of_any_batch_size(name, conv_
     F.cross_entropy(wrapped(x[:6]), y[:6]).backward()
     handed_out = wrapped.per_sample_gradients()
     kept = {p: g.clone() for p, g in handed_out.items()}
+    in_place = wrapped.per_sample_gradients(copy=False)  # the engine's own memory, for a caller that reads it at once
+    assert all(torch.equal(in_place[p], g) for p, g in handed_out.items())
+    owned = [layer.workspace.owns(in_place[p]) for layer in wrapped._layers for p in layer.params]
+    assert name == "cnn" or any(owned)
     wrapped.clear()
     for rows in (slice(0, 6), slice(6, 9), slice(2, 12), slice(5, 9)):
         _, expected, _ = _naive_clipped_sum(reference, x[rows], y[rows], 1, 0.1)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
+
+from privfast.grad_sample.engine import GradSampleModule, unwrapped
 
 __all__ = [
     "PRESETS",
@@ -30,6 +32,7 @@ __all__ = [
     "channel_stats",
     "gradient_distance",
     "normalize",
+    "per_example_gradient_chunks",
     "per_example_gradients",
     "psnr",
     "reconstruct",
@@ -65,11 +68,45 @@ def per_example_gradients(
         model: the network; its parameters are read, not changed.
         x: inputs ``[N, *in_shape]``, as the model takes them (normalized).
         y: int64 labels ``[N]``.
-        chunk_size: examples per vmapped call (bounds memory); default all at once.
+        chunk_size: examples per batched pass (bounds memory); default all at once.
 
     Returns:
         ``[g_i]``, ``g_i`` of shape ``[N, *shape_i]``, one per trainable parameter in
         ``model.named_parameters()`` order.
+    """
+    chunks = list(_gradient_chunks(model, x, y, chunk_size=chunk_size, copy=True))
+    return chunks[0] if len(chunks) == 1 else [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def per_example_gradient_chunks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    chunk_size: int,
+) -> Iterator[list[Tensor]]:
+    """:func:`per_example_gradients` of ``x[lo:lo + chunk_size]``, for each ``lo`` in turn.
+
+    For callers that reduce each chunk at once (memory bounded by ``chunk_size`` examples): a chunk's
+    tensors may be overwritten when the next one is asked for.
+
+    Yields:
+        ``[g_i]``, ``g_i`` of shape ``[n, *shape_i]`` (``n`` the chunk's rows), as :func:`per_example_gradients`.
+    """
+    yield from _gradient_chunks(model, x, y, chunk_size=chunk_size, copy=False)
+
+
+def _gradient_chunks(
+    model: nn.Module, x: Tensor, y: Tensor, *, chunk_size: Optional[int], copy: bool
+) -> Iterator[list[Tensor]]:
+    """Each chunk's per-example gradients; ``copy=False``: some may live in memory the next chunk overwrites.
+
+    Where no graph back to ``x`` is wanted, privfast's per-example engine computes them: one plain batched
+    forward and backward, and per layer a batched GEMM (as Opacus's hooks do). vmap's per-example
+    kernels (a convolution's weight gradient as a grouped convolution over the examples) cost several
+    times that on the CPU. Models the engine refuses (BatchNorm, torch's RNNs), and a model a privacy
+    engine wraps at the moment (wrapping it here would detach that wrapper; its hooks are off meanwhile),
+    take vmap.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
@@ -83,18 +120,51 @@ def per_example_gradients(
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    step = chunk_size or max(x.shape[0], 1)
+    spans = [(lo, min(lo + step, x.shape[0])) for lo in range(0, max(x.shape[0], 1), step)]
+    with unwrapped(model) as wrapped:
+        graph = x.requires_grad and torch.is_grad_enabled()
+        engine = None if wrapped or graph or x.shape[0] == 0 else _engine(model)
+        if engine is None:
+            per_example = _vmapped(model, params)
+            for lo, hi in spans:
+                yield list(per_example(params, x[lo:hi], y[lo:hi]).values())
+            return
+        tensors = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for lo, hi in spans:
+                with torch.enable_grad():
+                    F.cross_entropy(engine(x[lo:hi]), y[lo:hi], reduction="sum").backward()
+                grads = engine.per_sample_gradients(copy=copy)
+                engine.clear()
+                yield [grads[p] for p in tensors]
+        finally:
+            engine.remove_hooks()
+
+
+def _vmapped(model: nn.Module, params: dict[str, Tensor]):
     buffers = dict(model.named_buffers())
 
     def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         return F.cross_entropy(logits, yi.unsqueeze(0))
 
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
-    step = chunk_size or max(x.shape[0], 1)
-    if x.shape[0] <= step:
-        return list(per_example(params, x, y).values())
-    chunks = [per_example(params, x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step)]
-    return [torch.cat([c[name] for c in chunks]) for name in params]
+    return vmap(grad(loss), in_dims=(None, 0, 0))
+
+
+def _engine(model: nn.Module) -> Optional[GradSampleModule]:
+    """privfast's engine on ``model`` in materialize mode, or None where it refuses the model."""
+    if isinstance(model, GradSampleModule):
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()  # the engine's validator asks for training mode, which this wrapper does not need
+    try:
+        return GradSampleModule(model, mode="materialize", loss_reduction="sum", batch_first=True)
+    except ValueError:  # a layer the engine refuses: vmap computes it
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def recover_labels(model: nn.Module, grads: Sequence[Tensor]) -> Tensor:

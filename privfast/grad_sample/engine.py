@@ -65,6 +65,24 @@ LOSS_REDUCTIONS = ("mean", "sum")
 _WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@contextlib.contextmanager
+def unwrapped(module: nn.Module) -> Iterator[bool]:
+    """Inside the block the GradSampleModule wrapping ``module``, if any, captures nothing (for a computation on
+    the inner model, e.g. an attack on a model in private training). Yields whether one wraps it: wrapping it
+    again would detach that one."""
+    ref = _WRAPPERS.get(module)
+    wrapper = ref() if ref is not None else None
+    if wrapper is None or wrapper._detached:
+        yield False
+        return
+    was_enabled = wrapper._hooks_enabled
+    wrapper._hooks_enabled = False
+    try:
+        yield True
+    finally:
+        wrapper._hooks_enabled = was_enabled
+
+
 _FLAT_LEAVES = (Tensor, int, float, bool, str, type(None))
 
 
@@ -824,14 +842,17 @@ class GradSampleModule(nn.Module):
         return build < flat + MIXED_PATH_COST
 
     @torch.no_grad()
-    def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
+    def per_sample_gradients(self, *, copy: bool = True) -> dict[nn.Parameter, Tensor]:
         """Materialized per-example gradients ``{param: [B, *param.shape]}`` of the last backward.
 
         Meant for analysis and attacks; training uses :meth:`clipped_sum`, which avoids them where cheaper.
+
+        Args:
+            copy: False: where a layer builds them in memory it keeps for its next step, return that memory
+                itself, which the next backward overwrites (for a caller that consumes them at once).
         """
-        # Copies of what lives in a layer's workspace: the caller keeps these past the next step.
         return {
-            p: g.clone() if layer.workspace.owns(g) else g
+            p: g.clone() if copy and layer.workspace.owns(g) else g
             for layer, grads, scale in self._layer_grads()
             for p, g in zip(grads.params, grads.scaled_per_example(scale))
         }

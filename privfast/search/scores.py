@@ -7,13 +7,15 @@
   transformed data reaches, from the eigenvalues of the correlation of input Jacobians at random
   initialization (Mellor et al.'s NASWOT score). Higher is better.
 
-Both run batched: S_pri computes all N * (bins + 1) per-example gradients in vmapped chunks and
-compares them with :func:`privfast.ops.gradsim`; S_acc gets the Jacobians of all batches from one
+Both run batched: S_pri computes all N * (bins + 1) per-example gradients in chunks (privfast's
+per-example engine, or vmap where the engine refuses the model) and compares them with
+:func:`privfast.ops.gradsim`; S_acc gets the Jacobians of all batches from one
 backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -22,7 +24,12 @@ from tqdm.auto import tqdm
 
 from privfast import ops
 from privfast.attacks.common import eval_mode
-from privfast.attacks.reconstruction import Stats, normalize, per_example_gradients  # normalize: re-exported
+from privfast.attacks.reconstruction import (  # normalize: re-exported
+    Stats,
+    normalize,
+    per_example_gradient_chunks,
+    per_example_gradients,
+)
 from privfast.augment.ats_library import Policy
 from privfast.augment.mechanisms import RandomCrop
 
@@ -50,7 +57,7 @@ def gradsim_curve_area(
     *,
     bins: int = 20,
     per_layer: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int = 512,
     progress: bool = False,
 ) -> Tensor:
     """Trapezoid area under GradSim along ``x_i = (i/bins) target + (1 - i/bins) start``, i = 0..bins.
@@ -65,7 +72,7 @@ def gradsim_curve_area(
         start: normalized starting images ``[N, C, H, W]``.
         bins: intervals of the path (``bins + 1`` points, the last being the target itself).
         per_layer: mean of per-tensor cosines (ATS) rather than one whole-model cosine.
-        chunk_size: gradients computed and compared per vmapped call.
+        chunk_size: gradients computed and compared per batched pass.
         progress: show a progress bar over the chunks.
 
     Returns:
@@ -82,10 +89,15 @@ def gradsim_curve_area(
     labels = y.repeat_interleave(bins)
     index = torch.arange(n, device=targets.device).repeat_interleave(bins)
     cosines = torch.empty(n * bins, dtype=targets.dtype, device=targets.device)
-    for lo in tqdm(range(0, n * bins, chunk_size), desc="S_pri", disable=not progress, leave=False):
-        hi = min(lo + chunk_size, n * bins)
-        grads = per_example_gradients(model, points[lo:hi], labels[lo:hi])
-        cosines[lo:hi] = ops.gradsim(grads, refs, index=index[lo:hi], per_layer=per_layer)
+    chunks = per_example_gradient_chunks(model, points, labels, chunk_size=chunk_size)
+    lo = 0
+    # closing: the engine leaves the model as soon as the loop ends, even on an error
+    with contextlib.closing(chunks), tqdm(total=n * bins, desc="S_pri", disable=not progress, leave=False) as bar:
+        for grads in chunks:
+            hi = lo + grads[0].shape[0]
+            cosines[lo:hi] = ops.gradsim(grads, refs, index=index[lo:hi], per_layer=per_layer)
+            bar.update(hi - lo)
+            lo = hi
     curve = torch.cat([cosines.view(n, bins), cosines.new_ones(n, 1)], 1)
     return torch.trapezoid(curve, dx=1.0 / bins, dim=1)
 
@@ -101,7 +113,7 @@ def privacy_score(
     per_layer: bool = True,
     mean: Stats = None,
     std: Stats = None,
-    chunk_size: int = 256,
+    chunk_size: int = 512,
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
     augment: bool = False,

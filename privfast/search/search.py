@@ -188,7 +188,7 @@ def search(
         batches: S_acc batches.
         policies_per_pass: policies whose S_pri share one batched pass.
         mean, std: data normalization.
-        chunk_size: per-example gradients per vmapped call.
+        chunk_size: per-example gradients per batched pass.
         seed: seed of every random draw (policies, images, starts, signs).
         augment: score the policies on :func:`~privfast.search.scores.crop_and_flip` of the images
             (the reference's augmented evaluation: RandomCrop(32, padding 4) and a random flip
