@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from privfast import ops
 from privfast.attacks import reconstruction as R
@@ -63,6 +64,44 @@ def test_per_example_gradients_use_the_engine_and_leave_the_model_as_it_was(digi
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not any(p._backward_hooks for p in model.parameters())
+
+
+class _BiasUsedTwice(nn.Module):
+    """A layer's parameter also used outside the layer, which the engine refuses in the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.fc.bias.tanh().sum()
+
+
+class _SharedTable(nn.Module):
+    """A layer applied to a parameter all examples share, which the engine refuses in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(64, 16)
+        self.project = nn.Linear(12, 16)
+        self.classes = nn.Parameter(torch.randn(10, 12))
+
+    def forward(self, x):
+        return self.embed(x.flatten(1)) @ self.project(self.classes).T
+
+
+@pytest.mark.parametrize("make", [_BiasUsedTwice, _SharedTable], ids=["used-twice", "shared-table"])
+def test_per_example_gradients_where_the_engine_refuses_the_model(digits, make):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = digits.x[:5].double(), digits.y[:5]
+    grads = R.per_example_gradients(model, x, y, chunk_size=2)
+    for n in range(5):
+        expected = torch.autograd.grad(F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), list(model.parameters()))
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g[n], e)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_per_example_gradients_of_a_model_in_private_training(digits):

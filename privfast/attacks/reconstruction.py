@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from privfast.grad_sample.engine import GradSampleModule, unwrapped
+from privfast.grad_sample.layout import LayoutError
 
 __all__ = [
     "PRESETS",
@@ -104,9 +105,9 @@ def _gradient_chunks(
     Where no graph back to ``x`` is wanted, privfast's per-example engine computes them: one plain batched
     forward and backward, and per layer a batched GEMM (as Opacus's hooks do). vmap's per-example
     kernels (a convolution's weight gradient as a grouped convolution over the examples) cost several
-    times that on the CPU. Models the engine refuses (BatchNorm, torch's RNNs), and a model a privacy
-    engine wraps at the moment (wrapping it here would detach that wrapper; its hooks are off meanwhile),
-    take vmap.
+    times that on the CPU. Models the engine refuses (BatchNorm, torch's RNNs, a weight also used outside
+    its layer), and a model a privacy engine wraps at the moment (wrapping it here would detach that
+    wrapper; its hooks are off meanwhile), take vmap.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
@@ -125,21 +126,28 @@ def _gradient_chunks(
     with unwrapped(model) as wrapped:
         graph = x.requires_grad and torch.is_grad_enabled()
         engine = None if wrapped or graph or x.shape[0] == 0 else _engine(model)
-        if engine is None:
+        done = 0
+        if engine is not None:
+            tensors = [p for p in model.parameters() if p.requires_grad]
+            try:
+                for lo, hi in spans:
+                    try:
+                        with torch.enable_grad():
+                            F.cross_entropy(engine(x[lo:hi]), y[lo:hi], reduction="sum").backward()
+                    except (LayoutError, RuntimeError):
+                        # The engine refuses what it cannot tie to one example's rows (a layer applied to a table all
+                        # examples share, a weight also used outside its layer); vmap, one example at a time, can.
+                        break
+                    grads = engine.per_sample_gradients(copy=copy)
+                    engine.clear()
+                    done += 1
+                    yield [grads[p] for p in tensors]
+            finally:
+                engine.remove_hooks()
+        if done < len(spans):
             per_example = _vmapped(model, params)
-            for lo, hi in spans:
+            for lo, hi in spans[done:]:
                 yield list(per_example(params, x[lo:hi], y[lo:hi]).values())
-            return
-        tensors = [p for p in model.parameters() if p.requires_grad]
-        try:
-            for lo, hi in spans:
-                with torch.enable_grad():
-                    F.cross_entropy(engine(x[lo:hi]), y[lo:hi], reduction="sum").backward()
-                grads = engine.per_sample_gradients(copy=copy)
-                engine.clear()
-                yield [grads[p] for p in tensors]
-        finally:
-            engine.remove_hooks()
 
 
 def _vmapped(model: nn.Module, params: dict[str, Tensor]):
