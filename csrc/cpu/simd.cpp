@@ -24,6 +24,14 @@ namespace {
 // Four AVX-512 vectors (eight AVX2) of independent partial sums: enough to hide the add latency.
 constexpr int kLanes = 64;
 constexpr int64_t kNoiseBlock = 256;  // normal pairs drawn per vectorized batch
+
+// total += the lanes' partial sums, in lane order. A row shorter than the lanes (a bias) never filled
+// them: all zero, they would change no bit, so their sum is skipped.
+template <typename acc_t>
+inline void add_lanes(double& total, const acc_t* lanes, int64_t n) {
+  if (n < kLanes) return;
+  for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+}
 }  // namespace
 
 template <typename scalar_t>
@@ -36,10 +44,7 @@ PRIVFAST_CLONES double dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   }
   double total = 0;
   for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-  // A row shorter than the lanes (a bias) skips their sum: all zero, it would change no bit.
-  if (n >= kLanes) {
-    for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
-  }
+  add_lanes(total, lanes, n);
   return total;
 }
 
@@ -63,13 +68,9 @@ PRIVFAST_CLONES std::array<double, 3> cosine_sums(const scalar_t* a, const scala
     total[1] += u * u;
     total[2] += v * v;
   }
-  if (n >= kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      total[0] += static_cast<double>(ar[l]);
-      total[1] += static_cast<double>(aa[l]);
-      total[2] += static_cast<double>(rr[l]);
-    }
-  }
+  add_lanes(total[0], ar, n);
+  add_lanes(total[1], aa, n);
+  add_lanes(total[2], rr, n);
   return total;
 }
 
@@ -86,10 +87,7 @@ PRIVFAST_CLONES double sum_squares(const scalar_t* a, int64_t n) {
   }
   double total = 0;
   for (; j < n; ++j) total += static_cast<double>(a[j]) * static_cast<double>(a[j]);
-  // A row shorter than the lanes (a bias) skips their sum: all zero, it would change no bit.
-  if (n >= kLanes) {
-    for (int l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
-  }
+  add_lanes(total, lanes, n);
   return total;
 }
 

@@ -77,7 +77,7 @@ def per_example_gradients(
         ``[g_i]``, ``g_i`` of shape ``[N, *shape_i]``, one per trainable parameter in
         ``model.named_parameters()`` order.
     """
-    chunks = list(_gradient_chunks(model, x, y, chunk_size=chunk_size, copy=True))
+    chunks = list(per_example_gradient_chunks(model, x, y, chunk_size=chunk_size, copy=True))
     return chunks[0] if len(chunks) == 1 else [torch.cat(parts) for parts in zip(*chunks)]
 
 
@@ -86,30 +86,24 @@ def per_example_gradient_chunks(
     x: Tensor,
     y: Tensor,
     *,
-    chunk_size: int,
+    chunk_size: Optional[int],
+    copy: bool = False,
 ) -> Iterator[list[Tensor]]:
     """:func:`per_example_gradients` of ``x[lo:lo + chunk_size]``, for each ``lo`` in turn.
 
-    For callers that reduce each chunk at once (memory bounded by ``chunk_size`` examples): a chunk's
-    tensors may be overwritten when the next one is asked for.
-
-    Yields:
-        ``[g_i]``, ``g_i`` of shape ``[n, *shape_i]`` (``n`` the chunk's rows), as :func:`per_example_gradients`.
-    """
-    yield from _gradient_chunks(model, x, y, chunk_size=chunk_size, copy=False)
-
-
-def _gradient_chunks(
-    model: nn.Module, x: Tensor, y: Tensor, *, chunk_size: Optional[int], copy: bool
-) -> Iterator[list[Tensor]]:
-    """Each chunk's per-example gradients; ``copy=False``: some may live in memory the next chunk overwrites.
-
-    Where no graph back to ``x`` is wanted, privfast's per-example engine computes them: one plain batched
-    forward and backward, and per layer a batched GEMM (as Opacus's hooks do). vmap's per-example
+    For callers that reduce each chunk at once (memory bounded by ``chunk_size`` examples; None: one
+    chunk). Where no graph back to ``x`` is wanted, privfast's per-example engine computes them: one plain
+    batched forward and backward, and per layer a batched GEMM (as Opacus's hooks do). vmap's per-example
     kernels (a convolution's weight gradient as a grouped convolution over the examples) cost several
     times that on the CPU. Models the engine refuses (BatchNorm, torch's RNNs, a weight also used outside
     its layer), and a model a privacy engine wraps at the moment (wrapping it here would detach that
     wrapper; its hooks are off meanwhile), take vmap.
+
+    Args:
+        copy: False: a chunk's tensors may live in memory the next chunk overwrites.
+
+    Yields:
+        ``[g_i]``, ``g_i`` of shape ``[n, *shape_i]`` (``n`` the chunk's rows), as :func:`per_example_gradients`.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
