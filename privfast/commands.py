@@ -57,8 +57,10 @@ from privfast.throughput import (
     VARIANTS,
     compare_family,
     format_markdown,
+    format_op_times,
     format_phases,
     format_rows,
+    op_times,
     phase_times,
     run_benchmark,
 )
@@ -377,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --family: where the private step's time goes in this mode (forward, backward, clip, noise, "
         "update) beside the non-private step's, at each --k",
     )
+    bench.add_argument(
+        "--ops",
+        choices=MODES,
+        default=None,
+        metavar="MODE",
+        help="with --family: the private step's time in this mode operator by operator (torch.profiler), "
+        "ranked by its extra over the non-private step's, at each --k",
+    )
     bench.set_defaults(handler=_bench)
     _add_secret_sharer(commands)
     return parser
@@ -655,13 +665,18 @@ def _invert(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.phases is not None:
+    for option, mode in (("--phases", args.phases), ("--ops", args.ops)):
+        if mode is None:
+            continue
         if args.family is None:
-            raise SystemExit("privfast bench: --phases needs --family")
+            raise SystemExit(f"privfast bench: {option} needs --family")
         print(f"{args.family}: {FAMILIES[args.family].description}; {torch.get_num_threads()} thread(s)")
         for k in args.k or FAMILIES[args.family].augmults:
             print(f"K = {k}:")
-            print(format_phases(phase_times(args.family, augmult=k, mode=args.phases, rounds=args.rounds)))
+            if option == "--phases":
+                print(format_phases(phase_times(args.family, augmult=k, mode=mode, rounds=args.rounds)))
+            else:
+                print(format_op_times(op_times(args.family, augmult=k, mode=mode, rounds=args.rounds)))
         return 0
     if args.family is not None:
         rows = compare_family(

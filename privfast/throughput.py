@@ -40,6 +40,9 @@ __all__ = [
     "peak_bytes",
     "phase_times",
     "format_phases",
+    "op_times",
+    "format_op_times",
+    "OUTSIDE_OPS",
     "run_benchmark",
     "training_step",
 ]
@@ -633,6 +636,29 @@ backward pass (per-example gradients built there where planned), the norms, clip
 (``clipped_sum``), the noise (``add_noise``) and the optimizer's update."""
 
 
+def _paired(name: str, *, augmult: int, mode: str, seed: int) -> tuple:
+    """``(x, y, plain, sgd, private, dp)``: a family's batch, its model with plain SGD, and the same initial
+    model wrapped for privfast's private step in ``mode`` (sigma 1, C 1)."""
+    family = _family(name)
+    x, y = family.make_batch(augmult, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    plain = family.make_model()
+    torch.manual_seed(seed)
+    model = family.make_model()
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.01)
+    private, dp = _privfast(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        mode=mode,
+        augmult=augmult,
+        examples=x.shape[0] // augmult,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        seed=seed,
+    )
+    return x, y, plain, sgd, private, dp
+
+
 def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int = 5, seed: int = 0) -> dict:
     """Where the time of a private step goes, phase by phase, beside the non-private step's.
 
@@ -652,23 +678,7 @@ def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int 
     """
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")
-    family = _family(name)
-    x, y = family.make_batch(augmult, torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    plain = family.make_model()
-    torch.manual_seed(seed)
-    model = family.make_model()
-    sgd = torch.optim.SGD(plain.parameters(), lr=0.01)
-    private, dp = _privfast(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        mode=mode,
-        augmult=augmult,
-        examples=x.shape[0] // augmult,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        seed=seed,
-    )
+    x, y, plain, sgd, private, dp = _paired(name, augmult=augmult, mode=mode, seed=seed)
 
     def marks(model: nn.Module, zero_grad: Callable[[], None], after: Sequence[Callable[[], object]]) -> list[float]:
         """Clock readings around the forward (with the loss), the backward and each of ``after``."""
@@ -712,3 +722,95 @@ def format_phases(times: Mapping[str, Mapping[str, float]]) -> str:
         b = sum(private_times.values()) if phase == "total" else private_times[phase]
         body.append([phase, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"])
     return table(["phase", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")
+
+
+OUTSIDE_OPS = "(outside any op)"
+""":func:`op_times`' name for a step's time that no operator accounts for: Python in the model, in the
+engine's forward hooks and in the optimizer, between the operators."""
+
+
+def op_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int = 5, seed: int = 0) -> dict:
+    """Where a private step's time goes, operator by operator, beside the non-private step's.
+
+    Each step runs under ``torch.profiler`` (CPU activities), the two interleaved round by round on the
+    family's model and batch. An operator's time is its self time (without the operators it calls), summed
+    over its calls in a step and averaged over the rounds. ``autograd::engine::evaluate_function: <node>``
+    entries hold what autograd runs around a node besides its operators: the engine's backward hooks,
+    in Python, are there. :data:`OUTSIDE_OPS` is the step's wall time less all self times: Python between
+    operators, forward hooks included. The profiler adds a little time to every operator, so the totals are
+    above :func:`phase_times`'; the differences between the steps are what this is for.
+
+    Args:
+        name: a family of :data:`FAMILIES`.
+        augmult: K.
+        mode: the private step's per-example gradient mode (``GradSampleModule``'s ``mode``).
+        rounds: profiled rounds after one unprofiled warm-up.
+        seed: seeds the models (the same initial weights) and the batch.
+
+    Returns:
+        ``{"non-private": {op: seconds per step}, "privfast-<mode>": {op: seconds per step}}``, each with the
+        key ``"step"`` (wall seconds per step) and :data:`OUTSIDE_OPS`.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds}")
+    x, y, plain, sgd, private, dp = _paired(name, augmult=augmult, mode=mode, seed=seed)
+
+    def run(model: nn.Module, optimizer) -> None:
+        optimizer.zero_grad()
+        _loss(model(x), y).backward()
+        optimizer.step()
+
+    steps = {"non-private": lambda: run(plain, sgd), f"privfast-{mode}": lambda: run(private, dp)}
+    totals: dict[str, dict[str, float]] = {variant: {} for variant in steps}
+    for step in steps.values():
+        step()  # warm-up: lazy initialization, auto's timing of each layer's strategies
+    for _ in range(rounds):
+        for variant, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                step()
+                wall = time.perf_counter() - start
+            ops = totals[variant]
+            for event in prof.key_averages():
+                if event.key.startswith("ProfilerStep") or event.key.startswith("[memory]"):
+                    continue
+                ops[event.key] = ops.get(event.key, 0.0) + event.self_cpu_time_total * 1e-6
+            ops["step"] = ops.get("step", 0.0) + wall
+    out = {}
+    for variant, ops in totals.items():
+        per_step = {op: t / rounds for op, t in ops.items()}
+        per_step[OUTSIDE_OPS] = per_step["step"] - sum(t for op, t in per_step.items() if op != "step")
+        out[variant] = per_step
+    return out
+
+
+def format_op_times(times: Mapping[str, Mapping[str, float]], *, top: int = 15) -> str:
+    """:func:`op_times`' result as a Markdown table: the ``top`` operators by the private step's extra time
+    (either sign), then the rest summed, :data:`OUTSIDE_OPS` and the whole step."""
+    from privfast.reports import table
+
+    (plain, plain_ops), (private, private_ops) = times.items()
+    names = (set(plain_ops) | set(private_ops)) - {"step", OUTSIDE_OPS}
+
+    def extra(op: str) -> float:
+        return private_ops.get(op, 0.0) - plain_ops.get(op, 0.0)
+
+    ranked = sorted(names, key=lambda op: -abs(extra(op)))
+    shown, rest = ranked[:top], ranked[top:]
+
+    def row(label: str, a: float, b: float) -> list[str]:
+        return [label, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"]
+
+    body = [row(op, plain_ops.get(op, 0.0), private_ops.get(op, 0.0)) for op in shown]
+    body.append(
+        row(
+            f"other operators ({len(rest)})",
+            sum(plain_ops.get(op, 0.0) for op in rest),
+            sum(private_ops.get(op, 0.0) for op in rest),
+        )
+    )
+    body.append(row(OUTSIDE_OPS, plain_ops[OUTSIDE_OPS], private_ops[OUTSIDE_OPS]))
+    body.append(row("step", plain_ops["step"], private_ops["step"]))
+    return table(["operator", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")

@@ -295,7 +295,14 @@ def test_bench_times_each_variant_with_ratios(tmp_path, capsys):
     assert "Opacus / this" in capsys.readouterr().out
 
 
-def test_bench_phases_prints_a_breakdown_per_k(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "option, header, row",
+    [
+        ("--phases", "| phase | non-private ms | privfast-ghost ms | extra ms |", "| noise |"),
+        ("--ops", "| operator | non-private ms | privfast-ghost ms | extra ms |", "| (outside any op) |"),
+    ],
+)
+def test_bench_phases_and_ops_print_a_breakdown_per_k(monkeypatch, capsys, option, header, row):
     from privfast import throughput
     from privfast.models import ConvNet
 
@@ -304,12 +311,12 @@ def test_bench_phases_prints_a_breakdown_per_k(monkeypatch, capsys):
 
     tiny = throughput.Family(lambda: ConvNet(in_channels=1, num_classes=3, width=4, image_size=8), images, (1,), "t")
     monkeypatch.setitem(throughput.FAMILIES, "cnn", tiny)
-    assert main(["bench", "--family", "cnn", "--phases", "ghost", "--k", "1", "2", "--rounds", "1"]) == 0
+    assert main(["bench", "--family", "cnn", option, "ghost", "--k", "1", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| phase | non-private ms | privfast-ghost ms | extra ms |") == 2
-    assert "K = 1:" in out and "K = 2:" in out and out.count("| noise |") == 2
-    with pytest.raises(SystemExit, match="--phases needs --family"):
-        main(["bench", "--phases", "auto"])
+    assert out.count(header) == 2
+    assert "K = 1:" in out and "K = 2:" in out and out.count(row) == 2
+    with pytest.raises(SystemExit, match=f"{option} needs --family"):
+        main(["bench", option, "auto"])
 
 
 def test_audit_writes_beside_the_checkpoint_and_report_includes_it(tmp_path, capsys):

@@ -117,6 +117,43 @@ def test_phase_times_puts_each_phase_where_it_runs(monkeypatch, one_thread):
     assert table.count("\n") == len(throughput.PHASES) + 2 and "| total |" in table
 
 
+def test_op_times_puts_each_operator_in_the_step_that_runs_it(monkeypatch, one_thread):
+    """An operator planted in the clipping shows up in the private step's operators only, and a sleep planted
+    in its forward (no operator) outside any operator, as extra time of the private step."""
+    from privfast.grad_sample import GradSampleModule
+
+    monkeypatch.setitem(throughput.FAMILIES, "tiny-cnn", Family(_tiny_cnn, _images, (1,), "tiny"))
+    clipped_sum, forward = GradSampleModule.clipped_sum, GradSampleModule.forward
+
+    def planted_op(*args, **kwargs):
+        torch.linalg.cholesky(torch.eye(64, dtype=torch.float64))
+        return clipped_sum(*args, **kwargs)
+
+    def planted_sleep(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(GradSampleModule, "clipped_sum", planted_op)
+    monkeypatch.setattr(GradSampleModule, "forward", planted_sleep)
+    times = throughput.op_times("tiny-cnn", augmult=2, mode="materialize", rounds=2)
+    plain, private = times["non-private"], times["privfast-materialize"]
+    assert "aten::linalg_cholesky_ex" in private and "aten::linalg_cholesky_ex" not in plain
+    assert "aten::convolution_backward" in plain and "aten::convolution_backward" in private
+    assert private[throughput.OUTSIDE_OPS] - plain[throughput.OUTSIDE_OPS] >= 0.05
+    assert plain[throughput.OUTSIDE_OPS] < 0.05 and private["step"] >= 0.05
+    table = throughput.format_op_times(times, top=3)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 + 3 and lines[-1].startswith("| step |")
+    assert any(line.startswith(f"| {throughput.OUTSIDE_OPS} |") and "+5" in line for line in lines)
+
+
+def test_op_times_refuses_an_unknown_family_and_no_rounds():
+    with pytest.raises(ValueError, match="unknown family"):
+        throughput.op_times("nope")
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        throughput.op_times("cnn", rounds=0)
+
+
 def test_phase_times_refuses_an_unknown_family():
     with pytest.raises(ValueError, match="unknown family"):
         throughput.phase_times("nope")
