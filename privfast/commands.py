@@ -57,6 +57,7 @@ from privfast.throughput import (
     VARIANTS,
     compare_family,
     format_markdown,
+    format_op_categories,
     format_op_times,
     format_phases,
     format_rows,
@@ -676,7 +677,9 @@ def _bench(args: argparse.Namespace) -> int:
             if option == "--phases":
                 print(format_phases(phase_times(args.family, augmult=k, mode=mode, rounds=args.rounds)))
             else:
-                print(format_op_times(op_times(args.family, augmult=k, mode=mode, rounds=args.rounds)))
+                times = op_times(args.family, augmult=k, mode=mode, rounds=args.rounds)
+                print(format_op_times(times))
+                print(format_op_categories(times))
         return 0
     if args.family is not None:
         rows = compare_family(

@@ -42,6 +42,8 @@ __all__ = [
     "format_phases",
     "op_times",
     "format_op_times",
+    "format_op_categories",
+    "OP_CATEGORIES",
     "OUTSIDE_OPS",
     "run_benchmark",
     "training_step",
@@ -814,3 +816,36 @@ def format_op_times(times: Mapping[str, Mapping[str, float]], *, top: int = 15) 
     body.append(row(OUTSIDE_OPS, plain_ops[OUTSIDE_OPS], private_ops[OUTSIDE_OPS]))
     body.append(row("step", plain_ops["step"], private_ops["step"]))
     return table(["operator", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")
+
+
+OP_CATEGORIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("clip and noise (privfast's ops)", lambda op: op.startswith("privfast::")),
+    (
+        "matrix products: the weight gradients, per-example or not, Gram matrices, contractions",
+        lambda op: op in {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution_backward"},
+    ),
+    ("joins and copies", lambda op: op in {"aten::cat", "aten::copy_", "aten::stack", "aten::clone"}),
+    (
+        "Python and autograd around the operators (hooks, rules, planning)",
+        lambda op: op == OUTSIDE_OPS or op.startswith("autograd::engine::evaluate_function") or op.startswith("_"),
+    ),
+    ("the model's other operators", lambda op: True),
+)
+""":func:`format_op_categories`' categories, each operator in the first whose test it passes. A custom
+autograd Function (the engine's ``_Tap``) appears under its own name, which starts with an underscore."""
+
+
+def format_op_categories(times: Mapping[str, Mapping[str, float]]) -> str:
+    """:func:`op_times`' result summed by :data:`OP_CATEGORIES` as a Markdown table (ms per step)."""
+    from privfast.reports import table
+
+    (plain, plain_ops), (private, private_ops) = times.items()
+    sums = {label: [0.0, 0.0] for label, _ in OP_CATEGORIES}
+    for op in (set(plain_ops) | set(private_ops)) - {"step"}:
+        label = next(label for label, test in OP_CATEGORIES if test(op))
+        sums[label][0] += plain_ops.get(op, 0.0)
+        sums[label][1] += private_ops.get(op, 0.0)
+    body = [[label, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"] for label, (a, b) in sums.items()]
+    a, b = plain_ops["step"], private_ops["step"]
+    body.append(["step", f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"])
+    return table(["category", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")

@@ -145,6 +145,14 @@ def test_op_times_puts_each_operator_in_the_step_that_runs_it(monkeypatch, one_t
     lines = table.splitlines()
     assert len(lines) == 2 + 3 + 3 and lines[-1].startswith("| step |")
     assert any(line.startswith(f"| {throughput.OUTSIDE_OPS} |") and "+5" in line for line in lines)
+    # By category, every operator counted once: the categories add up to the step, the sleep is Python's.
+    rows = [line.split(" | ") for line in throughput.format_op_categories(times).splitlines()[2:]]
+    extras = {row[0].lstrip("| "): float(row[-1].rstrip(" |")) for row in rows}
+    assert len(extras) == len(throughput.OP_CATEGORIES) + 1
+    step = extras.pop("step")
+    assert sum(extras.values()) == pytest.approx(step, abs=0.05)
+    python = next(label for label in extras if label.startswith("Python"))
+    assert extras[python] >= 50 and extras[python] > 0.8 * step
 
 
 def test_op_times_refuses_an_unknown_family_and_no_rounds():
