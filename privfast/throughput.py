@@ -713,6 +713,11 @@ def phase_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int 
     return best
 
 
+def _extra_row(label: str, plain: float, private: float) -> list[str]:
+    """A table row: seconds of the non-private and the private step in ms, and the private step's extra."""
+    return [label, f"{1e3 * plain:.2f}", f"{1e3 * private:.2f}", f"{1e3 * (private - plain):+.2f}"]
+
+
 def format_phases(times: Mapping[str, Mapping[str, float]]) -> str:
     """:func:`phase_times`' result as a Markdown table: ms per phase and the private step's extra time."""
     from privfast.reports import table
@@ -722,7 +727,7 @@ def format_phases(times: Mapping[str, Mapping[str, float]]) -> str:
     for phase in (*PHASES, "total"):
         a = sum(plain_times.values()) if phase == "total" else plain_times.get(phase, 0.0)
         b = sum(private_times.values()) if phase == "total" else private_times[phase]
-        body.append([phase, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"])
+        body.append(_extra_row(phase, a, b))
     return table(["phase", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")
 
 
@@ -802,19 +807,16 @@ def format_op_times(times: Mapping[str, Mapping[str, float]], *, top: int = 15) 
     ranked = sorted(names, key=lambda op: -abs(extra(op)))
     shown, rest = ranked[:top], ranked[top:]
 
-    def row(label: str, a: float, b: float) -> list[str]:
-        return [label, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"]
-
-    body = [row(op, plain_ops.get(op, 0.0), private_ops.get(op, 0.0)) for op in shown]
+    body = [_extra_row(op, plain_ops.get(op, 0.0), private_ops.get(op, 0.0)) for op in shown]
     body.append(
-        row(
+        _extra_row(
             f"other operators ({len(rest)})",
             sum(plain_ops.get(op, 0.0) for op in rest),
             sum(private_ops.get(op, 0.0) for op in rest),
         )
     )
-    body.append(row(OUTSIDE_OPS, plain_ops[OUTSIDE_OPS], private_ops[OUTSIDE_OPS]))
-    body.append(row("step", plain_ops["step"], private_ops["step"]))
+    body.append(_extra_row(OUTSIDE_OPS, plain_ops[OUTSIDE_OPS], private_ops[OUTSIDE_OPS]))
+    body.append(_extra_row("step", plain_ops["step"], private_ops["step"]))
     return table(["operator", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")
 
 
@@ -845,7 +847,6 @@ def format_op_categories(times: Mapping[str, Mapping[str, float]]) -> str:
         label = next(label for label, test in OP_CATEGORIES if test(op))
         sums[label][0] += plain_ops.get(op, 0.0)
         sums[label][1] += private_ops.get(op, 0.0)
-    body = [[label, f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"] for label, (a, b) in sums.items()]
-    a, b = plain_ops["step"], private_ops["step"]
-    body.append(["step", f"{1e3 * a:.2f}", f"{1e3 * b:.2f}", f"{1e3 * (b - a):+.2f}"])
+    body = [_extra_row(label, a, b) for label, (a, b) in sums.items()]
+    body.append(_extra_row("step", plain_ops["step"], private_ops["step"]))
     return table(["category", f"{plain} ms", f"{private} ms", "extra ms"], body, markdown=True, align="lrrr")
