@@ -781,8 +781,6 @@ def op_times(name: str, *, augmult: int = 1, mode: str = "auto", rounds: int = 5
                 wall = time.perf_counter() - start
             ops = totals[variant]
             for event in prof.key_averages():
-                if event.key.startswith("ProfilerStep") or event.key.startswith("[memory]"):
-                    continue
                 ops[event.key] = ops.get(event.key, 0.0) + event.self_cpu_time_total * 1e-6
             ops["step"] = ops.get("step", 0.0) + wall
     out = {}
